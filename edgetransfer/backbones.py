@@ -1,0 +1,299 @@
+"""Architecture registry: name -> builder, features/head split, default preprocessing, weights."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgetransfer.errors import ArchError, WeightsError
+from edgetransfer.fileio import sha256_file
+from edgetransfer.manifest import METADATA_KEY, Manifest, Preprocessing
+
+IMAGENET = Preprocessing(
+    input_size=(224, 224), resize=256, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
+)
+SMALL = Preprocessing(input_size=(32, 32), resize=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+class SimpleCNN(nn.Module):
+    """The seed's CNN: two 3x3 conv + max-pool stages, then two linear layers, for 32x32 RGB."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64 * 8 * 8, 128),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.25),
+            nn.Linear(128, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class TinyTestNet(nn.Module):
+    """A few thousand parameters, any input size: for fast offline tests."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, 16),
+            nn.ReLU(inplace=True),
+        )
+        self.classifier = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One registered architecture.
+
+    Attributes:
+        name: registry name, as given to ``--arch``.
+        build: ``num_classes -> nn.Module`` with random weights.
+        head_key: dotted path of the final ``nn.Linear``; everything before it is the backbone.
+        preprocessing: the input contract of the architecture's pretrained weights.
+        imagenet_weights: torchvision weights enum name, or None when there are none.
+        description: one line for listings.
+    """
+
+    name: str
+    build: Callable[[int], nn.Module]
+    head_key: str
+    preprocessing: Preprocessing
+    imagenet_weights: str | None
+    description: str
+
+
+def _tv(name: str) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        import torchvision
+
+        return getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+
+    return build
+
+
+ARCHS: dict[str, ArchSpec] = {}
+
+
+def register(spec: ArchSpec) -> ArchSpec:
+    """Add an architecture to the registry (later issues and users can add their own)."""
+    ARCHS[spec.name] = spec
+    return spec
+
+
+for _spec in (
+    ArchSpec("mobilenet_v3_small", _tv("mobilenet_v3_small"), "classifier.3", IMAGENET,
+             "MobileNet_V3_Small_Weights.IMAGENET1K_V1", "2.5M params, the edge default"),
+    ArchSpec("mobilenet_v3_large", _tv("mobilenet_v3_large"), "classifier.3", IMAGENET,
+             "MobileNet_V3_Large_Weights.IMAGENET1K_V2", "5.5M params"),
+    ArchSpec("resnet18", _tv("resnet18"), "fc", IMAGENET,
+             "ResNet18_Weights.IMAGENET1K_V1", "11.7M params, a strong teacher"),
+    ArchSpec("efficientnet_b0", _tv("efficientnet_b0"), "classifier.1", IMAGENET,
+             "EfficientNet_B0_Weights.IMAGENET1K_V1", "5.3M params"),
+    ArchSpec("simple_cnn", SimpleCNN, "classifier.4", SMALL, None,
+             "the seed's 2-conv CNN for 32x32 inputs (the shipped digits source model)"),
+    ArchSpec("tiny_test", TinyTestNet, "classifier", SMALL, None,
+             "a few thousand parameters, for tests"),
+):
+    register(_spec)
+
+
+def get_arch(name: str) -> ArchSpec:
+    """Look up an architecture; an unknown name lists the valid ones."""
+    try:
+        return ARCHS[name]
+    except KeyError:
+        raise ArchError(
+            f"unknown architecture {name!r}; choose one of: {', '.join(sorted(ARCHS))}"
+        ) from None
+
+
+class Classifier(nn.Module):
+    """A backbone producing a feature vector, and a linear head on top: the adapted model."""
+
+    def __init__(self, features: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.features = features
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def split(spec: ArchSpec, model: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """Detach the final Linear of a source model: (backbone returning features, source head)."""
+    head = model.get_submodule(spec.head_key)
+    if not isinstance(head, nn.Linear):
+        raise ArchError(f"{spec.name}: {spec.head_key} is not a Linear layer")
+    model.set_submodule(spec.head_key, nn.Identity())
+    return model, head
+
+
+def build_classifier(arch: str, num_classes: int) -> Classifier:
+    """A randomly initialised Classifier of `arch` with `num_classes` outputs."""
+    spec = get_arch(arch)
+    features, head = split(spec, spec.build(num_classes))
+    return Classifier(features, head)
+
+
+@dataclass
+class SourceModel:
+    """A source model with its weights loaded, before its head is replaced."""
+
+    spec: ArchSpec
+    model: nn.Module
+    labels: list[str] | None
+    provenance: dict[str, Any]
+    preprocessing: Preprocessing | None = None  # from the weights file, when it carries one
+
+
+def load_source(arch: str, weights: str) -> SourceModel:
+    """Build `arch` and load `weights`: ``imagenet``, ``none`` or a path to a weights file."""
+    spec = get_arch(arch)
+    if weights == "none":
+        return SourceModel(spec, spec.build(1000), None, {"weights": "none"})
+    if weights == "imagenet":
+        return _load_imagenet(spec)
+    return _load_file(spec, Path(weights))
+
+
+def _load_imagenet(spec: ArchSpec) -> SourceModel:
+    if spec.imagenet_weights is None:
+        raise WeightsError(
+            f"{spec.name} has no ImageNet weights; use --weights PATH or --weights none"
+        )
+    import torchvision
+
+    w = torchvision.models.get_weight(spec.imagenet_weights)
+    try:
+        state = torch.hub.load_state_dict_from_url(
+            w.url, progress=True, check_hash=True, map_location="cpu", weights_only=True
+        )
+    except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError
+        raise WeightsError(
+            f"cannot get ImageNet weights for {spec.name} ({_reason(e)}); without network, "
+            f"download {w.url} on another machine and pass it with --weights PATH"
+        ) from None
+    model = spec.build(len(w.meta["categories"]))
+    model.load_state_dict(state)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)
+    prov = {"weights": "imagenet", "name": spec.imagenet_weights, "url": w.url}
+    if cached.is_file():
+        prov["sha256"] = sha256_file(cached)
+    return SourceModel(spec, model, list(w.meta["categories"]), prov)
+
+
+def _reason(e: BaseException) -> str:
+    text = str(getattr(e, "reason", None) or e).strip().splitlines()
+    return text[0][:160] if text else type(e).__name__
+
+
+def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read weights safely: safetensors, or a torch file with ``weights_only=True``.
+
+    Returns the state dict and the safetensors metadata (empty for torch files).
+    """
+    if not path.is_file():
+        raise WeightsError(
+            f"weights file {path} does not exist; pass imagenet, none or a path to "
+            ".safetensors / .pth"
+        )
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                return {k: f.get_tensor(k) for k in f.keys()}, meta
+        except (SafetensorError, OSError, ValueError) as e:
+            raise WeightsError(f"{path} is not a valid safetensors file: {_reason(e)}") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise WeightsError(
+            f"refused to load {path}: it holds more than tensors, and loading it could run code "
+            f"({_reason(e)}); save a plain state_dict or safetensors instead"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise WeightsError(f"{path} is not a readable weights file: {_reason(e)}") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
+    return obj, {}
+
+
+def _load_file(spec: ArchSpec, path: Path) -> SourceModel:
+    state, meta = read_state_dict(path)
+    labels, preprocessing = None, None
+    if METADATA_KEY in meta:
+        src = Manifest.from_json(meta[METADATA_KEY])
+        if src.arch != spec.name:
+            raise WeightsError(
+                f"{path.name} holds a {src.arch} model, not {spec.name}; pass --arch {src.arch}"
+            )
+        labels, preprocessing = src.labels, src.preprocessing
+    # A Classifier's own state dict (a RUN_DIR's model.safetensors) maps back to the source layout.
+    if "head.weight" in state and all(k.startswith(("features.", "head.")) for k in state):
+        state = {
+            (spec.head_key + k[4:] if k.startswith("head.") else k[len("features."):]): v
+            for k, v in state.items()
+        }
+    head_w = state.get(spec.head_key + ".weight")
+    if head_w is None or head_w.ndim != 2:
+        raise WeightsError(
+            f"{path.name} does not look like {spec.name} weights: no {spec.head_key}.weight "
+            f"(first keys: {', '.join(list(state)[:4])})"
+        )
+    model = spec.build(head_w.shape[0])
+    load_strict(model, state, path.name)
+    if labels is not None and len(labels) != head_w.shape[0]:
+        labels = None
+    prov = {"weights": "file", "file": path.name, "sha256": sha256_file(path)}
+    return SourceModel(spec, model, labels, prov, preprocessing)
+
+
+def load_strict(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """load_state_dict with every missing/unexpected/mis-shaped key reported in one line."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        for name, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
+            if items:
+                more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+                parts.append(f"{name}: {', '.join(items[:5])}{more}")
+        raise WeightsError(f"{what} does not match the architecture; " + "; ".join(parts))
+    model.load_state_dict(state)

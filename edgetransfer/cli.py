@@ -1,0 +1,270 @@
+"""The command line: each command parses options, calls one library function, prints a summary.
+
+No torch import at start-up: library modules are imported inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from edgetransfer import __version__
+from edgetransfer.errors import EdgeTransferError
+
+
+class _Group(click.Group):
+    """Turns library errors into one-line Click errors (exit 1) and Ctrl-C into exit 130."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EdgeTransferError as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo("Interrupted; nothing was written.", err=True)
+            sys.exit(130)
+
+
+def _progress(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
+def _emit_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgetransfer")
+def cli() -> None:
+    """Adapt a pretrained CNN to your own images, export it, and prove the exports agree.
+
+    \b
+    Example (the shipped demo, fully offline):
+      edgetransfer demo
+    Example (your own folder of images per class):
+      edgetransfer adapt photos/ --out run && edgetransfer export run --out run/export
+      edgetransfer verify run/export --data photos/
+    """
+
+
+@cli.command()
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.option("--arch", default="mobilenet_v3_small", show_default=True,
+              help="Backbone architecture (see `edgetransfer archs`).")
+@click.option("--weights", default="imagenet", show_default=True,
+              help="Source weights: imagenet, none, or a .safetensors / .pth state_dict file.")
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3,
+              show_default=True, help="Learning rate of the new head.")
+@click.option("--image-size", type=click.IntRange(min=8), default=None,
+              help="Input size in pixels (default: the architecture's own).")
+@click.option("--val-fraction", type=click.FloatRange(0, 0.9), default=0.2, show_default=True,
+              help="Share of each class held out for validation when there is no val/ folder.")
+@click.option("--out", "out", type=click.Path(path_type=Path), default=None,
+              help="RUN_DIR to write [default: runs/<DATA_DIR name>].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-bad", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+              help="Fail when more than this share of images cannot be read.")
+@click.option("--no-cache", is_flag=True, help="Do not read or write the feature cache.")
+@click.option("--force", is_flag=True, help="Replace an existing RUN_DIR.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def adapt(data_dir: Path, arch: str, weights: str, epochs: int, batch_size: int, lr: float,
+          image_size: int | None, val_fraction: float, out: Path | None, seed: int,
+          max_bad: float, no_cache: bool, force: bool, as_json: bool, quiet: bool) -> None:
+    """Adapt a pretrained backbone to DATA_DIR (one sub-folder of images per class).
+
+    The backbone is frozen, its features are computed once and cached, and a new head is
+    trained with small batches; the best epoch by validation accuracy is kept.
+
+    \b
+    Example:
+      edgetransfer adapt photos/ --arch resnet18 --weights resnet18.pth --out run
+    """
+    from edgetransfer.adapt import AdaptConfig
+    from edgetransfer.adapt import adapt as run_adapt
+
+    out = out or Path("runs") / (Path(data_dir).resolve().name or "run")
+    res = run_adapt(AdaptConfig(
+        data_dir=data_dir, out=out, arch=arch, weights=weights, epochs=epochs,
+        batch_size=batch_size, lr=lr, image_size=image_size, val_fraction=val_fraction,
+        seed=seed, max_bad=max_bad, force=force, use_cache=not no_cache,
+        progress=_progress(quiet or as_json)))
+    if as_json:
+        _emit_json(res.manifest.to_dict())
+        return
+    m = res.manifest
+    click.echo(f"adapted {m.arch} to {len(m.labels)} classes ({', '.join(m.labels)})")
+    click.echo(f"train {m.data['train']} / val {m.data['val']} images, best epoch "
+               f"{m.adapt['best_epoch']}: val top-1 {m.metrics['val_top1']:.1%}")
+    if res.bad_files:
+        click.echo(f"skipped {len(res.bad_files)} unreadable image(s), listed in "
+                   f"{res.run_dir / 'bad_files.txt'}", err=True)
+    click.echo(f"wrote {res.run_dir}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--onnx", "want_onnx", is_flag=True, help="Write model.onnx.")
+@click.option("--torchscript", "want_ts", is_flag=True, help="Write model.pt (TorchScript).")
+@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo",
+              show_default=True, help="Which torch.onnx exporter makes model.onnx.")
+@click.option("--opset", type=click.IntRange(min=13), default=None,
+              help="ONNX opset (default: the exporter's).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="EXPORT_DIR to write [default: RUN_DIR/export].")
+@click.option("--force", is_flag=True, help="Replace an existing EXPORT_DIR.")
+@click.option("--json", "as_json", is_flag=True)
+def export(run_dir: Path, want_onnx: bool, want_ts: bool, exporter: str, opset: int | None,
+           out: Path | None, force: bool, as_json: bool) -> None:
+    """Export RUN_DIR to ONNX and TorchScript; both carry labels and preprocessing.
+
+    With neither --onnx nor --torchscript, both are written.
+
+    \b
+    Example:
+      edgetransfer export run --onnx --torchscript --out deploy
+    """
+    from edgetransfer.export import ExportConfig
+    from edgetransfer.export import export as run_export
+
+    both = not (want_onnx or want_ts)
+    res = run_export(ExportConfig(run_dir=run_dir, out=out or Path(run_dir) / "export",
+                                  onnx=want_onnx or both, torchscript=want_ts or both,
+                                  exporter=exporter, opset=opset, force=force))
+    if as_json:
+        _emit_json({"out": str(res.out), "files": [str(f) for f in res.files]})
+        return
+    for f in res.files:
+        click.echo(f"wrote {f} ({f.stat().st_size / 1024:.0f} KiB)")
+
+
+@cli.command()
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True,
+              help="DATA_DIR with real images (its validation split is used).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N images.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--atol", type=float, default=None, help="Absolute tolerance [default: 1e-4].")
+@click.option("--rtol", type=float, default=None, help="Relative tolerance [default: 1e-3].")
+@click.option("--json", "as_json", is_flag=True, help="Print parity.json to stdout.")
+def verify(export_dir: Path, data_dir: Path, limit: int | None, batch_size: int,
+           atol: float | None, rtol: float | None, as_json: bool) -> None:
+    """Prove that TorchScript and onnxruntime answer like eager PyTorch on real images.
+
+    Compares logits elementwise (|a-b| <= atol + rtol*|b|) and top-1 agreement, writes
+    EXPORT_DIR/parity.json and exits with 1 when any runtime fails. model.pt is TorchScript,
+    which is code: verify only folders you exported yourself or trust.
+
+    \b
+    Example:
+      edgetransfer verify run/export --data photos/
+    """
+    from edgetransfer import verify as v
+
+    report = v.verify(export_dir, data_dir, limit=limit, batch_size=batch_size,
+                      atol=v.ATOL if atol is None else atol, rtol=v.RTOL if rtol is None else rtol)
+    if as_json:
+        _emit_json(report.to_dict())
+    else:
+        click.echo(f"{report.images} images, reference: eager PyTorch")
+        click.echo(report.table())
+        click.echo(f"wrote {Path(export_dir) / v.PARITY_NAME}")
+    report.raise_for_failures()
+    if not as_json:
+        click.echo("parity: PASS")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True)
+@click.option("--topk", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
+def predict(model: Path, images: tuple[str, ...], topk: int, as_json: bool) -> None:
+    """Classify IMAGES (files, folders or globs) with an exported ONNX model.
+
+    Labels and preprocessing come from the model file itself.
+
+    \b
+    Example:
+      edgetransfer predict run/export/model.onnx photos/cat/*.jpg --topk 3
+    """
+    from edgetransfer.runtime import OnnxClassifier, collect_images
+
+    clf = OnnxClassifier(model)
+    for p in clf.predict(collect_images(list(images)), topk=topk):
+        if as_json:
+            click.echo(json.dumps({"path": p.path, "topk": [{"label": lb, "prob": round(pr, 6)}
+                                                            for lb, pr in p.topk]}))
+        else:
+            best = ", ".join(f"{lb} {pr:.1%}" for lb, pr in p.topk)
+            click.echo(f"{p.path}: {best}")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+def info(path: Path) -> None:
+    """Print the manifest carried by an artifact (.onnx, .pt, .safetensors, RUN_DIR, EXPORT_DIR).
+
+    TorchScript files are read as archives; no model code is loaded.
+
+    \b
+    Example:
+      edgetransfer info run/export/model.onnx
+    """
+    from edgetransfer.manifest import read_manifest
+
+    click.echo(read_manifest(path).to_json(), nl=False)
+
+
+@cli.command()
+def archs() -> None:
+    """List the registered architectures.
+
+    \b
+    Example:
+      edgetransfer archs
+    """
+    from edgetransfer.backbones import ARCHS
+
+    for spec in ARCHS.values():
+        size = spec.preprocessing.input_size[0]
+        weights = "imagenet" if spec.imagenet_weights else "file/none"
+        click.echo(f"{spec.name:<20} {size:>4}px  {weights:<9}  {spec.description}")
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(path_type=Path), default="edgetransfer-demo")
+@click.option("--force", is_flag=True, help="Replace an existing OUT_DIR.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def demo(out_dir: Path, force: bool, quiet: bool) -> None:
+    """Run adapt -> export -> verify -> predict on the shipped digits, offline.
+
+    The shipped source model knows digits 0-4; it is adapted to the sample images of
+    digits 5-9 (a few dozen per class).
+
+    \b
+    Example:
+      edgetransfer demo /tmp/et-demo
+    """
+    from edgetransfer.demo import run_demo, sample_data, source_model
+
+    click.echo(f"source model: {source_model()}\ntarget data:  {sample_data()}")
+    res = run_demo(out_dir, force=force, progress=_progress(quiet))
+    click.echo(f"adapted: val top-1 {res.val_top1:.1%}   run: {res.run_dir}")
+    click.echo(f"exported: {res.export_dir} (model.onnx, model.pt, labels.txt, edgetransfer.json)")
+    click.echo(res.parity_table)
+    for p in res.predictions:
+        click.echo(f"predict {Path(p.path).parent.name}/{Path(p.path).name}: {p.topk[0][0]} "
+                   f"{p.topk[0][1]:.1%}")
+    click.echo(f"parity: {'PASS' if res.parity_passed else 'FAIL'}")
+    if not res.parity_passed:
+        raise SystemExit(1)
+
+
+def main() -> None:
+    cli(prog_name="edgetransfer")

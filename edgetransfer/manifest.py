@@ -1,0 +1,220 @@
+"""The contract every artifact carries: labels, preprocessing, provenance (edgetransfer.json)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgetransfer.errors import ManifestError
+
+SCHEMA = 1
+MANIFEST_NAME = "edgetransfer.json"
+METADATA_KEY = "edgetransfer"  # ONNX metadata_props key and safetensors metadata key
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a decoded RGB image becomes the model's input tensor.
+
+    Resize the shorter side to `resize` (keeping aspect ratio), crop `input_size` from the
+    centre, scale to [0, 1], subtract `mean`, divide by `std`; NCHW float32.
+    """
+
+    input_size: tuple[int, int]
+    resize: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop: str = "center"
+    interpolation: str = "bilinear"
+    color: str = "RGB"
+    layout: str = "NCHW"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("input_size", "mean", "std"):
+            d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        try:
+            p = cls(
+                input_size=(int(d["input_size"][0]), int(d["input_size"][1])),
+                resize=int(d["resize"]),
+                mean=tuple(float(v) for v in d["mean"]),
+                std=tuple(float(v) for v in d["std"]),
+                crop=d.get("crop", "center"),
+                interpolation=d.get("interpolation", "bilinear"),
+                color=d.get("color", "RGB"),
+                layout=d.get("layout", "NCHW"),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ManifestError(f"invalid preprocessing in manifest: {e!r}") from None
+        if len(p.mean) != 3 or len(p.std) != 3 or min(p.std) <= 0:
+            raise ManifestError("invalid preprocessing in manifest: mean/std need 3 values, std > 0")
+        if p.crop != "center" or p.interpolation != "bilinear" or p.color != "RGB":
+            raise ManifestError(
+                f"unsupported preprocessing (crop={p.crop}, interpolation={p.interpolation}, "
+                f"color={p.color}); this version supports center/bilinear/RGB"
+            )
+        if min(p.input_size) < 1 or p.resize < max(p.input_size):
+            raise ManifestError("invalid preprocessing in manifest: resize smaller than input_size")
+        return p
+
+    def with_size(self, size: int) -> Preprocessing:
+        """Same preprocessing at a new square input size, keeping the resize/crop ratio."""
+        ratio = self.resize / self.input_size[0]
+        return dataclasses.replace(self, input_size=(size, size), resize=int(round(size * ratio)))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """edgetransfer.json, schema 1. Free-form sections stay plain dicts."""
+
+    arch: str
+    labels: list[str]
+    preprocessing: Preprocessing
+    io: dict[str, str] = field(default_factory=lambda: {"input": "input", "output": "logits"})
+    source: dict[str, Any] = field(default_factory=dict)
+    adapt: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    schema: int = SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "arch": self.arch,
+            "labels": list(self.labels),
+            "preprocessing": self.preprocessing.to_dict(),
+            "io": dict(self.io),
+            "source": self.source,
+            "adapt": self.adapt,
+            "data": self.data,
+            "metrics": self.metrics,
+            "versions": self.versions,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Manifest:
+        if not isinstance(d, dict):
+            raise ManifestError("manifest is not a JSON object")
+        if d.get("schema") != SCHEMA:
+            raise ManifestError(
+                f"manifest schema {d.get('schema')!r} is not supported (expected {SCHEMA}); "
+                "re-export the model with this edgetransfer version"
+            )
+        labels = d.get("labels")
+        if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+            raise ManifestError("manifest has no valid 'labels' list")
+        if not isinstance(d.get("arch"), str):
+            raise ManifestError("manifest has no 'arch'")
+        sections = {}
+        for key in ("io", "source", "adapt", "data", "metrics", "versions"):
+            value = d.get(key, {})
+            if not isinstance(value, dict):
+                raise ManifestError(f"manifest section {key!r} is not an object")
+            sections[key] = value
+        if "io" not in d:
+            sections["io"] = {"input": "input", "output": "logits"}
+        return cls(
+            arch=d["arch"],
+            labels=list(labels),
+            preprocessing=Preprocessing.from_dict(d.get("preprocessing") or {}),
+            **sections,
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Manifest:
+        try:
+            d = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ManifestError(f"manifest is not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest:
+    """Read the manifest from a RUN_DIR/EXPORT_DIR, a .json, .onnx, .pt or .safetensors file.
+
+    TorchScript files are read as zip archives, so no model code is loaded or run.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ManifestError(f"{path} does not exist")
+    if path.is_dir():
+        mf = path / MANIFEST_NAME
+        if not mf.is_file():
+            raise ManifestError(f"{path} has no {MANIFEST_NAME}; is it a RUN_DIR or EXPORT_DIR?")
+        return Manifest.from_json(mf.read_bytes())
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return Manifest.from_json(path.read_bytes())
+    if suffix == ".onnx":
+        return Manifest.from_json(_onnx_metadata(path))
+    if suffix in (".pt", ".pt2", ".ts", ".zip"):
+        return Manifest.from_json(_zip_extra(path))
+    if suffix == ".safetensors":
+        return Manifest.from_json(_safetensors_metadata(path))
+    raise ManifestError(f"cannot read a manifest from {path.name}: expected a folder, .onnx, .pt, "
+                        ".safetensors or .json")
+
+
+def _onnx_metadata(path: Path) -> str:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError and others
+        raise ManifestError(f"{path.name} is not a readable ONNX model: {e}") from None
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            return prop.value
+    raise ManifestError(f"{path.name} carries no edgetransfer metadata; export it with edgetransfer")
+
+
+def _zip_extra(path: Path) -> str:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for name in zf.namelist():
+                if name.endswith("/extra/" + MANIFEST_NAME) or name == "extra/" + MANIFEST_NAME:
+                    return zf.read(name).decode("utf-8")
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ManifestError(f"{path.name} is not a TorchScript archive: {e}") from None
+    raise ManifestError(f"{path.name} carries no edgetransfer metadata; export it with edgetransfer")
+
+
+def _safetensors_metadata(path: Path) -> str:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own SafetensorError
+        raise ManifestError(f"{path.name} is not a readable safetensors file: {e}") from None
+    if METADATA_KEY not in meta:
+        raise ManifestError(f"{path.name} carries no edgetransfer metadata")
+    return meta[METADATA_KEY]
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries that shape an artifact, for the manifest."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from edgetransfer import __version__
+
+    out = {"edgetransfer": __version__}
+    for pkg in ("torch", "torchvision", "onnx", "onnxruntime"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
