@@ -23,7 +23,7 @@ class AdaptConfig:
     weights: str = "imagenet"
     epochs: int = 30
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 1e-2
     image_size: int | None = None
     val_fraction: float = 0.2
     seed: int = 0

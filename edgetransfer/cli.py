@@ -58,7 +58,7 @@ def cli() -> None:
               help="Source weights: imagenet, none, or a .safetensors / .pth state_dict file.")
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3,
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-2,
               show_default=True, help="Learning rate of the new head.")
 @click.option("--image-size", type=click.IntRange(min=8), default=None,
               help="Input size in pixels (default: the architecture's own).")

@@ -119,12 +119,13 @@ def export_torchscript(model, manifest: Manifest, example, path: Path) -> None:
     import torch
 
     from edgetransfer.fileio import atomic_write_bytes
+    from edgetransfer.verify import ATOL, RTOL
 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, example)
         try:
-            torch.testing.assert_close(traced(example), model(example), rtol=1e-3, atol=1e-4)
+            torch.testing.assert_close(traced(example), model(example), rtol=RTOL, atol=ATOL)
         except AssertionError as e:
             raise ExportError(f"TorchScript trace differs from eager: {str(e).splitlines()[0]}") \
                 from None

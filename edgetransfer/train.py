@@ -18,7 +18,7 @@ class TrainConfig:
 
     epochs: int = 30
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 1e-2
     weight_decay: float = 1e-4
     seed: int = 0
 
@@ -58,9 +58,15 @@ def train_head(
 ) -> TrainResult:
     """Train `head` on feature vectors with mini-batches of `cfg.batch_size`.
 
-    The head is left holding the best epoch's weights.
+    Features are standardised with the training set's mean and std while training (so one
+    learning rate suits every backbone); the standardisation is then folded into the head's
+    weights, which are left holding the best epoch.
     """
     from tqdm import tqdm
+
+    mean = train_x.mean(0)
+    std = train_x.std(0) + 1e-6 if len(train_x) > 1 else torch.ones_like(mean)
+    train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
 
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -95,6 +101,11 @@ def train_head(
         if best is None or (val_acc, -val_loss) > (best.val_top1, -best.val_loss):
             best = TrainResult(copy.deepcopy(head.state_dict()), epoch, val_acc, val_loss)
     assert best is not None, "epochs must be >= 1"
-    head.load_state_dict(best.head_state)
+    with torch.no_grad():
+        weight = best.head_state["weight"] / std
+        bias = best.head_state["bias"] - weight @ mean
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    best.head_state = {k: v.clone() for k, v in head.state_dict().items()}
     best.history = history
     return best

@@ -146,7 +146,11 @@ def verify(export_dir: str | Path, data_dir: str | Path, *, limit: int | None = 
     runners = {"eager": model}
     ts_path, onnx_path = export_dir / "model.pt", export_dir / "model.onnx"
     if ts_path.is_file():
-        runners["torchscript"] = torch.jit.load(str(ts_path), map_location="cpu").eval()
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+            runners["torchscript"] = torch.jit.load(str(ts_path), map_location="cpu").eval()
     outputs: dict[str, np.ndarray] = {}
     with torch.inference_mode():
         for name, m in runners.items():

@@ -1,0 +1,61 @@
+"""Shared fixtures: synthetic image folders, and one adapted + exported digits model per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgetransfer.demo import sample_data, source_model
+
+DIGITS = sample_data()
+SOURCE = source_model()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Feature cache in a temp folder: tests never touch ~/.cache."""
+    os.environ["EDGETRANSFER_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+COLORS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
+
+
+def make_images(root: Path, per_class: int = 8, size=(40, 30), classes=COLORS, seed=0) -> Path:
+    """Write a folder-per-class dataset of noisy coloured images (easy to tell apart)."""
+    rng = np.random.default_rng(seed)
+    for name, rgb in classes.items():
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            noise = rng.integers(-40, 40, size=(size[1], size[0], 3))
+            arr = np.clip(np.array(rgb) + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(d / f"{i:02d}.png")
+    return root
+
+
+@pytest.fixture
+def colors(tmp_path) -> Path:
+    return make_images(tmp_path / "colors")
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory) -> Path:
+    """The shipped source model adapted to the sample digits 5-9 (a trained model)."""
+    from edgetransfer.adapt import AdaptConfig, adapt
+
+    out = tmp_path_factory.mktemp("digits") / "run"
+    adapt(AdaptConfig(data_dir=DIGITS, out=out, arch="simple_cnn", weights=str(SOURCE)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_export(digits_run, tmp_path_factory) -> Path:
+    from edgetransfer.export import ExportConfig, export
+
+    out = tmp_path_factory.mktemp("digits_export") / "export"
+    export(ExportConfig(run_dir=digits_run, out=out))
+    return out
