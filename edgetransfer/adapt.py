@@ -66,8 +66,14 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
     backbone.eval()  # frozen BatchNorm statistics and no dropout
 
     backbone_id = source.provenance.get("sha256") or f"{cfg.arch}:{cfg.weights}:{cfg.seed}"
-    feats = extract(backbone, dataset.samples, pre, backbone_id=backbone_id,
-                    use_cache=cfg.use_cache, progress=cfg.progress)
+    feats = extract(
+        backbone,
+        dataset.samples,
+        pre,
+        backbone_id=backbone_id,
+        use_cache=cfg.use_cache,
+        progress=cfg.progress,
+    )
     total = len(dataset.samples)
     if feats.bad and len(feats.bad) > cfg.max_bad * total:
         first = "; ".join(r for _, r in feats.bad[:3])
@@ -78,7 +84,9 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
     dataset = dataset.without([p for p, _ in feats.bad])
     labels = torch.tensor([s.label for s in feats.samples])
     is_val = torch.tensor([s.split == "val" for s in feats.samples])
-    missing = [c for i, c in enumerate(dataset.classes) if not bool(((labels == i) & ~is_val).any())]
+    missing = [
+        c for i, c in enumerate(dataset.classes) if not bool(((labels == i) & ~is_val).any())
+    ]
     if missing:
         raise DataError(f"no readable training images for class(es): {', '.join(missing)}")
     if not bool(is_val.any()):
@@ -86,8 +94,15 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
 
     head = torch.nn.Linear(source_head.in_features, len(dataset.classes))
     tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
-    result = train_head(head, feats.vectors[~is_val], labels[~is_val], feats.vectors[is_val],
-                        labels[is_val], tcfg, progress=cfg.progress)
+    result = train_head(
+        head,
+        feats.vectors[~is_val],
+        labels[~is_val],
+        feats.vectors[is_val],
+        labels[is_val],
+        tcfg,
+        progress=cfg.progress,
+    )
 
     src = dict(source.provenance)
     if source.labels is not None:
@@ -97,11 +112,22 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
         labels=list(dataset.classes),
         preprocessing=pre,
         source=src,
-        adapt={"strategy": "head", "epochs": cfg.epochs, "best_epoch": result.best_epoch,
-               "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
-               "val_fraction": cfg.val_fraction},
-        data={"fingerprint": dataset.fingerprint(), "classes": len(dataset.classes),
-              "train": int((~is_val).sum()), "val": int(is_val.sum()), "bad": len(feats.bad)},
+        adapt={
+            "strategy": "head",
+            "epochs": cfg.epochs,
+            "best_epoch": result.best_epoch,
+            "batch_size": cfg.batch_size,
+            "lr": cfg.lr,
+            "seed": cfg.seed,
+            "val_fraction": cfg.val_fraction,
+        },
+        data={
+            "fingerprint": dataset.fingerprint(),
+            "classes": len(dataset.classes),
+            "train": int((~is_val).sum()),
+            "val": int(is_val.sum()),
+            "bad": len(feats.bad),
+        },
         metrics={"val_top1": round(result.val_top1, 6), "val_loss": round(result.val_loss, 6)},
         versions=versions(),
     )
@@ -111,8 +137,9 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
         atomic_write_text(tmp / MANIFEST_NAME, manifest.to_json())
         atomic_write_text(tmp / "history.json", json.dumps(result.history, indent=1) + "\n")
         if feats.bad:
-            atomic_write_text(tmp / "bad_files.txt", "".join(
-                f"{os.fsdecode(p)!r}\t{r}\n" for p, r in feats.bad))
+            atomic_write_text(
+                tmp / "bad_files.txt", "".join(f"{os.fsdecode(p)!r}\t{r}\n" for p, r in feats.bad)
+            )
     return AdaptResult(Path(cfg.out), manifest, feats.bad)
 
 

@@ -107,18 +107,49 @@ def register(spec: ArchSpec) -> ArchSpec:
 
 
 for _spec in (
-    ArchSpec("mobilenet_v3_small", _tv("mobilenet_v3_small"), "classifier.3", IMAGENET,
-             "MobileNet_V3_Small_Weights.IMAGENET1K_V1", "2.5M params, the edge default"),
-    ArchSpec("mobilenet_v3_large", _tv("mobilenet_v3_large"), "classifier.3", IMAGENET,
-             "MobileNet_V3_Large_Weights.IMAGENET1K_V2", "5.5M params"),
-    ArchSpec("resnet18", _tv("resnet18"), "fc", IMAGENET,
-             "ResNet18_Weights.IMAGENET1K_V1", "11.7M params, a strong teacher"),
-    ArchSpec("efficientnet_b0", _tv("efficientnet_b0"), "classifier.1", IMAGENET,
-             "EfficientNet_B0_Weights.IMAGENET1K_V1", "5.3M params"),
-    ArchSpec("simple_cnn", SimpleCNN, "classifier.4", SMALL, None,
-             "the seed's 2-conv CNN for 32x32 inputs (the shipped digits source model)"),
-    ArchSpec("tiny_test", TinyTestNet, "classifier", SMALL, None,
-             "a few thousand parameters, for tests"),
+    ArchSpec(
+        "mobilenet_v3_small",
+        _tv("mobilenet_v3_small"),
+        "classifier.3",
+        IMAGENET,
+        "MobileNet_V3_Small_Weights.IMAGENET1K_V1",
+        "2.5M params, the edge default",
+    ),
+    ArchSpec(
+        "mobilenet_v3_large",
+        _tv("mobilenet_v3_large"),
+        "classifier.3",
+        IMAGENET,
+        "MobileNet_V3_Large_Weights.IMAGENET1K_V2",
+        "5.5M params",
+    ),
+    ArchSpec(
+        "resnet18",
+        _tv("resnet18"),
+        "fc",
+        IMAGENET,
+        "ResNet18_Weights.IMAGENET1K_V1",
+        "11.7M params, a strong teacher",
+    ),
+    ArchSpec(
+        "efficientnet_b0",
+        _tv("efficientnet_b0"),
+        "classifier.1",
+        IMAGENET,
+        "EfficientNet_B0_Weights.IMAGENET1K_V1",
+        "5.3M params",
+    ),
+    ArchSpec(
+        "simple_cnn",
+        SimpleCNN,
+        "classifier.4",
+        SMALL,
+        None,
+        "the seed's 2-conv CNN for 32x32 inputs (the shipped digits source model)",
+    ),
+    ArchSpec(
+        "tiny_test", TinyTestNet, "classifier", SMALL, None, "a few thousand parameters, for tests"
+    ),
 ):
     register(_spec)
 
@@ -262,7 +293,7 @@ def _load_file(spec: ArchSpec, path: Path) -> SourceModel:
     # A Classifier's own state dict (a RUN_DIR's model.safetensors) maps back to the source layout.
     if "head.weight" in state and all(k.startswith(("features.", "head.")) for k in state):
         state = {
-            (spec.head_key + k[4:] if k.startswith("head.") else k[len("features."):]): v
+            (spec.head_key + k[4:] if k.startswith("head.") else k[len("features.") :]): v
             for k, v in state.items()
         }
     head_w = state.get(spec.head_key + ".weight")

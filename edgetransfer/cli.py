@@ -52,30 +52,76 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("data_dir", type=click.Path(path_type=Path))
-@click.option("--arch", default="mobilenet_v3_small", show_default=True,
-              help="Backbone architecture (see `edgetransfer archs`).")
-@click.option("--weights", default="imagenet", show_default=True,
-              help="Source weights: imagenet, none, or a .safetensors / .pth state_dict file.")
+@click.option(
+    "--arch",
+    default="mobilenet_v3_small",
+    show_default=True,
+    help="Backbone architecture (see `edgetransfer archs`).",
+)
+@click.option(
+    "--weights",
+    default="imagenet",
+    show_default=True,
+    help="Source weights: imagenet, none, or a .safetensors / .pth state_dict file.",
+)
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-2,
-              show_default=True, help="Learning rate of the new head.")
-@click.option("--image-size", type=click.IntRange(min=8), default=None,
-              help="Input size in pixels (default: the architecture's own).")
-@click.option("--val-fraction", type=click.FloatRange(0, 0.9), default=0.2, show_default=True,
-              help="Share of each class held out for validation when there is no val/ folder.")
-@click.option("--out", "out", type=click.Path(path_type=Path), default=None,
-              help="RUN_DIR to write [default: runs/<DATA_DIR name>].")
+@click.option(
+    "--lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1e-2,
+    show_default=True,
+    help="Learning rate of the new head.",
+)
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=8),
+    default=None,
+    help="Input size in pixels (default: the architecture's own).",
+)
+@click.option(
+    "--val-fraction",
+    type=click.FloatRange(0, 0.9),
+    default=0.2,
+    show_default=True,
+    help="Share of each class held out for validation when there is no val/ folder.",
+)
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="RUN_DIR to write [default: runs/<DATA_DIR name>].",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--max-bad", type=click.FloatRange(0, 1), default=0.1, show_default=True,
-              help="Fail when more than this share of images cannot be read.")
+@click.option(
+    "--max-bad",
+    type=click.FloatRange(0, 1),
+    default=0.1,
+    show_default=True,
+    help="Fail when more than this share of images cannot be read.",
+)
 @click.option("--no-cache", is_flag=True, help="Do not read or write the feature cache.")
 @click.option("--force", is_flag=True, help="Replace an existing RUN_DIR.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def adapt(data_dir: Path, arch: str, weights: str, epochs: int, batch_size: int, lr: float,
-          image_size: int | None, val_fraction: float, out: Path | None, seed: int,
-          max_bad: float, no_cache: bool, force: bool, as_json: bool, quiet: bool) -> None:
+def adapt(
+    data_dir: Path,
+    arch: str,
+    weights: str,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    image_size: int | None,
+    val_fraction: float,
+    out: Path | None,
+    seed: int,
+    max_bad: float,
+    no_cache: bool,
+    force: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
     """Adapt a pretrained backbone to DATA_DIR (one sub-folder of images per class).
 
     The backbone is frozen, its features are computed once and cached, and a new head is
@@ -89,21 +135,39 @@ def adapt(data_dir: Path, arch: str, weights: str, epochs: int, batch_size: int,
     from edgetransfer.adapt import adapt as run_adapt
 
     out = out or Path("runs") / (Path(data_dir).resolve().name or "run")
-    res = run_adapt(AdaptConfig(
-        data_dir=data_dir, out=out, arch=arch, weights=weights, epochs=epochs,
-        batch_size=batch_size, lr=lr, image_size=image_size, val_fraction=val_fraction,
-        seed=seed, max_bad=max_bad, force=force, use_cache=not no_cache,
-        progress=_progress(quiet or as_json)))
+    res = run_adapt(
+        AdaptConfig(
+            data_dir=data_dir,
+            out=out,
+            arch=arch,
+            weights=weights,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            image_size=image_size,
+            val_fraction=val_fraction,
+            seed=seed,
+            max_bad=max_bad,
+            force=force,
+            use_cache=not no_cache,
+            progress=_progress(quiet or as_json),
+        )
+    )
     if as_json:
         _emit_json(res.manifest.to_dict())
         return
     m = res.manifest
     click.echo(f"adapted {m.arch} to {len(m.labels)} classes ({', '.join(m.labels)})")
-    click.echo(f"train {m.data['train']} / val {m.data['val']} images, best epoch "
-               f"{m.adapt['best_epoch']}: val top-1 {m.metrics['val_top1']:.1%}")
+    click.echo(
+        f"train {m.data['train']} / val {m.data['val']} images, best epoch "
+        f"{m.adapt['best_epoch']}: val top-1 {m.metrics['val_top1']:.1%}"
+    )
     if res.bad_files:
-        click.echo(f"skipped {len(res.bad_files)} unreadable image(s), listed in "
-                   f"{res.run_dir / 'bad_files.txt'}", err=True)
+        click.echo(
+            f"skipped {len(res.bad_files)} unreadable image(s), listed in "
+            f"{res.run_dir / 'bad_files.txt'}",
+            err=True,
+        )
     click.echo(f"wrote {res.run_dir}")
 
 
@@ -111,16 +175,37 @@ def adapt(data_dir: Path, arch: str, weights: str, epochs: int, batch_size: int,
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--onnx", "want_onnx", is_flag=True, help="Write model.onnx.")
 @click.option("--torchscript", "want_ts", is_flag=True, help="Write model.pt (TorchScript).")
-@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo",
-              show_default=True, help="Which torch.onnx exporter makes model.onnx.")
-@click.option("--opset", type=click.IntRange(min=13), default=None,
-              help="ONNX opset (default: the exporter's).")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="EXPORT_DIR to write [default: RUN_DIR/export].")
+@click.option(
+    "--exporter",
+    type=click.Choice(["dynamo", "torchscript"]),
+    default="dynamo",
+    show_default=True,
+    help="Which torch.onnx exporter makes model.onnx.",
+)
+@click.option(
+    "--opset",
+    type=click.IntRange(min=13),
+    default=None,
+    help="ONNX opset (default: the exporter's).",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="EXPORT_DIR to write [default: RUN_DIR/export].",
+)
 @click.option("--force", is_flag=True, help="Replace an existing EXPORT_DIR.")
 @click.option("--json", "as_json", is_flag=True)
-def export(run_dir: Path, want_onnx: bool, want_ts: bool, exporter: str, opset: int | None,
-           out: Path | None, force: bool, as_json: bool) -> None:
+def export(
+    run_dir: Path,
+    want_onnx: bool,
+    want_ts: bool,
+    exporter: str,
+    opset: int | None,
+    out: Path | None,
+    force: bool,
+    as_json: bool,
+) -> None:
     """Export RUN_DIR to ONNX and TorchScript; both carry labels and preprocessing.
 
     With neither --onnx nor --torchscript, both are written.
@@ -133,9 +218,17 @@ def export(run_dir: Path, want_onnx: bool, want_ts: bool, exporter: str, opset: 
     from edgetransfer.export import export as run_export
 
     both = not (want_onnx or want_ts)
-    res = run_export(ExportConfig(run_dir=run_dir, out=out or Path(run_dir) / "export",
-                                  onnx=want_onnx or both, torchscript=want_ts or both,
-                                  exporter=exporter, opset=opset, force=force))
+    res = run_export(
+        ExportConfig(
+            run_dir=run_dir,
+            out=out or Path(run_dir) / "export",
+            onnx=want_onnx or both,
+            torchscript=want_ts or both,
+            exporter=exporter,
+            opset=opset,
+            force=force,
+        )
+    )
     if as_json:
         _emit_json({"out": str(res.out), "files": [str(f) for f in res.files]})
         return
@@ -145,15 +238,27 @@ def export(run_dir: Path, want_onnx: bool, want_ts: bool, exporter: str, opset: 
 
 @cli.command()
 @click.argument("export_dir", type=click.Path(path_type=Path))
-@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True,
-              help="DATA_DIR with real images (its validation split is used).")
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="DATA_DIR with real images (its validation split is used).",
+)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N images.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--atol", type=float, default=None, help="Absolute tolerance [default: 1e-4].")
 @click.option("--rtol", type=float, default=None, help="Relative tolerance [default: 1e-3].")
 @click.option("--json", "as_json", is_flag=True, help="Print parity.json to stdout.")
-def verify(export_dir: Path, data_dir: Path, limit: int | None, batch_size: int,
-           atol: float | None, rtol: float | None, as_json: bool) -> None:
+def verify(
+    export_dir: Path,
+    data_dir: Path,
+    limit: int | None,
+    batch_size: int,
+    atol: float | None,
+    rtol: float | None,
+    as_json: bool,
+) -> None:
     """Prove that TorchScript and onnxruntime answer like eager PyTorch on real images.
 
     Compares logits elementwise (|a-b| <= atol + rtol*|b|) and top-1 agreement, writes
@@ -166,8 +271,14 @@ def verify(export_dir: Path, data_dir: Path, limit: int | None, batch_size: int,
     """
     from edgetransfer import verify as v
 
-    report = v.verify(export_dir, data_dir, limit=limit, batch_size=batch_size,
-                      atol=v.ATOL if atol is None else atol, rtol=v.RTOL if rtol is None else rtol)
+    report = v.verify(
+        export_dir,
+        data_dir,
+        limit=limit,
+        batch_size=batch_size,
+        atol=v.ATOL if atol is None else atol,
+        rtol=v.RTOL if rtol is None else rtol,
+    )
     if as_json:
         _emit_json(report.to_dict())
     else:
@@ -198,8 +309,14 @@ def predict(model: Path, images: tuple[str, ...], topk: int, as_json: bool) -> N
     clf = OnnxClassifier(model)
     for p in clf.predict(collect_images(list(images)), topk=topk):
         if as_json:
-            click.echo(json.dumps({"path": p.path, "topk": [{"label": lb, "prob": round(pr, 6)}
-                                                            for lb, pr in p.topk]}))
+            click.echo(
+                json.dumps(
+                    {
+                        "path": p.path,
+                        "topk": [{"label": lb, "prob": round(pr, 6)} for lb, pr in p.topk],
+                    }
+                )
+            )
         else:
             best = ", ".join(f"{lb} {pr:.1%}" for lb, pr in p.topk)
             click.echo(f"{p.path}: {best}")
@@ -259,8 +376,10 @@ def demo(out_dir: Path, force: bool, quiet: bool) -> None:
     click.echo(f"exported: {res.export_dir} (model.onnx, model.pt, labels.txt, edgetransfer.json)")
     click.echo(res.parity_table)
     for p in res.predictions:
-        click.echo(f"predict {Path(p.path).parent.name}/{Path(p.path).name}: {p.topk[0][0]} "
-                   f"{p.topk[0][1]:.1%}")
+        click.echo(
+            f"predict {Path(p.path).parent.name}/{Path(p.path).name}: {p.topk[0][0]} "
+            f"{p.topk[0][1]:.1%}"
+        )
     click.echo(f"parity: {'PASS' if res.parity_passed else 'FAIL'}")
     if not res.parity_passed:
         raise SystemExit(1)

@@ -45,8 +45,11 @@ class Dataset:
         h = hashlib.sha256()
         for s in sorted(self.samples, key=lambda s: str(s.path)):
             rel = os.path.relpath(s.path, self.root)
-            h.update(f"{rel}\t{self.classes[s.label]}\t{s.split}\t{_size(s.path)}\n".encode(
-                "utf-8", "surrogateescape"))
+            h.update(
+                f"{rel}\t{self.classes[s.label]}\t{s.split}\t{_size(s.path)}\n".encode(
+                    "utf-8", "surrogateescape"
+                )
+            )
         return h.hexdigest()
 
     def without(self, bad: Sequence[Path]) -> Dataset:
@@ -102,8 +105,12 @@ def scan(root: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0) -> D
                     f"val/ has classes that train/ lacks: {', '.join(extra)}; "
                     "add them to train/ or remove them from val/"
                 )
-            samples += [s for c in classes if (val_dir / c).is_dir()
-                        for s in _collect_class(val_dir / c, classes.index(c), "val")]
+            samples += [
+                s
+                for c in classes
+                if (val_dir / c).is_dir()
+                for s in _collect_class(val_dir / c, classes.index(c), "val")
+            ]
         else:
             samples = _split(samples, val_fraction, seed)
     else:
@@ -115,10 +122,16 @@ def scan(root: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0) -> D
 def _collect(folder: Path, classes: list[str], split: str, root: Path) -> list[Sample]:
     if not classes:
         if list_images(folder):
-            raise DataError(f"{root} has images but no class folders; {folder}/CLASS/*.jpg expected")
-        raise DataError(f"data folder {root} is empty; put one sub-folder of images per class in it")
+            raise DataError(
+                f"{root} has images but no class folders; {folder}/CLASS/*.jpg expected"
+            )
+        raise DataError(
+            f"data folder {root} is empty; put one sub-folder of images per class in it"
+        )
     if len(classes) < 2:
-        raise DataError(f"{root} has only one class ({classes[0]}); at least 2 class folders needed")
+        raise DataError(
+            f"{root} has only one class ({classes[0]}); at least 2 class folders needed"
+        )
     samples, empty = [], []
     for i, c in enumerate(classes):
         found = _collect_class(folder / c, i, split)
@@ -147,8 +160,9 @@ def _split(samples: list[Sample], val_fraction: float, seed: int) -> list[Sample
         items = sorted(by_class[label], key=lambda s: str(s.path))
         rng.shuffle(items)
         n_val = min(len(items) - 1, max(1, round(len(items) * val_fraction))) if val_fraction else 0
-        out += [Sample(s.path, s.label, "val" if i < n_val else "train") for i, s in
-                enumerate(items)]
+        out += [
+            Sample(s.path, s.label, "val" if i < n_val else "train") for i, s in enumerate(items)
+        ]
     return out
 
 
@@ -171,8 +185,14 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
                 return to_rgb(im)
     except DataError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning, EOFError) as e:
+    except (
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+        EOFError,
+    ) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{path.name}: not a readable image ({reason})") from None
 
@@ -200,10 +220,12 @@ def eval_transform(p: Preprocessing):
     import torch
     from torchvision.transforms import v2
 
-    return v2.Compose([
-        v2.Resize(p.resize, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
-        v2.CenterCrop(list(p.input_size)),
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(p.mean), list(p.std)),
-    ])
+    return v2.Compose(
+        [
+            v2.Resize(p.resize, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
+            v2.CenterCrop(list(p.input_size)),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(p.mean), list(p.std)),
+        ]
+    )

@@ -21,8 +21,9 @@ def source_model() -> Path:
     for candidate in (PACKAGE / "models" / SOURCE_MODEL, PACKAGE.parent / "models" / SOURCE_MODEL):
         if candidate.is_file():
             return candidate
-    raise EdgeTransferError(f"the shipped source model {SOURCE_MODEL} is missing; reinstall "
-                            "edgetransfer")
+    raise EdgeTransferError(
+        f"the shipped source model {SOURCE_MODEL} is missing; reinstall edgetransfer"
+    )
 
 
 @dataclass(frozen=True)
@@ -47,11 +48,25 @@ def run_demo(out: Path, force: bool = False, progress: bool = False) -> DemoResu
     check_can_write(out, force)
     data = sample_data()
     run_dir, export_dir = out / "run", out / "export"
-    res = adapt(AdaptConfig(data_dir=data, out=run_dir, arch="simple_cnn",
-                            weights=str(source_model()), force=True, progress=progress))
+    res = adapt(
+        AdaptConfig(
+            data_dir=data,
+            out=run_dir,
+            arch="simple_cnn",
+            weights=str(source_model()),
+            force=True,
+            progress=progress,
+        )
+    )
     export(ExportConfig(run_dir=run_dir, out=export_dir, force=True))
     report = verify(export_dir, data)
     images = [sorted((data / label).iterdir())[0] for label in res.manifest.labels]
     preds = OnnxClassifier(export_dir / "model.onnx").predict(images, topk=3)
-    return DemoResult(run_dir, export_dir, float(res.manifest.metrics["val_top1"]),
-                      report.passed, report.table(), preds)
+    return DemoResult(
+        run_dir,
+        export_dir,
+        float(res.manifest.metrics["val_top1"]),
+        report.passed,
+        report.table(),
+        preds,
+    )

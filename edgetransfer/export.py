@@ -45,7 +45,9 @@ def export(cfg: ExportConfig) -> ExportResult:
     from edgetransfer.fileio import atomic_write_text, check_can_write, output_dir
 
     if cfg.exporter not in EXPORTERS:
-        raise ExportError(f"unknown exporter {cfg.exporter!r}; choose one of: {', '.join(EXPORTERS)}")
+        raise ExportError(
+            f"unknown exporter {cfg.exporter!r}; choose one of: {', '.join(EXPORTERS)}"
+        )
     if not (cfg.onnx or cfg.torchscript):
         raise ExportError("nothing to export; pass --onnx and/or --torchscript")
     check_can_write(cfg.out, cfg.force)
@@ -66,8 +68,9 @@ def export(cfg: ExportConfig) -> ExportResult:
     return ExportResult(out, [out / f for f in files], manifest)
 
 
-def export_onnx(model, manifest: Manifest, example, path: Path, exporter: str,
-                opset: int | None = None) -> None:
+def export_onnx(
+    model, manifest: Manifest, example, path: Path, exporter: str, opset: int | None = None
+) -> None:
     """ONNX with a dynamic batch dimension, the manifest in metadata_props, fully checked."""
     import warnings
 
@@ -81,21 +84,33 @@ def export_onnx(model, manifest: Manifest, example, path: Path, exporter: str,
             warnings.simplefilter("ignore")
             if exporter == "dynamo":
                 torch.onnx.export(
-                    model, (example,), str(tmp), dynamo=True, external_data=False,
-                    input_names=[io["input"]], output_names=[io["output"]], opset_version=opset,
+                    model,
+                    (example,),
+                    str(tmp),
+                    dynamo=True,
+                    external_data=False,
+                    input_names=[io["input"]],
+                    output_names=[io["output"]],
+                    opset_version=opset,
                     dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
                     verbose=False,
                 )
             else:
                 torch.onnx.export(
-                    model, (example,), str(tmp), dynamo=False, input_names=[io["input"]],
-                    output_names=[io["output"]], opset_version=opset or 17,
+                    model,
+                    (example,),
+                    str(tmp),
+                    dynamo=False,
+                    input_names=[io["input"]],
+                    output_names=[io["output"]],
+                    opset_version=opset or 17,
                     dynamic_axes={io["input"]: {0: "batch"}, io["output"]: {0: "batch"}},
                 )
         proto = onnx.load(str(tmp))
     except Exception as e:  # exporter failures come in many types
-        raise ExportError(f"ONNX export ({exporter}) of {manifest.arch} failed: "
-                          f"{str(e).splitlines()[0][:300]}") from None
+        raise ExportError(
+            f"ONNX export ({exporter}) of {manifest.arch} failed: {str(e).splitlines()[0][:300]}"
+        ) from None
     finally:
         if tmp.exists():
             os.unlink(tmp)
@@ -105,7 +120,9 @@ def export_onnx(model, manifest: Manifest, example, path: Path, exporter: str,
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as e:
-        raise ExportError(f"exported ONNX model fails onnx.checker: {str(e).splitlines()[0]}") from None
+        raise ExportError(
+            f"exported ONNX model fails onnx.checker: {str(e).splitlines()[0]}"
+        ) from None
     from edgetransfer.fileio import atomic_write_bytes
 
     atomic_write_bytes(path, proto.SerializeToString())
@@ -127,8 +144,9 @@ def export_torchscript(model, manifest: Manifest, example, path: Path) -> None:
         try:
             torch.testing.assert_close(traced(example), model(example), rtol=RTOL, atol=ATOL)
         except AssertionError as e:
-            raise ExportError(f"TorchScript trace differs from eager: {str(e).splitlines()[0]}") \
-                from None
+            raise ExportError(
+                f"TorchScript trace differs from eager: {str(e).splitlines()[0]}"
+            ) from None
         buf = _io.BytesIO()
         torch.jit.save(traced, buf, _extra_files={MANIFEST_NAME: manifest.to_json()})
     atomic_write_bytes(path, buf.getvalue())

@@ -77,8 +77,11 @@ def extract(
             keep = cached["keep"].bool().tolist()
             bad = json.loads(bytes(cached["bad"].tolist()).decode()) if "bad" in cached else []
             if len(keep) == len(samples):
-                return Features([s for s, k in zip(samples, keep) if k], cached["vectors"],
-                                [(Path(b), r) for b, r in bad])
+                return Features(
+                    [s for s, k in zip(samples, keep, strict=True) if k],
+                    cached["vectors"],
+                    [(Path(b), r) for b, r in bad],
+                )
         except Exception:  # a damaged cache entry is recomputed, never trusted
             pass
 
@@ -106,7 +109,12 @@ def extract(
         good_set = set(good)
         keep = torch.tensor([s in good_set for s in samples], dtype=torch.uint8)
         bad_json = json.dumps([(str(b), r) for b, r in bad]).encode()
-        blob = save({"vectors": vectors.contiguous(), "keep": keep,
-                     "bad": torch.tensor(list(bad_json), dtype=torch.uint8)})
+        blob = save(
+            {
+                "vectors": vectors.contiguous(),
+                "keep": keep,
+                "bad": torch.tensor(list(bad_json), dtype=torch.uint8),
+            }
+        )
         atomic_write_bytes(path, blob)
     return Features(good, vectors, bad)

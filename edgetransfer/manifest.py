@@ -56,7 +56,9 @@ class Preprocessing:
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise ManifestError(f"invalid preprocessing in manifest: {e!r}") from None
         if len(p.mean) != 3 or len(p.std) != 3 or min(p.std) <= 0:
-            raise ManifestError("invalid preprocessing in manifest: mean/std need 3 values, std > 0")
+            raise ManifestError(
+                "invalid preprocessing in manifest: mean/std need 3 values, std > 0"
+            )
         if p.crop != "center" or p.interpolation != "bilinear" or p.color != "RGB":
             raise ManifestError(
                 f"unsupported preprocessing (crop={p.crop}, interpolation={p.interpolation}, "
@@ -114,7 +116,11 @@ class Manifest:
                 "re-export the model with this edgetransfer version"
             )
         labels = d.get("labels")
-        if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        if (
+            not isinstance(labels, list)
+            or not labels
+            or not all(isinstance(x, str) for x in labels)
+        ):
             raise ManifestError("manifest has no valid 'labels' list")
         if not isinstance(d.get("arch"), str):
             raise ManifestError("manifest has no 'arch'")
@@ -164,8 +170,10 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         return Manifest.from_json(_zip_extra(path))
     if suffix == ".safetensors":
         return Manifest.from_json(_safetensors_metadata(path))
-    raise ManifestError(f"cannot read a manifest from {path.name}: expected a folder, .onnx, .pt, "
-                        ".safetensors or .json")
+    raise ManifestError(
+        f"cannot read a manifest from {path.name}: expected a folder, .onnx, .pt, "
+        ".safetensors or .json"
+    )
 
 
 def _onnx_metadata(path: Path) -> str:
@@ -178,7 +186,9 @@ def _onnx_metadata(path: Path) -> str:
     for prop in model.metadata_props:
         if prop.key == METADATA_KEY:
             return prop.value
-    raise ManifestError(f"{path.name} carries no edgetransfer metadata; export it with edgetransfer")
+    raise ManifestError(
+        f"{path.name} carries no edgetransfer metadata; export it with edgetransfer"
+    )
 
 
 def _zip_extra(path: Path) -> str:
@@ -189,7 +199,9 @@ def _zip_extra(path: Path) -> str:
                     return zf.read(name).decode("utf-8")
     except (zipfile.BadZipFile, OSError) as e:
         raise ManifestError(f"{path.name} is not a TorchScript archive: {e}") from None
-    raise ManifestError(f"{path.name} carries no edgetransfer metadata; export it with edgetransfer")
+    raise ManifestError(
+        f"{path.name} carries no edgetransfer metadata; export it with edgetransfer"
+    )
 
 
 def _safetensors_metadata(path: Path) -> str:

@@ -74,14 +74,17 @@ class OnnxClassifier:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
-                str(self.path), opts, providers=["CPUExecutionProvider"])
+                str(self.path), opts, providers=["CPUExecutionProvider"]
+            )
         except Exception as e:  # ORT raises its own exception types
-            raise ManifestError(f"{self.path.name} is not a loadable ONNX model: "
-                                f"{str(e).splitlines()[0][:200]}") from None
+            raise ManifestError(
+                f"{self.path.name} is not a loadable ONNX model: {str(e).splitlines()[0][:200]}"
+            ) from None
         meta = self.session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in meta:
             raise ManifestError(
-                f"{self.path.name} carries no edgetransfer metadata; export it with edgetransfer")
+                f"{self.path.name} carries no edgetransfer metadata; export it with edgetransfer"
+            )
         self.manifest = Manifest.from_json(meta[METADATA_KEY])
         self.input_name = self.session.get_inputs()[0].name
 
@@ -100,10 +103,15 @@ class OnnxClassifier:
             x = np.stack([preprocess(load_image(p), self.manifest.preprocessing) for p in chunk])
             logits = self.logits(x)
             probs = softmax(logits.astype(np.float64))
-            for p, lg, pr in zip(chunk, logits, probs):
+            for p, lg, pr in zip(chunk, logits, probs, strict=True):
                 order = np.argsort(-pr, kind="stable")[:k]
-                out.append(Prediction(os.fsdecode(p), [(labels[j], float(pr[j])) for j in order],
-                                      [float(v) for v in lg]))
+                out.append(
+                    Prediction(
+                        os.fsdecode(p),
+                        [(labels[j], float(pr[j])) for j in order],
+                        [float(v) for v in lg],
+                    )
+                )
         return out
 
 

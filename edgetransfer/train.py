@@ -94,8 +94,13 @@ def train_head(
             seen += len(idx)
         head.eval()
         val_loss, val_acc = _evaluate(head, val_x, val_y)
-        row = {"epoch": epoch, "train_loss": total / seen, "train_top1": correct / seen,
-               "val_loss": val_loss, "val_top1": val_acc}
+        row = {
+            "epoch": epoch,
+            "train_loss": total / seen,
+            "train_top1": correct / seen,
+            "val_loss": val_loss,
+            "val_top1": val_acc,
+        }
         history.append(row)
         bar.set_postfix(val_top1=f"{val_acc:.3f}")
         if best is None or (val_acc, -val_loss) > (best.val_top1, -best.val_loss):

@@ -52,23 +52,37 @@ class ParityReport:
         return {
             "passed": self.passed,
             "images": self.images,
-            "tolerance": {"atol": self.atol, "rtol": self.rtol,
-                          "min_top1_agreement": MIN_TOP1_AGREEMENT},
+            "tolerance": {
+                "atol": self.atol,
+                "rtol": self.rtol,
+                "min_top1_agreement": MIN_TOP1_AGREEMENT,
+            },
             "reference": "eager",
             "eager_top1": self.eager_top1,
-            "runtimes": {r.runtime: {"passed": r.passed, "shape_ok": r.shape_ok,
-                                     "max_abs": r.max_abs, "max_rel": r.max_rel,
-                                     "violations": r.violations,
-                                     "top1_agreement": r.top1_agreement, "worst": r.worst}
-                         for r in self.runtimes},
+            "runtimes": {
+                r.runtime: {
+                    "passed": r.passed,
+                    "shape_ok": r.shape_ok,
+                    "max_abs": r.max_abs,
+                    "max_rel": r.max_rel,
+                    "violations": r.violations,
+                    "top1_agreement": r.top1_agreement,
+                    "worst": r.worst,
+                }
+                for r in self.runtimes
+            },
         }
 
     def table(self) -> str:
-        rows = [f"{'runtime':<12} {'max_abs':>10} {'max_rel':>10} {'outside':>8} {'top1 agree':>11}"
-                "  result"]
+        rows = [
+            f"{'runtime':<12} {'max_abs':>10} {'max_rel':>10} {'outside':>8} {'top1 agree':>11}"
+            "  result"
+        ]
         for r in self.runtimes:
-            rows.append(f"{r.runtime:<12} {r.max_abs:>10.2e} {r.max_rel:>10.2e} {r.violations:>8d} "
-                        f"{r.top1_agreement:>10.1%}  {'ok' if r.passed else 'FAIL'}")
+            rows.append(
+                f"{r.runtime:<12} {r.max_abs:>10.2e} {r.max_rel:>10.2e} {r.violations:>8d} "
+                f"{r.top1_agreement:>10.1%}  {'ok' if r.passed else 'FAIL'}"
+            )
         return "\n".join(rows)
 
     def raise_for_failures(self) -> None:
@@ -82,18 +96,33 @@ class ParityReport:
                 if not r.shape_ok:
                     parts.append(f"{r.runtime}: output shape differs from eager")
                 else:
-                    parts.append(f"{r.runtime}: {r.violations} logits outside |a-b| <= "
-                                 f"{self.atol:g} + {self.rtol:g}*|b| (max abs {r.max_abs:.2e} at "
-                                 f"{r.worst}), top-1 agreement {r.top1_agreement:.1%}")
+                    parts.append(
+                        f"{r.runtime}: {r.violations} logits outside |a-b| <= "
+                        f"{self.atol:g} + {self.rtol:g}*|b| (max abs {r.max_abs:.2e} at "
+                        f"{r.worst}), top-1 agreement {r.top1_agreement:.1%}"
+                    )
             raise ParityError("parity failed: " + "; ".join(parts))
 
 
-def compare(runtime: str, got: np.ndarray, ref: np.ndarray, names: list[str],
-            atol: float = ATOL, rtol: float = RTOL) -> RuntimeParity:
+def compare(
+    runtime: str,
+    got: np.ndarray,
+    ref: np.ndarray,
+    names: list[str],
+    atol: float = ATOL,
+    rtol: float = RTOL,
+) -> RuntimeParity:
     """Shapes first, then values, then top-1 agreement."""
     if got.shape != ref.shape:
-        return RuntimeParity(runtime, False, float("inf"), float("inf"), int(ref.size), 0.0,
-                             f"shape {got.shape} vs {ref.shape}")
+        return RuntimeParity(
+            runtime,
+            False,
+            float("inf"),
+            float("inf"),
+            int(ref.size),
+            0.0,
+            f"shape {got.shape} vs {ref.shape}",
+        )
     diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
     bound = atol + rtol * np.abs(ref)
     rel = diff / np.maximum(np.abs(ref), 1e-12)
@@ -109,9 +138,16 @@ def compare(runtime: str, got: np.ndarray, ref: np.ndarray, names: list[str],
     )
 
 
-def verify(export_dir: str | Path, data_dir: str | Path, *, limit: int | None = None,
-           batch_size: int = 8, atol: float = ATOL, rtol: float = RTOL,
-           write: bool = True) -> ParityReport:
+def verify(
+    export_dir: str | Path,
+    data_dir: str | Path,
+    *,
+    limit: int | None = None,
+    batch_size: int = 8,
+    atol: float = ATOL,
+    rtol: float = RTOL,
+    write: bool = True,
+) -> ParityReport:
     """Run every exported model in `export_dir` on validation images from `data_dir`.
 
     The same preprocessed batches go to every runtime, in batches of `batch_size` (so the
@@ -155,19 +191,22 @@ def verify(export_dir: str | Path, data_dir: str | Path, *, limit: int | None = 
     with torch.inference_mode():
         for name, m in runners.items():
             outputs[name] = np.concatenate(
-                [m(x[i : i + batch_size]).numpy() for i in range(0, len(x), batch_size)])
+                [m(x[i : i + batch_size]).numpy() for i in range(0, len(x), batch_size)]
+            )
     if onnx_path.is_file():
         from edgetransfer.runtime import OnnxClassifier
 
         ort_model = OnnxClassifier(onnx_path)
         xn = x.numpy()
         outputs["onnxruntime"] = np.concatenate(
-            [ort_model.logits(xn[i : i + batch_size]) for i in range(0, len(xn), batch_size)])
+            [ort_model.logits(xn[i : i + batch_size]) for i in range(0, len(xn), batch_size)]
+        )
 
     ref = outputs["eager"]
     report = ParityReport(export_dir, len(kept), atol, rtol)
-    report.runtimes = [compare(n, o, ref, names, atol, rtol)
-                       for n, o in outputs.items() if n != "eager"]
+    report.runtimes = [
+        compare(n, o, ref, names, atol, rtol) for n, o in outputs.items() if n != "eager"
+    ]
     if dataset.classes == manifest.labels:
         truth = np.array([s.label for s in kept])
         report.eager_top1 = float((ref.argmax(1) == truth).mean())

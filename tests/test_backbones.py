@@ -15,8 +15,9 @@ from .conftest import SOURCE
 def test_unknown_arch_lists_valid_names():
     with pytest.raises(ArchError) as e:
         get_arch("resnet9000")
-    assert str(e.value) == ("unknown architecture 'resnet9000'; choose one of: "
-                            + ", ".join(sorted(ARCHS)))
+    assert str(e.value) == (
+        "unknown architecture 'resnet9000'; choose one of: " + ", ".join(sorted(ARCHS))
+    )
 
 
 @pytest.mark.parametrize("name", sorted(ARCHS))
@@ -39,8 +40,9 @@ def test_source_file_carries_labels_and_preprocessing():
 
 
 def test_source_file_for_other_arch_is_refused():
-    with pytest.raises(WeightsError, match="holds a simple_cnn model, not tiny_test; pass --arch "
-                                           "simple_cnn"):
+    with pytest.raises(
+        WeightsError, match="holds a simple_cnn model, not tiny_test; pass --arch simple_cnn"
+    ):
         load_source("tiny_test", str(SOURCE))
 
 
@@ -64,8 +66,11 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     with open(tmp_path / "evil.pth", "wb") as f:
         pickle.dump({"w": _Payload(str(marker))}, f)
-    with pytest.raises(WeightsError, match=r"^refused to load .*evil.pth: it holds more than "
-                                           "tensors, and loading it could run code"):
+    with pytest.raises(
+        WeightsError,
+        match=r"^refused to load .*evil.pth: it holds more than "
+        "tensors, and loading it could run code",
+    ):
         load_source("tiny_test", str(tmp_path / "evil.pth"))
     assert not marker.exists()
 
@@ -80,7 +85,8 @@ def test_wrong_keys_listed_in_one_line(tmp_path):
         load_source("tiny_test", str(tmp_path / "w.safetensors"))
     assert str(e.value) == (
         "w.safetensors does not match the architecture; missing: features.1.running_mean; "
-        "unexpected: features.9.weight; shape: features.0.weight (8, 3, 5, 5) vs (8, 3, 3, 3)")
+        "unexpected: features.9.weight; shape: features.0.weight (8, 3, 5, 5) vs (8, 3, 3, 3)"
+    )
 
 
 def test_corrupt_safetensors(tmp_path):
@@ -102,8 +108,10 @@ def test_imagenet_without_network_says_how_to_pass_a_file(monkeypatch):
     with pytest.raises(WeightsError) as e:
         load_source("mobilenet_v3_small", "imagenet")
     msg = str(e.value)
-    assert msg.startswith("cannot get ImageNet weights for mobilenet_v3_small ([Errno -3] "
-                          "Temporary failure in name resolution); without network, download https://")
+    assert msg.startswith(
+        "cannot get ImageNet weights for mobilenet_v3_small ([Errno -3] "
+        "Temporary failure in name resolution); without network, download https://"
+    )
     assert msg.endswith("and pass it with --weights PATH")
 
 

@@ -49,11 +49,18 @@ def test_scan_ignores_hidden_entries(colors):
 @pytest.mark.parametrize(
     "setup, message",
     [
-        (lambda p: None, "data folder {p} does not exist; pass a folder with one sub-folder of "
-                         "images per class"),
-        (lambda p: p.mkdir(), "data folder {p} is empty; put one sub-folder of images per class in it"),
-        (lambda p: make_images(p, classes={"red": (255, 0, 0)}),
-         "{p} has only one class (red); at least 2 class folders needed"),
+        (
+            lambda p: None,
+            "data folder {p} does not exist; pass a folder with one sub-folder of images per class",
+        ),
+        (
+            lambda p: p.mkdir(),
+            "data folder {p} is empty; put one sub-folder of images per class in it",
+        ),
+        (
+            lambda p: make_images(p, classes={"red": (255, 0, 0)}),
+            "{p} has only one class (red); at least 2 class folders needed",
+        ),
     ],
 )
 def test_scan_errors(tmp_path, setup, message):

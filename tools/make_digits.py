@@ -47,7 +47,7 @@ def target_pool(exclude_shipped: bool = True):
     images, digits = load_digits_split()
     seen: dict[int, int] = {}
     out = []
-    for img, dg in zip(images, digits):
+    for img, dg in zip(images, digits, strict=True):
         if dg < 5:
             continue
         seen[dg] = seen.get(dg, 0) + 1
@@ -59,13 +59,13 @@ def target_pool(exclude_shipped: bool = True):
 
 def source_data():
     images, digits = load_digits_split()
-    return [(img, dg) for img, dg in zip(images, digits) if dg < 5]
+    return [(img, dg) for img, dg in zip(images, digits, strict=True) if dg < 5]
 
 
 def write_sample() -> int:
     images, digits = load_digits_split()
     count: dict[int, int] = {}
-    for img, dg in zip(images, digits):
+    for img, dg in zip(images, digits, strict=True):
         if dg < 5 or count.get(dg, 0) >= PER_CLASS:
             continue
         count[dg] = count.get(dg, 0) + 1
@@ -107,11 +107,14 @@ def train_source(epochs: int) -> dict:
             acc = (model(xt).argmax(1) == yt).float().mean().item()
         print(f"epoch {epoch + 1}: held-out top1 {acc:.4f}", file=sys.stderr)
     manifest = Manifest(
-        arch="simple_cnn", labels=SOURCE_LABELS, preprocessing=SMALL,
+        arch="simple_cnn",
+        labels=SOURCE_LABELS,
+        preprocessing=SMALL,
         source={"weights": "none", "dataset": "scikit-learn load_digits, digits 0-4"},
         adapt={"strategy": "scratch", "epochs": epochs, "batch_size": 32, "seed": SEED},
         data={"train": len(ytr), "test": n_test},
-        metrics={"test_top1": round(acc, 4)}, versions=versions(),
+        metrics={"test_top1": round(acc, 4)},
+        versions=versions(),
     )
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     MODEL.parent.mkdir(exist_ok=True)
@@ -130,11 +133,11 @@ CARD = """# digits04_simple_cnn — the shipped source model
 - **Held-out top-1**: {acc:.2%} on the {test} held-out images.
 - **sha256**: `{sha}`
 - **Size**: {size} bytes (safetensors; the manifest with labels and preprocessing is in the header).
-- **Made by**: `pip install -e '.[tools]' && python tools/make_digits.py` ({epochs} epochs, Adam 1e-3,
-  batch 32, CPU, deterministic).
+- **Made by**: `pip install -e '.[tools]' && python tools/make_digits.py`
+  ({epochs} epochs, Adam 1e-3, batch 32, CPU, deterministic).
 
-The target sample data (`edgetransfer/sample_data/digits59/`, digits 5-9, {per} images per class) comes
-from the same source and was never seen by this model.
+The target sample data (`edgetransfer/sample_data/digits59/`, digits 5-9, {per} images per
+class) comes from the same source and was never seen by this model.
 """
 
 
@@ -148,8 +151,14 @@ def main() -> None:
         return
     info = train_source(args.epochs)
     data = MODEL.read_bytes()
-    card = CARD.format(labels=", ".join(SOURCE_LABELS), seed=SEED, sha=hashlib.sha256(data).hexdigest(),
-                       size=len(data), per=PER_CLASS, **info)
+    card = CARD.format(
+        labels=", ".join(SOURCE_LABELS),
+        seed=SEED,
+        sha=hashlib.sha256(data).hexdigest(),
+        size=len(data),
+        per=PER_CLASS,
+        **info,
+    )
     MODEL.with_suffix(".md").write_text(card)
     print(f"wrote {MODEL} (held-out top1 {info['acc']:.4f})")
 
