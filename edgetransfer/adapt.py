@@ -11,6 +11,7 @@ from edgetransfer.errors import DataError
 from edgetransfer.manifest import MANIFEST_NAME, METADATA_KEY, Manifest
 
 DEFAULT_ARCH = "mobilenet_v3_small"
+RUN_INFO = "run.json"
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,9 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
         save_model(model, manifest, tmp / "model.safetensors")
         atomic_write_text(tmp / MANIFEST_NAME, manifest.to_json())
         atomic_write_text(tmp / "history.json", json.dumps(result.history, indent=1) + "\n")
+        # Where the data lives stays in RUN_DIR only; artifacts carry just its fingerprint.
+        run_info = {"data_dir": str(Path(cfg.data_dir).absolute()), "weights": cfg.weights}
+        atomic_write_text(tmp / RUN_INFO, json.dumps(run_info, indent=2) + "\n")
         if feats.bad:
             atomic_write_text(
                 tmp / "bad_files.txt", "".join(f"{os.fsdecode(p)!r}\t{r}\n" for p, r in feats.bad)
@@ -168,3 +172,13 @@ def load_run(run_dir: str | os.PathLike):
     state, _ = read_state_dict(weights)
     load_strict(model, state, weights.name)
     return model.eval(), manifest
+
+
+def run_data_dir(run_dir: str | os.PathLike) -> Path | None:
+    """The DATA_DIR a RUN_DIR was adapted on, if recorded and still there."""
+    try:
+        info = json.loads((Path(run_dir) / RUN_INFO).read_text())
+        path = Path(info["data_dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return path if path.is_dir() else None

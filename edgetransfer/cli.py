@@ -194,6 +194,20 @@ def adapt(
     default=None,
     help="EXPORT_DIR to write [default: RUN_DIR/export].",
 )
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Images for golden/ [default: the DATA_DIR the run was adapted on].",
+)
+@click.option(
+    "--golden",
+    type=click.IntRange(min=0),
+    default=5,
+    show_default=True,
+    help="How many golden test vectors to write (0: none).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing EXPORT_DIR.")
 @click.option("--json", "as_json", is_flag=True)
 def export(
@@ -203,6 +217,8 @@ def export(
     exporter: str,
     opset: int | None,
     out: Path | None,
+    data_dir: Path | None,
+    golden: int,
     force: bool,
     as_json: bool,
 ) -> None:
@@ -227,13 +243,18 @@ def export(
             exporter=exporter,
             opset=opset,
             force=force,
+            data_dir=data_dir,
+            golden=golden,
         )
     )
     if as_json:
-        _emit_json({"out": str(res.out), "files": [str(f) for f in res.files]})
+        _emit_json({"out": str(res.out), "files": [str(f) for f in res.files], "notes": res.notes})
         return
     for f in res.files:
-        click.echo(f"wrote {f} ({f.stat().st_size / 1024:.0f} KiB)")
+        size = sum(p.stat().st_size for p in f.rglob("*")) if f.is_dir() else f.stat().st_size
+        click.echo(f"wrote {f} ({size / 1024:.0f} KiB)")
+    for note in res.notes:
+        click.echo(note, err=True)
 
 
 @cli.command()

@@ -25,6 +25,8 @@ class ExportConfig:
     exporter: str = DEFAULT_EXPORTER
     opset: int | None = None
     force: bool = False
+    data_dir: Path | None = None  # images for golden vectors; default: the RUN_DIR's DATA_DIR
+    golden: int = 5
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class ExportResult:
     out: Path
     files: list[Path]
     manifest: Manifest
+    notes: list[str]
 
 
 def export(cfg: ExportConfig) -> ExportResult:
@@ -52,6 +55,7 @@ def export(cfg: ExportConfig) -> ExportResult:
         raise ExportError("nothing to export; pass --onnx and/or --torchscript")
     check_can_write(cfg.out, cfg.force)
     model, manifest = load_run(cfg.run_dir)
+    samples, notes = _golden_samples(cfg, manifest)
     h, w = manifest.preprocessing.input_size
     torch.manual_seed(0)
     example = torch.randn(2, 3, h, w)
@@ -63,9 +67,28 @@ def export(cfg: ExportConfig) -> ExportResult:
         shutil.copyfile(Path(cfg.run_dir) / "model.safetensors", tmp / "model.safetensors")
         atomic_write_text(tmp / "labels.txt", "".join(f"{label}\n" for label in manifest.labels))
         atomic_write_text(tmp / MANIFEST_NAME, manifest.to_json())
+        if samples:
+            from edgetransfer.golden import GOLDEN_DIR, write_golden
+
+            write_golden(model, manifest, samples, tmp / GOLDEN_DIR, cfg.golden)
         files = sorted(p.name for p in tmp.iterdir())
     out = Path(cfg.out)
-    return ExportResult(out, [out / f for f in files], manifest)
+    return ExportResult(out, [out / f for f in files], manifest, notes)
+
+
+def _golden_samples(cfg: ExportConfig, manifest: Manifest):
+    """Validation samples for golden vectors, and a note when there are none."""
+    from edgetransfer.adapt import run_data_dir
+    from edgetransfer.data import scan
+
+    if cfg.golden <= 0:
+        return [], []
+    data_dir = cfg.data_dir or run_data_dir(cfg.run_dir)
+    if data_dir is None:
+        return [], ["no golden/ written: the RUN_DIR's data folder is gone; pass --data DATA_DIR"]
+    seed = int(manifest.adapt.get("seed", 0))
+    ds = scan(data_dir, float(manifest.adapt.get("val_fraction", 0.2)), seed)
+    return ds.samples, []
 
 
 def export_onnx(

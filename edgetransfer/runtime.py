@@ -20,8 +20,8 @@ def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
     return int(shorter * width / height), shorter
 
 
-def preprocess(img: Image.Image, p: Preprocessing) -> np.ndarray:
-    """An RGB PIL image -> float32 CHW array, exactly like data.eval_transform."""
+def resize_crop(img: Image.Image, p: Preprocessing) -> Image.Image:
+    """Resize the shorter side to ``p.resize`` (bilinear) and centre-crop ``p.input_size``."""
     w, h = resized_size(img.width, img.height, p.resize)
     if (w, h) != img.size:
         img = img.resize((w, h), Image.BILINEAR)
@@ -29,10 +29,19 @@ def preprocess(img: Image.Image, p: Preprocessing) -> np.ndarray:
     if w < cw or h < ch:  # torchvision pads before cropping; resize >= input_size prevents this
         raise EdgeTransferError(f"image of {w}x{h} after resize is smaller than the crop {cw}x{ch}")
     top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
-    img = img.crop((left, top, left + cw, top + ch))
-    a = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+    return img.crop((left, top, left + cw, top + ch))
+
+
+def normalize(pixels: np.ndarray, p: Preprocessing) -> np.ndarray:
+    """uint8 HWC RGB pixels -> float32 CHW, scaled to [0, 1] and normalised."""
+    a = pixels.astype(np.float32) / np.float32(255.0)
     a = (a - np.asarray(p.mean, np.float32)) / np.asarray(p.std, np.float32)
     return np.ascontiguousarray(a.transpose(2, 0, 1))
+
+
+def preprocess(img: Image.Image, p: Preprocessing) -> np.ndarray:
+    """An RGB PIL image -> float32 CHW array, exactly like data.eval_transform."""
+    return normalize(np.asarray(resize_crop(img, p)), p)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,108 @@
+"""Golden vectors: a few real inputs and their expected logits, for any runtime's self-test.
+
+EXPORT_DIR/golden/ holds, per case NN:
+  NN.png         the image at exactly input_size (already resized and cropped), RGB 8-bit
+  NN.input.npy   the normalised float32 tensor [1, 3, H, W] made from NN.png
+  NN.input.bin   the same, raw little-endian float32, C order
+  NN.logits.npy  eager PyTorch logits [1, C] for that tensor
+  NN.logits.bin  the same, raw little-endian float32
+and golden.json describing the cases, shapes, labels and tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from edgetransfer.data import Sample, load_image
+from edgetransfer.errors import DataError
+from edgetransfer.fileio import atomic_write_bytes, atomic_write_text
+from edgetransfer.manifest import Manifest
+from edgetransfer.runtime import normalize, resize_crop
+
+GOLDEN_DIR = "golden"
+GOLDEN_INDEX = "golden.json"
+
+
+def pick_cases(samples: list[Sample], n: int) -> list[Sample]:
+    """Up to `n` validation samples, one per class first, in a stable order."""
+    val = sorted((s for s in samples if s.split == "val"), key=lambda s: str(s.path)) or sorted(
+        samples, key=lambda s: str(s.path)
+    )
+    chosen, seen = [], set()
+    for s in val:
+        if s.label not in seen:
+            chosen.append(s)
+            seen.add(s.label)
+    chosen += [s for s in val if s not in chosen]
+    return chosen[:n]
+
+
+def write_golden(model, manifest: Manifest, samples: list[Sample], folder: Path, n: int = 5) -> int:
+    """Write golden cases for `model` (eager) into `folder`; returns how many were written."""
+    import torch
+
+    from edgetransfer.verify import ATOL, RTOL
+
+    folder.mkdir(parents=True, exist_ok=True)
+    p = manifest.preprocessing
+    cases = []
+    for s in pick_cases(samples, n * 2):
+        if len(cases) == n:
+            break
+        try:
+            img = resize_crop(load_image(s.path), p)
+        except DataError:
+            continue
+        name = f"{len(cases):02d}"
+        pixels = np.asarray(img, dtype=np.uint8)
+        x = normalize(pixels, p)[None]
+        with torch.inference_mode():
+            logits = model(torch.from_numpy(x)).numpy().astype("<f4")
+        png = folder / f"{name}.png"
+        img.save(png, "PNG")
+        for kind, arr in (("input", x.astype("<f4")), ("logits", logits)):
+            atomic_write_bytes(folder / f"{name}.{kind}.bin", arr.tobytes(order="C"))
+            np.save(folder / f"{name}.{kind}.npy", arr)
+        cases.append(
+            {
+                "name": name,
+                "png": png.name,
+                "input": f"{name}.input.bin",
+                "logits": f"{name}.logits.bin",
+                "source": s.path.name,
+                "label": manifest.labels[s.label] if s.label < len(manifest.labels) else None,
+                "top1": int(logits[0].argmax()),
+                "top1_label": manifest.labels[int(logits[0].argmax())],
+            }
+        )
+    h, w = p.input_size
+    index = {
+        "schema": 1,
+        "input_shape": [1, 3, h, w],
+        "logits_shape": [1, len(manifest.labels)],
+        "dtype": "float32",
+        "byte_order": "little",
+        "layout": "NCHW",
+        "png": "RGB 8-bit at input_size; normalise only (no resize/crop) to get the input",
+        "tolerance": {"atol": ATOL, "rtol": RTOL},
+        "labels": manifest.labels,
+        "cases": cases,
+    }
+    atomic_write_text(folder / GOLDEN_INDEX, json.dumps(index, indent=2) + "\n")
+    return len(cases)
+
+
+def load_golden(folder: Path) -> tuple[dict, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """(index, [(pixels uint8 HWC, input [1,3,H,W], logits [1,C])]) for a golden folder."""
+    index = json.loads((folder / GOLDEN_INDEX).read_text())
+    out = []
+    for c in index["cases"]:
+        pixels = np.asarray(Image.open(folder / c["png"]).convert("RGB"))
+        x = np.fromfile(folder / c["input"], dtype="<f4").reshape(index["input_shape"])
+        y = np.fromfile(folder / c["logits"], dtype="<f4").reshape(index["logits_shape"])
+        out.append((pixels, x, y))
+    return index, out
