@@ -173,21 +173,21 @@ def adapt(
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--onnx", "want_onnx", is_flag=True, help="Write model.onnx.")
-@click.option("--torchscript", "want_ts", is_flag=True, help="Write model.pt (TorchScript).")
+@click.option("--onnx", "want_onnx", is_flag=True, help="model.onnx (normalised float input).")
+@click.option("--torchscript", "want_ts", is_flag=True, help="model.pt (traced TorchScript).")
+@click.option("--raw", "want_raw", is_flag=True, help="model.raw.onnx (uint8 NHWC pixels in).")
+@click.option("--pt2", "want_pt2", is_flag=True, help="model.pt2 (torch.export program).")
+@click.option("--int8", "want_int8", is_flag=True, help="model.int8.onnx (static QDQ int8).")
+@click.option("--fp16", "want_fp16", is_flag=True, help="model.fp16.onnx (fp16 weights).")
+@click.option("--optimize", is_flag=True, help="model.opt.onnx (ORT EXTENDED optimisations).")
 @click.option(
     "--exporter",
-    type=click.Choice(["dynamo", "torchscript"]),
-    default="dynamo",
+    type=click.Choice(["auto", "dynamo", "torchscript"]),
+    default="auto",
     show_default=True,
-    help="Which torch.onnx exporter makes model.onnx.",
+    help="torch.onnx exporter; auto tries dynamo, then torchscript if dynamo fails its checks.",
 )
-@click.option(
-    "--opset",
-    type=click.IntRange(min=13),
-    default=None,
-    help="ONNX opset (default: the exporter's).",
-)
+@click.option("--opset", type=click.IntRange(min=13), default=None, help="ONNX opset.")
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
@@ -199,7 +199,7 @@ def adapt(
     "data_dir",
     type=click.Path(path_type=Path),
     default=None,
-    help="Images for golden/ [default: the DATA_DIR the run was adapted on].",
+    help="Images for golden/, calibration and the guard [default: the run's DATA_DIR].",
 )
 @click.option(
     "--golden",
@@ -208,51 +208,100 @@ def adapt(
     show_default=True,
     help="How many golden test vectors to write (0: none).",
 )
+@click.option(
+    "--calib-size",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Training images used to calibrate int8.",
+)
+@click.option(
+    "--max-drop",
+    type=click.FloatRange(0, 100),
+    default=1.0,
+    show_default=True,
+    help="Top-1 points a quantised model may lose and still be recommended.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="onnxruntime threads for the latency guard [default: all cores].",
+)
 @click.option("--force", is_flag=True, help="Replace an existing EXPORT_DIR.")
 @click.option("--json", "as_json", is_flag=True)
 def export(
     run_dir: Path,
     want_onnx: bool,
     want_ts: bool,
+    want_raw: bool,
+    want_pt2: bool,
+    want_int8: bool,
+    want_fp16: bool,
+    optimize: bool,
     exporter: str,
     opset: int | None,
     out: Path | None,
     data_dir: Path | None,
     golden: int,
+    calib_size: int,
+    max_drop: float,
+    threads: int | None,
     force: bool,
     as_json: bool,
 ) -> None:
-    """Export RUN_DIR to ONNX and TorchScript; both carry labels and preprocessing.
+    """Export RUN_DIR for deployment; every file carries labels and preprocessing.
 
-    With neither --onnx nor --torchscript, both are written.
+    With no format flag, model.onnx, model.pt and model.raw.onnx are written. Every ONNX file
+    is checked against eager PyTorch at batch 1, 2 and 8. With --int8/--fp16/--optimize, top-1
+    and batch-1 latency of each ONNX variant are measured on this machine and the fastest one
+    within --max-drop is recommended (export.json).
 
     \b
     Example:
-      edgetransfer export run --onnx --torchscript --out deploy
+      edgetransfer export run --onnx --torchscript --int8 --out deploy
     """
     from edgetransfer.export import ExportConfig
     from edgetransfer.export import export as run_export
 
-    both = not (want_onnx or want_ts)
+    default = not (
+        want_onnx or want_ts or want_raw or want_pt2 or want_int8 or want_fp16 or optimize
+    )
     res = run_export(
         ExportConfig(
             run_dir=run_dir,
             out=out or Path(run_dir) / "export",
-            onnx=want_onnx or both,
-            torchscript=want_ts or both,
+            onnx=want_onnx or default,
+            torchscript=want_ts or default,
+            raw=want_raw or default,
+            pt2=want_pt2,
+            int8=want_int8,
+            fp16=want_fp16,
+            optimize=optimize,
             exporter=exporter,
             opset=opset,
             force=force,
             data_dir=data_dir,
             golden=golden,
+            calib_size=calib_size,
+            max_drop=max_drop / 100,
+            threads=threads,
         )
     )
     if as_json:
-        _emit_json({"out": str(res.out), "files": [str(f) for f in res.files], "notes": res.notes})
+        _emit_json({"out": str(res.out), "files": [str(f) for f in res.files], **res.report})
         return
     for f in res.files:
         size = sum(p.stat().st_size for p in f.rglob("*")) if f.is_dir() else f.stat().st_size
         click.echo(f"wrote {f} ({size / 1024:.0f} KiB)")
+    guard = res.report.get("guard")
+    if guard:
+        click.echo(f"{'artifact':<18} {'top1':>7} {'drop':>6} {'p50 ms':>8}")
+        for r in guard["artifacts"].values():
+            click.echo(
+                f"{r['file']:<18} {r['top1']:>7.1%} {r['top1_drop']:>6.1%} "
+                f"{r['latency_ms_p50']:>8.3f}"
+            )
     for note in res.notes:
         click.echo(note, err=True)
 
@@ -270,6 +319,7 @@ def export(
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--atol", type=float, default=None, help="Absolute tolerance [default: 1e-4].")
 @click.option("--rtol", type=float, default=None, help="Relative tolerance [default: 1e-3].")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print parity.json to stdout.")
 def verify(
     export_dir: Path,
@@ -278,13 +328,15 @@ def verify(
     batch_size: int,
     atol: float | None,
     rtol: float | None,
+    threads: int | None,
     as_json: bool,
 ) -> None:
-    """Prove that TorchScript and onnxruntime answer like eager PyTorch on real images.
+    """Prove that every exported file answers like eager PyTorch on real images.
 
-    Compares logits elementwise (|a-b| <= atol + rtol*|b|) and top-1 agreement, writes
-    EXPORT_DIR/parity.json and exits with 1 when any runtime fails. model.pt is TorchScript,
-    which is code: verify only folders you exported yourself or trust.
+    fp32 runtimes (TorchScript, .pt2, ONNX, raw-pixel, optimised) are compared elementwise
+    (|a-b| <= atol + rtol*|b|) with 100% top-1 agreement; int8/fp16 by their top-1 drop
+    (at most 1 point). Writes EXPORT_DIR/parity.json and exits with 1 when anything fails.
+    model.pt is TorchScript, which is code: verify only folders you exported or trust.
 
     \b
     Example:
@@ -299,6 +351,7 @@ def verify(
         batch_size=batch_size,
         atol=v.ATOL if atol is None else atol,
         rtol=v.RTOL if rtol is None else rtol,
+        threads=threads,
     )
     if as_json:
         _emit_json(report.to_dict())
@@ -345,18 +398,46 @@ def predict(model: Path, images: tuple[str, ...], topk: int, as_json: bool) -> N
 
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path))
-def info(path: Path) -> None:
-    """Print the manifest carried by an artifact (.onnx, .pt, .safetensors, RUN_DIR, EXPORT_DIR).
+@click.option("--json", "as_json", is_flag=True)
+def info(path: Path, as_json: bool) -> None:
+    """Describe an artifact or folder: manifest, inputs/outputs, size, sha256, parity.
 
-    TorchScript files are read as archives; no model code is loaded.
+    PATH is a .onnx, .pt, .pt2 or .safetensors file, a RUN_DIR or an EXPORT_DIR. TorchScript
+    and .pt2 files are read as archives: no model code is loaded.
 
     \b
     Example:
-      edgetransfer info run/export/model.onnx
+      edgetransfer info run/export
     """
-    from edgetransfer.manifest import read_manifest
+    from edgetransfer.info import describe
 
-    click.echo(read_manifest(path).to_json(), nl=False)
+    d = describe(path)
+    if as_json:
+        _emit_json(d)
+        return
+    m = d["manifest"]
+    click.echo(
+        f"{m['arch']}: {len(m['labels'])} classes ({', '.join(m['labels'][:10])}"
+        f"{', ...' if len(m['labels']) > 10 else ''})"
+    )
+    pre = m["preprocessing"]
+    click.echo(
+        f"input {pre['input_size'][0]}x{pre['input_size'][1]} RGB, resize {pre['resize']}, "
+        f"mean {pre['mean']}, std {pre['std']}"
+    )
+    for f in d["files"]:
+        click.echo(f"{f['file']:<20} {f['bytes'] / 1024:>9.0f} KiB  sha256 {f['sha256'][:16]}…")
+        for io_kind in ("inputs", "outputs"):
+            for t in f.get(io_kind, []):
+                click.echo(f"    {io_kind[:-1]:<6} {t['name']:<8} {t['dtype']:<8} {t['shape']}")
+    if "parity" in d:
+        status = "PASS" if d["parity"]["passed"] else "FAIL"
+        click.echo(
+            f"parity: {status} on {d['parity']['images']} images "
+            f"({', '.join(d['parity']['runtimes'])})"
+        )
+    if "recommended" in d:
+        click.echo(f"recommended: {d['recommended']}")
 
 
 @cli.command()

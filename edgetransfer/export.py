@@ -1,32 +1,66 @@
-"""Export a RUN_DIR to ONNX and TorchScript, each carrying the manifest, plus labels.txt."""
+"""Export a RUN_DIR for deployment: ONNX (normalised and raw-pixel), TorchScript, .pt2.
+
+Every artifact carries the manifest; every artifact is checked against eager PyTorch before it
+is written. Quantised variants and the latency/accuracy guard live in quantize.py.
+"""
 
 from __future__ import annotations
 
-import os
+import io
+import json
 import shutil
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgetransfer.errors import ExportError
 from edgetransfer.manifest import MANIFEST_NAME, METADATA_KEY, Manifest
 
 EXPORTERS = ("dynamo", "torchscript")
-DEFAULT_EXPORTER = "dynamo"
+DEFAULT_EXPORTER = "auto"  # dynamo first; the TorchScript exporter when dynamo fails its checks
+CHECK_BATCHES = (1, 2, 8)
+REPORT_NAME = "export.json"
+
+FILES = {
+    "onnx": "model.onnx",
+    "raw": "model.raw.onnx",
+    "torchscript": "model.pt",
+    "pt2": "model.pt2",
+    "int8": "model.int8.onnx",
+    "fp16": "model.fp16.onnx",
+    "optimized": "model.opt.onnx",
+}
 
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """What to export and how."""
+    """What to export and how.
+
+    Attributes:
+        exporter: "auto", "dynamo" or "torchscript" (the torch.onnx exporter).
+        data_dir: images for golden vectors, calibration and the accuracy guard;
+            default: the DATA_DIR the run was adapted on.
+        calib_size: training images used to calibrate int8.
+        max_drop: largest top-1 drop (fraction) a quantised model may have to be recommended.
+    """
 
     run_dir: Path
     out: Path
     onnx: bool = True
     torchscript: bool = True
+    raw: bool = True
+    pt2: bool = False
+    int8: bool = False
+    fp16: bool = False
+    optimize: bool = False
     exporter: str = DEFAULT_EXPORTER
     opset: int | None = None
     force: bool = False
-    data_dir: Path | None = None  # images for golden vectors; default: the RUN_DIR's DATA_DIR
+    data_dir: Path | None = None
     golden: int = 5
+    calib_size: int = 64
+    max_drop: float = 0.01
+    threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -35,127 +69,334 @@ class ExportResult:
     files: list[Path]
     manifest: Manifest
     notes: list[str]
+    report: dict = field(default_factory=dict)
 
 
 def export(cfg: ExportConfig) -> ExportResult:
-    """Write EXPORT_DIR: model.onnx, model.pt, labels.txt, edgetransfer.json, model.safetensors.
-
-    The weights are copied so that `verify` can rebuild the eager model from the folder alone.
-    """
+    """Write EXPORT_DIR. The weights are copied so `verify` can rebuild the eager reference."""
     import torch
 
     from edgetransfer.adapt import load_run
-    from edgetransfer.fileio import atomic_write_text, check_can_write, output_dir
+    from edgetransfer.fileio import atomic_write_text, check_can_write, output_dir, sha256_file
 
-    if cfg.exporter not in EXPORTERS:
+    if cfg.exporter not in (*EXPORTERS, "auto"):
         raise ExportError(
-            f"unknown exporter {cfg.exporter!r}; choose one of: {', '.join(EXPORTERS)}"
+            f"unknown exporter {cfg.exporter!r}; choose one of: auto, {', '.join(EXPORTERS)}"
         )
-    if not (cfg.onnx or cfg.torchscript):
-        raise ExportError("nothing to export; pass --onnx and/or --torchscript")
+    if not (cfg.onnx or cfg.torchscript or cfg.raw or cfg.pt2 or cfg.int8 or cfg.fp16):
+        raise ExportError("nothing to export; pass --onnx, --torchscript, --raw or --pt2")
     check_can_write(cfg.out, cfg.force)
     model, manifest = load_run(cfg.run_dir)
-    samples, notes = _golden_samples(cfg, manifest)
+    dataset, notes = _dataset(cfg, manifest)
+    if (cfg.int8 or cfg.fp16) and dataset is None:
+        raise ExportError(
+            "--int8/--fp16 need images for calibration and the accuracy check; pass --data DATA_DIR"
+        )
     h, w = manifest.preprocessing.input_size
     torch.manual_seed(0)
     example = torch.randn(2, 3, h, w)
+    report: dict = {"exporter": None, "opset": cfg.opset, "artifacts": {}, "notes": notes}
     with output_dir(cfg.out, cfg.force) as tmp:
-        if cfg.onnx:
-            export_onnx(model, manifest, example, tmp / "model.onnx", cfg.exporter, cfg.opset)
+        need_onnx = cfg.onnx or cfg.int8 or cfg.fp16 or cfg.optimize
+        exporter = cfg.exporter
+        if need_onnx:
+            exporter = export_onnx_checked(
+                model, manifest, example, tmp / FILES["onnx"], cfg.exporter, cfg.opset, notes
+            )
+            report["exporter"] = exporter
+        if cfg.raw:
+            _with_fallback(
+                exporter,
+                lambda name: export_raw(model, manifest, tmp / FILES["raw"], name, cfg.opset),
+                manifest.arch,
+                notes,
+            )
         if cfg.torchscript:
-            export_torchscript(model, manifest, example, tmp / "model.pt")
+            export_torchscript(model, manifest, example, tmp / FILES["torchscript"])
+        if cfg.pt2:
+            export_pt2(model, manifest, example, tmp / FILES["pt2"])
+        if cfg.int8 or cfg.fp16 or cfg.optimize:
+            from edgetransfer import quantize
+
+            if cfg.optimize:
+                quantize.save_optimized(tmp / FILES["onnx"], tmp / FILES["optimized"], manifest)
+            if cfg.int8:
+                calib = [s for s in dataset.samples if s.split == "train"][: cfg.calib_size]
+                quantize.quantize_int8(tmp / FILES["onnx"], tmp / FILES["int8"], manifest, calib)
+            if cfg.fp16:
+                quantize.convert_fp16(tmp / FILES["onnx"], tmp / FILES["fp16"], manifest)
+            val = dataset.split("val") or dataset.samples
+            guard = quantize.guard(tmp, manifest, val, cfg.max_drop, cfg.threads)
+            notes += guard.pop("notes")
+            report["guard"] = guard
+        if cfg.onnx is False and need_onnx:
+            (tmp / FILES["onnx"]).unlink()  # only a base for the variants asked for
         shutil.copyfile(Path(cfg.run_dir) / "model.safetensors", tmp / "model.safetensors")
         atomic_write_text(tmp / "labels.txt", "".join(f"{label}\n" for label in manifest.labels))
         atomic_write_text(tmp / MANIFEST_NAME, manifest.to_json())
-        if samples:
+        if dataset is not None and cfg.golden > 0:
             from edgetransfer.golden import GOLDEN_DIR, write_golden
 
-            write_golden(model, manifest, samples, tmp / GOLDEN_DIR, cfg.golden)
+            write_golden(model, manifest, dataset.samples, tmp / GOLDEN_DIR, cfg.golden)
+        for kind, name in FILES.items():
+            if (tmp / name).is_file():
+                report["artifacts"][kind] = {
+                    "file": name,
+                    "bytes": (tmp / name).stat().st_size,
+                    "sha256": sha256_file(tmp / name),
+                }
+        atomic_write_text(tmp / REPORT_NAME, json.dumps(report, indent=2) + "\n")
         files = sorted(p.name for p in tmp.iterdir())
     out = Path(cfg.out)
-    return ExportResult(out, [out / f for f in files], manifest, notes)
+    return ExportResult(out, [out / f for f in files], manifest, notes, report)
 
 
-def _golden_samples(cfg: ExportConfig, manifest: Manifest):
-    """Validation samples for golden vectors, and a note when there are none."""
+def _dataset(cfg: ExportConfig, manifest: Manifest):
+    """The scanned DATA_DIR (split as in adapt), and a note when there is none."""
     from edgetransfer.adapt import run_data_dir
     from edgetransfer.data import scan
 
-    if cfg.golden <= 0:
-        return [], []
     data_dir = cfg.data_dir or run_data_dir(cfg.run_dir)
     if data_dir is None:
-        return [], ["no golden/ written: the RUN_DIR's data folder is gone; pass --data DATA_DIR"]
+        if cfg.golden <= 0:
+            return None, []
+        return None, ["no golden/ written: the run's data folder is gone; pass --data DATA_DIR"]
     seed = int(manifest.adapt.get("seed", 0))
-    ds = scan(data_dir, float(manifest.adapt.get("val_fraction", 0.2)), seed)
-    return ds.samples, []
+    return scan(data_dir, float(manifest.adapt.get("val_fraction", 0.2)), seed), []
 
 
-def export_onnx(
-    model, manifest: Manifest, example, path: Path, exporter: str, opset: int | None = None
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def _torch_onnx_export(
+    module,
+    example,
+    path: Path,
+    exporter: str,
+    opset: int | None,
+    input_name: str,
+    output_names: list[str],
 ) -> None:
-    """ONNX with a dynamic batch dimension, the manifest in metadata_props, fully checked."""
-    import warnings
-
-    import onnx
+    """torch.onnx.export with the exporter chosen explicitly and a dynamic batch dimension."""
     import torch
 
-    io = manifest.io
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if exporter == "dynamo":
-                torch.onnx.export(
-                    model,
-                    (example,),
-                    str(tmp),
-                    dynamo=True,
-                    external_data=False,
-                    input_names=[io["input"]],
-                    output_names=[io["output"]],
-                    opset_version=opset,
-                    dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
-                    verbose=False,
-                )
-            else:
-                torch.onnx.export(
-                    model,
-                    (example,),
-                    str(tmp),
-                    dynamo=False,
-                    input_names=[io["input"]],
-                    output_names=[io["output"]],
-                    opset_version=opset or 17,
-                    dynamic_axes={io["input"]: {0: "batch"}, io["output"]: {0: "batch"}},
-                )
-        proto = onnx.load(str(tmp))
-    except Exception as e:  # exporter failures come in many types
-        raise ExportError(
-            f"ONNX export ({exporter}) of {manifest.arch} failed: {str(e).splitlines()[0][:300]}"
-        ) from None
-    finally:
-        if tmp.exists():
-            os.unlink(tmp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            torch.onnx.export(
+                module,
+                (example,),
+                str(path),
+                dynamo=True,
+                external_data=False,
+                input_names=[input_name],
+                output_names=output_names,
+                opset_version=opset,
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+                verbose=False,
+            )
+        else:
+            axes = {name: {0: "batch"} for name in [input_name, *output_names]}
+            torch.onnx.export(
+                module,
+                (example,),
+                str(path),
+                dynamo=False,
+                input_names=[input_name],
+                output_names=output_names,
+                opset_version=opset or 17,
+                dynamic_axes=axes,
+            )
+
+
+def _finish_onnx(tmp: Path, path: Path, manifest: Manifest) -> None:
+    """Embed the manifest, run the full ONNX checker, write atomically."""
+    import onnx
+
+    from edgetransfer.fileio import atomic_write_bytes
+
+    proto = onnx.load(str(tmp))
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, {METADATA_KEY: manifest.to_json()})
     proto.producer_name = "edgetransfer"
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as e:
-        raise ExportError(
-            f"exported ONNX model fails onnx.checker: {str(e).splitlines()[0]}"
-        ) from None
-    from edgetransfer.fileio import atomic_write_bytes
-
+        raise ExportError(f"{path.name} fails onnx.checker: {_first_line(e)}") from None
     atomic_write_bytes(path, proto.SerializeToString())
+
+
+def check_batches(model, path: Path, shape: tuple[int, int], raw: bool = False) -> None:
+    """Run `path` under onnxruntime at batch 1, 2 and 8 and compare with eager PyTorch."""
+    import numpy as np
+    import torch
+
+    from edgetransfer.runtime import OnnxClassifier
+    from edgetransfer.verify import ATOL, RTOL
+
+    clf = OnnxClassifier(path)
+    gen = torch.Generator().manual_seed(1)
+    h, w = shape
+    for batch in CHECK_BATCHES:
+        if raw:
+            pixels = torch.randint(0, 256, (batch, h, w, 3), generator=gen, dtype=torch.uint8)
+            x, feed = pixels, pixels.numpy()
+        else:
+            x = torch.randn(batch, 3, h, w, generator=gen)
+            feed = x.numpy()
+        with torch.inference_mode():
+            want = model(x)
+            want = want[1] if isinstance(want, tuple) else want
+        try:
+            np.testing.assert_allclose(clf.logits(feed), want.numpy(), rtol=RTOL, atol=ATOL)
+        except AssertionError as e:
+            lines = [ln for ln in str(e).splitlines() if "Max absolute" in ln]
+            raise ExportError(
+                f"{path.name} differs from eager PyTorch at batch {batch} "
+                f"({lines[0].strip() if lines else 'values differ'})"
+            ) from None
+        except Exception as e:  # ORT shape errors: the batch dimension is not really dynamic
+            raise ExportError(f"{path.name} fails at batch {batch}: {_first_line(e)}") from None
+
+
+def _with_fallback(exporter: str, run, arch: str, notes: list[str]) -> str:
+    """Run `run(exporter_name)`; with "auto", try dynamo then the TorchScript exporter.
+
+    Returns the exporter that produced a checked model.
+    """
+    candidates = list(EXPORTERS) if exporter == "auto" else [exporter]
+    errors = []
+    for name in candidates:
+        try:
+            run(name)
+            if errors:
+                notes.append(f"used the {name} exporter; " + "; ".join(errors))
+            return name
+        except ExportError as e:
+            errors.append(f"{name}: {e}")
+    raise ExportError(f"ONNX export of {arch} failed: " + "; ".join(errors))
+
+
+def export_onnx_checked(
+    model,
+    manifest: Manifest,
+    example,
+    path: Path,
+    exporter: str,
+    opset: int | None,
+    notes: list[str],
+) -> str:
+    """Export model.onnx and check it at batch 1/2/8; returns the exporter used."""
+
+    def run(name: str) -> None:
+        try:
+            export_onnx(model, manifest, example, path, name, opset)
+            check_batches(model, path, manifest.preprocessing.input_size)
+        except ExportError:
+            path.unlink(missing_ok=True)
+            raise
+
+    return _with_fallback(exporter, run, manifest.arch, notes)
+
+
+def export_onnx(
+    model, manifest: Manifest, example, path: Path, exporter: str, opset: int | None = None
+) -> None:
+    """ONNX with a dynamic batch dimension, the manifest in metadata_props, fully checked."""
+    io_names = manifest.io
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        _torch_onnx_export(
+            model, example, tmp, exporter, opset, io_names["input"], [io_names["output"]]
+        )
+        _finish_onnx(tmp, path, manifest)
+    except ExportError:
+        raise
+    except Exception as e:  # exporter failures come in many types
+        raise ExportError(
+            f"ONNX export ({exporter}) of {manifest.arch} failed: {_first_line(e)}"
+        ) from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class RawPixels:
+    """Builds the raw-pixel wrapper lazily (torch is imported only when exporting)."""
+
+    @staticmethod
+    def wrap(model, manifest: Manifest):
+        import torch
+        from torch import nn
+
+        p = manifest.preprocessing
+
+        class _Raw(nn.Module):
+            """uint8 NHWC RGB at input_size -> (probs, logits); normalisation in the graph."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+                # x/255 - mean, / std  ==  x * scale + shift, folded into two constants
+                std = torch.tensor(p.std, dtype=torch.float32)
+                mean = torch.tensor(p.mean, dtype=torch.float32)
+                self.register_buffer("scale", (1.0 / (255.0 * std)).view(1, 3, 1, 1))
+                self.register_buffer("shift", (-mean / std).view(1, 3, 1, 1))
+
+            def forward(self, image: torch.Tensor):
+                x = image.permute(0, 3, 1, 2).to(torch.float32) * self.scale + self.shift
+                logits = self.model(x)
+                return torch.softmax(logits, dim=1), logits
+
+        return _Raw().eval()
+
+
+def raw_manifest(manifest: Manifest) -> Manifest:
+    """The manifest a raw-pixel model carries: same labels/preprocessing, its own io."""
+    import dataclasses
+
+    io_names = {
+        "input": "image",
+        "output": "logits",
+        "probs": "probs",
+        "input_format": "uint8 NHWC RGB at input_size, resized and cropped by the caller; "
+        "normalisation is inside the model",
+    }
+    return dataclasses.replace(manifest, io=io_names)
+
+
+def export_raw(
+    model, manifest: Manifest, path: Path, exporter: str, opset: int | None = None
+) -> None:
+    """model.raw.onnx: decoded pixels in, probabilities and logits out; checked at batch 1/2/8."""
+    import torch
+
+    wrapped = RawPixels.wrap(model, manifest)
+    h, w = manifest.preprocessing.input_size
+    example = torch.randint(0, 256, (2, h, w, 3), dtype=torch.uint8)
+    rm = raw_manifest(manifest)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        _torch_onnx_export(wrapped, example, tmp, exporter, opset, "image", ["probs", "logits"])
+        _finish_onnx(tmp, path, rm)
+    except ExportError:
+        raise
+    except Exception as e:
+        raise ExportError(f"raw-pixel export ({exporter}) failed: {_first_line(e)}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:
+        check_batches(wrapped, path, (h, w), raw=True)
+    except ExportError:
+        path.unlink(missing_ok=True)
+        raise
 
 
 def export_torchscript(model, manifest: Manifest, example, path: Path) -> None:
     """Trace the model, check the trace against eager, save with the manifest as an extra file."""
-    import io as _io
-    import warnings
-
     import torch
 
     from edgetransfer.fileio import atomic_write_bytes
@@ -164,12 +405,46 @@ def export_torchscript(model, manifest: Manifest, example, path: Path) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, example)
-        try:
-            torch.testing.assert_close(traced(example), model(example), rtol=RTOL, atol=ATOL)
-        except AssertionError as e:
-            raise ExportError(
-                f"TorchScript trace differs from eager: {str(e).splitlines()[0]}"
-            ) from None
-        buf = _io.BytesIO()
+        for batch in CHECK_BATCHES:
+            x = torch.randn(batch, *example.shape[1:])
+            try:
+                torch.testing.assert_close(traced(x), model(x), rtol=RTOL, atol=ATOL)
+            except AssertionError as e:
+                raise ExportError(
+                    f"TorchScript trace differs from eager at batch {batch}: {_first_line(e)}"
+                ) from None
+        buf = io.BytesIO()
         torch.jit.save(traced, buf, _extra_files={MANIFEST_NAME: manifest.to_json()})
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def export_pt2(model, manifest: Manifest, example, path: Path) -> None:
+    """A torch.export ExportedProgram (.pt2) with a dynamic batch and the manifest inside."""
+    import torch
+
+    from edgetransfer.fileio import atomic_write_bytes
+    from edgetransfer.verify import ATOL, RTOL
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ep = torch.export.export(
+                model,
+                (example,),
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+            )
+        except Exception as e:
+            raise ExportError(f"torch.export of {manifest.arch} failed: {_first_line(e)}") from None
+        module = ep.module()
+        with torch.no_grad():
+            for batch in CHECK_BATCHES:
+                x = torch.randn(batch, *example.shape[1:])
+                try:
+                    torch.testing.assert_close(module(x), model(x), rtol=RTOL, atol=ATOL)
+                except AssertionError as e:
+                    raise ExportError(
+                        f".pt2 differs from eager at batch {batch}: {_first_line(e)}"
+                    ) from None
+        buf = io.BytesIO()
+        torch.export.save(ep, buf, extra_files={MANIFEST_NAME: manifest.to_json()})
     atomic_write_bytes(path, buf.getvalue())

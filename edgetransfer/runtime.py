@@ -70,35 +70,108 @@ class Prediction:
     logits: list[float]
 
 
+OPT_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def session_options(threads: int | None = None, opt_level: str = "all"):
+    """onnxruntime settings shared by predict, evaluate, bench, verify and export.
+
+    Args:
+        threads: intra-op threads (None: onnxruntime's default, one per core).
+        opt_level: graph optimisation level; "extended" is the highest portable one.
+    """
+    import onnxruntime as ort
+
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = levels[opt_level]
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    # No busy-waiting between runs: on a shared laptop/Jetson spinning burns a core for nothing.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    return opts
+
+
+def open_session(path: str | os.PathLike, threads: int | None = None, opt_level: str = "all"):
+    """An onnxruntime CPU session; a file ORT cannot load becomes a one-line ManifestError."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    check_external_data(path)
+    try:
+        return ort.InferenceSession(
+            str(path), session_options(threads, opt_level), providers=["CPUExecutionProvider"]
+        )
+    except Exception as e:  # ORT raises its own exception types
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise ManifestError(f"{path.name} is not a loadable ONNX model: {first}") from None
+
+
+def check_external_data(path: Path) -> None:
+    """Refuse an ONNX file whose external tensor data lies outside its own folder.
+
+    Checked on the protobuf alone, before any external file is opened.
+    """
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf DecodeError and friends
+        raise ManifestError(f"{path.name} is not a readable ONNX model: {e}") from None
+    folder = path.parent.resolve()
+    for tensor in model.graph.initializer:
+        if not uses_external_data(tensor):
+            continue
+        location = ExternalDataInfo(tensor).location
+        target = (folder / location).resolve()
+        if os.path.isabs(location) or ".." in Path(location).parts or folder not in target.parents:
+            raise ManifestError(
+                f"{path.name} refers to external data outside its folder ({location!r}); "
+                "refusing to load it"
+            )
+
+
 class OnnxClassifier:
     """An exported model under onnxruntime, with labels and preprocessing from its metadata."""
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
+    def __init__(
+        self, path: str | os.PathLike, threads: int | None = None, opt_level: str = "all"
+    ) -> None:
         self.path = resolve_onnx(path)
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(
-                str(self.path), opts, providers=["CPUExecutionProvider"]
-            )
-        except Exception as e:  # ORT raises its own exception types
-            raise ManifestError(
-                f"{self.path.name} is not a loadable ONNX model: {str(e).splitlines()[0][:200]}"
-            ) from None
+        self.session = open_session(self.path, threads, opt_level)
         meta = self.session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in meta:
             raise ManifestError(
                 f"{self.path.name} carries no edgetransfer metadata; export it with edgetransfer"
             )
         self.manifest = Manifest.from_json(meta[METADATA_KEY])
-        self.input_name = self.session.get_inputs()[0].name
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.raw = inp.type == "tensor(uint8)"  # model.raw.onnx: uint8 NHWC pixels in
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: batch.astype(np.float32, copy=False)})[0]
+        """Logits for a batch: normalised float32 NCHW, or uint8 NHWC pixels for a raw model."""
+        names = [o.name for o in self.session.get_outputs()]
+        want = self.manifest.io.get("output", "logits")
+        idx = names.index(want) if want in names else 0
+        dtype = np.uint8 if self.raw else np.float32
+        return self.session.run(None, {self.input_name: batch.astype(dtype, copy=False)})[idx]
+
+    def prepare(self, img: Image.Image) -> np.ndarray:
+        """One decoded RGB image -> this model's input (without the batch dimension)."""
+        p = self.manifest.preprocessing
+        if self.raw:
+            return np.asarray(resize_crop(img, p), dtype=np.uint8)
+        return preprocess(img, p)
 
     def predict(self, paths: list[Path], topk: int = 5, batch_size: int = 16) -> list[Prediction]:
         """Top-k predictions per image; unreadable images raise DataError."""
@@ -109,7 +182,7 @@ class OnnxClassifier:
         out: list[Prediction] = []
         for i in range(0, len(paths), batch_size):
             chunk = paths[i : i + batch_size]
-            x = np.stack([preprocess(load_image(p), self.manifest.preprocessing) for p in chunk])
+            x = np.stack([self.prepare(load_image(p)) for p in chunk])
             logits = self.logits(x)
             probs = softmax(logits.astype(np.float64))
             for p, lg, pr in zip(chunk, logits, probs, strict=True):

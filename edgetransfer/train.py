@@ -65,7 +65,10 @@ def train_head(
     from tqdm import tqdm
 
     mean = train_x.mean(0)
-    std = train_x.std(0) + 1e-6 if len(train_x) > 1 else torch.ones_like(mean)
+    std = train_x.std(0) if len(train_x) > 1 else torch.ones_like(mean)
+    # Features (nearly) constant on the training set, e.g. dead ReLUs, keep scale 1: dividing by
+    # a tiny std would fold huge weights into the head and ruin int8 quantisation later.
+    std = torch.where(std > 1e-3 * std.mean() + 1e-8, std, torch.ones_like(std))
     train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
 
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -1,8 +1,10 @@
-"""Parity across runtimes: eager PyTorch vs TorchScript vs onnxruntime on real images."""
+"""Parity across runtimes: eager PyTorch vs TorchScript, .pt2, onnxruntime (fp32, raw-pixel,
+optimised, int8, fp16) on real images, with every failure reported at once."""
 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,11 +13,26 @@ import numpy as np
 
 from edgetransfer.errors import DataError, ParityError
 
-# Default fp32 tolerance on logits: |a - b| <= ATOL + RTOL * |b|, b the eager reference.
+# fp32 tolerance on logits: |a - b| <= ATOL + RTOL * |b|, b the eager reference.
 ATOL = 1e-4
 RTOL = 1e-3
 MIN_TOP1_AGREEMENT = 1.0
+# Raw-pixel model probabilities against the Python preprocessing path.
+PROBS_ATOL = 1e-4
+# Quantised/fp16 models are judged by accuracy: at most this drop in top-1 against eager.
+MAX_TOP1_DROP = 0.01
 PARITY_NAME = "parity.json"
+
+# runtime name -> (file in EXPORT_DIR, kind); "exact" is judged elementwise, "reduced" by accuracy
+RUNTIMES = {
+    "torchscript": ("model.pt", "exact"),
+    "pt2": ("model.pt2", "exact"),
+    "onnxruntime": ("model.onnx", "exact"),
+    "raw": ("model.raw.onnx", "exact"),
+    "optimized": ("model.opt.onnx", "exact"),
+    "fp16": ("model.fp16.onnx", "reduced"),
+    "int8": ("model.int8.onnx", "reduced"),
+}
 
 
 @dataclass
@@ -23,16 +40,49 @@ class RuntimeParity:
     """How one runtime's logits compare with the eager reference."""
 
     runtime: str
+    kind: str  # "exact" or "reduced"
     shape_ok: bool
     max_abs: float
     max_rel: float
-    violations: int  # elements outside the tolerance
+    violations: int  # logits outside the tolerance (judged for "exact" only)
     top1_agreement: float
     worst: str = ""  # where the largest difference is (image, class)
+    top1: float | None = None  # accuracy against the folder labels, when known
+    top1_drop: float | None = None
+    flips: dict[str, int] = field(default_factory=dict)  # eager class -> images that changed
+    probs_max_abs: float | None = None  # raw model: probabilities vs softmax(eager)
 
     @property
     def passed(self) -> bool:
-        return self.shape_ok and self.violations == 0 and self.top1_agreement >= MIN_TOP1_AGREEMENT
+        if not self.shape_ok:
+            return False
+        if self.kind == "reduced":
+            if self.top1_drop is not None:
+                return self.top1_drop <= MAX_TOP1_DROP + 1e-9
+            return self.top1_agreement >= 1 - MAX_TOP1_DROP
+        probs_ok = self.probs_max_abs is None or self.probs_max_abs <= PROBS_ATOL
+        return self.violations == 0 and self.top1_agreement >= MIN_TOP1_AGREEMENT and probs_ok
+
+    def problem(self, atol: float, rtol: float) -> str:
+        if not self.shape_ok:
+            return f"{self.runtime}: output shape differs from eager ({self.worst})"
+        if self.kind == "reduced":
+            drop = f"top-1 drop {self.top1_drop:.1%}" if self.top1_drop is not None else ""
+            return (
+                f"{self.runtime}: {drop or 'agreement'} over the {MAX_TOP1_DROP:.0%} allowed "
+                f"(agreement {self.top1_agreement:.1%}, flips {self.flips})"
+            )
+        parts = []
+        if self.violations:
+            parts.append(
+                f"{self.violations} logits outside |a-b| <= {atol:g} + {rtol:g}*|b| "
+                f"(max abs {self.max_abs:.2e} at {self.worst})"
+            )
+        if self.top1_agreement < MIN_TOP1_AGREEMENT:
+            parts.append(f"top-1 agreement {self.top1_agreement:.1%}, flips {self.flips}")
+        if self.probs_max_abs is not None and self.probs_max_abs > PROBS_ATOL:
+            parts.append(f"probabilities differ by {self.probs_max_abs:.2e} > {PROBS_ATOL:g}")
+        return f"{self.runtime}: " + ", ".join(parts)
 
 
 @dataclass
@@ -49,59 +99,48 @@ class ParityReport:
         return bool(self.runtimes) and all(r.passed for r in self.runtimes)
 
     def to_dict(self) -> dict[str, Any]:
+        def row(r: RuntimeParity) -> dict[str, Any]:
+            d = {k: v for k, v in vars(r).items() if k != "runtime" and v is not None}
+            d["passed"] = r.passed
+            return d
+
         return {
             "passed": self.passed,
             "images": self.images,
+            "reference": "eager",
             "tolerance": {
                 "atol": self.atol,
                 "rtol": self.rtol,
                 "min_top1_agreement": MIN_TOP1_AGREEMENT,
+                "probs_atol": PROBS_ATOL,
+                "max_top1_drop_reduced": MAX_TOP1_DROP,
             },
-            "reference": "eager",
             "eager_top1": self.eager_top1,
-            "runtimes": {
-                r.runtime: {
-                    "passed": r.passed,
-                    "shape_ok": r.shape_ok,
-                    "max_abs": r.max_abs,
-                    "max_rel": r.max_rel,
-                    "violations": r.violations,
-                    "top1_agreement": r.top1_agreement,
-                    "worst": r.worst,
-                }
-                for r in self.runtimes
-            },
+            "runtimes": {r.runtime: row(r) for r in self.runtimes},
         }
 
     def table(self) -> str:
-        rows = [
-            f"{'runtime':<12} {'max_abs':>10} {'max_rel':>10} {'outside':>8} {'top1 agree':>11}"
-            "  result"
-        ]
+        head = (
+            f"{'runtime':<12} {'max_abs':>9} {'max_rel':>9} {'outside':>7} {'agree':>7} "
+            f"{'top1':>6}  result"
+        )
+        rows = [head]
         for r in self.runtimes:
+            top1 = f"{r.top1:.1%}" if r.top1 is not None else "-"
             rows.append(
-                f"{r.runtime:<12} {r.max_abs:>10.2e} {r.max_rel:>10.2e} {r.violations:>8d} "
-                f"{r.top1_agreement:>10.1%}  {'ok' if r.passed else 'FAIL'}"
+                f"{r.runtime:<12} {r.max_abs:>9.2e} {r.max_rel:>9.2e} "
+                f"{r.violations if r.kind == 'exact' else '-':>7} "
+                f"{r.top1_agreement:>7.1%} {top1:>6}  {'ok' if r.passed else 'FAIL'}"
             )
         return "\n".join(rows)
 
     def raise_for_failures(self) -> None:
         """Raise one ParityError naming every failing runtime."""
-        failed = [r for r in self.runtimes if not r.passed]
         if not self.runtimes:
-            raise ParityError("no exported model to verify (model.onnx / model.pt)")
+            raise ParityError("no exported model to verify (model.onnx / model.pt / ...)")
+        failed = [r.problem(self.atol, self.rtol) for r in self.runtimes if not r.passed]
         if failed:
-            parts = []
-            for r in failed:
-                if not r.shape_ok:
-                    parts.append(f"{r.runtime}: output shape differs from eager")
-                else:
-                    parts.append(
-                        f"{r.runtime}: {r.violations} logits outside |a-b| <= "
-                        f"{self.atol:g} + {self.rtol:g}*|b| (max abs {r.max_abs:.2e} at "
-                        f"{r.worst}), top-1 agreement {r.top1_agreement:.1%}"
-                    )
-            raise ParityError("parity failed: " + "; ".join(parts))
+            raise ParityError("parity failed: " + "; ".join(failed))
 
 
 def compare(
@@ -111,11 +150,15 @@ def compare(
     names: list[str],
     atol: float = ATOL,
     rtol: float = RTOL,
+    kind: str = "exact",
+    labels: list[str] | None = None,
+    truth: np.ndarray | None = None,
 ) -> RuntimeParity:
-    """Shapes first, then values, then top-1 agreement."""
+    """Shapes first, then values, then top-1 agreement (and accuracy when `truth` is known)."""
     if got.shape != ref.shape:
         return RuntimeParity(
             runtime,
+            kind,
             False,
             float("inf"),
             float("inf"),
@@ -124,18 +167,33 @@ def compare(
             f"shape {got.shape} vs {ref.shape}",
         )
     diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
-    bound = atol + rtol * np.abs(ref)
     rel = diff / np.maximum(np.abs(ref), 1e-12)
-    i, j = np.unravel_index(int(diff.argmax()), diff.shape) if diff.size else (0, 0)
-    return RuntimeParity(
+    i, j = np.unravel_index(int(diff.argmax()), diff.shape)
+    g, r = got.argmax(1), ref.argmax(1)
+    flips: dict[str, int] = {}
+    for k in np.flatnonzero(g != r):
+        name = labels[r[k]] if labels else str(r[k])
+        flips[name] = flips.get(name, 0) + 1
+    res = RuntimeParity(
         runtime=runtime,
+        kind=kind,
         shape_ok=True,
-        max_abs=float(diff.max()) if diff.size else 0.0,
-        max_rel=float(rel.max()) if rel.size else 0.0,
-        violations=int((diff > bound).sum()),
-        top1_agreement=float((got.argmax(1) == ref.argmax(1)).mean()) if len(ref) else 1.0,
-        worst=f"{names[i]} class {j}" if diff.size else "",
+        max_abs=float(diff.max()),
+        max_rel=float(rel.max()),
+        violations=int((diff > atol + rtol * np.abs(ref)).sum()),
+        top1_agreement=float((g == r).mean()),
+        worst=f"{names[i]} class {j}",
+        flips=flips,
     )
+    if truth is not None:
+        res.top1 = float((g == truth).mean())
+        res.top1_drop = round(float((r == truth).mean()) - res.top1, 6)
+    return res
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def verify(
@@ -147,68 +205,95 @@ def verify(
     atol: float = ATOL,
     rtol: float = RTOL,
     write: bool = True,
+    threads: int | None = None,
 ) -> ParityReport:
     """Run every exported model in `export_dir` on validation images from `data_dir`.
 
-    The same preprocessed batches go to every runtime, in batches of `batch_size` (so the
-    dynamic batch dimension is exercised), and each is compared with eager PyTorch.
-    Writes parity.json into `export_dir` when `write` is set.
+    The images go through the Python (torchvision) preprocessing once; the same tensors go to
+    every float runtime in batches of `batch_size` (so the dynamic batch dimension is
+    exercised), and the raw-pixel model gets the same images as uint8 pixels. Each runtime is
+    compared with eager PyTorch. Writes parity.json into `export_dir` when `write` is set.
     """
     import torch
 
     from edgetransfer.adapt import load_run
     from edgetransfer.data import eval_transform, load_image, scan
     from edgetransfer.fileio import atomic_write_text
+    from edgetransfer.runtime import resize_crop
 
     export_dir = Path(export_dir)
     model, manifest = load_run(export_dir)
-    seed = int(manifest.adapt.get("seed", 0))
-    dataset = scan(data_dir, float(manifest.adapt.get("val_fraction", 0.2)), seed)
+    p = manifest.preprocessing
+    dataset = scan(
+        data_dir, float(manifest.adapt.get("val_fraction", 0.2)), int(manifest.adapt.get("seed", 0))
+    )
     samples = dataset.split("val") or dataset.samples
     samples = samples[:limit] if limit else samples
-    tf = eval_transform(manifest.preprocessing)
-    tensors, kept = [], []
+    tf = eval_transform(p)
+    tensors, pixels, kept = [], [], []
     for s in samples:
         try:
-            tensors.append(tf(load_image(s.path)))
-            kept.append(s)
+            img = load_image(s.path)
         except DataError:
             continue
+        tensors.append(tf(img))
+        pixels.append(np.asarray(resize_crop(img, p), dtype=np.uint8))
+        kept.append(s)
     if not tensors:
         raise DataError(f"no readable validation images in {data_dir}")
     x = torch.stack(tensors)
+    raw_x = np.stack(pixels)
     names = [s.path.name for s in kept]
+    truth = None
+    if set(dataset.classes) >= set(manifest.labels):
+        by_name = {c: i for i, c in enumerate(manifest.labels)}
+        idx = [by_name.get(dataset.classes[s.label]) for s in kept]
+        if all(i is not None for i in idx):
+            truth = np.array(idx)
 
-    runners = {"eager": model}
-    ts_path, onnx_path = export_dir / "model.pt", export_dir / "model.onnx"
-    if ts_path.is_file():
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
-            runners["torchscript"] = torch.jit.load(str(ts_path), map_location="cpu").eval()
-    outputs: dict[str, np.ndarray] = {}
-    with torch.inference_mode():
-        for name, m in runners.items():
-            outputs[name] = np.concatenate(
-                [m(x[i : i + batch_size]).numpy() for i in range(0, len(x), batch_size)]
-            )
-    if onnx_path.is_file():
-        from edgetransfer.runtime import OnnxClassifier
-
-        ort_model = OnnxClassifier(onnx_path)
-        xn = x.numpy()
-        outputs["onnxruntime"] = np.concatenate(
-            [ort_model.logits(xn[i : i + batch_size]) for i in range(0, len(xn), batch_size)]
+    def batched(fn, inputs) -> np.ndarray:
+        return np.concatenate(
+            [fn(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
         )
 
-    ref = outputs["eager"]
+    with torch.inference_mode():
+        ref = batched(lambda b: model(b).numpy(), x)
+    outputs: dict[str, np.ndarray] = {}
+    probs: dict[str, np.ndarray] = {}
+    for runtime, (fname, _) in RUNTIMES.items():
+        path = export_dir / fname
+        if not path.is_file():
+            continue
+        if fname.endswith(".onnx"):
+            from edgetransfer.runtime import OnnxClassifier
+
+            clf = OnnxClassifier(path, threads=threads)
+            if clf.raw:
+                outputs[runtime] = batched(clf.logits, raw_x)
+                sess = clf.session
+                probs[runtime] = batched(lambda b, s=sess: s.run(["probs"], {"image": b})[0], raw_x)
+            else:
+                outputs[runtime] = batched(clf.logits, x.numpy())
+            continue
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit/export deprecation notes
+            if runtime == "torchscript":
+                # TorchScript is code: only the user's own export folder is loaded here.
+                m = torch.jit.load(str(path), map_location="cpu").eval()
+            else:
+                m = torch.export.load(str(path)).module()
+            outputs[runtime] = batched(lambda b, m=m: m(b).numpy(), x)
+
     report = ParityReport(export_dir, len(kept), atol, rtol)
-    report.runtimes = [
-        compare(n, o, ref, names, atol, rtol) for n, o in outputs.items() if n != "eager"
-    ]
-    if dataset.classes == manifest.labels:
-        truth = np.array([s.label for s in kept])
+    for runtime, out in outputs.items():
+        kind = RUNTIMES[runtime][1]
+        row = compare(runtime, out, ref, names, atol, rtol, kind, manifest.labels, truth)
+        if runtime in probs and row.shape_ok:
+            row.probs_max_abs = float(
+                np.abs(probs[runtime] - _softmax(ref.astype(np.float64))).max()
+            )
+        report.runtimes.append(row)
+    if truth is not None:
         report.eager_top1 = float((ref.argmax(1) == truth).mean())
     if write:
         atomic_write_text(export_dir / PARITY_NAME, json.dumps(report.to_dict(), indent=2) + "\n")

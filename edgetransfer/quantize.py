@@ -1,0 +1,245 @@
+"""int8 (static QDQ, calibrated on the user's images) and fp16 ONNX variants, and the guard that
+measures accuracy and latency on this machine and recommends one artifact."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgetransfer.data import Sample, load_image
+from edgetransfer.errors import DataError, ExportError
+from edgetransfer.manifest import METADATA_KEY, Manifest
+
+LATENCY_WARMUP = 5
+LATENCY_RUNS = 50
+MIN_SPEEDUP = 0.9  # a variant must take under 90% of the current pick's latency to replace it
+GUARDED = {
+    "fp32": "model.onnx",
+    "optimized": "model.opt.onnx",
+    "int8": "model.int8.onnx",
+    "fp16": "model.fp16.onnx",
+}
+
+
+def _set_manifest(src: Path, dst: Path, manifest: Manifest) -> None:
+    """Copy `src` to `dst` with the manifest in metadata_props, checked and written atomically."""
+    import onnx
+
+    from edgetransfer.fileio import atomic_write_bytes
+
+    proto = onnx.load(str(src))
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, {METADATA_KEY: manifest.to_json()})
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"{dst.name} fails onnx.checker: {str(e).splitlines()[0]}") from None
+    atomic_write_bytes(dst, proto.SerializeToString())
+
+
+def _inputs(samples: list[Sample], manifest: Manifest) -> tuple[np.ndarray, list[Sample]]:
+    from edgetransfer.runtime import preprocess
+
+    xs, kept = [], []
+    for s in samples:
+        try:
+            xs.append(preprocess(load_image(s.path), manifest.preprocessing))
+            kept.append(s)
+        except DataError:
+            continue
+    if not xs:
+        raise ExportError("no readable images for calibration / the accuracy check")
+    return np.stack(xs), kept
+
+
+def quantize_int8(src: Path, dst: Path, manifest: Manifest, calib: list[Sample]) -> None:
+    """Static QDQ int8: quantisation pre-processing, then per-channel int8 weights and uint8
+    activations calibrated (MinMax) on `calib` images."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    x, _ = _inputs(calib, manifest)
+    name = manifest.io["input"]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(x[i : i + 1] for i in range(len(x)))
+
+        def get_next(self):
+            batch = next(self.it, None)
+            return None if batch is None else {name: batch}
+
+    pre = dst.with_name(dst.stem + ".pre.onnx")
+    tmp = dst.with_name(dst.stem + ".tmp.onnx")
+    try:
+        try:
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+        except Exception:  # symbolic shape inference does not know every op; plain is fine
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quantize_static(
+            str(pre),
+            str(tmp),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+        _set_manifest(tmp, dst, manifest)
+    except ExportError:
+        raise
+    except Exception as e:
+        raise ExportError(f"int8 quantisation failed: {str(e).splitlines()[0][:300]}") from None
+    finally:
+        for p in (pre, tmp):
+            p.unlink(missing_ok=True)
+
+
+def convert_fp16(src: Path, dst: Path, manifest: Manifest) -> None:
+    """fp16 weights and compute, float32 inputs and outputs kept."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    tmp = dst.with_name(dst.stem + ".tmp.onnx")
+    try:
+        model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+        _toposort(model.graph)  # the converter appends its input casts at the end
+        onnx.save(model, str(tmp))
+        _set_manifest(tmp, dst, manifest)
+    except ExportError:
+        raise
+    except Exception as e:
+        raise ExportError(f"fp16 conversion failed: {str(e).splitlines()[0][:300]}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_optimized(src: Path, dst: Path, manifest: Manifest) -> None:
+    """onnxruntime's graph optimisations saved at the EXTENDED level (portable across CPUs)."""
+    import onnxruntime as ort
+
+    from edgetransfer.runtime import session_options
+
+    tmp = dst.with_name(dst.stem + ".tmp.onnx")
+    opts = session_options(opt_level="extended")
+    opts.optimized_model_filepath = str(tmp)
+    try:
+        ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+        _set_manifest(tmp, dst, manifest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _toposort(graph) -> None:
+    """Reorder graph.node so every node comes after the producers of its inputs."""
+    produced_by = {out: i for i, n in enumerate(graph.node) for out in n.output}
+    order, state = [], {}
+
+    def visit(i: int) -> None:
+        stack = [(i, False)]
+        while stack:
+            j, done = stack.pop()
+            if done:
+                if state.get(j) != 2:
+                    state[j] = 2
+                    order.append(j)
+                continue
+            if state.get(j):
+                continue
+            state[j] = 1
+            stack.append((j, True))
+            for name in graph.node[j].input:
+                k = produced_by.get(name)
+                if k is not None and not state.get(k):
+                    stack.append((k, False))
+
+    for i in range(len(graph.node)):
+        visit(i)
+    nodes = [graph.node[i] for i in order]
+    copies = [type(n)() for n in nodes]
+    for c, n in zip(copies, nodes, strict=True):
+        c.CopyFrom(n)
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
+def latency_ms(session, x: np.ndarray, runs: int = LATENCY_RUNS) -> tuple[float, float]:
+    """(p50, p90) batch latency in milliseconds after a warm-up."""
+    name = session.get_inputs()[0].name
+    for _ in range(LATENCY_WARMUP):
+        session.run(None, {name: x})
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        session.run(None, {name: x})
+        times.append((time.perf_counter() - t) * 1000)
+    return float(np.percentile(times, 50)), float(np.percentile(times, 90))
+
+
+def guard(
+    folder: Path, manifest: Manifest, val: list[Sample], max_drop: float, threads: int | None = None
+) -> dict:
+    """Top-1 on `val` and batch-1 latency for every ONNX variant in `folder`; recommend the
+    fastest whose top-1 is at most `max_drop` below fp32."""
+    from edgetransfer.runtime import open_session
+
+    x, kept = _inputs(val, manifest)
+    truth = np.array([s.label for s in kept])
+    rows: dict[str, dict] = {}
+    ref = None
+    for kind, name in GUARDED.items():
+        if not (folder / name).is_file():
+            continue
+        session = open_session(folder / name, threads)
+        logits = session.run(None, {session.get_inputs()[0].name: x})[0]
+        pred = logits.argmax(1)
+        ref = pred if ref is None else ref
+        p50, p90 = latency_ms(session, x[:1])
+        rows[kind] = {
+            "file": name,
+            "top1": float((pred == truth).mean()),
+            "agreement_with_fp32": float((pred == ref).mean()),
+            "latency_ms_p50": round(p50, 4),
+            "latency_ms_p90": round(p90, 4),
+        }
+    base = rows["fp32"]["top1"]
+    for row in rows.values():
+        row["top1_drop"] = round(base - row["top1"], 6)
+        row["ok"] = row["top1_drop"] <= max_drop + 1e-9
+    # GUARDED is ordered simplest first; a less plain artifact must be clearly faster to win,
+    # so timing noise on a tiny model does not flip the recommendation.
+    best = "fp32"
+    for kind, r in rows.items():
+        if r["ok"] and r["latency_ms_p50"] < MIN_SPEEDUP * rows[best]["latency_ms_p50"]:
+            best = kind
+    notes = [
+        f"recommended: {rows[best]['file']} (fastest with top-1 drop <= "
+        f"{max_drop:.1%} on {len(kept)} validation images)"
+    ]
+    for kind in ("int8", "fp16"):
+        if kind in rows:
+            r = rows[kind]
+            if not r["ok"]:
+                notes.append(
+                    f"{kind} loses {r['top1_drop']:.1%} top-1 (over --max-drop); not recommended"
+                )
+            ratio = r["latency_ms_p50"] / max(rows["fp32"]["latency_ms_p50"], 1e-9)
+            if ratio > 1:
+                notes.append(
+                    f"{kind} is {ratio:.1f}x slower than fp32 on this machine: "
+                    "quantisation pays off only where fast low-precision kernels exist"
+                )
+    return {
+        "images": len(kept),
+        "max_drop": max_drop,
+        "artifacts": rows,
+        "recommended": best,
+        "notes": notes,
+    }

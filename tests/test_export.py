@@ -1,0 +1,168 @@
+"""Export for deployment: every artifact, the exporter choice, the guard, every architecture."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from edgetransfer import export as export_mod
+from edgetransfer.backbones import ARCHS
+from edgetransfer.cli import cli
+from edgetransfer.errors import ExportError
+from edgetransfer.export import FILES, ExportConfig, export
+from edgetransfer.info import describe
+from edgetransfer.manifest import read_manifest
+from edgetransfer.verify import MAX_TOP1_DROP, PROBS_ATOL, verify
+
+from .conftest import DIGITS, make_images
+
+
+@pytest.fixture(scope="session")
+def full_export(digits_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "export"
+    res = export(
+        ExportConfig(run_dir=digits_run, out=out, pt2=True, int8=True, fp16=True, optimize=True)
+    )
+    return out, res
+
+
+def test_every_artifact_is_written_and_carries_the_manifest(full_export):
+    out, res = full_export
+    for name in FILES.values():
+        assert (out / name).is_file(), name
+        m = read_manifest(out / name)
+        assert m.labels == ["eight", "five", "nine", "seven", "six"]
+    assert read_manifest(out / "model.raw.onnx").io["input"] == "image"
+    report = json.loads((out / "export.json").read_text())
+    assert report["exporter"] == "dynamo"
+    assert set(report["artifacts"]) == set(FILES)
+    assert len(report["artifacts"]["int8"]["sha256"]) == 64
+
+
+def test_guard_measures_and_recommends(full_export):
+    out, res = full_export
+    guard = res.report["guard"]
+    assert set(guard["artifacts"]) == {"fp32", "optimized", "int8", "fp16"}
+    for row in guard["artifacts"].values():
+        assert 0 <= row["top1"] <= 1 and row["latency_ms_p50"] > 0
+    rec = guard["artifacts"][guard["recommended"]]
+    assert rec["ok"] and rec["top1_drop"] <= 0.01
+    assert any(n.startswith(f"recommended: {rec['file']}") for n in res.notes)
+    assert describe(out)["recommended"] == rec["file"]
+
+
+def test_verify_checks_every_runtime(full_export):
+    out, res = full_export
+    report = verify(out, DIGITS, write=False)
+    rows = {r.runtime: r for r in report.runtimes}
+    assert set(rows) == {"torchscript", "pt2", "onnxruntime", "raw", "optimized", "fp16", "int8"}
+    for name in ("torchscript", "pt2", "onnxruntime", "raw", "optimized", "fp16"):
+        assert rows[name].passed, (name, report.table())
+    assert rows["raw"].probs_max_abs <= PROBS_ATOL
+    # int8 is judged by accuracy, consistently with the export guard
+    guard_drop = res.report["guard"]["artifacts"]["int8"]["top1_drop"]
+    assert rows["int8"].top1_drop == pytest.approx(guard_drop)
+    assert rows["int8"].passed == (guard_drop <= MAX_TOP1_DROP)
+    assert sum(rows["int8"].flips.values()) == round((1 - rows["int8"].top1_agreement) * 40)
+
+
+def test_perturbed_raw_model_fails_verify(digits_export, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(digits_export, broken)
+    model = onnx.load(str(broken / "model.raw.onnx"))
+    for t in model.graph.initializer:  # the folded normalisation constants
+        if t.name.endswith("shift") or "shift" in t.name:
+            arr = onnx.numpy_helper.to_array(t) + np.float32(0.01)
+            t.CopyFrom(onnx.numpy_helper.from_array(arr, t.name))
+            break
+    else:
+        pytest.fail("no shift constant in the raw model")
+    onnx.save(model, str(broken / "model.raw.onnx"))
+    report = verify(broken, DIGITS, write=False)
+    assert [r.runtime for r in report.runtimes if not r.passed] == ["raw"]
+
+
+def test_auto_exporter_falls_back(digits_run, tmp_path, monkeypatch):
+    real = export_mod.export_onnx
+
+    def dynamo_breaks(model, manifest, example, path, exporter, opset=None):
+        if exporter == "dynamo":
+            raise ExportError("simulated dynamo failure")
+        return real(model, manifest, example, path, exporter, opset)
+
+    monkeypatch.setattr(export_mod, "export_onnx", dynamo_breaks)
+    res = export(ExportConfig(run_dir=digits_run, out=tmp_path / "e", raw=False, torchscript=False))
+    assert res.report["exporter"] == "torchscript"
+    assert any(
+        "used the torchscript exporter; dynamo: simulated dynamo failure" in n for n in res.notes
+    )
+    with pytest.raises(ExportError, match="ONNX export of simple_cnn failed: dynamo: simulated"):
+        export(ExportConfig(run_dir=digits_run, out=tmp_path / "f", exporter="dynamo"))
+
+
+def test_int8_needs_data(digits_run, tmp_path):
+    (tmp_path / "run").mkdir()
+    for f in digits_run.iterdir():
+        if f.is_file() and f.name != "run.json":
+            shutil.copy(f, tmp_path / "run" / f.name)
+    res = CliRunner().invoke(cli, ["export", str(tmp_path / "run"), "--int8"])
+    assert res.exit_code == 1
+    assert res.output == (
+        "Error: --int8/--fp16 need images for calibration and the accuracy "
+        "check; pass --data DATA_DIR\n"
+    )
+
+
+def test_export_cli_flags_select_artifacts(digits_run, tmp_path):
+    res = CliRunner().invoke(
+        cli, ["export", str(digits_run), "--pt2", "--out", str(tmp_path / "e"), "--golden", "0"]
+    )
+    assert res.exit_code == 0, res.output
+    names = {p.name for p in (tmp_path / "e").iterdir()}
+    assert "model.pt2" in names and "model.onnx" not in names and "golden" not in names
+
+
+# Listed by hand on purpose: registering an architecture without adding it here fails the
+# meta-test below.
+TESTED_ARCHS = {
+    "mobilenet_v3_small": 64,  # large backbones at a small input size
+    "mobilenet_v3_large": 64,
+    "resnet18": 64,
+    "efficientnet_b0": 64,
+    "simple_cnn": 32,
+    "tiny_test": 32,
+}
+
+
+@pytest.fixture(scope="module")
+def arch_data(tmp_path_factory):
+    return make_images(tmp_path_factory.mktemp("archdata") / "d", per_class=6, size=(70, 60))
+
+
+@pytest.mark.parametrize("arch", sorted(TESTED_ARCHS))
+def test_every_architecture_exports_and_verifies(arch, arch_data, tmp_path):
+    """Each registered architecture, head trained, through export and verify."""
+    from edgetransfer.adapt import AdaptConfig, adapt
+
+    adapt(
+        AdaptConfig(
+            data_dir=arch_data,
+            out=tmp_path / "run",
+            arch=arch,
+            weights="none",
+            epochs=5,
+            image_size=TESTED_ARCHS[arch],
+            use_cache=False,
+        )
+    )
+    export(ExportConfig(run_dir=tmp_path / "run", out=tmp_path / "exp"))
+    report = verify(tmp_path / "exp", arch_data, write=False)
+    assert report.passed, report.table()
+    assert {r.runtime for r in report.runtimes} == {"torchscript", "onnxruntime", "raw"}
+
+
+def test_meta_every_registered_arch_is_covered():
+    assert set(TESTED_ARCHS) == set(ARCHS)
