@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Build cpp_demo (et_onnx, et_torchscript) into cpp_demo/build from a fresh clone, offline but for
+# Debian packages. Idempotent: a re-run only re-checks and rebuilds what changed.
+#
+# Usage: tools/build_cpp_demo.sh
+#   PYTHON=path/to/python   the venv with torch and onnxruntime (default .venv/bin/python)
+#   ONNXRUNTIME_ROOT=DIR    use an ONNX Runtime release folder instead of the pip wheel
+#   LIBTORCH=DIR            use a libtorch release folder instead of the pip wheel
+#
+# From the wheels: libtorch is torch/include + torch/lib; ONNX Runtime's library is
+# onnxruntime/capi/libonnxruntime.so.<version> (SONAME libonnxruntime.so.1), linked through
+# symlinks in cpp_demo/third_party/onnxruntime/lib, with headers from tools/fetch_ort_headers.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+PYTHON=${PYTHON:-$root/.venv/bin/python}
+start=$SECONDS
+
+# 1. Debian packages: compiler, cmake, stb_image, nlohmann-json.
+need=()
+command -v cmake >/dev/null || need+=(cmake)
+command -v g++ >/dev/null || need+=(g++)
+command -v make >/dev/null || need+=(make)
+[[ -f /usr/include/stb/stb_image.h ]] || need+=(libstb-dev)
+[[ -f /usr/include/nlohmann/json.hpp ]] || need+=(nlohmann-json3-dev)
+if ((${#need[@]})); then
+    echo "build_cpp_demo: installing ${need[*]}"
+    sudo=()
+    [[ $(id -u) == 0 ]] || sudo=(sudo -n)
+    export DEBIAN_FRONTEND=noninteractive
+    "${sudo[@]}" apt-get update -q
+    "${sudo[@]}" apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+
+cmake_args=(-DCMAKE_BUILD_TYPE=Release)
+
+# 2. ONNX Runtime: a release folder, or the wheel's library + Debian's headers.
+if [[ -n "${ONNXRUNTIME_ROOT:-}" ]]; then
+    cmake_args+=(-DONNXRUNTIME_ROOT="$ONNXRUNTIME_ROOT")
+else
+    ort=$root/cpp_demo/third_party/onnxruntime
+    bash tools/fetch_ort_headers.sh "$ort/include"
+    capi=$("$PYTHON" -c 'import importlib.util as u; print(u.find_spec("onnxruntime").submodule_search_locations[0])')/capi
+    lib=$(ls "$capi"/libonnxruntime.so.1.* 2>/dev/null | head -n1 || true)
+    if [[ -z "$lib" ]]; then
+        echo "build_cpp_demo: no libonnxruntime.so.1.* in $capi; pip install onnxruntime" >&2
+        exit 1
+    fi
+    mkdir -p "$ort/lib"
+    ln -sfn "$lib" "$ort/lib/libonnxruntime.so.1"
+    ln -sfn libonnxruntime.so.1 "$ort/lib/libonnxruntime.so"
+    cmake_args+=(-DONNXRUNTIME_ROOT="$ort")
+fi
+
+# 3. libtorch: a release folder (find_package(Torch)), or the wheel linked directly.
+if [[ -n "${LIBTORCH:-}" ]]; then
+    cmake_args+=(-DCMAKE_PREFIX_PATH="$LIBTORCH" -DTORCH_WHEEL_DIR=)
+else
+    read -r torch_dir abi < <("$PYTHON" -c 'import os, torch; print(os.path.dirname(torch.__file__), int(torch._C._GLIBCXX_USE_CXX11_ABI))')
+    cmake_args+=(-DTORCH_WHEEL_DIR="$torch_dir" -DTORCH_CXX11_ABI="$abi")
+fi
+
+# 4. Configure and build (the log is cpp_demo/build/build.log).
+mkdir -p cpp_demo/build
+log=cpp_demo/build/build.log
+cmake -S cpp_demo -B cpp_demo/build "${cmake_args[@]}" >"$log" 2>&1 || { cat "$log" >&2; exit 1; }
+cmake --build cpp_demo/build -j2 >>"$log" 2>&1 || { tail -n 40 "$log" >&2; exit 1; }
+grep -E "warning:" "$log" || true
+echo "build_cpp_demo: cpp_demo/build/et_onnx and cpp_demo/build/et_torchscript ready ($((SECONDS - start)) s)"
