@@ -33,6 +33,10 @@ if ((${#need[@]})); then
 fi
 
 cmake_args=(-DCMAKE_BUILD_TYPE=Release)
+if [[ -z "${ONNXRUNTIME_ROOT:-}" || -z "${LIBTORCH:-}" ]] && [[ ! -x "$PYTHON" ]]; then
+    echo "build_cpp_demo: no $PYTHON; install the package first (see README) or set PYTHON=" >&2
+    exit 1
+fi
 
 # 2. ONNX Runtime: a release folder, or the wheel's library + Debian's headers.
 if [[ -n "${ONNXRUNTIME_ROOT:-}" ]]; then
