@@ -62,7 +62,7 @@ apt_opts=(
     -q -o Dir::Etc::sourcelist="$tmp/sources.list" -o Dir::Etc::sourceparts=-
     -o Dir::Etc::preferences="$tmp/empty/none" -o Dir::Etc::preferencesparts="$tmp/empty"
     -o Dir::State="$tmp/state" -o Dir::State::status="$tmp/status"
-    -o Dir::Cache="$tmp/cache" -o Debug::NoLocking=1
+    -o Dir::Cache="$tmp/cache"
     -o Acquire::Languages=none -o APT::Get::List-Cleanup=0
 )
 echo "fetch_ort_headers: reading the $SUITE package index from $mirror"
