@@ -9,10 +9,9 @@
 #include <fstream>
 #include <iostream>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <numeric>
 #include <sstream>
-
-#include <nlohmann/json.hpp>
 
 #define STB_IMAGE_IMPLEMENTATION
 #define STBI_ONLY_JPEG
@@ -132,7 +131,9 @@ Image resample(const Image& in, int out_w, int out_h, bool horizontal) {
 }
 
 // Python's round(): halves go to the even neighbour (the default FP rounding mode).
-int round_half_even(double v) { return int(std::nearbyint(v)); }
+int round_half_even(double v) {
+  return int(std::nearbyint(v));
+}
 
 std::vector<double> softmax(const float* logits, size_t n) {
   std::vector<double> p(logits, logits + n);
@@ -143,14 +144,15 @@ std::vector<double> softmax(const float* logits, size_t n) {
   return p;
 }
 
-size_t argmax(const float* v, size_t n) { return size_t(std::max_element(v, v + n) - v); }
+size_t argmax(const float* v, size_t n) {
+  return size_t(std::max_element(v, v + n) - v);
+}
 
 std::vector<float> read_floats(const fs::path& path, size_t count) {
   const std::string bytes = read_file(path);
   if (bytes.size() != count * sizeof(float)) {
     throw InputError(path.string() + ": " + std::to_string(bytes.size()) + " bytes, expected " +
-                     std::to_string(count * sizeof(float)) + " (" + std::to_string(count) +
-                     " float32)");
+                     std::to_string(count * sizeof(float)) + " (" + std::to_string(count) + " float32)");
   }
   std::vector<float> out(count);
   std::memcpy(out.data(), bytes.data(), bytes.size());
@@ -158,8 +160,8 @@ std::vector<float> read_floats(const fs::path& path, size_t count) {
 }
 
 // Elementwise |got - want| <= atol + rtol * |want|; returns (max abs diff, values outside).
-std::pair<double, int> compare(const std::vector<float>& got, const std::vector<float>& want,
-                               double atol, double rtol) {
+std::pair<double, int> compare(const std::vector<float>& got, const std::vector<float>& want, double atol,
+                               double rtol) {
   double max_abs = 0.0;
   int outside = 0;
   for (size_t i = 0; i < want.size(); ++i) {
@@ -183,7 +185,8 @@ std::vector<float> run_images(const Model& model, const std::vector<Image>& imag
   std::vector<float> logits;
   if (model.takes_pixels) {
     std::vector<uint8_t> px(plane * n);
-    for (int64_t i = 0; i < n; ++i) std::copy(images[i].rgb.begin(), images[i].rgb.end(), px.begin() + i * plane);
+    for (int64_t i = 0; i < n; ++i)
+      std::copy(images[i].rgb.begin(), images[i].rgb.end(), px.begin() + i * plane);
     logits = model.run_pixels(px, n);
   } else {
     std::vector<float> x(plane * n);
@@ -226,12 +229,12 @@ Manifest parse_manifest(const std::string& text, const std::string& source) {
     m.pre.resize = p.at("resize").get<int>();
     m.pre.mean = p.at("mean").get<std::array<float, 3>>();
     m.pre.std = p.at("std").get<std::array<float, 3>>();
-    for (const auto& [key, want] : {std::pair{"crop", "center"}, {"interpolation", "bilinear"},
-                                    {"color", "RGB"}, {"layout", "NCHW"}}) {
+    for (const auto& [key, want] :
+         {std::pair{"crop", "center"}, {"interpolation", "bilinear"}, {"color", "RGB"}, {"layout", "NCHW"}}) {
       const std::string got = p.value(key, want);
       if (got != want) {
-        throw InputError(source + ": preprocessing " + key + "=" + got + " is not supported (only " +
-                         want + ")");
+        throw InputError(source + ": preprocessing " + key + "=" + got + " is not supported (only " + want +
+                         ")");
       }
     }
     const json io = j.value("io", json::object());
@@ -253,9 +256,9 @@ std::string describe(const Manifest& m) {
   const Preprocessing& p = m.pre;
   std::ostringstream s;
   s << "arch " << m.arch << ", " << m.labels.size() << " labels [" << join(m.labels) << "], input "
-    << p.height << "x" << p.width << " (shorter side resized to " << p.resize
-    << ", centre crop), mean [" << p.mean[0] << ", " << p.mean[1] << ", " << p.mean[2] << "], std ["
-    << p.std[0] << ", " << p.std[1] << ", " << p.std[2] << "]";
+    << p.height << "x" << p.width << " (shorter side resized to " << p.resize << ", centre crop), mean ["
+    << p.mean[0] << ", " << p.mean[1] << ", " << p.mean[2] << "], std [" << p.std[0] << ", " << p.std[1]
+    << ", " << p.std[2] << "]";
   return s.str();
 }
 
@@ -269,7 +272,8 @@ int exif_orientation(const std::string& path) {
   if (b.size() < 4 || b[0] != 0xFF || b[1] != 0xD8) return 1;
   for (size_t i = 2; i + 4 <= b.size() && b[i] == 0xFF && b[i + 1] != 0xDA;) {
     const size_t len = size_t(b[i + 2]) << 8 | b[i + 3];
-    if (b[i + 1] == 0xE1 && len >= 16 && i + 2 + len <= b.size() && std::memcmp(&b[i + 4], "Exif\0\0", 6) == 0) {
+    if (b[i + 1] == 0xE1 && len >= 16 && i + 2 + len <= b.size() &&
+        std::memcmp(&b[i + 4], "Exif\0\0", 6) == 0) {
       const uint8_t* t = &b[i + 10];  // TIFF header: byte order, 42, offset of IFD0
       const size_t size = len - 8;
       const bool le = t[0] == 'I';
@@ -277,7 +281,8 @@ int exif_orientation(const std::string& path) {
       auto u32 = [&](size_t o) { return size_t(le ? u16(o) | u16(o + 2) << 16 : u16(o) << 16 | u16(o + 2)); };
       if (u16(2) != 42) return 1;
       const size_t ifd = u32(4);
-      for (size_t e = ifd + 2, n = 0; ifd + 2 <= size && n < size_t(u16(ifd)) && e + 12 <= size; ++n, e += 12) {
+      for (size_t e = ifd + 2, n = 0; ifd + 2 <= size && n < size_t(u16(ifd)) && e + 12 <= size;
+           ++n, e += 12) {
         if (u16(e) == 0x0112) return u16(e + 8) >= 1 && u16(e + 8) <= 8 ? u16(e + 8) : 1;
       }
       return 1;
@@ -296,6 +301,7 @@ Image apply_orientation(const Image& in, int orientation) {
   for (int y = 0; y < out.height; ++y) {
     for (int x = 0; x < out.width; ++x) {
       int sx = x, sy = y;
+      // clang-format off
       switch (orientation) {
         case 2: sx = w - 1 - x; break;                  // mirror
         case 3: sx = w - 1 - x; sy = h - 1 - y; break;  // 180
@@ -305,6 +311,7 @@ Image apply_orientation(const Image& in, int orientation) {
         case 7: sx = w - 1 - y; sy = h - 1 - x; break;  // transverse
         case 8: sx = w - 1 - y; sy = x; break;          // 90 counter-clockwise
       }
+      // clang-format on
       std::copy_n(&in.rgb[(size_t(sy) * w + sx) * 3], 3, &out.rgb[(size_t(y) * out.width + x) * 3]);
     }
   }
@@ -317,7 +324,7 @@ Image load_image(const std::string& path) {
   const bool alpha = comp == 2 || comp == 4;
   const int channels = alpha ? 4 : 3;
   std::unique_ptr<stbi_uc, void (*)(void*)> data(stbi_load(path.c_str(), &w, &h, nullptr, channels),
-                                                  stbi_image_free);
+                                                 stbi_image_free);
   if (!data) {
     throw InputError(path + ": not a readable JPEG/PNG image (" + stbi_failure_reason() + ")");
   }
@@ -393,7 +400,8 @@ Options parse_args(int argc, char** argv) {
       } catch (const std::exception&) {
         used = 0;
       }
-      if (used != v.size() || opt.topk < 1) throw UsageError("--topk needs a positive integer, got '" + v + "'");
+      if (used != v.size() || opt.topk < 1)
+        throw UsageError("--topk needs a positive integer, got '" + v + "'");
     } else if (a == "--selftest" || a.rfind("--selftest=", 0) == 0) {
       opt.golden = a == "--selftest" ? value(a) : a.substr(11);
     } else if (a.size() > 1 && a[0] == '-' && a != "-") {
@@ -405,7 +413,8 @@ Options parse_args(int argc, char** argv) {
   if (positional.empty()) throw UsageError("missing MODEL");
   opt.model = positional[0];
   opt.images.assign(positional.begin() + 1, positional.end());
-  if (opt.images.empty() && opt.golden.empty()) throw UsageError("give at least one IMAGE or --selftest GOLDEN_DIR");
+  if (opt.images.empty() && opt.golden.empty())
+    throw UsageError("give at least one IMAGE or --selftest GOLDEN_DIR");
   std::error_code ec;
   if (!fs::is_regular_file(opt.model, ec)) throw InputError(opt.model + ": no such model file");
   if (!opt.golden.empty() && !fs::is_regular_file(fs::path(opt.golden) / "golden.json", ec)) {
@@ -421,7 +430,8 @@ int classify(const Model& model, const Options& opt) {
   for (size_t start = 0; start < opt.images.size(); start += kBatch) {
     const size_t n = std::min<size_t>(kBatch, opt.images.size() - start);
     std::vector<Image> crops;
-    for (size_t i = 0; i < n; ++i) crops.push_back(resize_crop(load_image(opt.images[start + i]), model.manifest.pre));
+    for (size_t i = 0; i < n; ++i)
+      crops.push_back(resize_crop(load_image(opt.images[start + i]), model.manifest.pre));
     const std::vector<float> logits = run_images(model, crops);
     for (size_t i = 0; i < n; ++i) {
       const float* row = logits.data() + i * classes;
@@ -433,7 +443,8 @@ int classify(const Model& model, const Options& opt) {
       for (size_t j = 0; j < k; ++j) {
         top.push_back({{"label", labels[order[j]]}, {"prob", std::round(prob[order[j]] * 1e6) / 1e6}});
       }
-      const nlohmann::ordered_json line = {{"path", opt.images[start + i]}, {"topk", top}, {"logits", std::vector<float>(row, row + classes)}};
+      const nlohmann::ordered_json line = {
+          {"path", opt.images[start + i]}, {"topk", top}, {"logits", std::vector<float>(row, row + classes)}};
       std::cout << line.dump(-1, ' ', false, json::error_handler_t::replace) << "\n";
     }
     std::cout.flush();
@@ -453,10 +464,12 @@ int selftest(const Model& model, const std::string& golden_dir) {
   }
   const json want_input = {1, 3, m.pre.height, m.pre.width}, want_logits = {1, m.labels.size()};
   if (index.value("dtype", "") != "float32" || index.value("byte_order", "") != "little" ||
-      index.value("input_shape", json()) != want_input || index.value("logits_shape", json()) != want_logits) {
-    throw InputError(golden_dir + ": golden.json declares input " + index.value("input_shape", json()).dump() +
-                     " and logits " + index.value("logits_shape", json()).dump() + "; the model expects " +
-                     want_input.dump() + " and " + want_logits.dump() + " float32 little-endian");
+      index.value("input_shape", json()) != want_input ||
+      index.value("logits_shape", json()) != want_logits) {
+    throw InputError(golden_dir + ": golden.json declares input " +
+                     index.value("input_shape", json()).dump() + " and logits " +
+                     index.value("logits_shape", json()).dump() + "; the model expects " + want_input.dump() +
+                     " and " + want_logits.dump() + " float32 little-endian");
   }
   if (index.value("labels", json()) != json(m.labels)) {
     std::cerr << "selftest: FAIL: golden labels " << index.value("labels", json()).dump()
@@ -517,15 +530,16 @@ int selftest(const Model& model, const std::string& golden_dir) {
     }
     double worst = 0.0;
     for (int64_t i = 0; i < n; ++i) {
-      const std::vector<float> got(path.logits.begin() + i * classes, path.logits.begin() + (i + 1) * classes);
+      const std::vector<float> got(path.logits.begin() + i * classes,
+                                   path.logits.begin() + (i + 1) * classes);
       const std::vector<float> want(expected.begin() + i * classes, expected.begin() + (i + 1) * classes);
       const auto [max_abs, outside] = compare(got, want, atol, rtol);
       const bool top1 = argmax(got.data(), classes) == argmax(want.data(), classes);
       const bool ok = outside == 0 && top1;
       failed += !ok;
       worst = std::max(worst, max_abs);
-      std::cerr << "selftest " << names[i] << " from " << path.name << ": max_abs " << fmt(max_abs)
-                << ", " << outside << " outside, top-1 " << m.labels[argmax(got.data(), classes)]
+      std::cerr << "selftest " << names[i] << " from " << path.name << ": max_abs " << fmt(max_abs) << ", "
+                << outside << " outside, top-1 " << m.labels[argmax(got.data(), classes)]
                 << (top1 ? "" : " (expected " + m.labels[argmax(want.data(), classes)] + ")")
                 << (ok ? "  ok" : "  FAIL") << "\n";
     }
@@ -534,9 +548,9 @@ int selftest(const Model& model, const std::string& golden_dir) {
   const bool pass = failed == 0;
   summary["failed"] = failed;
   summary["selftest"] = pass ? "pass" : "fail";
-  std::cerr << "selftest: " << (pass ? "PASS" : "FAIL") << " (" << n << " cases, "
-            << paths.size() << " paths, " << failed << " failed; tolerance |a-b| <= " << atol
-            << " + " << rtol << "*|b|; normalisation max diff " << fmt(norm_diff) << ")\n";
+  std::cerr << "selftest: " << (pass ? "PASS" : "FAIL") << " (" << n << " cases, " << paths.size()
+            << " paths, " << failed << " failed; tolerance |a-b| <= " << atol << " + " << rtol
+            << "*|b|; normalisation max diff " << fmt(norm_diff) << ")\n";
   std::cout << summary.dump() << std::endl;
   return pass ? kExitOk : kExitMismatch;
 }

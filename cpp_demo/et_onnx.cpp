@@ -39,7 +39,8 @@ std::string type_name(ONNXTensorElementDataType t) {
 
 std::string shape_str(const std::vector<int64_t>& shape) {
   std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? "," : "") + (shape[i] < 0 ? "?" : std::to_string(shape[i]));
+  for (size_t i = 0; i < shape.size(); ++i)
+    s += (i ? "," : "") + (shape[i] < 0 ? "?" : std::to_string(shape[i]));
   return s + "]";
 }
 
@@ -96,7 +97,8 @@ int main(int argc, char** argv) {
     Ort::AllocatorWithDefaultOptions alloc;
     const Ort::ModelMetadata meta = session->GetModelMetadata();
     const Ort::AllocatedStringPtr text = meta.LookupCustomMetadataMapAllocated("edgetransfer", alloc);
-    if (!text) throw et::InputError(opt.model + ": carries no edgetransfer metadata; export it with edgetransfer");
+    if (!text)
+      throw et::InputError(opt.model + ": carries no edgetransfer metadata; export it with edgetransfer");
     et::Model model;
     model.manifest = et::parse_manifest(text.get(), opt.model);
     const et::Manifest& m = model.manifest;
@@ -109,12 +111,14 @@ int main(int argc, char** argv) {
     const ONNXTensorElementDataType in_type = in_info.GetElementType();
     const std::vector<int64_t> in_shape = in_info.GetShape();
     std::vector<std::string> outputs;
-    std::string declared = "input '" + input + "' " + type_name(in_type) + " " + shape_str(in_shape) + "; outputs";
+    std::string declared =
+        "input '" + input + "' " + type_name(in_type) + " " + shape_str(in_shape) + "; outputs";
     for (size_t i = 0; i < session->GetOutputCount(); ++i) {
       outputs.push_back(session->GetOutputNameAllocated(i, alloc).get());
       const Ort::TypeInfo type_info = session->GetOutputTypeInfo(i);
       const auto info = type_info.GetTensorTypeAndShapeInfo();
-      declared += " '" + outputs.back() + "' " + type_name(info.GetElementType()) + " " + shape_str(info.GetShape());
+      declared +=
+          " '" + outputs.back() + "' " + type_name(info.GetElementType()) + " " + shape_str(info.GetShape());
     }
     std::string output;
     for (const std::string& name : {m.output_name, std::string("logits")}) {
@@ -125,14 +129,17 @@ int main(int argc, char** argv) {
 
     const int64_t h = m.pre.height, w = m.pre.width;
     model.takes_pixels = in_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
-    if (model.takes_pixels ? !fits(in_shape, {-1, h, w, 3}) : in_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ||
-                                                                   !fits(in_shape, {-1, 3, h, w})) {
-      throw et::InputError(opt.model + ": " + declared + " does not take the manifest's " + std::to_string(h) +
-                           "x" + std::to_string(w) + " images (float32 NCHW or uint8 NHWC)");
+    if (model.takes_pixels
+            ? !fits(in_shape, {-1, h, w, 3})
+            : in_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || !fits(in_shape, {-1, 3, h, w})) {
+      throw et::InputError(opt.model + ": " + declared + " does not take the manifest's " +
+                           std::to_string(h) + "x" + std::to_string(w) +
+                           " images (float32 NCHW or uint8 NHWC)");
     }
     std::cerr << "et_onnx: " << opt.model << ": " << et::describe(m) << "\n"
-              << "et_onnx: " << declared << (model.takes_pixels ? " (raw pixels: normalisation in the graph)" : "")
-              << "; onnxruntime " << Ort::GetVersionString() << "\n";
+              << "et_onnx: " << declared
+              << (model.takes_pixels ? " (raw pixels: normalisation in the graph)" : "") << "; onnxruntime "
+              << Ort::GetVersionString() << "\n";
 
     const Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
     auto run = [&](Ort::Value x) {

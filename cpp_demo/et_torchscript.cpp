@@ -58,7 +58,8 @@ int main(int argc, char** argv) {
                            et::first_line(e.what_without_backtrace()) + ")");
     }
     if (extra["edgetransfer.json"].empty()) {
-      throw et::InputError(opt.model + ": carries no edgetransfer.json extra file; export it with edgetransfer");
+      throw et::InputError(opt.model +
+                           ": carries no edgetransfer.json extra file; export it with edgetransfer");
     }
     module.eval();
     et::Model model;
