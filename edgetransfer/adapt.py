@@ -1,37 +1,70 @@
-"""Orchestrates data + backbone + head training into a RUN_DIR."""
+"""Orchestrates data + backbone + strategy + training into a RUN_DIR."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgetransfer.errors import DataError
+from edgetransfer.errors import DataError, EdgeTransferError
 from edgetransfer.manifest import MANIFEST_NAME, METADATA_KEY, Manifest
 
 DEFAULT_ARCH = "mobilenet_v3_small"
 RUN_INFO = "run.json"
+MiB = 1024 * 1024
 
 
 @dataclass(frozen=True)
 class AdaptConfig:
-    """Everything `adapt` needs; the CLI fills it from its options."""
+    """Everything `adapt` needs; the CLI fills it from its options.
+
+    Attributes:
+        strategy: head | last-n | bias | full | distill (see strategies.py).
+        teacher: a RUN_DIR whose model's soft labels guide training (knowledge transfer).
+        truncate: cut the backbone after this block (structure transfer).
+        augment: none | light | standard; default none for ``head``, light otherwise.
+        views: augmented views per training image cached for ``head`` (1 = no augmentation).
+        max_memory: training memory budget in MiB; the batch is split to fit, or refused.
+        on_step: called after each optimizer step with (epoch, step) (tests, progress).
+    """
 
     data_dir: Path
     out: Path
     arch: str = DEFAULT_ARCH
     weights: str = "imagenet"
+    strategy: str = "head"
     epochs: int = 30
     batch_size: int = 8
+    accumulate: int = 1
     lr: float = 1e-2
+    backbone_lr_mult: float = 0.1
+    unfreeze: int = 2
+    train_bn: bool = False
+    l2sp: float = 0.0
+    teacher: Path | None = None
+    kd_alpha: float = 0.5
+    kd_temperature: float = 4.0
+    truncate: str | None = None
+    augment: str | None = None
+    views: int = 1
+    balance: bool = False
+    patience: int = 10
     image_size: int | None = None
     val_fraction: float = 0.2
     seed: int = 0
     max_bad: float = 0.1
+    max_pixels: int | None = None
+    max_memory: float | None = None
+    workers: int = 0
     force: bool = False
+    resume: bool = False
     use_cache: bool = True
     progress: bool = False
+    on_step: Callable[[int, int], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -39,112 +72,427 @@ class AdaptResult:
     run_dir: Path
     manifest: Manifest
     bad_files: list[tuple[Path, str]]
+    memory: dict[str, float]
+    notes: list[str]
+
+
+def checkpoint_path(out: Path) -> Path:
+    """Where an interrupted adapt keeps its resumable state: beside RUN_DIR."""
+    out = Path(out).absolute()
+    return out.with_name(out.name + ".checkpoint")
 
 
 def adapt(cfg: AdaptConfig) -> AdaptResult:
-    """Freeze the backbone, extract features once, train a new head, write RUN_DIR."""
+    """Adapt a source model to DATA_DIR with the chosen strategy and write RUN_DIR."""
     import torch
 
-    from edgetransfer.backbones import Classifier, get_arch, load_source, split
+    from edgetransfer import strategies
+    from edgetransfer.backbones import (
+        Classifier,
+        block_modules,
+        feature_dim,
+        get_arch,
+        load_source,
+        split,
+        truncate,
+    )
     from edgetransfer.data import scan
-    from edgetransfer.features import extract
-    from edgetransfer.fileio import atomic_write_text, check_can_write, output_dir
-    from edgetransfer.manifest import versions
-    from edgetransfer.train import TrainConfig, train_head
+    from edgetransfer.fileio import check_can_write
+    from edgetransfer.loaders import AUGMENT
 
-    get_arch(cfg.arch)  # fail on a bad name before any work
+    spec = get_arch(cfg.arch)  # fail on a bad name before any work
+    scfg = strategies.StrategyConfig(
+        cfg.strategy,
+        cfg.unfreeze,
+        cfg.train_bn,
+        1.0 if cfg.weights == "none" else cfg.backbone_lr_mult,
+    )
+    strategies.check(scfg)
+    augment = cfg.augment or ("none" if cfg.strategy == "head" else "light")
+    if augment not in AUGMENT:
+        raise EdgeTransferError(
+            f"unknown --augment {augment!r}; choose one of: {', '.join(AUGMENT)}"
+        )
+    if cfg.strategy == "distill" and cfg.teacher is None:
+        raise EdgeTransferError("--strategy distill needs --teacher RUN_DIR (an adapted model)")
+    if cfg.views > 1 and augment == "none":
+        augment = "light"  # several identical views would only cost time
     check_can_write(cfg.out, cfg.force)
     dataset = scan(cfg.data_dir, cfg.val_fraction, cfg.seed)
     torch.manual_seed(cfg.seed)  # before building: --weights none must be reproducible
     source = load_source(cfg.arch, cfg.weights)
-    pre = source.preprocessing or source.spec.preprocessing
+    pre = source.preprocessing or spec.preprocessing
     if cfg.image_size:
         pre = pre.with_size(cfg.image_size)
 
-    backbone, source_head = split(source.spec, source.model)
-    for param in backbone.parameters():
-        param.requires_grad_(False)
-    backbone.eval()  # frozen BatchNorm statistics and no dropout
+    features, _source_head = split(spec, source.model)
+    if cfg.truncate:
+        features = truncate(spec, features, cfg.truncate)
+    features.eval()
+    blocks = block_modules(spec, features, cfg.truncate)
+    plan = strategies.apply(scfg, features, blocks)
+    head = torch.nn.Linear(feature_dim(features, pre), len(dataset.classes))
+    model = Classifier(features, head)
 
-    backbone_id = source.provenance.get("sha256") or f"{cfg.arch}:{cfg.weights}:{cfg.seed}"
-    feats = extract(
-        backbone,
-        dataset.samples,
-        pre,
-        backbone_id=backbone_id,
-        use_cache=cfg.use_cache,
-        progress=cfg.progress,
+    backbone_id = "|".join(
+        [
+            source.provenance.get("sha256") or f"{cfg.arch}:{cfg.weights}",
+            str(cfg.seed),
+            cfg.truncate or "",
+        ]
     )
-    total = len(dataset.samples)
-    if feats.bad and len(feats.bad) > cfg.max_bad * total:
-        first = "; ".join(r for _, r in feats.bad[:3])
-        raise DataError(
-            f"{len(feats.bad)} of {total} images could not be read (more than --max-bad "
-            f"{cfg.max_bad:.0%}): {first}"
-        )
-    dataset = dataset.without([p for p, _ in feats.bad])
-    labels = torch.tensor([s.label for s in feats.samples])
-    is_val = torch.tensor([s.split == "val" for s in feats.samples])
-    missing = [
-        c for i, c in enumerate(dataset.classes) if not bool(((labels == i) & ~is_val).any())
-    ]
+    bad = _check_images(cfg, dataset, features, pre, backbone_id)
+    dataset = dataset.without([p for p, _ in bad])
+    train_s, val_s = dataset.split("train"), dataset.split("val")
+    missing = [c for i, c in enumerate(dataset.classes) if not any(s.label == i for s in train_s)]
     if missing:
         raise DataError(f"no readable training images for class(es): {', '.join(missing)}")
-    if not bool(is_val.any()):
+    if not val_s:
         raise DataError("no validation images; put at least 2 images in each class folder")
 
-    head = torch.nn.Linear(source_head.in_features, len(dataset.classes))
-    tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
-    result = train_head(
-        head,
-        feats.vectors[~is_val],
-        labels[~is_val],
-        feats.vectors[is_val],
-        labels[is_val],
+    tcfg = _fit_memory(cfg, model, plan, pre, len(train_s))
+    memory = strategies.estimate_memory(
+        model, plan, tcfg.batch_size, pre, cached=cfg.strategy == "head"
+    )
+    teacher_logits = _teacher_logits(cfg, dataset, train_s) if cfg.teacher else None
+    fingerprint = _run_fingerprint(cfg, dataset)
+
+    result, notes = _train(
+        cfg,
         tcfg,
-        progress=cfg.progress,
+        scfg,
+        model,
+        plan,
+        pre,
+        augment,
+        train_s,
+        val_s,
+        teacher_logits,
+        backbone_id,
+        fingerprint,
+        len(dataset.classes),
     )
 
     src = dict(source.provenance)
     if source.labels is not None:
         src["labels"] = source.labels
+    adapt_info = {
+        "strategy": cfg.strategy,
+        "epochs": cfg.epochs,
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "batch_size": tcfg.batch_size,
+        "accumulate": tcfg.accumulate,
+        "lr": cfg.lr,
+        "seed": cfg.seed,
+        "val_fraction": cfg.val_fraction,
+        "augment": augment,
+        "views": cfg.views,
+        "trainable_params": sum(p.numel() for p in plan.trainable)
+        + sum(p.numel() for p in head.parameters()),
+    }
+    if cfg.strategy == "last-n":
+        adapt_info["unfreeze"] = cfg.unfreeze
+    if cfg.strategy != "head":
+        adapt_info["backbone_lr_mult"] = scfg.backbone_lr_mult
+        adapt_info["train_bn"] = cfg.train_bn
+    if cfg.l2sp:
+        adapt_info["l2sp"] = cfg.l2sp
+    if cfg.balance:
+        adapt_info["balance"] = "class-weighted loss"
+    if cfg.truncate:
+        adapt_info["truncate"] = cfg.truncate
+    if cfg.teacher:
+        from edgetransfer.manifest import read_manifest
+
+        tm = read_manifest(cfg.teacher)
+        adapt_info["teacher"] = {
+            "arch": tm.arch,
+            "val_top1": tm.metrics.get("val_top1"),
+            "alpha": cfg.kd_alpha,
+            "temperature": cfg.kd_temperature,
+        }
+    from edgetransfer.manifest import versions
+
     manifest = Manifest(
         arch=cfg.arch,
         labels=list(dataset.classes),
         preprocessing=pre,
         source=src,
-        adapt={
-            "strategy": "head",
-            "epochs": cfg.epochs,
-            "best_epoch": result.best_epoch,
-            "batch_size": cfg.batch_size,
-            "lr": cfg.lr,
-            "seed": cfg.seed,
-            "val_fraction": cfg.val_fraction,
-        },
+        adapt=adapt_info,
         data={
             "fingerprint": dataset.fingerprint(),
             "classes": len(dataset.classes),
-            "train": int((~is_val).sum()),
-            "val": int(is_val.sum()),
-            "bad": len(feats.bad),
+            "train": len(train_s),
+            "val": len(val_s),
+            "bad": len(bad),
         },
         metrics={"val_top1": round(result.val_top1, 6), "val_loss": round(result.val_loss, 6)},
         versions=versions(),
     )
-    model = Classifier(backbone, head)
+    notes += _write_run(cfg, model, manifest, result, bad, memory)
+    from edgetransfer.train import remove_checkpoint
+
+    remove_checkpoint(checkpoint_path(cfg.out))
+    return AdaptResult(Path(cfg.out), manifest, bad, memory, notes)
+
+
+def _check_images(cfg: AdaptConfig, dataset, features, pre, backbone_id: str):
+    """Decode every image once; unreadable ones are dropped (and fail the run past max_bad).
+
+    For ``head`` this pass is the feature extraction itself (cached for the training step).
+    """
+    from edgetransfer.data import load_image
+
+    if cfg.strategy == "head":
+        from edgetransfer.features import extract
+
+        feats = extract(
+            features,
+            dataset.samples,
+            pre,
+            backbone_id=backbone_id,
+            use_cache=cfg.use_cache,
+            max_pixels=cfg.max_pixels,
+            progress=cfg.progress,
+        )
+        bad = feats.bad
+    else:
+        from tqdm import tqdm
+
+        bad = []
+        for s in tqdm(
+            dataset.samples, desc="checking images", disable=not cfg.progress, leave=False
+        ):
+            try:
+                load_image(s.path, cfg.max_pixels)
+            except DataError as e:
+                bad.append((s.path, str(e)))
+    total = len(dataset.samples)
+    if bad and len(bad) > cfg.max_bad * total:
+        first = "; ".join(r for _, r in bad[:3])
+        raise DataError(
+            f"{len(bad)} of {total} images could not be read (more than --max-bad "
+            f"{cfg.max_bad:.0%}): {first}"
+        )
+    return bad
+
+
+def _fit_memory(cfg: AdaptConfig, model, plan, pre, n_train: int):
+    """The training config, with the batch split into accumulation steps to fit max_memory."""
+    from edgetransfer import strategies
+    from edgetransfer.train import TrainConfig
+
+    batch, accumulate = cfg.batch_size, cfg.accumulate
+    if cfg.max_memory:
+        cached = cfg.strategy == "head"
+        while True:
+            need = strategies.estimate_memory(model, plan, batch, pre, cached)["total_mib"]
+            if need <= cfg.max_memory:
+                break
+            if batch == 1:
+                raise EdgeTransferError(
+                    f"--strategy {cfg.strategy} needs about {need:.0f} MiB even at batch size 1, "
+                    f"over --max-memory {cfg.max_memory:g}; try --strategy bias or head, "
+                    "--truncate, or a smaller --image-size"
+                )
+            batch, accumulate = max(1, batch // 2), accumulate * 2
+    return TrainConfig(
+        epochs=cfg.epochs,
+        batch_size=batch,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        accumulate=accumulate,
+        patience=cfg.patience,
+    )
+
+
+def _teacher_logits(cfg: AdaptConfig, dataset, train_s):
+    """The teacher's logits on the (un-augmented) training images, computed once and cached."""
+    from edgetransfer.features import extract
+
+    teacher, tm = load_run(cfg.teacher)
+    if tm.labels != dataset.classes:
+        raise EdgeTransferError(
+            f"teacher {cfg.teacher} knows {', '.join(tm.labels)}, but the data has "
+            f"{', '.join(dataset.classes)}; adapt the teacher on the same classes first"
+        )
+    tid = (
+        "teacher:"
+        + hashlib.sha256((Path(cfg.teacher) / "model.safetensors").read_bytes()).hexdigest()
+    )
+    out = extract(
+        teacher,
+        train_s,
+        tm.preprocessing,
+        backbone_id=tid,
+        use_cache=cfg.use_cache,
+        max_pixels=cfg.max_pixels,
+        progress=cfg.progress,
+    )
+    if out.bad:
+        raise DataError(f"the teacher could not read {out.bad[0][0]}: {out.bad[0][1]}")
+    return out.vectors
+
+
+def _run_fingerprint(cfg: AdaptConfig, dataset) -> str:
+    """Identifies a run's inputs and settings, so --resume only continues the same run."""
+    fields = {
+        k: v
+        for k, v in dataclasses.asdict(cfg).items()
+        if k not in ("out", "force", "resume", "progress", "on_step", "use_cache", "workers")
+    }
+    fields["data"] = dataset.fingerprint()
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _train(
+    cfg,
+    tcfg,
+    scfg,
+    model,
+    plan,
+    pre,
+    augment,
+    train_s,
+    val_s,
+    teacher_logits,
+    backbone_id,
+    fingerprint,
+    num_classes,
+):
+    import torch
+
+    from edgetransfer import strategies
+    from edgetransfer.train import Standardize, TensorBatches, fit, fold
+
+    notes: list[str] = []
+    y_train = torch.tensor([s.label for s in train_s])
+    weights = None
+    if cfg.balance:
+        counts = torch.bincount(y_train, minlength=num_classes).float()
+        weights = counts.sum() / (num_classes * counts.clamp_min(1))
+
+    def base_loss(logits, y, idx):
+        loss = torch.nn.functional.cross_entropy(logits, y, weight=weights)
+        if teacher_logits is not None:
+            kd = strategies.kd_loss(logits, teacher_logits[idx], cfg.kd_temperature)
+            loss = (1 - cfg.kd_alpha) * loss + cfg.kd_alpha * kd
+        return loss
+
+    ckpt = checkpoint_path(cfg.out)
+    common = dict(
+        checkpoint=ckpt,
+        resume=cfg.resume,
+        fingerprint=fingerprint,
+        progress=cfg.progress,
+        on_step=cfg.on_step,
+    )
+    if cfg.strategy == "head":
+        from edgetransfer.features import extract
+
+        def feats(samples, aug="none", view=0):
+            out = extract(
+                model.features,
+                samples,
+                pre,
+                backbone_id=backbone_id,
+                use_cache=cfg.use_cache,
+                max_pixels=cfg.max_pixels,
+                progress=cfg.progress,
+                augment=aug,
+                view=view,
+                seed=cfg.seed,
+            )
+            if out.bad:
+                raise DataError(f"{out.bad[0][0]}: {out.bad[0][1]}")
+            return out.vectors
+
+        x_train = feats(train_s)
+        if cfg.views > 1:  # view 0 is the clean image, the others augmented copies
+            x_train = torch.stack(
+                [x_train] + [feats(train_s, augment, v) for v in range(1, cfg.views)]
+            )
+        x_val = feats(val_s)
+        std = Standardize(x_train[0] if cfg.views > 1 else x_train)
+        trainee = torch.nn.Sequential(std, model.head)
+        train = TensorBatches(x_train, y_train, tcfg.batch_size, cfg.seed, views=cfg.views)
+        val = TensorBatches(
+            x_val, torch.tensor([s.label for s in val_s]), 256, cfg.seed, shuffle=False
+        )
+        groups = [{"params": list(model.head.parameters()), "lr": cfg.lr}]
+        result = fit(trainee, groups, train, val, base_loss, tcfg, **common)
+        fold(std, model.head)
+        return result, notes
+
+    from edgetransfer.data import eval_transform
+    from edgetransfer.loaders import ImageBatches, train_transform
+
+    train = ImageBatches(
+        train_s,
+        train_transform(pre, augment),
+        tcfg.batch_size,
+        cfg.seed,
+        workers=cfg.workers,
+        max_pixels=cfg.max_pixels,
+    )
+    val = ImageBatches(
+        val_s,
+        eval_transform(pre),
+        max(tcfg.batch_size, 32),
+        cfg.seed,
+        shuffle=False,
+        workers=cfg.workers,
+        max_pixels=cfg.max_pixels,
+    )
+    source = [p.detach().clone() for p in plan.trainable]
+    loss_fn = base_loss
+    if cfg.l2sp:
+
+        def loss_fn(logits, y, idx):
+            return base_loss(logits, y, idx) + cfg.l2sp * strategies.l2sp_penalty(
+                plan.trainable, source
+            )
+
+    groups = [
+        {"params": plan.trainable, "lr": cfg.lr * scfg.backbone_lr_mult},
+        {"params": list(model.head.parameters()), "lr": cfg.lr},
+    ]
+
+    def train_mode():
+        model.train()
+        strategies.set_train_mode(model.features, plan)
+
+    result = fit(model, groups, train, val, loss_fn, tcfg, train_mode=train_mode, **common)
+    return result, notes
+
+
+def _write_run(cfg: AdaptConfig, model, manifest: Manifest, result, bad, memory) -> list[str]:
+    from edgetransfer.fileio import atomic_write_text, output_dir
+
     with output_dir(cfg.out, cfg.force) as tmp:
         save_model(model, manifest, tmp / "model.safetensors")
         atomic_write_text(tmp / MANIFEST_NAME, manifest.to_json())
         atomic_write_text(tmp / "history.json", json.dumps(result.history, indent=1) + "\n")
         # Where the data lives stays in RUN_DIR only; artifacts carry just its fingerprint.
-        run_info = {"data_dir": str(Path(cfg.data_dir).absolute()), "weights": cfg.weights}
+        run_info = {
+            "data_dir": str(Path(cfg.data_dir).absolute()),
+            "weights": cfg.weights,
+            "memory_estimate": memory,
+            "stopped_early": result.stopped_early,
+        }
         atomic_write_text(tmp / RUN_INFO, json.dumps(run_info, indent=2) + "\n")
-        if feats.bad:
+        if bad:
             atomic_write_text(
-                tmp / "bad_files.txt", "".join(f"{os.fsdecode(p)!r}\t{r}\n" for p, r in feats.bad)
+                tmp / "bad_files.txt", "".join(f"{os.fsdecode(p)!r}\t{r}\n" for p, r in bad)
             )
-    return AdaptResult(Path(cfg.out), manifest, feats.bad)
+        from edgetransfer.report import ReportUnavailable, write_run_report
+
+        try:  # report.html needs the optional matplotlib; the run is complete without it
+            write_run_report(tmp, model=model, data_dir=cfg.data_dir, progress=cfg.progress)
+        except ReportUnavailable as e:
+            return [f"no report.html: {e}"]
+    return []
 
 
 def save_model(model, manifest: Manifest, path: Path) -> None:
@@ -168,7 +516,9 @@ def load_run(run_dir: str | os.PathLike):
     weights = run_dir / "model.safetensors"
     if not weights.is_file():
         raise ManifestError(f"{run_dir} has no model.safetensors; is it a RUN_DIR from adapt?")
-    model = build_classifier(manifest.arch, len(manifest.labels))
+    model = build_classifier(
+        manifest.arch, len(manifest.labels), manifest.adapt.get("truncate"), manifest.preprocessing
+    )
     state, _ = read_state_dict(weights)
     load_strict(model, state, weights.name)
     return model.eval(), manifest

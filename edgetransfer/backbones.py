@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,10 @@ class ArchSpec:
         preprocessing: the input contract of the architecture's pretrained weights.
         imagenet_weights: torchvision weights enum name, or None when there are none.
         description: one line for listings.
+        trunk: the modules that run in sequence on the image, up to global pooling; any of
+            them is a valid ``--truncate`` point.
+        blocks: the trainable blocks, in forward order, that ``last-n --unfreeze N`` counts
+            back from (trunk names, or layers after pooling).
     """
 
     name: str
@@ -86,6 +91,8 @@ class ArchSpec:
     preprocessing: Preprocessing
     imagenet_weights: str | None
     description: str
+    trunk: tuple[str, ...] = ()
+    blocks: tuple[str, ...] = ()
 
 
 def _tv(name: str) -> Callable[[int], nn.Module]:
@@ -106,6 +113,12 @@ def register(spec: ArchSpec) -> ArchSpec:
     return spec
 
 
+def _seq(prefix: str, n: int) -> tuple[str, ...]:
+    return tuple(f"{prefix}.{i}" for i in range(n))
+
+
+_RESNET_TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
 for _spec in (
     ArchSpec(
         "mobilenet_v3_small",
@@ -114,6 +127,8 @@ for _spec in (
         IMAGENET,
         "MobileNet_V3_Small_Weights.IMAGENET1K_V1",
         "2.5M params, the edge default",
+        trunk=_seq("features", 13),
+        blocks=(*_seq("features", 13), "classifier.0"),
     ),
     ArchSpec(
         "mobilenet_v3_large",
@@ -122,6 +137,8 @@ for _spec in (
         IMAGENET,
         "MobileNet_V3_Large_Weights.IMAGENET1K_V2",
         "5.5M params",
+        trunk=_seq("features", 17),
+        blocks=(*_seq("features", 17), "classifier.0"),
     ),
     ArchSpec(
         "resnet18",
@@ -130,6 +147,8 @@ for _spec in (
         IMAGENET,
         "ResNet18_Weights.IMAGENET1K_V1",
         "11.7M params, a strong teacher",
+        trunk=_RESNET_TRUNK,
+        blocks=("conv1", "layer1", "layer2", "layer3", "layer4"),
     ),
     ArchSpec(
         "efficientnet_b0",
@@ -138,6 +157,8 @@ for _spec in (
         IMAGENET,
         "EfficientNet_B0_Weights.IMAGENET1K_V1",
         "5.3M params",
+        trunk=_seq("features", 9),
+        blocks=_seq("features", 9),
     ),
     ArchSpec(
         "simple_cnn",
@@ -146,9 +167,18 @@ for _spec in (
         SMALL,
         None,
         "the seed's 2-conv CNN for 32x32 inputs (the shipped digits source model)",
+        trunk=_seq("features", 6),
+        blocks=("features.0", "features.3", "classifier.1"),
     ),
     ArchSpec(
-        "tiny_test", TinyTestNet, "classifier", SMALL, None, "a few thousand parameters, for tests"
+        "tiny_test",
+        TinyTestNet,
+        "classifier",
+        SMALL,
+        None,
+        "a few thousand parameters, for tests",
+        trunk=_seq("features", 3),
+        blocks=("features.0", "features.5"),
     ),
 ):
     register(_spec)
@@ -185,10 +215,51 @@ def split(spec: ArchSpec, model: nn.Module) -> tuple[nn.Module, nn.Linear]:
     return model, head
 
 
-def build_classifier(arch: str, num_classes: int) -> Classifier:
-    """A randomly initialised Classifier of `arch` with `num_classes` outputs."""
+def truncate(spec: ArchSpec, model: nn.Module, block: str) -> nn.Module:
+    """The trunk of a source model cut after `block`, then global average pooling.
+
+    Structure transfer: a smaller, faster backbone that keeps the source weights it contains.
+    """
+    if block not in spec.trunk:
+        raise ArchError(
+            f"cannot truncate {spec.name} at {block!r}; choose one of: {', '.join(spec.trunk)}"
+        )
+    keep = spec.trunk[: spec.trunk.index(block) + 1]
+    layers = [(name.replace(".", "_"), model.get_submodule(name)) for name in keep]
+    layers += [("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten())]
+    return nn.Sequential(OrderedDict(layers))
+
+
+def block_modules(spec: ArchSpec, features: nn.Module, truncated: str | None) -> list[nn.Module]:
+    """The backbone's trainable blocks in forward order (those left after a truncation)."""
+    if truncated:
+        names = spec.trunk[: spec.trunk.index(truncated) + 1]
+        return [features.get_submodule(n.replace(".", "_")) for n in spec.blocks if n in names]
+    return [features.get_submodule(n) for n in spec.blocks]
+
+
+def feature_dim(features: nn.Module, p: Preprocessing) -> int:
+    """Length of the feature vector `features` produces for one input at `p.input_size`."""
+    was_training = features.training
+    features.eval()
+    with torch.no_grad():
+        out = features(torch.zeros(1, 3, *p.input_size))
+    features.train(was_training)
+    return int(out.shape[1])
+
+
+def build_classifier(
+    arch: str, num_classes: int, truncated: str | None = None, p: Preprocessing | None = None
+) -> Classifier:
+    """A randomly initialised Classifier of `arch` with `num_classes` outputs.
+
+    With `truncated`, the backbone is cut after that block (as adapt --truncate did).
+    """
     spec = get_arch(arch)
     features, head = split(spec, spec.build(num_classes))
+    if truncated:
+        features = truncate(spec, features, truncated)
+        head = nn.Linear(feature_dim(features, p or spec.preprocessing), num_classes)
     return Classifier(features, head)
 
 

@@ -2,22 +2,56 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from edgetransfer.errors import DataError
+from edgetransfer.errors import DataError, EdgeTransferWarning, printable
 from edgetransfer.manifest import Preprocessing
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 IGNORED_NAMES = frozenset({"Thumbs.db", "desktop.ini", "__MACOSX"})
 DEFAULT_MAX_PIXELS = 64_000_000
+# Resizing the shorter side of a 1x60000 strip to 256 would need ~4 G pixels: past this ratio an
+# image is refused, which bounds the memory of the resize to ~1000x the square crop.
+MAX_ASPECT = 1000
+# The only formats Pillow may decode. Content decides the format, never the extension, and
+# formats outside this list are refused: EPS, for one, would run Ghostscript.
+DECODE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")  # JPEG covers MPO
+
+_max_pixels: int | None = None  # set by pixel_limit(); None means DEFAULT_MAX_PIXELS
+
+
+def current_max_pixels() -> int:
+    """The decoding limit in force: the innermost :func:`pixel_limit`, else the default."""
+    return _max_pixels or DEFAULT_MAX_PIXELS
+
+
+@contextlib.contextmanager
+def pixel_limit(limit: int | None) -> Iterator[None]:
+    """Make `limit` the default of :func:`load_image` inside the block (None: keep the current).
+
+    The CLI's global ``--max-pixels`` uses this, so every command that decodes images (adapt,
+    export, verify, predict, evaluate, bench) honours it without threading it through.
+    A plain module setting, not a context variable, so decoding threads see it too.
+    """
+    global _max_pixels
+    before = _max_pixels
+    if limit is not None:
+        if limit < 1:
+            raise DataError(f"--max-pixels must be at least 1, not {limit}")
+        _max_pixels = limit
+    try:
+        yield
+    finally:
+        _max_pixels = before
 
 
 @dataclass(frozen=True)
@@ -69,17 +103,96 @@ def _hidden(name: str) -> bool:
 
 
 def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not _hidden(p.name))
+    dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not _hidden(p.name))
+    for p in dirs:
+        try:
+            p.name.encode("utf-8")
+        except UnicodeEncodeError:
+            # Class names become the model's labels, stored as UTF-8 text in every artifact.
+            raise DataError(
+                f"class folder {printable(str(p))} has a name that is not valid UTF-8; "
+                "rename it (class names become the model's labels)"
+            ) from None
+    return dirs
+
+
+def sniff(path: str | os.PathLike) -> bool:
+    """Whether a file's first bytes are the signature of a format in DECODE_FORMATS."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(32)
+    except OSError:
+        return False
+    return (
+        head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a"))
+        or head.startswith((b"II*\x00", b"MM\x00*"))
+        or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+        # "BM" alone is too common in text; also require a known BMP info-header size.
+        or (
+            head[:2] == b"BM"
+            and int.from_bytes(head[14:18], "little") in (12, 40, 52, 56, 64, 108, 124)
+        )
+    )
 
 
 def list_images(folder: Path) -> list[Path]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
-        for f in sorted(filenames):
-            if not _hidden(f) and Path(f).suffix.lower() in IMAGE_EXTS:
-                out.append(Path(dirpath) / f)
+    """Image files under `folder`, recursively, folders before their sub-folders, sorted by name.
+
+    A file counts by its image extension, or, without one, by its first bytes (phones and
+    browsers lose or mangle extensions: ``IMG_0001``, ``photo.jpg_large``); whether it really
+    decodes is found out later and a bad one is skipped and listed. Hidden entries are ignored.
+    Symlinked files and folders are followed; a folder reached a second time (a symlink loop, or
+    two links to one folder) is skipped with an EdgeTransferWarning.
+    """
+    out: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    stack = [Path(folder)]
+    while stack:
+        d = stack.pop()
+        try:
+            st = d.stat()
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            warnings.warn(
+                f"cannot read folder {printable(str(d))} ({e.strerror}); skipped",
+                EdgeTransferWarning,
+                stacklevel=2,
+            )
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            warnings.warn(
+                f"{printable(str(d))} leads to a folder already read (a symlink loop or a "
+                "second link to it); skipped",
+                EdgeTransferWarning,
+                stacklevel=2,
+            )
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        subdirs = []
+        for e in entries:
+            if _hidden(e.name):
+                continue
+            p = Path(e.path)
+            if _is_dir(e):
+                subdirs.append(p)
+            elif Path(e.name).suffix.lower() in IMAGE_EXTS or (_is_file(e) and sniff(p)):
+                out.append(p)  # a dangling link with an image name fails to decode: listed
+        stack.extend(reversed(subdirs))
     return out
+
+
+def _is_dir(e: os.DirEntry) -> bool:
+    try:
+        return e.is_dir()  # follows symlinks
+    except OSError:
+        return False
+
+
+def _is_file(e: os.DirEntry) -> bool:
+    try:
+        return e.is_file()
+    except OSError:
+        return False
 
 
 def scan(root: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0) -> Dataset:
@@ -166,46 +279,68 @@ def _split(samples: list[Sample], val_fraction: float, seed: int) -> list[Sample
     return out
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode any image file to 8-bit RGB with EXIF orientation applied.
+def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
+    """Decode an image file to 8-bit RGB with EXIF orientation applied.
 
-    Raises DataError for anything that is not a decodable image within `max_pixels`.
+    The format is identified from the content, so a PNG named .jpg decodes. The size is checked
+    from the header before any pixel is decoded, so a decompression bomb costs no memory.
+
+    Args:
+        max_pixels: refuse images with more pixels (default: :func:`current_max_pixels`).
+
+    Raises:
+        DataError: for anything that is not a decodable image within the limits, including a
+            truncated file (no partial images: Pillow's LOAD_TRUNCATED_IMAGES is not used).
     """
     path = Path(path)
+    limit = max_pixels or current_max_pixels()
+    name = printable(path.name)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if im.width * im.height > max_pixels:
+            # The limit below is the policy, not Pillow's bomb warning; and Pillow's warnings
+            # about damaged metadata (EXIF, TIFF tags) say nothing a user can act on.
+            warnings.simplefilter("ignore")
+            with Image.open(path, formats=DECODE_FORMATS) as im:
+                w, h = im.size
+                if w * h > limit:
                     raise DataError(
-                        f"{path.name}: {im.width}x{im.height} exceeds --max-pixels {max_pixels}"
+                        f"{name}: {w}x{h} exceeds --max-pixels {limit}; "
+                        "pass a larger --max-pixels if the image is genuine"
                     )
+                if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
+                    raise DataError(f"{name}: {w}x{h} is too elongated (over {MAX_ASPECT}:1)")
                 im.load()
-                im = ImageOps.exif_transpose(im)
-                return to_rgb(im)
+                return to_rgb(ImageOps.exif_transpose(im))
     except DataError:
         raise
-    except (
-        OSError,
-        SyntaxError,
-        ValueError,
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
-        EOFError,
-    ) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{path.name}: not a readable image ({reason})") from None
+    except Image.DecompressionBombError as e:  # over twice Pillow's own MAX_IMAGE_PIXELS
+        raise DataError(f"{name}: refused as a decompression bomb ({_first_line(e)})") from None
+    except Exception as e:
+        # Pillow's decoders answer hostile bytes with many exception types (OSError,
+        # SyntaxError, struct.error, IndexError, ...); all of them mean "not a usable image".
+        raise DataError(f"{name}: not a readable image ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return printable(text.splitlines()[0][:200]) if text else type(e).__name__
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB; transparency is composited onto white."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    """Convert any Pillow mode to 8-bit RGB; transparency is composited onto white.
+
+    16/32-bit integer and float grayscale is stretched from its own min..max to 0..255 (not
+    clipped, which would turn most 16-bit images white); NaN becomes the minimum.
+    """
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         import numpy as np
 
         a = np.asarray(im, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
+        finite = a[np.isfinite(a)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        a = np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo)
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
-        im = Image.fromarray(((a - lo) * scale).round().astype("uint8"), "L")
+        im = Image.fromarray(((a - lo) * scale).round().clip(0, 255).astype("uint8"), "L")
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

@@ -31,3 +31,23 @@ class ExportError(EdgeTransferError):
 
 class ParityError(EdgeTransferError):
     """Exported models do not answer like eager PyTorch within tolerance."""
+
+
+class InputError(EdgeTransferError):
+    """An input batch does not match what a model declares (shape or dtype)."""
+
+
+class EdgeTransferWarning(UserWarning):
+    """Something was skipped but the run can go on; the CLI prints it as one `Warning:` line."""
+
+
+def printable(text: str) -> str:
+    """`text` safe to print or write as UTF-8.
+
+    File names that are not valid UTF-8 reach Python as lone surrogates ("\\udcff"), which
+    make print() and UTF-8 encoding raise; they become a visible "\\xff" instead.
+    """
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # surrogates that did not come from undecodable bytes
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -57,6 +57,9 @@ def extract(
     use_cache: bool = True,
     max_pixels: int | None = None,
     progress: bool = False,
+    augment: str = "none",
+    view: int = 0,
+    seed: int = 0,
 ) -> Features:
     """Feature vectors for `samples` through `backbone` in eval mode, from cache when possible.
 
@@ -64,12 +67,18 @@ def extract(
         backbone_id: identifies the backbone weights (e.g. their sha256) for the cache key.
         max_pixels: decoding limit per image (a decompression-bomb guard).
         progress: show a progress bar on stderr.
+        augment: augmentation preset for this view ("none": the eval pipeline).
+        view, seed: which augmented copy; together they seed each image's augmentation.
     """
     from safetensors.torch import load, save
 
-    from edgetransfer.data import DEFAULT_MAX_PIXELS, eval_transform
+    from edgetransfer.data import current_max_pixels, eval_transform
 
-    key = cache_key(backbone_id, p, samples)
+    # The pixel limit decides which images are bad: a cache entry is only good for its limit.
+    limit = max_pixels or current_max_pixels()
+    key = cache_key(
+        f"{backbone_id}|{limit}|{augment}|{view}|{seed if augment != 'none' else 0}", p, samples
+    )
     path = cache_dir() / "features" / f"{key}.safetensors"
     if use_cache and path.is_file():
         try:
@@ -88,16 +97,21 @@ def extract(
     from tqdm import tqdm
 
     backbone.eval()
-    tf = eval_transform(p)
+    if augment == "none":
+        tf = eval_transform(p)
+    else:
+        from edgetransfer.loaders import train_transform
+
+        tf = _seeded(train_transform(p, augment), seed, view)
     good, bad, rows, batch = [], [], [], []
     for s in tqdm(samples, desc="features", unit="img", disable=not progress, leave=False):
         try:
-            img = load_image(s.path, max_pixels or DEFAULT_MAX_PIXELS)
+            img = load_image(s.path, max_pixels)
         except DataError as e:
             bad.append((s.path, str(e)))
             continue
         good.append(s)
-        batch.append(tf(img))
+        batch.append(tf(img) if augment == "none" else tf(img, len(good) - 1 + len(bad)))
         if len(batch) == batch_size:
             rows.append(backbone(torch.stack(batch)).float())
             batch = []
@@ -118,3 +132,17 @@ def extract(
         )
         atomic_write_bytes(path, blob)
     return Features(good, vectors, bad)
+
+
+def _seeded(transform, seed: int, view: int):
+    """Apply `transform` with the same seeding as loaders.ImageBatches (view = epoch)."""
+
+    def run(img, index: int):
+        state = torch.get_rng_state()
+        torch.manual_seed((seed * 1_000_003 + view) * 1_000_003 + index)
+        try:
+            return transform(img)
+        finally:
+            torch.set_rng_state(state)
+
+    return run

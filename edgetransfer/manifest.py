@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import zipfile
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from edgetransfer.errors import ManifestError
 SCHEMA = 1
 MANIFEST_NAME = "edgetransfer.json"
 METADATA_KEY = "edgetransfer"  # ONNX metadata_props key and safetensors metadata key
+MAX_SIDE = 16384  # largest input_size / resize a manifest may declare
+MAX_MANIFEST = 1 << 20  # bytes; a manifest is a few KiB
 
 
 @dataclass(frozen=True)
@@ -53,12 +56,15 @@ class Preprocessing:
                 color=d.get("color", "RGB"),
                 layout=d.get("layout", "NCHW"),
             )
-        except (KeyError, TypeError, ValueError, IndexError) as e:
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError) as e:
             raise ManifestError(f"invalid preprocessing in manifest: {e!r}") from None
-        if len(p.mean) != 3 or len(p.std) != 3 or min(p.std) <= 0:
+        finite = all(math.isfinite(v) for v in (*p.mean, *p.std))
+        if len(p.mean) != 3 or len(p.std) != 3 or not finite or min(p.std) <= 0:
             raise ManifestError(
-                "invalid preprocessing in manifest: mean/std need 3 values, std > 0"
+                "invalid preprocessing in manifest: mean/std need 3 finite values, std > 0"
             )
+        if max(p.resize, *p.input_size) > MAX_SIDE:  # a hostile file must not size our buffers
+            raise ManifestError(f"invalid preprocessing in manifest: sizes above {MAX_SIDE} pixels")
         if p.crop != "center" or p.interpolation != "bilinear" or p.color != "RGB":
             raise ManifestError(
                 f"unsupported preprocessing (crop={p.crop}, interpolation={p.interpolation}, "
@@ -130,6 +136,8 @@ class Manifest:
             if not isinstance(value, dict):
                 raise ManifestError(f"manifest section {key!r} is not an object")
             sections[key] = value
+        if not all(isinstance(v, str) for v in sections["io"].values()):
+            raise ManifestError("manifest section 'io' must map to tensor names (strings)")
         if "io" not in d:
             sections["io"] = {"input": "input", "output": "logits"}
         return cls(
@@ -145,6 +153,8 @@ class Manifest:
             d = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ManifestError(f"manifest is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ManifestError("manifest is not valid JSON: nested too deeply") from None
         return cls.from_dict(d)
 
 
@@ -196,8 +206,15 @@ def _zip_extra(path: Path) -> str:
         with zipfile.ZipFile(path) as zf:
             for name in zf.namelist():
                 if name.endswith("/extra/" + MANIFEST_NAME) or name == "extra/" + MANIFEST_NAME:
-                    return zf.read(name).decode("utf-8")
-    except (zipfile.BadZipFile, OSError) as e:
+                    # Read at most MAX_MANIFEST bytes: the size in the zip header can lie.
+                    with zf.open(name) as f:
+                        data = f.read(MAX_MANIFEST + 1)
+                    if len(data) > MAX_MANIFEST:
+                        raise ManifestError(f"{path.name}: its manifest is implausibly large")
+                    return data.decode("utf-8")
+    except ManifestError:
+        raise
+    except Exception as e:  # zipfile raises many types on damaged archives (zlib, EOF, ...)
         raise ManifestError(f"{path.name} is not a TorchScript archive: {e}") from None
     raise ManifestError(
         f"{path.name} carries no edgetransfer metadata; export it with edgetransfer"

@@ -1,4 +1,5 @@
-"""onnxruntime sessions and numpy preprocessing for predict: no torch import on this path."""
+"""Model backends for predict / evaluate / bench: onnxruntime sessions with numpy preprocessing
+(no torch import on that path), plus TorchScript and eager RUN_DIR backends behind the same API."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from edgetransfer.errors import EdgeTransferError, ManifestError
+from edgetransfer.errors import EdgeTransferError, InputError, ManifestError
 from edgetransfer.manifest import METADATA_KEY, Manifest, Preprocessing
 
 
@@ -100,15 +101,49 @@ def session_options(threads: int | None = None, opt_level: str = "all"):
     return opts
 
 
-def open_session(path: str | os.PathLike, threads: int | None = None, opt_level: str = "all"):
-    """An onnxruntime CPU session; a file ORT cannot load becomes a one-line ManifestError."""
+# --provider name -> onnxruntime execution providers, preferred first. GPU providers keep the CPU
+# one last so operators they lack still run (onnxruntime's own fallback rule).
+PROVIDERS = {
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+}
+
+
+def resolve_providers(provider: str = "cpu") -> list[str]:
+    """The onnxruntime providers for a --provider name, checked against this installation."""
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise EdgeTransferError(
+            f"unknown provider {provider!r}; choose one of: {', '.join(PROVIDERS)}"
+        )
+    available = ort.get_available_providers()
+    wanted = PROVIDERS[provider][0]
+    if wanted not in available:
+        have = [name for name, ps in PROVIDERS.items() if ps[0] in available]
+        raise EdgeTransferError(
+            f"provider {provider} ({wanted}) is not available in this onnxruntime "
+            f"installation; available: {', '.join(have) or 'none'}"
+        )
+    return [p for p in PROVIDERS[provider] if p in available]
+
+
+def open_session(
+    path: str | os.PathLike,
+    threads: int | None = None,
+    opt_level: str = "all",
+    provider: str = "cpu",
+):
+    """An onnxruntime session; a file ORT cannot load becomes a one-line ManifestError."""
     import onnxruntime as ort
 
     path = Path(path)
+    providers = resolve_providers(provider)
     check_external_data(path)
     try:
         return ort.InferenceSession(
-            str(path), session_options(threads, opt_level), providers=["CPUExecutionProvider"]
+            str(path), session_options(threads, opt_level), providers=providers
         )
     except Exception as e:  # ORT raises its own exception types
         first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
@@ -118,7 +153,9 @@ def open_session(path: str | os.PathLike, threads: int | None = None, opt_level:
 def check_external_data(path: Path) -> None:
     """Refuse an ONNX file whose external tensor data lies outside its own folder.
 
-    Checked on the protobuf alone, before any external file is opened.
+    Checked on the protobuf alone, before any external file is opened: a model from elsewhere
+    must not make us read ``../secret.bin``, ``/etc/passwd`` or a symlink pointing out of the
+    folder. Every tensor counts, including Constant attributes and If/Loop sub-graphs.
     """
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
@@ -128,43 +165,52 @@ def check_external_data(path: Path) -> None:
     except Exception as e:  # protobuf DecodeError and friends
         raise ManifestError(f"{path.name} is not a readable ONNX model: {e}") from None
     folder = path.parent.resolve()
-    for tensor in model.graph.initializer:
+    for tensor in _all_tensors(model.graph):
         if not uses_external_data(tensor):
             continue
         location = ExternalDataInfo(tensor).location
-        target = (folder / location).resolve()
-        if os.path.isabs(location) or ".." in Path(location).parts or folder not in target.parents:
+        try:
+            target = (folder / location).resolve()
+            inside = folder in target.parents
+        except (OSError, ValueError, RuntimeError):  # NUL bytes, symlink loops
+            inside = False
+        if os.path.isabs(location) or ".." in Path(location).parts or not inside:
             raise ManifestError(
                 f"{path.name} refers to external data outside its folder ({location!r}); "
                 "refusing to load it"
             )
 
 
-class OnnxClassifier:
-    """An exported model under onnxruntime, with labels and preprocessing from its metadata."""
+def _all_tensors(graph):
+    """Every TensorProto of a graph: initializers, sparse ones, node attributes, sub-graphs."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for g in attr.graphs:
+                yield from _all_tensors(g)
 
-    def __init__(
-        self, path: str | os.PathLike, threads: int | None = None, opt_level: str = "all"
-    ) -> None:
-        self.path = resolve_onnx(path)
-        self.session = open_session(self.path, threads, opt_level)
-        meta = self.session.get_modelmeta().custom_metadata_map
-        if METADATA_KEY not in meta:
-            raise ManifestError(
-                f"{self.path.name} carries no edgetransfer metadata; export it with edgetransfer"
-            )
-        self.manifest = Manifest.from_json(meta[METADATA_KEY])
-        inp = self.session.get_inputs()[0]
-        self.input_name = inp.name
-        self.raw = inp.type == "tensor(uint8)"  # model.raw.onnx: uint8 NHWC pixels in
+
+class Predictor:
+    """What predict/evaluate/bench need from a backend: the manifest, input preparation, logits.
+
+    Subclasses set `manifest`, `path`, `raw` and implement `logits`.
+    """
+
+    manifest: Manifest
+    path: Path
+    raw: bool = False
+    backend: str = ""
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        """Logits for a batch: normalised float32 NCHW, or uint8 NHWC pixels for a raw model."""
-        names = [o.name for o in self.session.get_outputs()]
-        want = self.manifest.io.get("output", "logits")
-        idx = names.index(want) if want in names else 0
-        dtype = np.uint8 if self.raw else np.float32
-        return self.session.run(None, {self.input_name: batch.astype(dtype, copy=False)})[idx]
+        raise NotImplementedError
 
     def prepare(self, img: Image.Image) -> np.ndarray:
         """One decoded RGB image -> this model's input (without the batch dimension)."""
@@ -173,13 +219,26 @@ class OnnxClassifier:
             return np.asarray(resize_crop(img, p), dtype=np.uint8)
         return preprocess(img, p)
 
-    def predict(self, paths: list[Path], topk: int = 5, batch_size: int = 16) -> list[Prediction]:
+    def example(self, batch: int, seed: int = 0) -> np.ndarray:
+        """A random input batch of the right shape and dtype (for benchmarks)."""
+        h, w = self.manifest.preprocessing.input_size
+        rng = np.random.default_rng(seed)
+        if self.raw:
+            return rng.integers(0, 256, size=(batch, h, w, 3), dtype=np.uint8)
+        return rng.standard_normal((batch, 3, h, w), dtype=np.float32)
+
+    def predict(
+        self, paths: list[Path], topk: int = 5, batch_size: int = 16, progress: bool = False
+    ) -> list[Prediction]:
         """Top-k predictions per image; unreadable images raise DataError."""
+        from tqdm import tqdm
+
         from edgetransfer.data import load_image
 
         labels = self.manifest.labels
         k = max(1, min(topk, len(labels)))
         out: list[Prediction] = []
+        bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, leave=False)
         for i in range(0, len(paths), batch_size):
             chunk = paths[i : i + batch_size]
             x = np.stack([self.prepare(load_image(p)) for p in chunk])
@@ -194,7 +253,176 @@ class OnnxClassifier:
                         [float(v) for v in lg],
                     )
                 )
+            bar.update(len(chunk))
+        bar.close()
         return out
+
+
+def check_batch(batch, inp, raw: bool, what: str) -> np.ndarray:
+    """`batch` as the dtype ONNX input `inp` takes, or InputError naming expected vs got.
+
+    Floats of another width are cast for a float model; anything else is refused rather than
+    cast, since uint8 pixels fed to a normalised model (or floats to a raw one) would run and
+    answer nonsense.
+    """
+    want = np.dtype(np.uint8 if raw else np.float32)
+    dims = [d if isinstance(d, int) else None for d in inp.shape]
+    expected = f"{want.name} [{', '.join('N' if d is None else str(d) for d in dims)}]"
+    got = getattr(batch, "dtype", type(batch).__name__)
+    shape = getattr(batch, "shape", ())
+    ok_kind = isinstance(batch, np.ndarray) and (
+        batch.dtype == want or (not raw and np.issubdtype(batch.dtype, np.floating))
+    )
+    ok_shape = len(shape) == len(dims) and all(
+        d is None or d == n for d, n in zip(dims, shape, strict=False)
+    )
+    if not (ok_kind and ok_shape):
+        hint = " (uint8 NHWC RGB pixels)" if raw else " (normalised NCHW RGB)"
+        raise InputError(
+            f"{what} expects input {inp.name!r} as {expected}{hint}; got {got} {tuple(shape)}"
+        )
+    return batch.astype(want, copy=False)
+
+
+class OnnxClassifier(Predictor):
+    """An exported model under onnxruntime, with labels and preprocessing from its metadata."""
+
+    backend = "onnxruntime"
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        threads: int | None = None,
+        opt_level: str = "all",
+        provider: str = "cpu",
+    ) -> None:
+        self.path = resolve_onnx(path)
+        self.session = open_session(self.path, threads, opt_level, provider)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if METADATA_KEY not in meta:
+            raise ManifestError(
+                f"{self.path.name} carries no edgetransfer metadata; export it with edgetransfer"
+            )
+        self.manifest = Manifest.from_json(meta[METADATA_KEY])
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.raw = inp.type == "tensor(uint8)"  # model.raw.onnx: uint8 NHWC pixels in
+        names = [o.name for o in self.session.get_outputs()]
+        want = self.manifest.io.get("output", "logits")
+        self._out = [want if want in names else names[0]]
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Logits for a batch: normalised float32 NCHW, or uint8 NHWC pixels for a raw model.
+
+        A batch of the wrong shape or kind raises InputError naming what the model expects,
+        instead of onnxruntime's own message.
+        """
+        batch = check_batch(batch, self.session.get_inputs()[0], self.raw, self.path.name)
+        try:
+            return self.session.run(self._out, {self.input_name: batch})[0]
+        except Exception as e:  # onnxruntime's own exception types
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise InputError(f"onnxruntime could not run {self.path.name}: {first}") from None
+
+
+class TorchClassifier(Predictor):
+    """A TorchScript file, a .pt2 program or a RUN_DIR's eager model, fed numpy batches.
+
+    Preprocessing is the same numpy path as for ONNX (tested equal to torchvision's), so every
+    backend sees identical inputs.
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+        import warnings
+
+        import torch
+
+        from edgetransfer.manifest import read_manifest
+
+        path = Path(path)
+        if threads:
+            torch.set_num_threads(threads)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit/export deprecation notes
+            if path.is_dir():
+                from edgetransfer.adapt import load_run
+
+                self.model, self.manifest = load_run(path)
+                self.backend = "eager"
+            elif path.suffix.lower() == ".pt2":
+                self.manifest = read_manifest(path)
+                try:
+                    self.model = torch.export.load(str(path)).module()
+                except Exception as e:  # torch raises many types for a bad archive
+                    raise ManifestError(
+                        f"{path.name} is not a loadable .pt2 program: {e}"
+                    ) from None
+                self.backend = "pt2"
+            else:
+                self.manifest = read_manifest(path)  # read as a zip first: no code runs
+                try:
+                    # TorchScript is code: load only files you exported or trust.
+                    self.model = torch.jit.load(str(path), map_location="cpu").eval()
+                except Exception as e:  # torch.jit raises RuntimeError and friends
+                    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                    raise ManifestError(
+                        f"{path.name} is not a loadable TorchScript model: {first}"
+                    ) from None
+                self.backend = "torchscript"
+        self.path = path
+
+    @classmethod
+    def from_module(cls, model, manifest: Manifest, path: str | os.PathLike) -> TorchClassifier:
+        """Wrap an eager model already in memory (adapt's report uses the model it just built)."""
+        self = cls.__new__(cls)
+        self.model, self.manifest, self.path, self.backend = (
+            model.eval(),
+            manifest,
+            Path(path),
+            "eager",
+        )
+        return self
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(np.ascontiguousarray(batch, np.float32))).numpy()
+
+
+def load_predictor(
+    model: str | os.PathLike, provider: str = "cpu", threads: int | None = None
+) -> Predictor:
+    """The right backend for MODEL: .onnx -> onnxruntime, .pt -> TorchScript, .pt2 -> torch.export,
+    an EXPORT_DIR -> its model.onnx, a RUN_DIR -> the eager model from model.safetensors.
+
+    Only the onnxruntime path avoids importing torch.
+    """
+    path = Path(model)
+    if not path.exists():
+        raise ManifestError(f"model {path} does not exist")
+    if path.is_dir():
+        if (path / "model.onnx").is_file():
+            return OnnxClassifier(path / "model.onnx", threads, provider=provider)
+        if not (path / "model.safetensors").is_file():
+            raise ManifestError(
+                f"{path} has neither model.onnx nor model.safetensors; pass an EXPORT_DIR, "
+                "a RUN_DIR or a model file"
+            )
+        kind = "a RUN_DIR"
+    elif path.suffix.lower() == ".onnx":
+        return OnnxClassifier(path, threads, provider=provider)
+    elif path.suffix.lower() in (".pt", ".pt2"):
+        kind = path.suffix.lower() + " model"
+    else:
+        raise ManifestError(
+            f"{path.name} is not a model: expected .onnx, .pt, .pt2, an EXPORT_DIR or a RUN_DIR"
+        )
+    if provider != "cpu":
+        raise EdgeTransferError(
+            f"--provider {provider} applies to ONNX models; {kind} runs on PyTorch (CPU)"
+        )
+    return TorchClassifier(path, threads)
 
 
 def collect_images(inputs: list[str]) -> list[Path]:

@@ -1,10 +1,18 @@
-"""The small-batch training loop for a linear head on cached features; keeps the best epoch."""
+"""The small-batch training loop shared by every strategy: accumulation, early stopping, the
+best epoch kept, checkpoints, resume after SIGINT/SIGTERM, and a non-finite loss guard."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import math
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -14,106 +22,333 @@ from edgetransfer.errors import EdgeTransferError
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters of the head training loop."""
+    """Hyper-parameters of the loop.
+
+    Attributes:
+        accumulate: micro-batches whose gradients add up before one optimizer step.
+        patience: stop after this many epochs without a better validation result (0: never).
+    """
 
     epochs: int = 30
     batch_size: int = 8
     lr: float = 1e-2
     weight_decay: float = 1e-4
     seed: int = 0
+    accumulate: int = 1
+    patience: int = 10
 
 
 @dataclass
 class TrainResult:
-    """The best head (by validation accuracy, then loss), its epoch and the per-epoch history."""
+    """The best weights (by validation accuracy, then loss), its epoch and the history."""
 
-    head_state: dict[str, torch.Tensor]
+    state: dict[str, torch.Tensor]
     best_epoch: int
     val_top1: float
     val_loss: float
     history: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
 
 
 class NonFiniteLossError(EdgeTransferError):
     """The loss became NaN or infinite; the learning rate is probably too high."""
 
 
+class Interrupted(EdgeTransferError):
+    """Training stopped on SIGINT/SIGTERM after the current step; a checkpoint was written."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class Batches(Protocol):
+    """Mini-batches of (inputs, labels, sample indices); the order depends on the epoch only."""
+
+    def __len__(self) -> int: ...
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]: ...
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """Randomness of one epoch, derived from (seed, epoch) alone, so a resumed run replays it."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+class TensorBatches:
+    """Shuffled mini-batches over cached tensors. With `views` (V, N, ...) one view per sample
+    is drawn each epoch (cached augmented copies)."""
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        views: int = 1,
+    ) -> None:
+        self.x, self.y, self.bs, self.seed, self.shuffle, self.views = (
+            x,
+            y,
+            batch_size,
+            seed,
+            shuffle,
+            views,
+        )
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.y) / self.bs)
+
+    def epoch(self, epoch: int):
+        n = len(self.y)
+        gen = epoch_generator(self.seed, epoch)
+        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+        pick = torch.randint(0, self.views, (n,), generator=gen) if self.views > 1 else None
+        for i in range(0, n, self.bs):
+            idx = order[i : i + self.bs]
+            x = self.x[pick[idx], idx] if pick is not None else self.x[idx]
+            yield x, self.y[idx], idx
+
+
+class Stop:
+    """SIGINT/SIGTERM handling: the first signal asks the loop to stop after the current step;
+    a second one exits at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            self.restore()
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> Stop:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
 @torch.no_grad()
-def _evaluate(head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    if len(y) == 0:
+def evaluate(
+    model: nn.Module, batches: Batches, forward: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+) -> tuple[float, float]:
+    """(mean cross-entropy, top-1) over `batches`; nan when there are none."""
+    total, correct, seen = 0.0, 0, 0
+    for x, y, _ in batches.epoch(0):
+        logits = forward(model, x)
+        total += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+    if not seen:
         return float("nan"), float("nan")
-    logits = head(x)
-    loss = nn.functional.cross_entropy(logits, y).item()
-    return loss, (logits.argmax(1) == y).float().mean().item()
+    return total / seen, correct / seen
 
 
-def train_head(
-    head: nn.Linear,
-    train_x: torch.Tensor,
-    train_y: torch.Tensor,
-    val_x: torch.Tensor,
-    val_y: torch.Tensor,
+def fit(
+    model: nn.Module,
+    param_groups: list[dict],
+    train: Batches,
+    val: Batches,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     cfg: TrainConfig,
+    *,
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lambda m, x: m(x),
+    train_mode: Callable[[], None] | None = None,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    fingerprint: str = "",
     progress: bool = False,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
-    """Train `head` on feature vectors with mini-batches of `cfg.batch_size`.
+    """Train `model` and leave it holding the best epoch's weights.
 
-    Features are standardised with the training set's mean and std while training (so one
-    learning rate suits every backbone); the standardisation is then folded into the head's
-    weights, which are left holding the best epoch.
+    Args:
+        param_groups: optimizer groups (params, lr) — the strategy decides what trains.
+        loss_fn: (logits, labels, sample indices) -> loss, so cached teacher logits can be
+            looked up by index.
+        forward: how the model turns a batch into logits.
+        train_mode: puts the model into training mode (frozen BatchNorm stays in eval).
+        checkpoint: where to write the resumable state (each epoch and on a signal).
+        resume: continue from `checkpoint`; it must come from the same run (`fingerprint`).
+        on_step: called after every optimizer step with (epoch, step), e.g. for tests.
     """
     from tqdm import tqdm
 
-    mean = train_x.mean(0)
-    std = train_x.std(0) if len(train_x) > 1 else torch.ones_like(mean)
-    # Features (nearly) constant on the training set, e.g. dead ReLUs, keep scale 1: dividing by
-    # a tiny std would fold huge weights into the head and ruin int8 quantisation later.
-    std = torch.where(std > 1e-3 * std.mean() + 1e-8, std, torch.ones_like(std))
-    train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
-
-    gen = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    history: list[dict[str, float]] = []
     best: TrainResult | None = None
-    history = []
-    bar = tqdm(range(1, cfg.epochs + 1), desc="epochs", disable=not progress, leave=False)
-    for epoch in bar:
-        head.train()
-        order = torch.randperm(len(train_y), generator=gen)
-        total, correct, seen = 0.0, 0, 0
-        for i in range(0, len(order), cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
-            logits = head(train_x[idx])
-            loss = nn.functional.cross_entropy(logits, train_y[idx])
-            if not math.isfinite(loss.item()):
-                raise NonFiniteLossError(
-                    f"loss became {loss.item()} in epoch {epoch}; lower the learning rate "
-                    "(nothing was written)"
-                )
+    start_epoch, skip_steps, stale = 1, 0, 0
+    run = {"total": 0.0, "correct": 0, "seen": 0}  # this epoch's running training metrics
+    if resume:
+        state = _load_checkpoint(checkpoint, fingerprint)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        history = state["history"]
+        if state["best"] is not None:
+            best = TrainResult(
+                state["best"], state["best_epoch"], state["best_top1"], state["best_loss"]
+            )
+        start_epoch, skip_steps, stale = state["epoch"], state["step"], state["stale"]
+        run = state["run"]
+        torch.set_rng_state(state["rng"])
+    else:
+        torch.manual_seed(cfg.seed)
+
+    def save(epoch: int, step: int) -> None:
+        if checkpoint is None:
+            return
+        from edgetransfer.fileio import atomic_write_bytes
+
+        buf = io.BytesIO()
+        torch.save(
+            {
+                "fingerprint": fingerprint,
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "epoch": epoch,
+                "step": step,
+                "stale": stale,
+                "history": history,
+                "best": best.state if best else None,
+                "best_epoch": best.best_epoch if best else 0,
+                "best_top1": best.val_top1 if best else 0.0,
+                "best_loss": best.val_loss if best else 0.0,
+                "rng": torch.get_rng_state(),
+                "run": run,
+            },
+            buf,
+        )
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(checkpoint, buf.getvalue())
+
+    micro = max(1, cfg.accumulate)
+    stopped_early = False
+    with Stop() as stop:
+        bar = tqdm(
+            range(start_epoch, cfg.epochs + 1),
+            desc="epochs",
+            disable=not progress,
+            leave=False,
+            initial=start_epoch - 1,
+            total=cfg.epochs,
+        )
+        for epoch in bar:
+            (train_mode or model.train)()
+            if not skip_steps:
+                run = {"total": 0.0, "correct": 0, "seen": 0}
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == train_y[idx]).sum())
-            seen += len(idx)
-        head.eval()
-        val_loss, val_acc = _evaluate(head, val_x, val_y)
-        row = {
-            "epoch": epoch,
-            "train_loss": total / seen,
-            "train_top1": correct / seen,
-            "val_loss": val_loss,
-            "val_top1": val_acc,
-        }
-        history.append(row)
-        bar.set_postfix(val_top1=f"{val_acc:.3f}")
-        if best is None or (val_acc, -val_loss) > (best.val_top1, -best.val_loss):
-            best = TrainResult(copy.deepcopy(head.state_dict()), epoch, val_acc, val_loss)
+            for i, (x, y, idx) in enumerate(train.epoch(epoch)):
+                if i // micro < skip_steps:
+                    continue  # already done before the interruption
+                logits = forward(model, x)
+                loss = loss_fn(logits, y, idx)
+                if not math.isfinite(loss.item()):
+                    raise NonFiniteLossError(
+                        f"loss became {loss.item()} in epoch {epoch}; lower the learning rate "
+                        "(--lr); the best checkpoint so far was not changed"
+                    )
+                (loss / micro).backward()
+                run["total"] += loss.item() * len(y)
+                run["correct"] += int((logits.detach().argmax(1) == y).sum())
+                run["seen"] += len(y)
+                if (i + 1) % micro == 0 or i + 1 == len(train):
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    step = i // micro + 1
+                    if on_step:
+                        on_step(epoch, step)
+                    if stop.signum is not None:
+                        save(epoch, step)
+                        name = signal.Signals(stop.signum).name
+                        raise Interrupted(
+                            f"{name}: stopped in epoch {epoch} after step {step}; checkpoint "
+                            f"{checkpoint}; run the same command with --resume to continue",
+                            stop.signum,
+                        )
+            skip_steps = 0
+            model.eval()
+            val_loss, val_acc = evaluate(model, val, forward)
+            seen = max(run["seen"], 1)
+            row = {
+                "epoch": epoch,
+                "train_loss": run["total"] / seen,
+                "train_top1": run["correct"] / seen,
+                "val_loss": val_loss,
+                "val_top1": val_acc,
+            }
+            history.append(row)
+            bar.set_postfix(val_top1=f"{val_acc:.3f}")
+            if best is None or (val_acc, -val_loss) > (best.val_top1, -best.val_loss):
+                best = TrainResult(copy.deepcopy(model.state_dict()), epoch, val_acc, val_loss)
+                stale = 0
+            else:
+                stale += 1
+            save(epoch + 1, 0)
+            if cfg.patience and stale >= cfg.patience:
+                stopped_early = True
+                break
     assert best is not None, "epochs must be >= 1"
-    with torch.no_grad():
-        weight = best.head_state["weight"] / std
-        bias = best.head_state["bias"] - weight @ mean
-        head.weight.copy_(weight)
-        head.bias.copy_(bias)
-    best.head_state = {k: v.clone() for k, v in head.state_dict().items()}
+    model.load_state_dict(best.state)
     best.history = history
+    best.stopped_early = stopped_early
     return best
+
+
+def _load_checkpoint(path: Path | None, fingerprint: str) -> dict:
+    if path is None or not path.is_file():
+        raise EdgeTransferError(f"nothing to resume: no checkpoint at {path}; run without --resume")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged checkpoint must not be half-used
+        raise EdgeTransferError(
+            f"checkpoint {path} is damaged ({e}); run without --resume"
+        ) from None
+    if state.get("fingerprint") != fingerprint:
+        raise EdgeTransferError(
+            f"checkpoint {path} belongs to a different run (data, strategy or settings changed); "
+            "run without --resume"
+        )
+    return state
+
+
+def remove_checkpoint(path: Path | None) -> None:
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+class Standardize(nn.Module):
+    """(x - mean) / std with fixed statistics, folded into the next Linear after training."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        super().__init__()
+        mean = x.mean(0)
+        std = x.std(0) if len(x) > 1 else torch.ones_like(mean)
+        # Features (nearly) constant on the training set, e.g. dead ReLUs, keep scale 1:
+        # dividing by a tiny std would fold huge weights into the head and ruin int8 later.
+        std = torch.where(std > 1e-3 * std.mean() + 1e-8, std, torch.ones_like(std))
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+@torch.no_grad()
+def fold(standardize: Standardize, head: nn.Linear) -> None:
+    """Make `head(x)` equal `head(standardize(x))` so the deployed model needs no extra op."""
+    weight = head.weight / standardize.std
+    head.bias.sub_(weight @ standardize.mean)
+    head.weight.copy_(weight)

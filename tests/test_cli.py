@@ -40,7 +40,7 @@ def _adapt_args(data, out, *extra):
 def test_adapt_export_verify_predict_on_synthetic(colors, tmp_path):
     res = run(*_adapt_args(colors, tmp_path / "run"))
     assert res.exit_code == 0, res.output
-    assert "adapted tiny_test to 3 classes (blue, green, red)" in res.output
+    assert "adapted tiny_test (head) to 3 classes (blue, green, red)" in res.output
     m = json.loads((tmp_path / "run" / "edgetransfer.json").read_text())
     assert m["adapt"]["strategy"] == "head" and m["data"]["train"] + m["data"]["val"] == 24
     assert len(m["data"]["fingerprint"]) == 64 and m["versions"]["torch"]

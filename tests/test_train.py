@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from edgetransfer.train import NonFiniteLossError, TrainConfig, train_head
+from edgetransfer.train import (
+    NonFiniteLossError,
+    Standardize,
+    TensorBatches,
+    TrainConfig,
+    fit,
+    fold,
+)
 
 
 def _blobs(n=60, d=12, k=3, seed=0, scale=50.0):
@@ -12,17 +19,45 @@ def _blobs(n=60, d=12, k=3, seed=0, scale=50.0):
     return x * scale + 7.0, y  # far from standardised, as real features are
 
 
-def test_head_learns_and_keeps_best_epoch():
+def _ce(logits, y, idx):
+    return torch.nn.functional.cross_entropy(logits, y)
+
+
+def _train(x, y, vx, vy, cfg):
+    std = Standardize(x)
+    head = torch.nn.Linear(x.shape[1], 3)
+    model = torch.nn.Sequential(std, head)
+    res = fit(
+        model,
+        [{"params": list(head.parameters())}],
+        TensorBatches(x, y, cfg.batch_size, cfg.seed),
+        TensorBatches(vx, vy, 64, 0, shuffle=False),
+        _ce,
+        cfg,
+    )
+    return std, head, res
+
+
+def test_head_learns_keeps_best_epoch_and_folds():
     x, y = _blobs(n=120)
     x, y, vx, vy = x[:60], y[:60], x[60:], y[60:]
-    head = torch.nn.Linear(12, 3)
-    res = train_head(head, x, y, vx, vy, TrainConfig(epochs=8, batch_size=4))
+    std, head, res = _train(x, y, vx, vy, TrainConfig(epochs=8, batch_size=4, patience=0))
     assert res.val_top1 > 0.95
     assert len(res.history) == 8
     assert res.history[res.best_epoch - 1]["val_top1"] == res.val_top1
-    # the standardisation is folded into the head: raw features in, same answer out
     with torch.no_grad():
-        assert (head(vx).argmax(1) == vy).float().mean().item() == pytest.approx(res.val_top1)
+        before = head(std(vx))
+        fold(std, head)
+        torch.testing.assert_close(head(vx), before, rtol=1e-4, atol=1e-4)
+
+
+def test_early_stopping():
+    x, y = _blobs()
+    noise = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    # validation labels unrelated to the inputs: no lasting improvement, so it stops early
+    _, _, res = _train(x, y, x, noise, TrainConfig(epochs=50, batch_size=8, patience=2))
+    assert res.stopped_early and len(res.history) < 50
+    assert len(res.history) - res.best_epoch == 2
 
 
 def test_training_is_deterministic():
@@ -30,14 +65,31 @@ def test_training_is_deterministic():
     outs = []
     for _ in range(2):
         torch.manual_seed(3)
-        head = torch.nn.Linear(12, 3)
-        train_head(head, x, y, x, y, TrainConfig(epochs=3, seed=5))
+        _, head, _ = _train(x, y, x, y, TrainConfig(epochs=3, seed=5))
         outs.append(head.weight.detach().clone())
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
 
 
 def test_non_finite_loss_stops_at_once():
     x, y = _blobs()
+    steps = []
     head = torch.nn.Linear(12, 3)
     with pytest.raises(NonFiniteLossError, match="lower the learning rate"):
-        train_head(head, x, y, x, y, TrainConfig(epochs=5, lr=1e30))
+        fit(
+            head,
+            [{"params": list(head.parameters())}],
+            TensorBatches(x, y, 8, 0),
+            TensorBatches(x, y, 8, 0, shuffle=False),
+            _ce,
+            TrainConfig(epochs=5, lr=1e30),
+            on_step=lambda e, s: steps.append((e, s)),
+        )
+    assert len(steps) <= 2  # caught within a step of going non-finite
+
+
+def test_dead_features_do_not_blow_up_the_folded_head():
+    x, y = _blobs()
+    x[:, 3] = 0.0  # a dead ReLU: constant on the training set
+    std, head, _ = _train(x, y, x, y, TrainConfig(epochs=2))
+    fold(std, head)
+    assert head.weight.abs().max() < 1e3

@@ -1,0 +1,332 @@
+"""HTML reports with pictures: `evaluate --report DIR` and the RUN_DIR/report.html adapt writes.
+
+Plots use matplotlib's object API (Figure + Agg canvas), never pyplot, so no GUI backend or
+global figure state is involved. matplotlib is the optional extra `report`.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+
+from edgetransfer.errors import EdgeTransferError
+
+REPORT_INDEX = "index.html"
+RUN_REPORT = "report.html"
+RUN_REPORT_FILES = "report"  # the run report's pictures, beside report.html
+MISTAKES = 24
+THUMB = 128  # thumbnail's longer side in pixels
+INSTALL_HINT = "pip install 'edgetransfer[report]'"
+
+
+class ReportUnavailable(EdgeTransferError):
+    """matplotlib (the `report` extra) is not installed."""
+
+
+def require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ReportUnavailable(f"the HTML report needs matplotlib: {INSTALL_HINT}") from None
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_confusion(cm: np.ndarray, labels: list[str], path: Path) -> None:
+    """Confusion matrix as a PNG: colour is the row share (recall), text the count."""
+    c = len(labels)
+    size = min(3 + 0.4 * c, 14)
+    fig = _figure(size + 1, size)
+    ax = fig.add_subplot()
+    rows = cm.sum(1, keepdims=True)
+    share = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0)
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    if c <= 40:  # beyond that, tick labels and counts are unreadable anyway
+        ax.set_xticks(range(c), labels, rotation=45, ha="right", rotation_mode="anchor")
+        ax.set_yticks(range(c), labels)
+        for i in range(c):
+            for j in range(c):
+                if cm[i, j]:
+                    color = "white" if share[i, j] > 0.6 else "black"
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", color=color, fontsize=9)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"Confusion matrix ({int(cm.sum())} images)")
+    fig.savefig(path)
+
+
+def plot_history(history: list[dict], path: Path, best_epoch: int | None = None) -> None:
+    """Training and validation loss and top-1 per epoch, the kept epoch marked."""
+    fig = _figure(10, 3.8)
+    epochs = [r["epoch"] for r in history]
+    for k, (key, title) in enumerate((("loss", "Loss"), ("top1", "Top-1 accuracy"))):
+        ax = fig.add_subplot(1, 2, k + 1)
+        for split, style in (("train", "-"), ("val", "-")):
+            values = [r.get(f"{split}_{key}") for r in history]
+            if any(v is not None for v in values):
+                ax.plot(epochs, values, style, marker="o", markersize=3, label=split)
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label="kept epoch")
+        if key == "top1":
+            ax.set_ylim(0, 1.02)
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.savefig(path)
+
+
+def save_thumbnail(src: str | os.PathLike, dst: Path, size: int = THUMB) -> None:
+    """A PNG thumbnail; small images are enlarged without smoothing so their pixels stay visible."""
+    from PIL import Image
+
+    from edgetransfer.data import load_image
+
+    img = load_image(src)
+    scale = size / max(img.size)
+    new = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    img = img.resize(new, Image.NEAREST if scale > 1 else Image.LANCZOS)
+    img.save(dst, format="PNG")
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222;
+       padding: 0 1em; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
+.summary td { padding: 2px 12px 2px 0; }
+table.metrics { border-collapse: collapse; }
+table.metrics th, table.metrics td { padding: 4px 10px; border-bottom: 1px solid #eee; }
+table.metrics td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.low { color: #b00020; font-weight: 600; }
+img.plot { max-width: 100%; border: 1px solid #eee; }
+.grid { display: flex; flex-wrap: wrap; gap: 12px; }
+figure { margin: 0; width: 150px; font-size: 0.8em; }
+figure img { width: 128px; height: 128px; object-fit: contain; image-rendering: pixelated;
+             background: #f4f4f4; border: 2px solid #b00020; }
+figcaption { overflow-wrap: anywhere; } .file { color: #555; word-break: break-all; }
+.note { color: #666; }
+"""
+
+
+def _src(rel: str) -> str:
+    return html.escape(quote(rel), quote=True)
+
+
+def _e(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _page(title: str, body: list[str]) -> str:
+    from edgetransfer import __version__
+
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        f"<h1>{_e(title)}</h1>\n" + "\n".join(body) + "\n"
+        f'<p class="note">Written by edgetransfer {_e(__version__)}.</p>\n</body>\n</html>\n'
+    )
+
+
+def _summary(rows: list[tuple[str, object]]) -> str:
+    cells = "".join(f"<tr><td>{_e(k)}</td><td><b>{_e(v)}</b></td></tr>" for k, v in rows)
+    return f'<table class="summary">{cells}</table>'
+
+
+def _class_table(result) -> str:
+    head = "<tr><th>class</th><th>images</th><th>precision</th><th>recall</th><th>F1</th></tr>"
+    rows = []
+    for label, m in result.metrics.per_class.items():
+        cells = []
+        for v in (m.precision, m.recall, m.f1):
+            low = " low" if m.support and v < 0.8 else ""
+            cells.append(f'<td class="num{low}">{v:.1%}</td>')
+        rows.append(
+            f'<tr><td>{_e(label)}</td><td class="num">{m.support}</td>{"".join(cells)}</tr>'
+        )
+    return f'<table class="metrics">{head}{"".join(rows)}</table>'
+
+
+def _eval_sections(result, folder: Path, prefix: str, mistakes: int) -> list[str]:
+    """Confusion matrix, per-class table and mistake thumbnails; pictures go into `folder`,
+    referenced as `prefix` + name from the HTML file."""
+    from edgetransfer.errors import DataError
+
+    plot_confusion(result.metrics.confusion, result.metrics.labels, folder / "confusion.png")
+    out = [
+        "<h2>Confusion matrix</h2>",
+        f'<img class="plot" src="{_src(prefix + "confusion.png")}" '
+        'alt="confusion matrix: rows are the true class, columns the prediction">',
+        "<h2>Per class</h2>",
+        _class_table(result),
+    ]
+    wrong = result.mistakes(mistakes)
+    total_wrong = int((result.probs.argmax(1) != result.truth).sum())
+    out.append(f"<h2>Most confident mistakes ({len(wrong)} of {total_wrong})</h2>")
+    if not wrong:
+        out.append('<p class="note">No mistakes.</p>')
+    else:
+        (folder / "mistakes").mkdir(exist_ok=True)
+        figs = []
+        for i, m in enumerate(wrong):
+            name = f"mistakes/{i:03d}.png"
+            try:
+                save_thumbnail(m.path, folder / name)
+            except DataError:
+                continue  # the file changed since it was evaluated: leave it out
+            figs.append(
+                f'<figure><img src="{_src(prefix + name)}" alt="{_e(Path(m.path).name)}">'
+                f"<figcaption><b>{_e(m.pred)}</b> {m.prob:.0%}, true <b>{_e(m.true)}</b><br>"
+                f'<span class="file">{_e(_short(m.path))}</span></figcaption></figure>'
+            )
+        out.append(f'<div class="grid">{"".join(figs)}</div>')
+    if result.skipped:
+        items = "".join(f"<li>{_e(p)}: {_e(r)}</li>" for p, r in result.skipped)
+        out.append(f"<h2>Unreadable images ({len(result.skipped)})</h2><ul>{items}</ul>")
+    return out
+
+
+def _short(path: str) -> str:
+    """class-folder/file name: enough to find the image, short enough for a caption."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+
+
+def _metric_rows(result) -> list[tuple[str, object]]:
+    m = result.metrics
+    return [
+        (
+            "images",
+            f"{m.images}" + (f" ({len(result.skipped)} unreadable)" if result.skipped else ""),
+        ),
+        ("top-1", f"{m.top1:.1%}"),
+        (f"top-{m.top5_k}", f"{m.top5:.1%}"),
+        ("macro F1", f"{m.macro_f1:.1%}"),
+    ]
+
+
+def write_eval_report(
+    result, out: str | os.PathLike, *, force: bool = False, mistakes: int = MISTAKES
+) -> Path:
+    """Write an evaluation report folder: index.html, confusion.png, mistakes/, metrics.json.
+
+    Args:
+        result: an evaluate.EvalResult.
+        out: the folder; an existing one is replaced only with `force`, and only on success.
+
+    Returns:
+        The path of index.html.
+    """
+    from edgetransfer.fileio import atomic_write_text, output_dir
+
+    require_matplotlib()
+    with output_dir(out, force) as tmp:
+        body = [
+            _summary(
+                [
+                    ("model", result.model),
+                    ("data", f"{result.data_dir} (split: {result.split})"),
+                    *_metric_rows(result),
+                ]
+            ),
+            *_eval_sections(result, tmp, "", mistakes),
+        ]
+        title = f"Evaluation of {Path(result.model).name or result.model}"
+        atomic_write_text(tmp / REPORT_INDEX, _page(title, body))
+        atomic_write_text(
+            tmp / "metrics.json", json.dumps(result.to_dict(mistakes), indent=2) + "\n"
+        )
+    return Path(out) / REPORT_INDEX
+
+
+def write_run_report(
+    run_dir: str | os.PathLike,
+    *,
+    model=None,
+    data_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+    mistakes: int = MISTAKES,
+) -> Path:
+    """Write RUN_DIR/report.html (pictures in RUN_DIR/report/): training curves from
+    history.json, and confusion matrix, per-class table and mistakes on the validation split.
+
+    Args:
+        run_dir: a RUN_DIR with edgetransfer.json and history.json (model.safetensors too,
+            unless `model` is given).
+        model: the eager Classifier already in memory; loaded from run_dir when None.
+        data_dir: the data the run was adapted on [default: the one recorded in run.json]. When
+            it is gone, the report has the curves only.
+        progress: show a progress bar while the validation images run.
+
+    Returns:
+        The path of report.html.
+
+    Raises:
+        ReportUnavailable: matplotlib is not installed (nothing is written).
+    """
+    from edgetransfer.adapt import run_data_dir
+    from edgetransfer.evaluate import evaluate
+    from edgetransfer.fileio import atomic_write_text, output_dir
+    from edgetransfer.manifest import read_manifest
+    from edgetransfer.runtime import TorchClassifier
+
+    require_matplotlib()
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    try:
+        history = json.loads((run_dir / "history.json").read_text())
+    except (OSError, ValueError):
+        history = []
+    data_dir = Path(data_dir) if data_dir is not None else run_data_dir(run_dir)
+    best = manifest.adapt.get("best_epoch")
+    rows: list[tuple[str, object]] = [
+        ("model", f"{manifest.arch}, {len(manifest.labels)} classes"),
+        ("strategy", manifest.adapt.get("strategy", "?")),
+        (
+            "images",
+            f"{manifest.data.get('train', '?')} train / {manifest.data.get('val', '?')} validation",
+        ),
+    ]
+    if best is not None:
+        rows.append(("kept epoch", f"{best} of {manifest.adapt.get('epochs', len(history))}"))
+    with output_dir(run_dir / RUN_REPORT_FILES, force=True) as tmp:
+        body = []
+        if history:
+            plot_history(history, tmp / "curves.png", best)
+            body += [
+                "<h2>Training curves</h2>",
+                f'<img class="plot" src="{_src(RUN_REPORT_FILES + "/curves.png")}" '
+                'alt="loss and top-1 per epoch">',
+            ]
+        if data_dir is not None and data_dir.is_dir():
+            predictor = (
+                TorchClassifier.from_module(model, manifest, run_dir) if model is not None else None
+            )
+            result = evaluate(
+                run_dir, data_dir, split="val", predictor=predictor, progress=progress
+            )
+            rows += [(f"validation {k}", v) for k, v in _metric_rows(result)]
+            body += _eval_sections(result, tmp, RUN_REPORT_FILES + "/", mistakes)
+        else:
+            body.append(
+                '<p class="note">The data folder of this run is gone: no validation '
+                "results. Run <code>edgetransfer evaluate RUN_DIR DATA_DIR --split val "
+                "--report DIR</code> for them.</p>"
+            )
+        # Not run_dir.name: adapt calls this on its temp folder before renaming it.
+        where = f" on {data_dir.name}" if data_dir is not None else ""
+        page = _page(f"Adaptation report: {manifest.arch}{where}", [_summary(rows), *body])
+    atomic_write_text(run_dir / RUN_REPORT, page)
+    return run_dir / RUN_REPORT

@@ -1,0 +1,179 @@
+"""Which parameters train for each transfer strategy, and the losses that guide them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from edgetransfer.errors import EdgeTransferError
+
+STRATEGIES = ("head", "last-n", "bias", "full", "distill")
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm)
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """How the backbone takes part in training.
+
+    Attributes:
+        strategy: head | last-n | bias | full | distill.
+        unfreeze: blocks that train with ``last-n`` (counted from the end).
+        train_bn: let BatchNorm layers that train update their statistics and affine weights
+            (default: frozen in eval mode, the safe choice for small batches).
+        backbone_lr_mult: backbone learning rate as a fraction of the head's (``full``,
+            ``last-n``, ``bias``, ``distill``).
+    """
+
+    strategy: str = "head"
+    unfreeze: int = 2
+    train_bn: bool = False
+    backbone_lr_mult: float = 0.1
+
+
+@dataclass
+class Plan:
+    """The outcome of applying a strategy to a backbone."""
+
+    trainable: list[nn.Parameter]  # backbone parameters that train
+    frozen_prefix: int  # leading blocks that do not train (their output can be cached)
+    bn_train: list[nn.Module]  # norm layers to put in train mode during training
+
+
+def check(cfg: StrategyConfig) -> None:
+    if cfg.strategy not in STRATEGIES:
+        raise EdgeTransferError(
+            f"unknown strategy {cfg.strategy!r}; choose one of: {', '.join(STRATEGIES)}"
+        )
+    if cfg.strategy == "last-n" and cfg.unfreeze < 1:
+        raise EdgeTransferError("--unfreeze must be at least 1 with --strategy last-n")
+
+
+def apply(cfg: StrategyConfig, features: nn.Module, blocks: list[nn.Module]) -> Plan:
+    """Set requires_grad on the backbone for `cfg.strategy` and say what trains.
+
+    The head always trains and is not part of `features`.
+    """
+    check(cfg)
+    for p in features.parameters():
+        p.requires_grad_(False)
+    bn_train: list[nn.Module] = []
+    if cfg.strategy == "head":
+        return Plan([], len(blocks), [])
+    if cfg.strategy in ("full", "distill"):
+        for p in features.parameters():
+            p.requires_grad_(True)
+        prefix = 0
+        scope = [features]
+    elif cfg.strategy == "last-n":
+        n = min(cfg.unfreeze, len(blocks))
+        prefix = len(blocks) - n
+        scope = blocks[prefix:]
+        for block in scope:
+            for p in block.parameters():
+                p.requires_grad_(True)
+    else:  # bias: only biases (and norm affine parameters with --train-bn) train
+        prefix = 0
+        scope = [features]
+        for m in features.modules():
+            if isinstance(m, _BN):
+                continue
+            bias = getattr(m, "bias", None)
+            if isinstance(bias, nn.Parameter):
+                bias.requires_grad_(True)
+    for block in scope:
+        for m in block.modules():
+            if isinstance(m, _BN):
+                for p in m.parameters(recurse=False):
+                    p.requires_grad_(cfg.train_bn)
+                if cfg.train_bn:
+                    bn_train.append(m)
+    trainable = [p for p in features.parameters() if p.requires_grad]
+    if not trainable:
+        raise EdgeTransferError(
+            f"--strategy {cfg.strategy} leaves nothing to train in this backbone; try --train-bn "
+            "or another strategy"
+        )
+    return Plan(trainable, prefix, bn_train)
+
+
+def set_train_mode(features: nn.Module, plan: Plan) -> None:
+    """Eval mode everywhere (frozen BatchNorm statistics, no dropout in frozen parts), train
+    mode only for the norm layers that are allowed to learn."""
+    features.eval()
+    for m in plan.bn_train:
+        m.train()
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al.: KL(teacher_T || student_T) * T^2, so gradients keep their scale."""
+    t = temperature
+    return nn.functional.kl_div(
+        nn.functional.log_softmax(student / t, dim=1),
+        nn.functional.log_softmax(teacher / t, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    ) * (t * t)
+
+
+def l2sp_penalty(params: list[nn.Parameter], source: list[torch.Tensor]) -> torch.Tensor:
+    """L2-SP: squared distance of the trained backbone weights from the source weights."""
+    total = torch.zeros(())
+    for p, s in zip(params, source, strict=True):
+        total = total + (p - s).pow(2).sum()
+    return total
+
+
+def estimate_memory(model: nn.Module, plan: Plan, batch: int, p, cached: bool) -> dict:
+    """Training memory in MiB: weights, gradients and AdamW state of what trains, and the
+    activations kept for the backward pass at `batch` (measured with forward hooks).
+
+    With `cached` features (strategy head) only the head runs, so activations are tiny.
+    """
+    head_params = list(model.head.parameters())
+    trainable = plan.trainable + head_params
+    n_all = sum(t.numel() for t in model.parameters())
+    n_train = sum(t.numel() for t in trainable)
+    acts = 0
+    if not cached:
+        scope = _activation_scope(model, plan)
+        sizes: list[int] = []
+        hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(o.numel())) for m in scope]
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, *p.input_size))
+        model.train(was)
+        for h in hooks:
+            h.remove()
+        acts = sum(sizes) * batch * 4
+    mib = 1024 * 1024
+    out = {
+        "weights_mib": n_all * 4 / mib,
+        "gradients_mib": n_train * 4 / mib,
+        "optimizer_mib": 2 * n_train * 4 / mib,
+        "activations_mib": acts / mib,
+    }
+    out["total_mib"] = sum(out.values())
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def _activation_scope(model: nn.Module, plan: Plan) -> list[nn.Module]:
+    """Leaf modules whose outputs autograd keeps for the backward pass."""
+    trainable = {id(t) for t in plan.trainable}
+    leaves = [m for m in model.features.modules() if not list(m.children())]
+    if not trainable:
+        return []
+    # Autograd saves activations from the first module that has a trainable parameter on.
+    first = next(
+        i
+        for i, m in enumerate(leaves)
+        if any(id(t) in trainable for t in m.parameters(recurse=False))
+    )
+    scope = leaves[first:]
+    if all(not t.requires_grad or t.ndim == 1 for t in plan.trainable):
+        # Biases only (TinyTL): weight gradients need no stored inputs; non-linearities and
+        # pooling still keep their masks/inputs.
+        scope = [m for m in scope if not isinstance(m, (nn.Conv2d, nn.Linear))]
+    return scope

@@ -1,0 +1,164 @@
+"""HTML reports are checked for real: they parse, every picture exists and is a valid PNG, and
+(when Chromium is installed) they render to a non-blank page."""
+
+import json
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from edgetransfer.cli import cli
+from edgetransfer.report import write_run_report
+
+from .conftest import DIGITS
+
+LABELS = ["eight", "five", "nine", "seven", "six"]
+
+
+class _Page(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.headings: list[str] = []
+        self.cells: list[str] = []
+        self._tag = ""
+        self._in_td = False
+
+    def handle_starttag(self, tag, attrs):
+        self._tag = tag
+        self._in_td = self._in_td or tag == "td"
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+
+    def handle_data(self, data):
+        if self._tag in ("h1", "h2"):
+            self.headings.append(data.strip())
+        elif self._in_td:
+            self.cells.append(data.strip())
+
+    def handle_endtag(self, tag):
+        self._tag = ""
+        self._in_td = self._in_td and tag != "td"
+
+
+def check_page(path: Path) -> _Page:
+    """Parse the page and verify every referenced picture is a real PNG beside it."""
+    page = _Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    page.close()
+    assert page.images, "the report has no pictures"
+    for src in page.images:
+        assert "://" not in src and not src.startswith("/"), src  # relative: the folder moves
+        img = path.parent / unquote(src)
+        assert img.is_file(), src
+        with Image.open(img) as im:
+            assert im.format == "PNG"
+            im.verify()
+    return page
+
+
+def test_evaluate_report(digits_export, tmp_path):
+    out = tmp_path / "rep"
+    res = CliRunner().invoke(
+        cli, ["evaluate", str(digits_export), str(DIGITS), "--report", str(out), "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    assert d["report"] == str(out / "index.html")
+    page = check_page(out / "index.html")
+    assert "confusion.png" in page.images
+    wrong = sum(d["confusion"]["matrix"][i][j] for i in range(5) for j in range(5) if i != j)
+    assert len([s for s in page.images if s.startswith("mistakes/")]) == min(wrong, 24)
+    assert f"Most confident mistakes ({min(wrong, 24)} of {wrong})" in page.headings
+    assert all(label in page.cells for label in LABELS)  # the per-class table
+    assert json.loads((out / "metrics.json").read_text())["top1"] == d["top1"]
+
+
+def test_adapt_writes_run_report(digits_run):
+    """The session's adapted RUN_DIR has report.html: curves, confusion matrix, mistakes."""
+    page = check_page(digits_run / "report.html")
+    assert {"report/curves.png", "report/confusion.png"} <= set(page.images)
+    assert "Training curves" in page.headings and "Per class" in page.headings
+    manifest = json.loads((digits_run / "edgetransfer.json").read_text())
+    assert f"{manifest['metrics']['val_top1']:.1%}" in page.cells  # same val top-1 as adapt
+
+
+def test_run_report_without_data_has_curves_only(digits_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(digits_run, run)
+    (run / "run.json").write_text(json.dumps({"data_dir": str(tmp_path / "gone")}))
+    index = write_run_report(run)
+    page = check_page(index)
+    assert page.images == ["report/curves.png"]
+    assert "The data folder of this run is gone" in index.read_text()
+
+
+def test_adapt_without_matplotlib_skips_report_with_note(colors, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(
+        cli,
+        [
+            "adapt",
+            str(colors),
+            "--arch",
+            "tiny_test",
+            "--weights",
+            "none",
+            "--epochs",
+            "2",
+            "--out",
+            str(out),
+            "-q",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert (
+        "no report.html: the HTML report needs matplotlib: pip install 'edgetransfer[report]'"
+        in res.output
+    )
+    assert (out / "model.safetensors").is_file() and not (out / "report.html").exists()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed")
+def test_report_renders_in_chromium(digits_export, tmp_path):
+    from edgetransfer.evaluate import evaluate
+    from edgetransfer.report import write_eval_report
+
+    index = write_eval_report(evaluate(digits_export, DIGITS), tmp_path / "rep")
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1200,1600",
+            index.absolute().as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    with Image.open(shot) as im:
+        a = np.asarray(im.convert("L"))
+    assert a.shape == (1600, 1200)
+    dark = (a < 128).mean()  # text, plot lines and the confusion matrix's dark cells
+    assert 0.01 < dark < 0.5, dark
+    assert len(np.unique(a)) > 50  # plots and thumbnails, not a flat page

@@ -1,0 +1,274 @@
+"""Transfer strategies and the training engine: what trains, what stays, resume, guards."""
+
+import os
+import signal
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edgetransfer import strategies
+from edgetransfer.adapt import AdaptConfig, adapt, checkpoint_path, load_run
+from edgetransfer.backbones import block_modules, get_arch, split
+from edgetransfer.cli import cli
+from edgetransfer.errors import ArchError, EdgeTransferError
+from edgetransfer.export import ExportConfig, export
+from edgetransfer.train import Interrupted, NonFiniteLossError, TensorBatches, TrainConfig, fit
+from edgetransfer.verify import verify
+
+from .conftest import DIGITS, SOURCE
+
+
+def _cfg(out, **kw):
+    base = dict(
+        data_dir=DIGITS,
+        out=out,
+        arch="simple_cnn",
+        weights=str(SOURCE),
+        epochs=3,
+        batch_size=16,
+        use_cache=False,
+    )
+    base.update(kw)
+    return AdaptConfig(**base)
+
+
+def _backbone(arch="simple_cnn"):
+    spec = get_arch(arch)
+    features, _ = split(spec, spec.build(5))
+    return spec, features
+
+
+@pytest.mark.parametrize("strategy", ["last-n", "bias", "full", "distill"])
+def test_every_strategy_runs_through_export_and_verify(strategy, digits_run, tmp_path):
+    extra = {"teacher": digits_run} if strategy == "distill" else {}
+    res = adapt(_cfg(tmp_path / "run", strategy=strategy, **extra))
+    assert res.manifest.adapt["strategy"] == strategy
+    assert res.manifest.metrics["val_top1"] >= 0.6  # trained, not chance (0.2)
+    export(ExportConfig(run_dir=tmp_path / "run", out=tmp_path / "exp", raw=False))
+    report = verify(tmp_path / "exp", DIGITS, write=False)
+    assert report.passed, report.table()
+    assert not checkpoint_path(tmp_path / "run").exists()  # removed after success
+
+
+def test_what_trains_per_strategy():
+    spec, features = _backbone()
+    blocks = block_modules(spec, features, None)
+    n = {}
+    for name in ("head", "last-n", "bias", "full"):
+        plan = strategies.apply(strategies.StrategyConfig(name, unfreeze=1), features, blocks)
+        n[name] = sum(p.numel() for p in plan.trainable)
+        if name == "bias":
+            assert all(p.ndim == 1 for p in plan.trainable)
+        if name == "last-n":  # only fc1 (classifier.1), the last block
+            assert {id(p) for p in plan.trainable} == {id(p) for p in blocks[-1].parameters()}
+    assert n["head"] == 0 < n["bias"] < n["last-n"] < n["full"]
+    assert n["full"] == sum(p.numel() for p in features.parameters())
+
+
+def test_batchnorm_stays_frozen_unless_asked(tmp_path, colors):
+    spec, features = _backbone("tiny_test")
+    bn = features.get_submodule("features.1")
+    for flag in (False, True):
+        plan = strategies.apply(
+            strategies.StrategyConfig("full", train_bn=flag),
+            features,
+            block_modules(spec, features, None),
+        )
+        strategies.set_train_mode(features, plan)
+        assert bn.training is flag and bn.weight.requires_grad is flag
+    # through adapt: the running statistics of a frozen BatchNorm do not move
+    res = adapt(
+        AdaptConfig(
+            data_dir=colors,
+            out=tmp_path / "r",
+            arch="tiny_test",
+            weights="none",
+            strategy="full",
+            epochs=2,
+            use_cache=False,
+        )
+    )
+    model, _ = load_run(res.run_dir)
+    assert torch.equal(model.features.get_submodule("features.1").running_mean, torch.zeros(8))
+
+
+def test_truncate_makes_a_smaller_model_that_exports(tmp_path):
+    res = adapt(_cfg(tmp_path / "run", truncate="features.5"))
+    model, manifest = load_run(res.run_dir)
+    assert manifest.adapt["truncate"] == "features.5"
+    assert model.head.in_features == 64
+    full = sum(p.numel() for p in load_run(tmp_path / "run")[0].parameters())
+    assert full < 100_000  # fc1 (4096x128) is gone
+    export(ExportConfig(run_dir=tmp_path / "run", out=tmp_path / "exp"))
+    assert verify(tmp_path / "exp", DIGITS, write=False).passed
+
+
+def test_truncate_unknown_block_lists_valid_ones(tmp_path):
+    with pytest.raises(
+        ArchError,
+        match=r"cannot truncate simple_cnn at 'layer9'; choose one of: "
+        r"features.0, features.1",
+    ):
+        adapt(_cfg(tmp_path / "run", truncate="layer9"))
+
+
+def test_l2sp_keeps_backbone_near_source(tmp_path):
+    source, _ = _backbone()
+    from edgetransfer.backbones import load_source
+
+    src = load_source("simple_cnn", str(SOURCE)).model.state_dict()
+
+    def drift(run):
+        model, _ = load_run(run)
+        w = model.features.get_submodule("features.0").weight
+        return (w - src["features.0.weight"]).pow(2).sum().item()
+
+    adapt(_cfg(tmp_path / "a", strategy="full", lr=3e-2, backbone_lr_mult=1.0))
+    adapt(_cfg(tmp_path / "b", strategy="full", lr=3e-2, backbone_lr_mult=1.0, l2sp=100.0))
+    assert drift(tmp_path / "b") < 0.5 * drift(tmp_path / "a")
+
+
+def test_accumulation_equals_a_bigger_batch():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 6, generator=g), torch.arange(32) % 3
+    heads = []
+    for batch, acc in ((8, 1), (4, 2)):
+        torch.manual_seed(0)
+        head = torch.nn.Linear(6, 3)
+        cfg = TrainConfig(epochs=2, batch_size=batch, accumulate=acc, patience=0)
+        fit(
+            head,
+            [{"params": list(head.parameters())}],
+            TensorBatches(x, y, batch, 0),
+            TensorBatches(x, y, 32, 0, shuffle=False),
+            lambda lg, t, i: torch.nn.functional.cross_entropy(lg, t),
+            cfg,
+        )
+        heads.append(head.weight.detach().clone())
+    torch.testing.assert_close(heads[0], heads[1], rtol=1e-5, atol=1e-6)
+
+
+def _interrupt_at(step_to_stop):
+    def on_step(epoch, step):
+        if (epoch, step) == step_to_stop:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return on_step
+
+
+@pytest.mark.parametrize("strategy", ["head", "last-n"])
+def test_sigint_then_resume_matches_uninterrupted(strategy, tmp_path):
+    kw = dict(strategy=strategy, epochs=4, unfreeze=1, patience=0)
+    adapt(_cfg(tmp_path / "straight", **kw))
+    with pytest.raises(Interrupted) as e:
+        adapt(_cfg(tmp_path / "run", on_step=_interrupt_at((2, 3)), **kw))
+    assert e.value.exit_code == 130
+    assert "stopped in epoch 2 after step 3" in str(e.value) and "--resume" in str(e.value)
+    assert not (tmp_path / "run").exists() and checkpoint_path(tmp_path / "run").is_file()
+    res = adapt(_cfg(tmp_path / "run", resume=True, **kw))
+    a, _ = load_run(tmp_path / "straight")
+    b, _ = load_run(res.run_dir)
+    torch.testing.assert_close(a.state_dict(), b.state_dict(), rtol=0, atol=0)
+    straight = (tmp_path / "straight" / "history.json").read_text()
+    assert (tmp_path / "run" / "history.json").read_text() == straight
+
+
+def test_resume_refuses_another_runs_checkpoint(tmp_path):
+    with pytest.raises(Interrupted):
+        adapt(_cfg(tmp_path / "run", on_step=_interrupt_at((1, 2))))
+    with pytest.raises(EdgeTransferError, match="belongs to a different run"):
+        adapt(_cfg(tmp_path / "run", resume=True, lr=0.5))
+    with pytest.raises(EdgeTransferError, match="nothing to resume: no checkpoint"):
+        adapt(_cfg(tmp_path / "other", resume=True))
+
+
+def test_cli_interrupt_exit_code(tmp_path, monkeypatch):
+    import edgetransfer.adapt as adapt_mod
+
+    real = adapt_mod.AdaptConfig
+
+    def config(**kw):
+        return real(**kw, on_step=_interrupt_at((1, 1)))
+
+    monkeypatch.setattr(adapt_mod, "AdaptConfig", config)
+    res = CliRunner().invoke(
+        cli,
+        [
+            "adapt",
+            str(DIGITS),
+            "--arch",
+            "simple_cnn",
+            "--weights",
+            str(SOURCE),
+            "--out",
+            str(tmp_path / "run"),
+            "-q",
+        ],
+    )
+    assert res.exit_code == 130
+    assert res.output.startswith("Error: SIGINT: stopped in epoch 1 after step 1; checkpoint ")
+
+
+def test_non_finite_loss_writes_nothing(tmp_path):
+    with pytest.raises(NonFiniteLossError, match="lower the learning rate"):
+        adapt(_cfg(tmp_path / "run", strategy="full", lr=1e9, backbone_lr_mult=1.0))
+    assert not (tmp_path / "run").exists()
+
+
+def test_max_memory_splits_the_batch_or_refuses(tmp_path):
+    res = adapt(_cfg(tmp_path / "run", strategy="full", batch_size=16, max_memory=15))
+    assert res.manifest.adapt["batch_size"] < 16
+    assert res.manifest.adapt["batch_size"] * res.manifest.adapt["accumulate"] == 16
+    assert res.memory["total_mib"] <= 15
+    with pytest.raises(EdgeTransferError, match="over --max-memory 1;"):
+        adapt(_cfg(tmp_path / "run2", strategy="full", max_memory=1))
+
+
+def test_memory_estimate_orders_strategies():
+    spec, features = _backbone("mobilenet_v3_small")
+    from edgetransfer.backbones import Classifier
+
+    model = Classifier(features, torch.nn.Linear(1024, 5))
+    p = spec.preprocessing.with_size(96)
+    est = {}
+    for name in ("head", "bias", "last-n", "full"):
+        plan = strategies.apply(
+            strategies.StrategyConfig(name, unfreeze=2),
+            features,
+            block_modules(spec, features, None),
+        )
+        est[name] = strategies.estimate_memory(model, plan, 8, p, cached=name == "head")
+    total = {k: v["total_mib"] for k, v in est.items()}
+    assert total["head"] < total["bias"] < total["full"]
+    assert total["last-n"] < total["full"]
+    assert est["bias"]["activations_mib"] < est["full"]["activations_mib"]
+
+
+def test_distill_needs_a_matching_teacher(tmp_path, colors):
+    with pytest.raises(EdgeTransferError, match="--strategy distill needs --teacher RUN_DIR"):
+        adapt(_cfg(tmp_path / "r", strategy="distill"))
+    teacher = adapt(
+        AdaptConfig(
+            data_dir=colors,
+            out=tmp_path / "t",
+            arch="tiny_test",
+            weights="none",
+            epochs=1,
+            use_cache=False,
+        )
+    ).run_dir
+    with pytest.raises(EdgeTransferError, match="teacher .* knows blue, green, red, but the data"):
+        adapt(_cfg(tmp_path / "r", strategy="distill", teacher=teacher))
+
+
+def test_head_with_augmented_views(tmp_path):
+    res = adapt(_cfg(tmp_path / "run", views=3, epochs=4))
+    assert res.manifest.adapt["views"] == 3 and res.manifest.adapt["augment"] == "light"
+    assert res.manifest.metrics["val_top1"] >= 0.6
+
+
+def test_balance_runs_and_is_recorded(tmp_path):
+    res = adapt(_cfg(tmp_path / "run", balance=True))
+    assert res.manifest.metrics["val_top1"] >= 0.6
+    assert res.manifest.adapt["balance"] == "class-weighted loss"
