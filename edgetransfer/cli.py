@@ -5,27 +5,72 @@ No torch import at start-up: library modules are imported inside the commands.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
+import io
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
 
 from edgetransfer import __version__
-from edgetransfer.errors import EdgeTransferError
+from edgetransfer.errors import EdgeTransferError, EdgeTransferWarning, printable
+
+# OSErrors a user can fix; anything else is a bug and keeps its traceback.
+_OS_ADVICE = {
+    errno.ENOSPC: "no space left on device while writing {}; free some space and run again",
+    errno.EDQUOT: "disk quota exceeded while writing {}; free some space and run again",
+    errno.EROFS: "read-only file system: cannot write {}; choose a writable --out",
+    errno.EACCES: "permission denied: {}",
+    errno.EPERM: "operation not permitted: {}",
+}
 
 
 class _Group(click.Group):
-    """Turns library errors into one-line Click errors (exit 1) and Ctrl-C into exit 130."""
+    """Turns library errors into one-line Click errors (exit 1) and Ctrl-C into exit 130.
+
+    Also: a full disk or a permission problem becomes one line, edgetransfer warnings print as
+    one `Warning:` line, and file names that are not valid UTF-8 never crash the output.
+    """
 
     def invoke(self, ctx: click.Context):
+        for stream in (sys.stdout, sys.stderr):
+            # Undecodable bytes in a file name go out as the same bytes, as `ls`/`find` do.
+            with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
+                stream.reconfigure(errors="surrogateescape")
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", EdgeTransferWarning)  # _show_warning dedupes
+                warnings.showwarning = functools.partial(
+                    _show_warning, warnings.showwarning, set()
+                )
+                return super().invoke(ctx)
+        except OSError as e:
+            if e.errno not in _OS_ADVICE:
+                raise
+            what = printable(os.fsdecode(e.filename)) if e.filename is not None else "output"
+            raise click.ClickException(_OS_ADVICE[e.errno].format(what)) from None
         except EdgeTransferError as e:
-            raise click.ClickException(str(e)) from None
+            err = click.ClickException(printable(str(e)))
+            err.exit_code = getattr(e, "exit_code", 1)  # 130/143 after an interrupted adapt
+            raise err from None
         except KeyboardInterrupt:
             click.echo("Interrupted; nothing was written.", err=True)
             sys.exit(130)
+
+
+def _show_warning(other, shown, message, category, filename, lineno, file=None, line=None):
+    if issubclass(category, EdgeTransferWarning):
+        text = printable(str(message))
+        if text not in shown:  # a folder scanned twice in one command warns once
+            shown.add(text)
+            click.echo(f"Warning: {text}", err=True)
+    else:
+        other(message, category, filename, lineno, file, line)
 
 
 def _progress(quiet: bool) -> bool:
@@ -38,7 +83,16 @@ def _emit_json(obj) -> None:
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgetransfer")
-def cli() -> None:
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(min=1),
+    default=None,
+    envvar="EDGETRANSFER_MAX_PIXELS",
+    help="Refuse images with more pixels than this, for every command (a decompression-bomb "
+    "guard, checked before decoding) [default: 64000000; env EDGETRANSFER_MAX_PIXELS].",
+)
+@click.pass_context
+def cli(ctx: click.Context, max_pixels: int | None) -> None:
     """Adapt a pretrained CNN to your own images, export it, and prove the exports agree.
 
     \b
@@ -48,6 +102,10 @@ def cli() -> None:
       edgetransfer adapt photos/ --out run && edgetransfer export run --out run/export
       edgetransfer verify run/export --data photos/
     """
+    if max_pixels is not None:
+        from edgetransfer.data import pixel_limit
+
+        ctx.with_resource(pixel_limit(max_pixels))
 
 
 @cli.command()
@@ -101,66 +159,102 @@ def cli() -> None:
     show_default=True,
     help="Fail when more than this share of images cannot be read.",
 )
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Refuse images with more pixels than this [default: the global --max-pixels].",
+)
+@click.option(
+    "--strategy",
+    type=click.Choice(["head", "last-n", "bias", "full", "distill"]),
+    default="head",
+    show_default=True,
+    help="What trains: the head on cached features; also the last N blocks; biases only; "
+    "everything; or everything guided by --teacher.",
+)
+@click.option("--unfreeze", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Blocks that train with --strategy last-n.")
+@click.option("--train-bn", is_flag=True,
+              help="Let BatchNorm layers that train update statistics and affine weights.")
+@click.option("--backbone-lr", "backbone_lr_mult", type=click.FloatRange(0, 1), default=0.1,
+              show_default=True, help="Backbone learning rate as a fraction of --lr.")
+@click.option("--l2sp", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="L2-SP weight: pull trained backbone weights toward the source weights.")
+@click.option("--teacher", type=click.Path(path_type=Path), default=None,
+              help="RUN_DIR of an adapted teacher whose soft labels guide training.")
+@click.option("--kd-alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Weight of the distillation loss against cross-entropy.")
+@click.option("--kd-temperature", type=click.FloatRange(min=0, min_open=True), default=4.0,
+              show_default=True, help="Softmax temperature for distillation.")
+@click.option("--truncate", default=None, metavar="BLOCK",
+              help="Cut the backbone after BLOCK (e.g. features.8) for a smaller model.")
+@click.option("--augment", type=click.Choice(["none", "light", "standard"]), default=None,
+              help="Augmentation [default: none for head, light otherwise].")
+@click.option("--views", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Augmented views cached per image with --strategy head.")
+@click.option("--accumulate", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Micro-batches per optimizer step (gradient accumulation).")
+@click.option("--patience", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Stop after N epochs without a better validation result (0: never).")
+@click.option("--balance", is_flag=True, help="Class-weighted loss for imbalanced folders.")
+@click.option("--max-memory", type=click.FloatRange(min=1), default=None, metavar="MB",
+              help="Training memory budget; the batch is split (accumulation) to fit.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Processes decoding images for strategies that train the backbone.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run (same command).")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the feature cache.")
 @click.option("--force", is_flag=True, help="Replace an existing RUN_DIR.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def adapt(
-    data_dir: Path,
-    arch: str,
-    weights: str,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    image_size: int | None,
-    val_fraction: float,
-    out: Path | None,
-    seed: int,
-    max_bad: float,
-    no_cache: bool,
-    force: bool,
-    as_json: bool,
-    quiet: bool,
-) -> None:
+def adapt(data_dir: Path, arch: str, weights: str, epochs: int, batch_size: int, lr: float,
+          image_size: int | None, val_fraction: float, out: Path | None, seed: int,
+          max_bad: float, max_pixels: int | None, strategy: str, unfreeze: int, train_bn: bool,
+          backbone_lr_mult: float, l2sp: float, teacher: Path | None, kd_alpha: float,
+          kd_temperature: float, truncate: str | None, augment: str | None, views: int,
+          accumulate: int, patience: int, balance: bool, max_memory: float | None,
+          workers: int, resume: bool, no_cache: bool, force: bool, as_json: bool,
+          quiet: bool) -> None:
     """Adapt a pretrained backbone to DATA_DIR (one sub-folder of images per class).
 
-    The backbone is frozen, its features are computed once and cached, and a new head is
-    trained with small batches; the best epoch by validation accuracy is kept.
+    By default the backbone is frozen, its features are computed once and cached, and a new
+    head is trained with small batches; the best epoch by validation accuracy is kept. Other
+    strategies train part or all of the backbone (BatchNorm stays frozen unless --train-bn).
+    Ctrl-C stops after the current step and saves a checkpoint: rerun with --resume.
 
     \b
     Example:
       edgetransfer adapt photos/ --arch resnet18 --weights resnet18.pth --out run
+      edgetransfer adapt photos/ --strategy last-n --unfreeze 3 --out run2
     """
     from edgetransfer.adapt import AdaptConfig
     from edgetransfer.adapt import adapt as run_adapt
 
     out = out or Path("runs") / (Path(data_dir).resolve().name or "run")
-    res = run_adapt(
-        AdaptConfig(
-            data_dir=data_dir,
-            out=out,
-            arch=arch,
-            weights=weights,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            image_size=image_size,
-            val_fraction=val_fraction,
-            seed=seed,
-            max_bad=max_bad,
-            force=force,
-            use_cache=not no_cache,
-            progress=_progress(quiet or as_json),
-        )
-    )
+    res = run_adapt(AdaptConfig(
+        data_dir=data_dir, out=out, arch=arch, weights=weights, strategy=strategy,
+        epochs=epochs, batch_size=batch_size, accumulate=accumulate, lr=lr,
+        backbone_lr_mult=backbone_lr_mult, unfreeze=unfreeze, train_bn=train_bn, l2sp=l2sp,
+        teacher=teacher, kd_alpha=kd_alpha, kd_temperature=kd_temperature, truncate=truncate,
+        augment=augment, views=views, balance=balance, patience=patience,
+        image_size=image_size, val_fraction=val_fraction, seed=seed, max_bad=max_bad,
+        max_pixels=max_pixels,
+        max_memory=max_memory, workers=workers, force=force, resume=resume,
+        use_cache=not no_cache, progress=_progress(quiet or as_json),
+    ))
     if as_json:
         _emit_json(res.manifest.to_dict())
         return
     m = res.manifest
-    click.echo(f"adapted {m.arch} to {len(m.labels)} classes ({', '.join(m.labels)})")
+    click.echo(f"adapted {m.arch} ({m.adapt['strategy']}) to {len(m.labels)} classes "
+               f"({', '.join(m.labels)})")
+    click.echo(f"memory estimate {res.memory['total_mib']:.0f} MiB at batch "
+               f"{m.adapt['batch_size']} x {m.adapt['accumulate']}; "
+               f"{m.adapt['trainable_params']:,} trainable parameters")
     click.echo(
         f"train {m.data['train']} / val {m.data['val']} images, best epoch "
-        f"{m.adapt['best_epoch']}: val top-1 {m.metrics['val_top1']:.1%}"
+        f"{m.adapt['best_epoch']} of {m.adapt['epochs_run']}: val top-1 "
+        f"{m.metrics['val_top1']:.1%}"
     )
     if res.bad_files:
         click.echo(
@@ -168,6 +262,8 @@ def adapt(
             f"{res.run_dir / 'bad_files.txt'}",
             err=True,
         )
+    for note in res.notes:
+        click.echo(note, err=True)
     click.echo(f"wrote {res.run_dir}")
 
 

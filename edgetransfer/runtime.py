@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from edgetransfer.errors import EdgeTransferError, ManifestError
+from edgetransfer.errors import EdgeTransferError, InputError, ManifestError
 from edgetransfer.manifest import METADATA_KEY, Manifest, Preprocessing
 
 
@@ -258,6 +258,32 @@ class Predictor:
         return out
 
 
+def check_batch(batch, inp, raw: bool, what: str) -> np.ndarray:
+    """`batch` as the dtype ONNX input `inp` takes, or InputError naming expected vs got.
+
+    Floats of another width are cast for a float model; anything else is refused rather than
+    cast, since uint8 pixels fed to a normalised model (or floats to a raw one) would run and
+    answer nonsense.
+    """
+    want = np.dtype(np.uint8 if raw else np.float32)
+    dims = [d if isinstance(d, int) else None for d in inp.shape]
+    expected = f"{want.name} [{', '.join('N' if d is None else str(d) for d in dims)}]"
+    got = getattr(batch, "dtype", type(batch).__name__)
+    shape = getattr(batch, "shape", ())
+    ok_kind = isinstance(batch, np.ndarray) and (
+        batch.dtype == want or (not raw and np.issubdtype(batch.dtype, np.floating))
+    )
+    ok_shape = len(shape) == len(dims) and all(
+        d is None or d == n for d, n in zip(dims, shape, strict=False)
+    )
+    if not (ok_kind and ok_shape):
+        hint = " (uint8 NHWC RGB pixels)" if raw else " (normalised NCHW RGB)"
+        raise InputError(
+            f"{what} expects input {inp.name!r} as {expected}{hint}; got {got} {tuple(shape)}"
+        )
+    return batch.astype(want, copy=False)
+
+
 class OnnxClassifier(Predictor):
     """An exported model under onnxruntime, with labels and preprocessing from its metadata."""
 
@@ -286,9 +312,17 @@ class OnnxClassifier(Predictor):
         self._out = [want if want in names else names[0]]
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        """Logits for a batch: normalised float32 NCHW, or uint8 NHWC pixels for a raw model."""
-        dtype = np.uint8 if self.raw else np.float32
-        return self.session.run(self._out, {self.input_name: batch.astype(dtype, copy=False)})[0]
+        """Logits for a batch: normalised float32 NCHW, or uint8 NHWC pixels for a raw model.
+
+        A batch of the wrong shape or kind raises InputError naming what the model expects,
+        instead of onnxruntime's own message.
+        """
+        batch = check_batch(batch, self.session.get_inputs()[0], self.raw, self.path.name)
+        try:
+            return self.session.run(self._out, {self.input_name: batch})[0]
+        except Exception as e:  # onnxruntime's own exception types
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise InputError(f"onnxruntime could not run {self.path.name}: {first}") from None
 
 
 class TorchClassifier(Predictor):

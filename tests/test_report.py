@@ -81,6 +81,15 @@ def test_evaluate_report(digits_export, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["top1"] == d["top1"]
 
 
+def test_adapt_writes_run_report(digits_run):
+    """The session's adapted RUN_DIR has report.html: curves, confusion matrix, mistakes."""
+    page = check_page(digits_run / "report.html")
+    assert {"report/curves.png", "report/confusion.png"} <= set(page.images)
+    assert "Training curves" in page.headings and "Per class" in page.headings
+    manifest = json.loads((digits_run / "edgetransfer.json").read_text())
+    assert f"{manifest['metrics']['val_top1']:.1%}" in page.cells  # same val top-1 as adapt
+
+
 def test_run_report_without_data_has_curves_only(digits_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(digits_run, run)
@@ -89,6 +98,33 @@ def test_run_report_without_data_has_curves_only(digits_run, tmp_path):
     page = check_page(index)
     assert page.images == ["report/curves.png"]
     assert "The data folder of this run is gone" in index.read_text()
+
+
+def test_adapt_without_matplotlib_skips_report_with_note(colors, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(
+        cli,
+        [
+            "adapt",
+            str(colors),
+            "--arch",
+            "tiny_test",
+            "--weights",
+            "none",
+            "--epochs",
+            "2",
+            "--out",
+            str(out),
+            "-q",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert (
+        "no report.html: the HTML report needs matplotlib: pip install 'edgetransfer[report]'"
+        in res.output
+    )
+    assert (out / "model.safetensors").is_file() and not (out / "report.html").exists()
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
