@@ -109,7 +109,12 @@ def manifest_seeds() -> list[tuple[str, bytes]]:
         (".onnx", model.SerializeToString()),
         (".pt", buf.getvalue()),
         (".safetensors", st),
-        (".json", json.dumps({**m.to_dict(), "labels": ["x"] * 3, "io": {"input": 1}}).encode()),
+        (
+            ".json",
+            json.dumps(
+                {**m.to_dict(), "labels": ["x"] * 3, "io": {"input": "x", "output": "y"}}
+            ).encode(),
+        ),
     ]
 
 
