@@ -28,7 +28,7 @@ IMAGE_SEEDS = fuzz.image_seeds()
 MANIFEST_SEEDS = fuzz.manifest_seeds()
 FAST = settings(
     max_examples=150,
-    database=None,  # no .hypothesis/ folder in the work tree
+    database=None,  # no example database kept between runs: every run is the same sample
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
