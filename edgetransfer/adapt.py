@@ -26,6 +26,11 @@ class AdaptConfig:
         strategy: head | last-n | bias | full | distill (see strategies.py).
         teacher: a RUN_DIR whose model's soft labels guide training (knowledge transfer).
         truncate: cut the backbone after this block (structure transfer).
+        keep_source_head: the exported model also answers the source task (source_logits).
+        source_data: a folder of the source task's classes; source top-1 is measured before
+            and after adaptation (the source task should not get worse).
+        lwf: Learning without Forgetting weight: distil the source head's original outputs on
+            the target images while the backbone trains.
         augment: none | light | standard; default none for ``head``, light otherwise.
         views: augmented views per training image cached for ``head`` (1 = no augmentation).
         max_memory: training memory budget in MiB; the batch is split to fit, or refused.
@@ -49,6 +54,9 @@ class AdaptConfig:
     kd_alpha: float = 0.5
     kd_temperature: float = 4.0
     truncate: str | None = None
+    keep_source_head: bool = False
+    source_data: Path | None = None
+    lwf: float = 0.0
     augment: str | None = None
     views: int = 1
     balance: bool = False
@@ -125,14 +133,17 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
     if cfg.image_size:
         pre = pre.with_size(cfg.image_size)
 
-    features, _source_head = split(spec, source.model)
+    features, source_head = split(spec, source.model)
+    _check_source_options(cfg, source)
     if cfg.truncate:
         features = truncate(spec, features, cfg.truncate)
     features.eval()
+    source_head.requires_grad_(False)  # the source task's classifier is kept as it is
     blocks = block_modules(spec, features, cfg.truncate)
     plan = strategies.apply(scfg, features, blocks)
     head = torch.nn.Linear(feature_dim(features, pre), len(dataset.classes))
-    model = Classifier(features, head)
+    model = Classifier(features, head, source_head if cfg.keep_source_head else None)
+    source_before = _source_top1(cfg, features, source_head, source, pre)
 
     backbone_id = "|".join(
         [
@@ -155,6 +166,15 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
         model, plan, tcfg.batch_size, pre, cached=cfg.strategy == "head"
     )
     teacher_logits = _teacher_logits(cfg, dataset, train_s) if cfg.teacher else None
+    lwf_logits = None
+    if cfg.lwf:
+        lwf_logits = _outputs_of(
+            torch.nn.Sequential(features, source_head),
+            train_s,
+            pre,
+            backbone_id + "|source-head",
+            cfg,
+        )
     fingerprint = _run_fingerprint(cfg, dataset)
 
     result, notes = _train(
@@ -171,11 +191,20 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
         backbone_id,
         fingerprint,
         len(dataset.classes),
+        (source_head, lwf_logits),
     )
+    metrics = {"val_top1": round(result.val_top1, 6), "val_loss": round(result.val_loss, 6)}
+    if source_before is not None:
+        metrics["source_top1_before"] = round(source_before, 6)
+        metrics["source_top1_after"] = round(
+            _source_top1(cfg, features, source_head, source, pre), 6
+        )
 
     src = dict(source.provenance)
     if source.labels is not None:
         src["labels"] = source.labels
+    elif cfg.keep_source_head:
+        src["labels"] = [f"source_{i}" for i in range(source_head.out_features)]
     adapt_info = {
         "strategy": cfg.strategy,
         "epochs": cfg.epochs,
@@ -202,6 +231,10 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
         adapt_info["balance"] = "class-weighted loss"
     if cfg.truncate:
         adapt_info["truncate"] = cfg.truncate
+    if cfg.keep_source_head:
+        adapt_info["keep_source_head"] = True
+    if cfg.lwf:
+        adapt_info["lwf"] = cfg.lwf
     if cfg.teacher:
         from edgetransfer.manifest import read_manifest
 
@@ -214,6 +247,9 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
         }
     from edgetransfer.manifest import versions
 
+    io_names = {"input": "input", "output": "logits"}
+    if cfg.keep_source_head:
+        io_names["source_output"] = "source_logits"
     manifest = Manifest(
         arch=cfg.arch,
         labels=list(dataset.classes),
@@ -227,14 +263,89 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
             "val": len(val_s),
             "bad": len(bad),
         },
-        metrics={"val_top1": round(result.val_top1, 6), "val_loss": round(result.val_loss, 6)},
+        metrics=metrics,
         versions=versions(),
+        io=io_names,
     )
     notes += _write_run(cfg, model, manifest, result, bad, memory)
     from edgetransfer.train import remove_checkpoint
 
     remove_checkpoint(checkpoint_path(cfg.out))
     return AdaptResult(Path(cfg.out), manifest, bad, memory, notes)
+
+
+def _check_source_options(cfg: AdaptConfig, source) -> None:
+    """The source-task options need a real source head on the untruncated backbone."""
+    wanted = [
+        name
+        for name, on in (
+            ("--keep-source-head", cfg.keep_source_head),
+            ("--lwf", cfg.lwf),
+            ("--source-data", cfg.source_data),
+        )
+        if on
+    ]
+    if not wanted:
+        return
+    if cfg.weights == "none":
+        raise EdgeTransferError(
+            f"{wanted[0]} needs source weights (a source task); --weights none has none"
+        )
+    if cfg.truncate:
+        raise EdgeTransferError(
+            f"{wanted[0]} cannot be combined with --truncate: the source "
+            "head needs the whole backbone"
+        )
+    if cfg.lwf and cfg.strategy == "head":
+        raise EdgeTransferError(
+            "--lwf protects a backbone that trains; with --strategy head "
+            "the source task cannot change anyway"
+        )
+
+
+def _outputs_of(module, samples, pre, module_id: str, cfg: AdaptConfig):
+    """`module` outputs on the un-augmented `samples`, through the feature cache."""
+    from edgetransfer.features import extract
+
+    out = extract(
+        module,
+        samples,
+        pre,
+        backbone_id=module_id,
+        use_cache=cfg.use_cache,
+        max_pixels=cfg.max_pixels,
+        progress=cfg.progress,
+    )
+    if out.bad:
+        raise DataError(f"{out.bad[0][0]}: {out.bad[0][1]}")
+    return out.vectors
+
+
+def _source_top1(cfg: AdaptConfig, features, source_head, source, pre) -> float | None:
+    """Top-1 of features + source head on --source-data (None without it)."""
+    import torch
+
+    from edgetransfer.data import scan
+
+    if cfg.source_data is None:
+        return None
+    ds = scan(cfg.source_data, val_fraction=0.0)
+    labels = source.labels or [f"source_{i}" for i in range(source_head.out_features)]
+    unknown = [c for c in ds.classes if c not in labels]
+    if unknown:
+        raise DataError(
+            f"--source-data has classes the source model does not know: "
+            f"{', '.join(unknown)} (it knows {', '.join(labels[:10])})"
+        )
+    truth = torch.tensor([labels.index(ds.classes[s.label]) for s in ds.samples])
+    logits = _outputs_of(
+        torch.nn.Sequential(features, source_head),
+        ds.samples,
+        pre,
+        "source-eval",
+        dataclasses.replace(cfg, use_cache=False),
+    )
+    return float((logits.argmax(1) == truth).float().mean())
 
 
 def _check_images(cfg: AdaptConfig, dataset, features, pre, backbone_id: str):
@@ -360,6 +471,7 @@ def _train(
     backbone_id,
     fingerprint,
     num_classes,
+    source=(None, None),
 ):
     import torch
 
@@ -445,14 +557,24 @@ def _train(
         workers=cfg.workers,
         max_pixels=cfg.max_pixels,
     )
-    source = [p.detach().clone() for p in plan.trainable]
-    loss_fn = base_loss
-    if cfg.l2sp:
+    source_weights = [p.detach().clone() for p in plan.trainable]
+    source_head, lwf_logits = source
+    stash: dict = {}
 
-        def loss_fn(logits, y, idx):
-            return base_loss(logits, y, idx) + cfg.l2sp * strategies.l2sp_penalty(
-                plan.trainable, source
-            )
+    def forward(m, x):
+        # The new head's logits drive training; the source head's (for LwF) are kept aside.
+        f = m.features(x)
+        if lwf_logits is not None:
+            stash["source"] = source_head(f)
+        return m.head(f)
+
+    def loss_fn(logits, y, idx):
+        loss = base_loss(logits, y, idx)
+        if cfg.l2sp:
+            loss = loss + cfg.l2sp * strategies.l2sp_penalty(plan.trainable, source_weights)
+        if lwf_logits is not None:
+            loss = loss + cfg.lwf * strategies.kd_loss(stash["source"], lwf_logits[idx], 2.0)
+        return loss
 
     groups = [
         {"params": plan.trainable, "lr": cfg.lr * scfg.backbone_lr_mult},
@@ -463,7 +585,9 @@ def _train(
         model.train()
         strategies.set_train_mode(model.features, plan)
 
-    result = fit(model, groups, train, val, loss_fn, tcfg, train_mode=train_mode, **common)
+    result = fit(
+        model, groups, train, val, loss_fn, tcfg, forward=forward, train_mode=train_mode, **common
+    )
     return result, notes
 
 
@@ -516,8 +640,15 @@ def load_run(run_dir: str | os.PathLike):
     weights = run_dir / "model.safetensors"
     if not weights.is_file():
         raise ManifestError(f"{run_dir} has no model.safetensors; is it a RUN_DIR from adapt?")
+    source_classes = (
+        len(manifest.source.get("labels") or []) if "source_output" in manifest.io else None
+    )
     model = build_classifier(
-        manifest.arch, len(manifest.labels), manifest.adapt.get("truncate"), manifest.preprocessing
+        manifest.arch,
+        len(manifest.labels),
+        manifest.adapt.get("truncate"),
+        manifest.preprocessing,
+        source_classes,
     )
     state, _ = read_state_dict(weights)
     load_strict(model, state, weights.name)

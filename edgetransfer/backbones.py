@@ -195,15 +195,32 @@ def get_arch(name: str) -> ArchSpec:
 
 
 class Classifier(nn.Module):
-    """A backbone producing a feature vector, and a linear head on top: the adapted model."""
+    """A backbone producing a feature vector, and a linear head on top: the adapted model.
 
-    def __init__(self, features: nn.Module, head: nn.Linear) -> None:
+    With a kept `source_head` the model answers both tasks: forward returns
+    ``(logits, source_logits)``.
+    """
+
+    def __init__(
+        self, features: nn.Module, head: nn.Linear, source_head: nn.Linear | None = None
+    ) -> None:
         super().__init__()
         self.features = features
         self.head = head
+        self.source_head = source_head
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+    def forward(self, x: torch.Tensor):
+        f = self.features(x)
+        if self.source_head is None:
+            return self.head(f)
+        return self.head(f), self.source_head(f)
+
+
+def outputs(out) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logits, source_logits or None) from a Classifier's output."""
+    if isinstance(out, (tuple, list)):
+        return out[0], out[1]
+    return out, None
 
 
 def split(spec: ArchSpec, model: nn.Module) -> tuple[nn.Module, nn.Linear]:
@@ -249,18 +266,24 @@ def feature_dim(features: nn.Module, p: Preprocessing) -> int:
 
 
 def build_classifier(
-    arch: str, num_classes: int, truncated: str | None = None, p: Preprocessing | None = None
+    arch: str,
+    num_classes: int,
+    truncated: str | None = None,
+    p: Preprocessing | None = None,
+    source_classes: int | None = None,
 ) -> Classifier:
     """A randomly initialised Classifier of `arch` with `num_classes` outputs.
 
-    With `truncated`, the backbone is cut after that block (as adapt --truncate did).
+    With `truncated`, the backbone is cut after that block (as adapt --truncate did); with
+    `source_classes`, a source head of that size sits beside the new one.
     """
     spec = get_arch(arch)
     features, head = split(spec, spec.build(num_classes))
     if truncated:
         features = truncate(spec, features, truncated)
         head = nn.Linear(feature_dim(features, p or spec.preprocessing), num_classes)
-    return Classifier(features, head)
+    source_head = nn.Linear(head.in_features, source_classes) if source_classes else None
+    return Classifier(features, head, source_head)
 
 
 @dataclass
@@ -362,6 +385,8 @@ def _load_file(spec: ArchSpec, path: Path) -> SourceModel:
             )
         labels, preprocessing = src.labels, src.preprocessing
     # A Classifier's own state dict (a RUN_DIR's model.safetensors) maps back to the source layout.
+    # (a kept source head of that run is dropped: the run's own head is the source now)
+    state = {k: v for k, v in state.items() if not k.startswith("source_head.")}
     if "head.weight" in state and all(k.startswith(("features.", "head.")) for k in state):
         state = {
             (spec.head_key + k[4:] if k.startswith("head.") else k[len("features.") :]): v

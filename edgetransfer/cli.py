@@ -189,6 +189,12 @@ def cli(ctx: click.Context, max_pixels: int | None) -> None:
               show_default=True, help="Softmax temperature for distillation.")
 @click.option("--truncate", default=None, metavar="BLOCK",
               help="Cut the backbone after BLOCK (e.g. features.8) for a smaller model.")
+@click.option("--keep-source-head", is_flag=True,
+              help="Keep the source head: the model also outputs source_logits.")
+@click.option("--source-data", type=click.Path(path_type=Path), default=None,
+              help="Source-task images (class folders); source top-1 is measured before/after.")
+@click.option("--lwf", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Learning-without-Forgetting weight protecting the source task.")
 @click.option("--augment", type=click.Choice(["none", "light", "standard"]), default=None,
               help="Augmentation [default: none for head, light otherwise].")
 @click.option("--views", type=click.IntRange(min=1), default=1, show_default=True,
@@ -211,7 +217,8 @@ def adapt(data_dir: Path, arch: str, weights: str, epochs: int, batch_size: int,
           image_size: int | None, val_fraction: float, out: Path | None, seed: int,
           max_bad: float, max_pixels: int | None, strategy: str, unfreeze: int, train_bn: bool,
           backbone_lr_mult: float, l2sp: float, teacher: Path | None, kd_alpha: float,
-          kd_temperature: float, truncate: str | None, augment: str | None, views: int,
+          kd_temperature: float, truncate: str | None, keep_source_head: bool,
+          source_data: Path | None, lwf: float, augment: str | None, views: int,
           accumulate: int, patience: int, balance: bool, max_memory: float | None,
           workers: int, resume: bool, no_cache: bool, force: bool, as_json: bool,
           quiet: bool) -> None:
@@ -236,6 +243,7 @@ def adapt(data_dir: Path, arch: str, weights: str, epochs: int, batch_size: int,
         epochs=epochs, batch_size=batch_size, accumulate=accumulate, lr=lr,
         backbone_lr_mult=backbone_lr_mult, unfreeze=unfreeze, train_bn=train_bn, l2sp=l2sp,
         teacher=teacher, kd_alpha=kd_alpha, kd_temperature=kd_temperature, truncate=truncate,
+        keep_source_head=keep_source_head, source_data=source_data, lwf=lwf,
         augment=augment, views=views, balance=balance, patience=patience,
         image_size=image_size, val_fraction=val_fraction, seed=seed, max_bad=max_bad,
         max_pixels=max_pixels,
@@ -256,6 +264,9 @@ def adapt(data_dir: Path, arch: str, weights: str, epochs: int, batch_size: int,
         f"{m.adapt['best_epoch']} of {m.adapt['epochs_run']}: val top-1 "
         f"{m.metrics['val_top1']:.1%}"
     )
+    if "source_top1_before" in m.metrics:
+        click.echo(f"source task top-1: {m.metrics['source_top1_before']:.1%} before, "
+                   f"{m.metrics['source_top1_after']:.1%} after")
     if res.bad_files:
         click.echo(
             f"skipped {len(res.bad_files)} unreadable image(s), listed in "

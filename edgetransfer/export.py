@@ -248,9 +248,15 @@ def check_batches(model, path: Path, shape: tuple[int, int], raw: bool = False) 
             feed = x.numpy()
         with torch.inference_mode():
             want = model(x)
-            want = want[1] if isinstance(want, tuple) else want
+        want = list(want) if isinstance(want, tuple) else [want]
         try:
-            np.testing.assert_allclose(clf.logits(feed), want.numpy(), rtol=RTOL, atol=ATOL)
+            got = clf.session.run(None, {clf.input_name: feed})
+            if len(got) != len(want):
+                raise ExportError(f"{path.name} has {len(got)} outputs, eager has {len(want)}")
+            for g, expected in zip(got, want, strict=True):
+                np.testing.assert_allclose(g, expected.numpy(), rtol=RTOL, atol=ATOL)
+        except ExportError:
+            raise
         except AssertionError as e:
             lines = [ln for ln in str(e).splitlines() if "Max absolute" in ln]
             raise ExportError(
@@ -309,7 +315,7 @@ def export_onnx(
     tmp = path.with_name(path.name + ".tmp")
     try:
         _torch_onnx_export(
-            model, example, tmp, exporter, opset, io_names["input"], [io_names["output"]]
+            model, example, tmp, exporter, opset, io_names["input"], output_names(manifest)
         )
         _finish_onnx(tmp, path, manifest)
     except ExportError:
@@ -347,10 +353,20 @@ class RawPixels:
 
             def forward(self, image: torch.Tensor):
                 x = image.permute(0, 3, 1, 2).to(torch.float32) * self.scale + self.shift
-                logits = self.model(x)
-                return torch.softmax(logits, dim=1), logits
+                out = self.model(x)
+                if isinstance(out, tuple):  # a kept source head answers too
+                    return torch.softmax(out[0], dim=1), out[0], out[1]
+                return torch.softmax(out, dim=1), out
 
         return _Raw().eval()
+
+
+def output_names(manifest: Manifest) -> list[str]:
+    """ONNX output names: the logits, and the source logits when a source head was kept."""
+    names = [manifest.io["output"]]
+    if "source_output" in manifest.io:
+        names.append(manifest.io["source_output"])
+    return names
 
 
 def raw_manifest(manifest: Manifest) -> Manifest:
@@ -364,6 +380,8 @@ def raw_manifest(manifest: Manifest) -> Manifest:
         "input_format": "uint8 NHWC RGB at input_size, resized and cropped by the caller; "
         "normalisation is inside the model",
     }
+    if "source_output" in manifest.io:
+        io_names["source_output"] = manifest.io["source_output"]
     return dataclasses.replace(manifest, io=io_names)
 
 
@@ -379,7 +397,9 @@ def export_raw(
     rm = raw_manifest(manifest)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        _torch_onnx_export(wrapped, example, tmp, exporter, opset, "image", ["probs", "logits"])
+        _torch_onnx_export(
+            wrapped, example, tmp, exporter, opset, "image", ["probs", *output_names(rm)]
+        )
         _finish_onnx(tmp, path, rm)
     except ExportError:
         raise

@@ -45,6 +45,7 @@ def write_golden(model, manifest: Manifest, samples: list[Sample], folder: Path,
     """Write golden cases for `model` (eager) into `folder`; returns how many were written."""
     import torch
 
+    from edgetransfer.backbones import outputs
     from edgetransfer.verify import ATOL, RTOL
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -61,7 +62,7 @@ def write_golden(model, manifest: Manifest, samples: list[Sample], folder: Path,
         pixels = np.asarray(img, dtype=np.uint8)
         x = normalize(pixels, p)[None]
         with torch.inference_mode():
-            logits = model(torch.from_numpy(x)).numpy().astype("<f4")
+            logits = outputs(model(torch.from_numpy(x)))[0].numpy().astype("<f4")
         png = folder / f"{name}.png"
         img.save(png, "PNG")
         for kind, arr in (("input", x.astype("<f4")), ("logits", logits)):

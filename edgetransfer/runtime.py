@@ -387,7 +387,10 @@ class TorchClassifier(Predictor):
         import torch
 
         with torch.inference_mode():
-            return self.model(torch.from_numpy(np.ascontiguousarray(batch, np.float32))).numpy()
+            from edgetransfer.backbones import outputs
+
+            out = self.model(torch.from_numpy(np.ascontiguousarray(batch, np.float32)))
+            return outputs(out)[0].numpy()
 
 
 def load_predictor(

@@ -217,6 +217,7 @@ def verify(
     import torch
 
     from edgetransfer.adapt import load_run
+    from edgetransfer.backbones import outputs as split_outputs
     from edgetransfer.data import eval_transform, load_image, scan
     from edgetransfer.fileio import atomic_write_text
     from edgetransfer.runtime import resize_crop
@@ -251,14 +252,26 @@ def verify(
         if all(i is not None for i in idx):
             truth = np.array(idx)
 
-    def batched(fn, inputs) -> np.ndarray:
-        return np.concatenate(
-            [fn(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
+    def batched(fn, inputs) -> tuple[np.ndarray, np.ndarray | None]:
+        """Run `fn` (batch -> (logits, source logits or None)) over `inputs` in batches."""
+        parts = [fn(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
+        src = [p[1] for p in parts]
+        return (
+            np.concatenate([p[0] for p in parts]),
+            None if src[0] is None else np.concatenate(src),
         )
 
+    def torch_fn(m):
+        def run(b):
+            logits, src = split_outputs(m(b))
+            return logits.numpy(), None if src is None else src.numpy()
+
+        return run
+
+    source_name = manifest.io.get("source_output")
     with torch.inference_mode():
-        ref = batched(lambda b: model(b).numpy(), x)
-    outputs: dict[str, np.ndarray] = {}
+        ref, ref_src = batched(torch_fn(model), x)
+    outputs: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
     probs: dict[str, np.ndarray] = {}
     for runtime, (fname, _) in RUNTIMES.items():
         path = export_dir / fname
@@ -268,12 +281,22 @@ def verify(
             from edgetransfer.runtime import OnnxClassifier
 
             clf = OnnxClassifier(path, threads=threads)
+            have = {o.name for o in clf.session.get_outputs()}
+            names_out = [clf.manifest.io["output"]] + ([source_name] if source_name in have else [])
+
+            def ort_fn(b, clf=clf, names_out=names_out):
+                feed = {clf.input_name: b}
+                res = clf.session.run(names_out, feed)
+                return res[0], res[1] if len(res) > 1 else None
+
             if clf.raw:
-                outputs[runtime] = batched(clf.logits, raw_x)
+                outputs[runtime] = batched(ort_fn, raw_x)
                 sess = clf.session
-                probs[runtime] = batched(lambda b, s=sess: s.run(["probs"], {"image": b})[0], raw_x)
+                probs[runtime] = batched(
+                    lambda b, s=sess: (s.run(["probs"], {"image": b})[0], None), raw_x
+                )[0]
             else:
-                outputs[runtime] = batched(clf.logits, x.numpy())
+                outputs[runtime] = batched(ort_fn, x.numpy())
             continue
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit/export deprecation notes
@@ -282,12 +305,30 @@ def verify(
                 m = torch.jit.load(str(path), map_location="cpu").eval()
             else:
                 m = torch.export.load(str(path)).module()
-            outputs[runtime] = batched(lambda b, m=m: m(b).numpy(), x)
+            outputs[runtime] = batched(torch_fn(m), x)
 
     report = ParityReport(export_dir, len(kept), atol, rtol)
-    for runtime, out in outputs.items():
+    for runtime, (out, out_src) in outputs.items():
         kind = RUNTIMES[runtime][1]
         row = compare(runtime, out, ref, names, atol, rtol, kind, manifest.labels, truth)
+        if ref_src is not None and row.shape_ok:
+            # The kept source head must answer like eager too (judged like the logits).
+            src_row = compare(
+                runtime,
+                out_src if out_src is not None else np.zeros((0,)),
+                ref_src,
+                names,
+                atol,
+                rtol,
+                kind,
+            )
+            if not src_row.shape_ok:
+                row.shape_ok, row.worst = False, f"source_logits: {src_row.worst}"
+            elif kind == "exact":
+                row.violations += src_row.violations
+                if src_row.max_abs > row.max_abs:
+                    row.max_abs, row.worst = src_row.max_abs, f"source_logits {src_row.worst}"
+                row.max_rel = max(row.max_rel, src_row.max_rel)
         if runtime in probs and row.shape_ok:
             row.probs_max_abs = float(
                 np.abs(probs[runtime] - _softmax(ref.astype(np.float64))).max()

@@ -272,3 +272,70 @@ def test_balance_runs_and_is_recorded(tmp_path):
     res = adapt(_cfg(tmp_path / "run", balance=True))
     assert res.manifest.metrics["val_top1"] >= 0.6
     assert res.manifest.adapt["balance"] == "class-weighted loss"
+
+
+SOURCE_DIGITS = DIGITS.parent / "digits04"
+
+
+def test_keep_source_head_answers_both_tasks(tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    from edgetransfer.backbones import load_source
+    from edgetransfer.data import eval_transform, load_image, scan
+
+    res = adapt(_cfg(tmp_path / "run", keep_source_head=True, source_data=SOURCE_DIGITS))
+    m = res.manifest
+    assert m.io["source_output"] == "source_logits"
+    assert m.source["labels"] == ["zero", "one", "two", "three", "four"]
+    # the backbone is frozen: the source task cannot get worse
+    assert m.metrics["source_top1_after"] == m.metrics["source_top1_before"] >= 0.9
+    export(ExportConfig(run_dir=tmp_path / "run", out=tmp_path / "exp"))
+    assert verify(tmp_path / "exp", DIGITS, write=False).passed
+
+    ds = scan(SOURCE_DIGITS, val_fraction=0.0)
+    tf = eval_transform(m.preprocessing)
+    x = torch.stack([tf(load_image(s.path)) for s in ds.samples])
+    source = load_source("simple_cnn", str(SOURCE)).model.eval()
+    with torch.no_grad():
+        want = source(x).numpy()
+    sess = ort.InferenceSession(str(tmp_path / "exp" / "model.onnx"))
+    assert [o.name for o in sess.get_outputs()] == ["logits", "source_logits"]
+    logits, source_logits = sess.run(None, {"input": x.numpy()})
+    assert logits.shape == (len(x), 5)
+    np.testing.assert_allclose(source_logits, want, rtol=0, atol=1e-5)
+    raw = ort.InferenceSession(str(tmp_path / "exp" / "model.raw.onnx"))
+    assert [o.name for o in raw.get_outputs()] == ["probs", "logits", "source_logits"]
+
+
+def test_lwf_protects_the_source_task(tmp_path):
+    kw = dict(strategy="full", epochs=10, source_data=SOURCE_DIGITS, patience=0)
+    plain = adapt(_cfg(tmp_path / "plain", **kw)).manifest.metrics
+    lwf = adapt(_cfg(tmp_path / "lwf", lwf=1.0, **kw)).manifest.metrics
+    assert plain["source_top1_after"] < plain["source_top1_before"]  # fine-tuning forgets
+    assert lwf["source_top1_after"] >= plain["source_top1_after"] + 0.03
+    assert lwf["val_top1"] >= 0.8
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(lwf=1.0), "--lwf protects a backbone that trains; with --strategy head"),
+        (dict(keep_source_head=True, weights="none"), "--keep-source-head needs source weights"),
+        (
+            dict(keep_source_head=True, truncate="features.5"),
+            "--keep-source-head cannot be combined with --truncate",
+        ),
+    ],
+)
+def test_source_options_errors(tmp_path, kw, message):
+    with pytest.raises(EdgeTransferError, match=message):
+        adapt(_cfg(tmp_path / "run", **kw))
+
+
+def test_source_data_with_unknown_classes(tmp_path):
+    with pytest.raises(
+        EdgeTransferError,
+        match="--source-data has classes the source model does not know: eight, five",
+    ):
+        adapt(_cfg(tmp_path / "run", source_data=DIGITS))

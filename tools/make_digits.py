@@ -23,7 +23,9 @@ SOURCE_LABELS = ["zero", "one", "two", "three", "four"]
 TARGET_LABELS = ["five", "six", "seven", "eight", "nine"]
 MODEL = ROOT / "models" / "digits04_simple_cnn.safetensors"
 SAMPLE = ROOT / "edgetransfer" / "sample_data" / "digits59"
+SOURCE_SAMPLE = ROOT / "edgetransfer" / "sample_data" / "digits04"
 PER_CLASS = 40
+SOURCE_PER_CLASS = 20
 SEED = 0
 
 
@@ -70,6 +72,23 @@ def write_sample() -> int:
             continue
         count[dg] = count.get(dg, 0) + 1
         folder = SAMPLE / TARGET_LABELS[dg - 5]
+        folder.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        img.save(buf, "PNG", optimize=True)
+        (folder / f"{count[dg]:03d}.png").write_bytes(buf.getvalue())
+    return sum(count.values())
+
+
+def write_source_sample() -> int:
+    """Held-out source-task images (never trained on), for measuring source retention."""
+    data = source_data()
+    held_out = data[: len(data) // 5]  # the same split train_source holds out
+    count: dict[int, int] = {}
+    for img, dg in held_out:
+        if count.get(dg, 0) >= SOURCE_PER_CLASS:
+            continue
+        count[dg] = count.get(dg, 0) + 1
+        folder = SOURCE_SAMPLE / SOURCE_LABELS[dg]
         folder.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         img.save(buf, "PNG", optimize=True)
@@ -137,7 +156,9 @@ CARD = """# digits04_simple_cnn — the shipped source model
   ({epochs} epochs, Adam 1e-3, batch 32, CPU, deterministic).
 
 The target sample data (`edgetransfer/sample_data/digits59/`, digits 5-9, {per} images per
-class) comes from the same source and was never seen by this model.
+class) comes from the same source and was never seen by this model. The source sample
+(`edgetransfer/sample_data/digits04/`, 20 images per class) is taken from the held-out part, for
+measuring that adaptation does not hurt the source task (`adapt --source-data`).
 """
 
 
@@ -147,6 +168,7 @@ def main() -> None:
     ap.add_argument("--sample-only", action="store_true", help="only rewrite the sample data")
     args = ap.parse_args()
     print(f"sample images: {write_sample()} in {SAMPLE}")
+    print(f"source sample images: {write_source_sample()} in {SOURCE_SAMPLE}")
     if args.sample_only:
         return
     info = train_source(args.epochs)
