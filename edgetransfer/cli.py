@@ -766,7 +766,10 @@ def demo(out_dir: Path, force: bool, quiet: bool) -> None:
     click.echo(f"source model: {source_model()}\ntarget data:  {sample_data()}")
     res = run_demo(out_dir, force=force, progress=_progress(quiet))
     click.echo(f"adapted: val top-1 {res.val_top1:.1%}   run: {res.run_dir}")
-    click.echo(f"exported: {res.export_dir} (model.onnx, model.pt, labels.txt, edgetransfer.json)")
+    before, after = res.source_top1
+    click.echo(f"source task (digits 0-4) top-1: {before:.1%} before, {after:.1%} after")
+    click.echo(f"exported: {res.export_dir} (model.onnx, model.raw.onnx, model.pt, golden/, "
+               "labels.txt, edgetransfer.json)")
     click.echo(res.parity_table)
     for p in res.predictions:
         click.echo(

@@ -16,6 +16,11 @@ def sample_data() -> Path:
     return PACKAGE / "sample_data" / "digits59"
 
 
+def source_sample_data() -> Path:
+    """Held-out images of the source task (digits 0-4), for measuring source retention."""
+    return PACKAGE / "sample_data" / "digits04"
+
+
 def source_model() -> Path:
     """The shipped source model (inside the wheel, or models/ in a source checkout)."""
     for candidate in (PACKAGE / "models" / SOURCE_MODEL, PACKAGE.parent / "models" / SOURCE_MODEL):
@@ -31,6 +36,7 @@ class DemoResult:
     run_dir: Path
     export_dir: Path
     val_top1: float
+    source_top1: tuple[float, float]  # source task before / after adaptation
     parity_passed: bool
     parity_table: str
     predictions: list  # runtime.Prediction
@@ -54,6 +60,7 @@ def run_demo(out: Path, force: bool = False, progress: bool = False) -> DemoResu
             out=run_dir,
             arch="simple_cnn",
             weights=str(source_model()),
+            source_data=source_sample_data(),
             force=True,
             progress=progress,
         )
@@ -66,6 +73,7 @@ def run_demo(out: Path, force: bool = False, progress: bool = False) -> DemoResu
         run_dir,
         export_dir,
         float(res.manifest.metrics["val_top1"]),
+        (res.manifest.metrics["source_top1_before"], res.manifest.metrics["source_top1_after"]),
         report.passed,
         report.table(),
         preds,
