@@ -93,3 +93,17 @@ def test_dead_features_do_not_blow_up_the_folded_head():
     std, head, _ = _train(x, y, x, y, TrainConfig(epochs=2))
     fold(std, head)
     assert head.weight.abs().max() < 1e3
+
+
+def test_second_signal_exits_at_once():
+    import os
+    import signal
+
+    from edgetransfer.train import Stop
+
+    with Stop() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM  # the first one only asks to stop
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
