@@ -34,6 +34,8 @@ class AdaptConfig:
         augment: none | light | standard; default none for ``head``, light otherwise.
         views: augmented views per training image cached for ``head`` (1 = no augmentation).
         max_memory: training memory budget in MiB; the batch is split to fit, or refused.
+        backend: what runs the frozen backbone for ``head``: auto | torch | onnxruntime
+            (see features.extract); workers > 0 also sets its decoding processes.
         on_step: called after each optimizer step with (epoch, step) (tests, progress).
     """
 
@@ -68,6 +70,7 @@ class AdaptConfig:
     max_pixels: int | None = None
     max_memory: float | None = None
     workers: int = 0
+    backend: str = "auto"
     force: bool = False
     resume: bool = False
     use_cache: bool = True
@@ -125,6 +128,11 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
         raise EdgeTransferError("--strategy distill needs --teacher RUN_DIR (an adapted model)")
     if cfg.views > 1 and augment == "none":
         augment = "light"  # several identical views would only cost time
+    if cfg.strategy == "head" and cfg.views == 1 and augment != "none":
+        raise EdgeTransferError(
+            f"--augment {augment} needs --views K (K > 1) with --strategy head: features are "
+            "computed once per cached view"
+        )
     check_can_write(cfg.out, cfg.force)
     dataset = scan(cfg.data_dir, cfg.val_fraction, cfg.seed)
     torch.manual_seed(cfg.seed)  # before building: --weights none must be reproducible
@@ -145,13 +153,9 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
     model = Classifier(features, head, source_head if cfg.keep_source_head else None)
     source_before = _source_top1(cfg, features, source_head, source, pre)
 
-    backbone_id = "|".join(
-        [
-            source.provenance.get("sha256") or f"{cfg.arch}:{cfg.weights}",
-            str(cfg.seed),
-            cfg.truncate or "",
-        ]
-    )
+    # Pins the exact backbone weights: a file's sha256, or a hash of the random init.
+    weights_id = source.provenance.get("sha256") or _state_hash(features)
+    backbone_id = "|".join([cfg.arch, weights_id, cfg.truncate or ""])
     bad = _check_images(cfg, dataset, features, pre, backbone_id)
     dataset = dataset.without([p for p, _ in bad])
     train_s, val_s = dataset.split("train"), dataset.split("val")
@@ -175,7 +179,7 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
             backbone_id + "|source-head",
             cfg,
         )
-    fingerprint = _run_fingerprint(cfg, dataset)
+    fingerprint = _run_fingerprint(cfg, dataset, backbone_id)
 
     result, notes = _train(
         cfg,
@@ -366,6 +370,8 @@ def _check_images(cfg: AdaptConfig, dataset, features, pre, backbone_id: str):
             use_cache=cfg.use_cache,
             max_pixels=cfg.max_pixels,
             progress=cfg.progress,
+            backend=cfg.backend,
+            workers=cfg.workers or None,
         )
         bad = feats.bad
     else:
@@ -420,6 +426,9 @@ def _fit_memory(cfg: AdaptConfig, model, plan, pre, n_train: int):
 
 def _teacher_logits(cfg: AdaptConfig, dataset, train_s):
     """The teacher's logits on the (un-augmented) training images, computed once and cached."""
+    import torch
+
+    from edgetransfer.backbones import outputs
     from edgetransfer.features import extract
 
     teacher, tm = load_run(cfg.teacher)
@@ -432,8 +441,13 @@ def _teacher_logits(cfg: AdaptConfig, dataset, train_s):
         "teacher:"
         + hashlib.sha256((Path(cfg.teacher) / "model.safetensors").read_bytes()).hexdigest()
     )
+
+    class Logits(torch.nn.Module):  # a teacher that kept its source head answers two tasks
+        def forward(self, x):
+            return outputs(teacher(x))[0]
+
     out = extract(
-        teacher,
+        Logits(),
         train_s,
         tm.preprocessing,
         backbone_id=tid,
@@ -446,14 +460,29 @@ def _teacher_logits(cfg: AdaptConfig, dataset, train_s):
     return out.vectors
 
 
-def _run_fingerprint(cfg: AdaptConfig, dataset) -> str:
+def _state_hash(module) -> str:
+    """sha256 of a module's weights, for cache keys when no weights file identifies them."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _run_fingerprint(cfg: AdaptConfig, dataset, backbone_id: str = "") -> str:
     """Identifies a run's inputs and settings, so --resume only continues the same run."""
     fields = {
         k: v
         for k, v in dataclasses.asdict(cfg).items()
-        if k not in ("out", "force", "resume", "progress", "on_step", "use_cache", "workers")
+        if k
+        not in ("out", "force", "resume", "progress", "on_step", "use_cache", "workers", "backend")
     }
     fields["data"] = dataset.fingerprint()
+    fields["backbone"] = backbone_id  # contents, not paths: a replaced weights file is another run
+    if cfg.teacher:
+        fields["teacher"] = hashlib.sha256(
+            (Path(cfg.teacher) / "model.safetensors").read_bytes()
+        ).hexdigest()
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -515,6 +544,8 @@ def _train(
                 augment=aug,
                 view=view,
                 seed=cfg.seed,
+                backend=cfg.backend,
+                workers=cfg.workers or None,
             )
             if out.bad:
                 raise DataError(f"{out.bad[0][0]}: {out.bad[0][1]}")

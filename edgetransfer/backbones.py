@@ -259,9 +259,17 @@ def feature_dim(features: nn.Module, p: Preprocessing) -> int:
     """Length of the feature vector `features` produces for one input at `p.input_size`."""
     was_training = features.training
     features.eval()
-    with torch.no_grad():
-        out = features(torch.zeros(1, 3, *p.input_size))
-    features.train(was_training)
+    try:
+        with torch.no_grad():
+            out = features(torch.zeros(1, 3, *p.input_size))
+    except RuntimeError as e:  # e.g. a fixed-size Linear after the convolutions
+        h, w = p.input_size
+        raise ArchError(
+            f"this backbone cannot take {h}x{w} input ({_reason(e)}); leave --image-size at "
+            "the architecture's own size"
+        ) from None
+    finally:
+        features.train(was_training)
     return int(out.shape[1])
 
 

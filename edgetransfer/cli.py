@@ -207,7 +207,12 @@ def cli(ctx: click.Context, max_pixels: int | None) -> None:
 @click.option("--max-memory", type=click.FloatRange(min=1), default=None, metavar="MB",
               help="Training memory budget; the batch is split (accumulation) to fit.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Processes decoding images for strategies that train the backbone.")
+              help="Processes decoding images [0: none for strategies that train the "
+              "backbone, up to 4 for feature extraction].")
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto",
+              show_default=True,
+              help="What runs the frozen backbone for --strategy head (auto: onnxruntime when "
+              "the exported backbone matches PyTorch).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (same command).")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the feature cache.")
 @click.option("--force", is_flag=True, help="Replace an existing RUN_DIR.")
@@ -220,7 +225,7 @@ def adapt(data_dir: Path, arch: str, weights: str, epochs: int, batch_size: int,
           kd_temperature: float, truncate: str | None, keep_source_head: bool,
           source_data: Path | None, lwf: float, augment: str | None, views: int,
           accumulate: int, patience: int, balance: bool, max_memory: float | None,
-          workers: int, resume: bool, no_cache: bool, force: bool, as_json: bool,
+          workers: int, backend: str, resume: bool, no_cache: bool, force: bool, as_json: bool,
           quiet: bool) -> None:
     """Adapt a pretrained backbone to DATA_DIR (one sub-folder of images per class).
 
@@ -247,7 +252,7 @@ def adapt(data_dir: Path, arch: str, weights: str, epochs: int, batch_size: int,
         augment=augment, views=views, balance=balance, patience=patience,
         image_size=image_size, val_fraction=val_fraction, seed=seed, max_bad=max_bad,
         max_pixels=max_pixels,
-        max_memory=max_memory, workers=workers, force=force, resume=resume,
+        max_memory=max_memory, workers=workers, backend=backend, force=force, resume=resume,
         use_cache=not no_cache, progress=_progress(quiet or as_json),
     ))
     if as_json:

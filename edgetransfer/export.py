@@ -83,8 +83,10 @@ def export(cfg: ExportConfig) -> ExportResult:
         raise ExportError(
             f"unknown exporter {cfg.exporter!r}; choose one of: auto, {', '.join(EXPORTERS)}"
         )
-    if not (cfg.onnx or cfg.torchscript or cfg.raw or cfg.pt2 or cfg.int8 or cfg.fp16):
-        raise ExportError("nothing to export; pass --onnx, --torchscript, --raw or --pt2")
+    if not (cfg.onnx or cfg.torchscript or cfg.raw or cfg.pt2 or cfg.int8 or cfg.fp16
+            or cfg.optimize):
+        raise ExportError("nothing to export; pass --onnx, --torchscript, --raw, --pt2, --int8, "
+                          "--fp16 or --optimize")
     check_can_write(cfg.out, cfg.force)
     model, manifest = load_run(cfg.run_dir)
     dataset, notes = _dataset(cfg, manifest)
@@ -93,10 +95,10 @@ def export(cfg: ExportConfig) -> ExportResult:
             "--int8/--fp16 need images for calibration and the accuracy check; pass --data DATA_DIR"
         )
     h, w = manifest.preprocessing.input_size
-    torch.manual_seed(0)
-    example = torch.randn(2, 3, h, w)
+    example = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
     report: dict = {"exporter": None, "opset": cfg.opset, "artifacts": {}, "notes": notes}
     with output_dir(cfg.out, cfg.force) as tmp:
+        # int8/fp16/optimize are made from model.onnx, which stays as their fp32 baseline
         need_onnx = cfg.onnx or cfg.int8 or cfg.fp16 or cfg.optimize
         exporter = cfg.exporter
         if need_onnx:
@@ -121,16 +123,18 @@ def export(cfg: ExportConfig) -> ExportResult:
             if cfg.optimize:
                 quantize.save_optimized(tmp / FILES["onnx"], tmp / FILES["optimized"], manifest)
             if cfg.int8:
-                calib = [s for s in dataset.samples if s.split == "train"][: cfg.calib_size]
+                calib = _spread([s for s in dataset.samples if s.split == "train"],
+                                cfg.calib_size)
                 quantize.quantize_int8(tmp / FILES["onnx"], tmp / FILES["int8"], manifest, calib)
             if cfg.fp16:
                 quantize.convert_fp16(tmp / FILES["onnx"], tmp / FILES["fp16"], manifest)
-            val = dataset.split("val") or dataset.samples
-            guard = quantize.guard(tmp, manifest, val, cfg.max_drop, cfg.threads)
-            notes += guard.pop("notes")
-            report["guard"] = guard
-        if cfg.onnx is False and need_onnx:
-            (tmp / FILES["onnx"]).unlink()  # only a base for the variants asked for
+            if dataset is None:
+                notes.append("no accuracy/latency guard: no images; pass --data DATA_DIR")
+            else:
+                val = dataset.split("val") or dataset.samples
+                guard = quantize.guard(tmp, manifest, val, cfg.max_drop, cfg.threads)
+                notes += guard.pop("notes")
+                report["guard"] = guard
         shutil.copyfile(Path(cfg.run_dir) / "model.safetensors", tmp / "model.safetensors")
         atomic_write_text(tmp / "labels.txt", "".join(f"{label}\n" for label in manifest.labels))
         atomic_write_text(tmp / MANIFEST_NAME, manifest.to_json())
@@ -162,7 +166,37 @@ def _dataset(cfg: ExportConfig, manifest: Manifest):
             return None, []
         return None, ["no golden/ written: the run's data folder is gone; pass --data DATA_DIR"]
     seed = int(manifest.adapt.get("seed", 0))
-    return scan(data_dir, float(manifest.adapt.get("val_fraction", 0.2)), seed), []
+    ds = scan(data_dir, float(manifest.adapt.get("val_fraction", 0.2)), seed)
+    return _relabel(ds, manifest), []
+
+
+def _relabel(ds, manifest: Manifest):
+    """The dataset with labels as indices into the model's labels (matched by class name), so
+    golden vectors, calibration and the guard agree with the model whatever folder is given."""
+    import dataclasses
+
+    from edgetransfer.errors import DataError
+
+    unknown = [c for c in ds.classes if c not in manifest.labels]
+    if unknown:
+        raise DataError(f"--data has classes the model does not know: {', '.join(unknown)} "
+                        f"(it knows {', '.join(manifest.labels)})")
+    index = [manifest.labels.index(c) for c in ds.classes]
+    samples = [dataclasses.replace(s, label=index[s.label]) for s in ds.samples]
+    return dataclasses.replace(ds, classes=list(manifest.labels), samples=samples)
+
+
+def _spread(samples: list, n: int) -> list:
+    """Up to `n` samples taken round-robin across classes (scan groups them by class)."""
+    by_class: dict[int, list] = {}
+    for s in samples:
+        by_class.setdefault(s.label, []).append(s)
+    out, queues = [], [list(v) for _, v in sorted(by_class.items())]
+    while len(out) < n and any(queues):
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop(0))
+    return out
 
 
 def _first_line(e: BaseException) -> str:

@@ -138,7 +138,20 @@ def estimate_memory(model: nn.Module, plan: Plan, batch: int, p, cached: bool) -
     n_train = sum(t.numel() for t in trainable)
     saved_bytes, work_bytes = 0, 0
     if not cached:
-        params = {t.data_ptr() for t in model.parameters()}
+        import copy
+
+        probe = copy.deepcopy(model)
+        trainable_ids = {id(t) for t in plan.trainable}
+        names = [n for n, t in model.named_parameters() if id(t) in trainable_ids]
+        train_bn = [n for n, m in model.named_modules() if any(m is b for b in plan.bn_train)]
+
+        def plan_of(copy_model: nn.Module) -> Plan:
+            params_by_name = dict(copy_model.named_parameters())
+            modules = dict(copy_model.named_modules())
+            return Plan([params_by_name[n] for n in names], plan.frozen_prefix,
+                        [modules[n] for n in train_bn])
+
+        params = {t.data_ptr() for t in probe.parameters()}
         saved: dict[tuple[int, int], int] = {}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
@@ -147,7 +160,7 @@ def estimate_memory(model: nn.Module, plan: Plan, batch: int, p, cached: bool) -
             return t
 
         sizes: list[int] = []
-        leaves = [m for m in model.modules() if not list(m.children())]
+        leaves = [m for m in probe.modules() if not list(m.children())]
         hooks = [
             m.register_forward_hook(
                 lambda m, i, o: sizes.append(
@@ -156,14 +169,13 @@ def estimate_memory(model: nn.Module, plan: Plan, batch: int, p, cached: bool) -
             )
             for m in leaves
         ]
-        was = model.training
-        model.eval()
-        set_train_mode(model.features, plan)
+        # A copy: a BatchNorm in train mode (--train-bn) would update its statistics.
+        probe.eval()
+        set_train_mode(probe.features, plan_of(probe))
         try:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                model(torch.zeros(1, 3, *p.input_size))
+                probe(torch.zeros(1, 3, *p.input_size))
         finally:
-            model.train(was)
             for h in hooks:
                 h.remove()
         saved_bytes = sum(saved.values()) * batch

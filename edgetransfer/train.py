@@ -259,7 +259,9 @@ def fit(
                         f"loss became {loss.item()} in epoch {epoch}; lower the learning rate "
                         "(--lr); the best checkpoint so far was not changed"
                     )
-                (loss / micro).backward()
+                # the last group may hold fewer micro-batches: average over those it has
+                group = min(micro, len(train) - (i // micro) * micro)
+                (loss / group).backward()
                 run["total"] += loss.item() * len(y)
                 run["correct"] += int((logits.detach().argmax(1) == y).sum())
                 run["seen"] += len(y)

@@ -229,7 +229,10 @@ def verify(
         data_dir, float(manifest.adapt.get("val_fraction", 0.2)), int(manifest.adapt.get("seed", 0))
     )
     samples = dataset.split("val") or dataset.samples
-    samples = samples[:limit] if limit else samples
+    if limit and limit < len(samples):  # a seeded sample across classes, not the first class
+        import random
+
+        samples = sorted(random.Random(0).sample(samples, limit), key=lambda s: str(s.path))
     tf = eval_transform(p)
     tensors, pixels, kept = [], [], []
     for s in samples:
@@ -246,7 +249,7 @@ def verify(
     raw_x = np.stack(pixels)
     names = [s.path.name for s in kept]
     truth = None
-    if set(dataset.classes) >= set(manifest.labels):
+    if set(dataset.classes) <= set(manifest.labels):  # a folder may hold some of the classes
         by_name = {c: i for i, c in enumerate(manifest.labels)}
         idx = [by_name.get(dataset.classes[s.label]) for s in kept]
         if all(i is not None for i in idx):

@@ -166,3 +166,46 @@ def test_every_architecture_exports_and_verifies(arch, arch_data, tmp_path):
 
 def test_meta_every_registered_arch_is_covered():
     assert set(TESTED_ARCHS) == set(ARCHS)
+
+
+def test_int8_alone_keeps_its_fp32_baseline(digits_run, tmp_path):
+    res = export(
+        ExportConfig(
+            run_dir=digits_run,
+            out=tmp_path / "e",
+            onnx=False,
+            torchscript=False,
+            raw=False,
+            int8=True,
+            golden=0,
+        )
+    )
+    rec = res.report["guard"]["artifacts"][res.report["guard"]["recommended"]]["file"]
+    assert (tmp_path / "e" / rec).is_file()
+    assert (tmp_path / "e" / "model.onnx").is_file() and (
+        tmp_path / "e" / "model.int8.onnx"
+    ).is_file()
+
+
+def test_optimize_alone(digits_run, tmp_path):
+    res = CliRunner().invoke(
+        cli, ["export", str(digits_run), "--optimize", "--out", str(tmp_path / "e")]
+    )
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "e" / "model.opt.onnx").is_file()
+
+
+def test_export_data_with_other_classes_maps_by_name(digits_run, tmp_path):
+    sub = tmp_path / "sub"
+    for name in ("six", "nine"):  # a folder with two of the five classes, in another order
+        shutil.copytree(DIGITS / name, sub / name)
+    res = export(ExportConfig(run_dir=digits_run, out=tmp_path / "e", data_dir=sub, int8=True))
+    index = json.loads((tmp_path / "e" / "golden" / "golden.json").read_text())
+    assert {c["label"] for c in index["cases"]} <= {"six", "nine"}
+    assert res.report["guard"]["artifacts"]["fp32"]["top1"] >= 0.8
+    bad = tmp_path / "bad"
+    shutil.copytree(DIGITS / "six", bad / "six")
+    (bad / "cat").mkdir()
+    shutil.copy(next((DIGITS / "six").iterdir()), bad / "cat" / "x.png")
+    with pytest.raises(Exception, match="--data has classes the model does not know: cat"):
+        export(ExportConfig(run_dir=digits_run, out=tmp_path / "f", data_dir=bad))

@@ -131,7 +131,8 @@ def test_l2sp_keeps_backbone_near_source(tmp_path):
 
 def test_accumulation_equals_a_bigger_batch():
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(32, 6, generator=g), torch.arange(32) % 3
+    # 20 samples: the last group is short (4 = one micro-batch) and must not be down-weighted
+    x, y = torch.randn(20, 6, generator=g), torch.arange(20) % 3
     heads = []
     for batch, acc in ((8, 1), (4, 2)):
         torch.manual_seed(0)
@@ -141,7 +142,7 @@ def test_accumulation_equals_a_bigger_batch():
             head,
             [{"params": list(head.parameters())}],
             TensorBatches(x, y, batch, 0),
-            TensorBatches(x, y, 32, 0, shuffle=False),
+            TensorBatches(x, y, 20, 0, shuffle=False),
             lambda lg, t, i: torch.nn.functional.cross_entropy(lg, t),
             cfg,
         )
@@ -339,3 +340,38 @@ def test_source_data_with_unknown_classes(tmp_path):
         match="--source-data has classes the source model does not know: eight, five",
     ):
         adapt(_cfg(tmp_path / "run", source_data=DIGITS))
+
+
+def test_memory_estimate_leaves_the_model_untouched():
+    spec, features = _backbone("tiny_test")
+    from edgetransfer.backbones import Classifier
+
+    model = Classifier(features, torch.nn.Linear(16, 3))
+    plan = strategies.apply(
+        strategies.StrategyConfig("full", train_bn=True),
+        features,
+        block_modules(spec, features, None),
+    )
+    bn = features.get_submodule("features.1")
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    model.eval()
+    strategies.estimate_memory(model, plan, 8, spec.preprocessing, cached=False)
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not model.training
+
+
+def test_distill_from_a_teacher_with_a_source_head(tmp_path):
+    teacher = adapt(_cfg(tmp_path / "t", keep_source_head=True)).run_dir
+    res = adapt(_cfg(tmp_path / "s", strategy="distill", teacher=teacher))
+    assert res.manifest.adapt["teacher"]["arch"] == "simple_cnn"
+
+
+def test_fixed_size_arch_refuses_another_image_size(tmp_path):
+    with pytest.raises(ArchError, match="this backbone cannot take 64x64 input"):
+        adapt(_cfg(tmp_path / "r", image_size=64))
+
+
+def test_augment_with_head_needs_views(tmp_path):
+    with pytest.raises(EdgeTransferError, match="--augment light needs --views K"):
+        adapt(_cfg(tmp_path / "r", augment="light"))
