@@ -1,0 +1,665 @@
+"""Performance harness for issue 8: adapt, feature extraction, decoding, inference, memory and
+start-up, each measured as a ratio against a baseline taken in the same run on the same machine.
+
+    .venv/bin/python tools/perf.py [--quick] [--only adapt,backend,decode,inference,memory,startup]
+
+Every benchmark generates its own data in a temp folder (smooth photos whose colour and texture
+depend on the class, 12-megapixel JPEGs for decoding) and prints a table: target, measured,
+pass/fail. Times are medians of interleaved repeats (the machine is shared and noisy). No
+network: random backbones, with BatchNorm statistics re-estimated on the generated photos so
+that their features are not near-constant and validation accuracy means something.
+(tools/perf.py, not tools/bench.py: edgetransfer/bench.py is the `edgetransfer bench` command.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+BENCHES = ("adapt", "backend", "decode", "inference", "memory", "startup")
+COLOURS = [(230, 60, 60), (60, 190, 70), (60, 70, 230), (220, 200, 40), (190, 60, 210)]
+RESULTS: list[dict] = []  # every target row, for the summary and --json
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def photo(rng, w: int, h: int, cls: int) -> Image.Image:
+    """A smooth random photo: a class colour, class-oriented stripes, random low-freq blotches."""
+    small = rng.integers(0, 255, (max(2, h // 48), max(2, w // 48), 3), dtype=np.uint8)
+    blotch = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), np.float32)
+    angle = cls * 0.7 + rng.normal(0, 0.1)
+    y, x = np.ogrid[0:h, 0:w]
+    freq = (0.03 + 0.012 * cls) * 640 / w
+    stripes = 45 * np.sin((x * np.cos(angle) + y * np.sin(angle)) * freq + rng.uniform(0, 6))
+    a = 0.45 * blotch + 0.55 * np.asarray(COLOURS[cls], np.float32) + stripes[..., None]
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+def make_photos(root: Path, n: int, size=(640, 480), classes: int = 5, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        c = i % classes
+        d = root / f"class{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        photo(rng, *size, c).save(d / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+def calibrated_weights(arch: str, data: Path, out: Path, n: int = 96) -> Path:
+    """Random weights of `arch` whose BatchNorm statistics are re-estimated on `data`.
+
+    torchvision's random mobilenet_v3_small has unit BN statistics and its features come out
+    near 1e-9 and constant: a head cannot learn anything on them. One pass in train mode over a
+    few photos fixes the scale (a data-dependent init, no pretrained weights involved).
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from edgetransfer.backbones import get_arch
+    from edgetransfer.data import eval_transform, list_images, load_image
+
+    torch.manual_seed(0)
+    spec = get_arch(arch)
+    model = spec.build(1000)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calibration batches
+    tf = eval_transform(spec.preprocessing)
+    files = list_images(data)
+    files = files[:: max(1, len(files) // n)][:n]
+    model.train()
+    with torch.no_grad():
+        for i in range(0, len(files), 16):
+            model(torch.stack([tf(load_image(f)) for f in files[i : i + 16]]))
+    save_file({k: v.contiguous() for k, v in model.eval().state_dict().items()}, str(out))
+    return out
+
+
+def timed(fn) -> tuple[float, object]:
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def row(bench: str, what: str, target: str, measured: str, ok: bool | None, note: str = ""):
+    RESULTS.append(
+        {
+            "bench": bench,
+            "what": what,
+            "target": target,
+            "measured": measured,
+            "ok": ok,
+            "note": note,
+        }
+    )
+
+
+def print_table(bench: str, title: str) -> None:
+    rows = [r for r in RESULTS if r["bench"] == bench]
+    print(f"\n## {bench}: {title}\n")
+    print("| measurement | target | measured | result |")
+    print("|---|---|---|---|")
+    for r in rows:
+        res = {True: "PASS", False: "FAIL", None: "info"}[r["ok"]]
+        note = f" ({r['note']})" if r["note"] else ""
+        print(f"| {r['what']} | {r['target']} | {r['measured']}{note} | {res} |")
+    sys.stdout.flush()
+
+
+def peak_child(code: str, *args: str) -> dict:
+    """Run `code` in a fresh interpreter; its last stdout line is JSON."""
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"child failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# 1. adapt vs the seed-style loop, and vs the floor
+
+
+def seed_loop(data: Path, weights: Path, epochs: int, batch: int, workers: int) -> tuple:
+    """The seed's way: the frozen backbone runs on every image in every epoch (train and val);
+    a new Linear head trains with the same optimiser, lr and batch size as adapt; the best
+    validation epoch counts, as adapt keeps it."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from edgetransfer.backbones import get_arch, load_source, split
+    from edgetransfer.data import eval_transform, load_image, scan
+
+    ds = scan(data)  # the same split as adapt (seed 0, 20% validation)
+    spec = get_arch("mobilenet_v3_small")
+    src = load_source(spec.name, str(weights))
+    backbone, _ = split(spec, src.model)
+    backbone.eval().requires_grad_(False)
+    tf = eval_transform(spec.preprocessing)
+
+    class Images(torch.utils.data.Dataset):
+        def __init__(self, samples):
+            self.samples = samples
+
+        def __len__(self):
+            return len(self.samples)
+
+        def __getitem__(self, i):
+            s = self.samples[i]
+            return tf(load_image(s.path)), s.label
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(1024, len(ds.classes))
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=0.0)
+    train = DataLoader(Images(ds.split("train")), batch, shuffle=True, num_workers=workers)
+    val = DataLoader(Images(ds.split("val")), batch, num_workers=workers)
+    best = 0.0
+    for _ in range(epochs):
+        for x, y in train:
+            with torch.no_grad():
+                f = backbone(x)
+            loss = torch.nn.functional.cross_entropy(head(f), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        correct = seen = 0
+        with torch.no_grad():
+            for x, y in val:
+                correct += int((head(backbone(x)).argmax(1) == y).sum())
+                seen += len(y)
+        best = max(best, correct / seen)
+    return best
+
+
+def bench_adapt(tmp: Path, quick: bool) -> None:
+    import edgetransfer.report as report_mod
+    from edgetransfer.adapt import AdaptConfig, adapt
+    from edgetransfer.backbones import get_arch, load_source, split
+    from edgetransfer.data import scan
+    from edgetransfer.features import decode_workers, extract
+
+    n, reps, epochs = (256, 1, 10) if quick else (512, 3, 10)
+    data = make_photos(tmp / "photos", n)
+    weights = calibrated_weights("mobilenet_v3_small", data, tmp / "mnv3s_bn.safetensors")
+    workers = decode_workers(n, None)
+
+    # Time spent writing report.html inside adapt (matplotlib + a pass over val images).
+    report_s: list[float] = []
+    real_report = report_mod.write_run_report
+
+    def counted_report(*a, **k):
+        t, out = timed(lambda: real_report(*a, **k))
+        report_s.append(t)
+        return out
+
+    report_mod.write_run_report = counted_report
+
+    def run_adapt(i: int):
+        os.environ["EDGETRANSFER_CACHE"] = str(tmp / "cache")
+        # a fresh feature cache each time; the exported backbone stays cached (one-time cost)
+        feat = tmp / "cache" / "features"
+        if feat.exists():
+            for f in feat.iterdir():
+                f.unlink()
+        from edgetransfer import features
+
+        features._recent.clear()
+        cfg = AdaptConfig(
+            data_dir=data,
+            out=tmp / f"run{i}",
+            weights=str(weights),
+            epochs=epochs,
+            patience=0,
+            force=True,
+        )
+        return adapt(cfg)
+
+    # warm-up: imports, and the one-time ONNX export of this backbone (reported separately)
+    os.environ["EDGETRANSFER_CACHE"] = str(tmp / "cache")
+    spec = get_arch("mobilenet_v3_small")
+    backbone, _ = split(spec, load_source(spec.name, str(weights)).model)
+    backbone.eval()
+    samples = scan(data).samples
+    export_s, _ = timed(
+        lambda: extract(
+            backbone,
+            samples[:8],
+            spec.preprocessing,
+            backbone_id="warm",
+            use_cache=False,
+            backend="onnxruntime",
+            workers=0,
+        )
+    )
+
+    def floor():
+        return extract(
+            backbone,
+            samples,
+            spec.preprocessing,
+            backbone_id="floor",
+            use_cache=False,
+            backend="onnxruntime",
+            workers=workers,
+        )
+
+    floor()  # warm
+    t_adapt, t_floor, t_seed, t_report, acc_adapt, acc_seed = [], [], [], [], [], []
+    for i in range(reps):
+        t, res = timed(lambda i=i: run_adapt(i))
+        t_adapt.append(t)
+        t_report.append(report_s[-1])
+        acc_adapt.append(res.manifest.metrics["val_top1"])
+        t_floor.append(timed(floor)[0])
+        t, acc = timed(lambda: seed_loop(data, weights, epochs, 8, workers))
+        t_seed.append(t)
+        acc_seed.append(acc)
+    report_mod.write_run_report = real_report
+    med = statistics.median
+    a, f, s, r = med(t_adapt), med(t_floor), med(t_seed), med(t_report)
+    da = abs(med(acc_adapt) - med(acc_seed)) * 100
+    what = f"{n} photos 640x480, 5 classes, mobilenet_v3_small 224, {epochs} epochs"
+    row(
+        "adapt",
+        "seed loop / adapt --strategy head (time)",
+        ">= 8x",
+        f"{s / a:.1f}x ({s:.1f} s / {a:.1f} s)",
+        s / a >= 8,
+    )
+    row(
+        "adapt",
+        "val top-1: adapt vs seed loop",
+        "within 1 point",
+        f"{med(acc_adapt):.1%} vs {med(acc_seed):.1%}",
+        da <= 1.0,
+    )
+    row(
+        "adapt",
+        "adapt / floor (one ORT pass with decoding)",
+        "<= 1.25x",
+        f"{a / f:.2f}x ({a:.1f} s / {f:.1f} s)",
+        a / f <= 1.25,
+        f"report.html takes {r:.1f} s of it",
+    )
+    row("adapt", "adapt without report.html / floor", "-", f"{(a - r) / f:.2f}x", None)
+    row(
+        "adapt",
+        "one-time ONNX export + check of the backbone",
+        "-",
+        f"{export_s:.1f} s",
+        None,
+        "cached by weights hash",
+    )
+    print_table("adapt", what + f", median of {reps}, {workers} decoding workers")
+
+
+# --------------------------------------------------------------------------------------------
+# 2. feature-extraction backend
+
+
+def bench_backend(tmp: Path, quick: bool) -> None:
+    import torch
+
+    from edgetransfer.backbones import get_arch, load_source, split
+    from edgetransfer.features import _runner
+
+    os.environ["EDGETRANSFER_CACHE"] = str(tmp / "cache")
+    reps = 5 if quick else 11
+    targets = {"mobilenet_v3_small": 3.0, "resnet18": 1.8}
+    x = torch.randn(32, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    for arch, target in targets.items():
+        torch.manual_seed(0)
+        spec = get_arch(arch)
+        backbone, _ = split(spec, load_source(arch, "none").model)
+        backbone.eval()
+        eager = _runner(backbone, spec.preprocessing, "torch", arch, 10_000).eager
+        t_export, runner = timed(
+            lambda b=backbone, s=spec, a=arch: _runner(b, s.preprocessing, "onnxruntime", a, 1)
+        )
+        ort = runner.ort
+        want, got = eager(x), ort(x)
+        diff = float((want - got).abs().max())
+        eager(x), ort(x)  # warm
+        te, to = [], []
+        for _ in range(reps):  # interleaved, so a noisy neighbour hits both alike
+            te.append(timed(lambda e=eager: e(x))[0])
+            to.append(timed(lambda o=ort: o(x))[0])
+        ratios = [e / o for e, o in zip(te, to, strict=True)]
+        ratio = statistics.median(ratios)
+        row(
+            "backend",
+            f"{arch}: onnxruntime / eager throughput, batch 32",
+            f">= {target}x",
+            f"{ratio:.2f}x ({32 / statistics.median(to):.0f} vs "
+            f"{32 / statistics.median(te):.0f} img/s)",
+            ratio >= target,
+            f"max |diff| {diff:.1e}, export {t_export:.1f} s",
+        )
+    print_table("backend", f"feature extraction, random weights, median of {reps} pairs")
+
+
+# --------------------------------------------------------------------------------------------
+# 3. decoding
+
+
+def bench_decode(tmp: Path, quick: bool) -> None:
+    import torch
+
+    from edgetransfer.backbones import IMAGENET, get_arch, load_source
+    from edgetransfer.data import Sample, eval_transform, load_image, scan
+    from edgetransfer.demo import sample_data, source_model
+    from edgetransfer.features import _decoded, decode_workers
+
+    n = 8 if quick else 16
+    rng = np.random.default_rng(1)
+    big = tmp / "big" / "c"
+    big.mkdir(parents=True)
+    for i in range(n):
+        # 12 MP with fine texture: the worst case for decoding at a reduced scale
+        img = photo(rng, 1000, 750, i % 5).resize((4000, 3000), Image.BICUBIC)
+        noise = rng.normal(0, 12, (3000, 4000, 1)).astype(np.float32)
+        arr = np.clip(np.asarray(img, np.float32) + noise, 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(big / f"{i}.jpg", quality=92)
+    files = sorted(big.iterdir())
+    samples = [Sample(f, 0, "train") for f in files]
+    p = IMAGENET
+    tf = eval_transform(p)
+    workers = decode_workers(64, None)
+
+    def plain():
+        return [tf(load_image(f)) for f in files]
+
+    def draft_only():
+        return [tf(load_image(f, draft=(p.resize, p.resize))) for f in files]
+
+    def fast():
+        return [
+            x for b in _decoded(samples, p, "none", 0, 0, None, 8, workers, False) for _, x, _ in b
+        ]
+
+    plain(), fast()  # warm
+    tp, td, tf_ = [], [], []
+    for _ in range(2 if quick else 3):
+        tp.append(timed(plain)[0])
+        td.append(timed(draft_only)[0])
+        tf_.append(timed(fast)[0])
+    a, b = torch.stack(plain()), torch.stack(fast())
+    dmax, dmean = float((a - b).abs().max()), float((a - b).abs().mean())
+    med = statistics.median
+    row(
+        "decode",
+        f"plain decode+resize / draft + {workers} workers ({n} x 12 MP)",
+        ">= 3x",
+        f"{med(tp) / med(tf_):.1f}x ({n / med(tp):.1f} vs {n / med(tf_):.1f} img/s)",
+        med(tp) / med(tf_) >= 3,
+    )
+    row("decode", "plain / draft alone (1 process)", "-", f"{med(tp) / med(td):.1f}x", None)
+    row(
+        "decode",
+        "normalised tensor vs plain path: max |diff| (mean)",
+        "<= 0.25 (doc)",
+        f"{dmax:.3f} ({dmean:.4f})",
+        dmax <= 0.25,
+    )
+
+    # top-1 unchanged: the shipped digits model on the sample digits enlarged to 2048 px JPEGs
+    digits = scan(sample_data(), val_fraction=0.0)
+    src = load_source("simple_cnn", str(source_model()))
+    model = src.model.eval()
+    sp = src.preprocessing or get_arch("simple_cnn").preprocessing
+    dtf = eval_transform(sp)
+    jpg_dir = tmp / "bigdigits"
+    jpg_dir.mkdir()
+    paths = []
+    for i, s in enumerate(digits.samples):
+        path = jpg_dir / f"{i}.jpg"
+        load_image(s.path).resize((2048, 2048), Image.BICUBIC).save(path, quality=90)
+        paths.append(path)
+    with torch.no_grad():
+        x_plain = torch.stack([dtf(load_image(q)) for q in paths])
+        x_draft = torch.stack([dtf(load_image(q, draft=(sp.resize, sp.resize))) for q in paths])
+        agree = float((model(x_plain).argmax(1) == model(x_draft).argmax(1)).float().mean())
+    row(
+        "decode",
+        f"top-1 agreement, digits model, {len(paths)} digits as 2048 px JPEG",
+        "100%",
+        f"{agree:.1%}",
+        agree == 1.0,
+        f"max |diff| {float((x_plain - x_draft).abs().max()):.3f}",
+    )
+    print_table("decode", "JPEG draft mode and parallel decoding")
+
+
+# --------------------------------------------------------------------------------------------
+# 4. inference of the exported adapted model
+
+
+def bench_inference(tmp: Path, quick: bool) -> None:
+    from edgetransfer.adapt import AdaptConfig, adapt
+    from edgetransfer.bench import BenchConfig, bench
+    from edgetransfer.export import ExportConfig, export
+
+    os.environ["EDGETRANSFER_CACHE"] = str(tmp / "cache")
+    data = make_photos(tmp / "inf_photos", 100 if quick else 200, seed=3)
+    weights = calibrated_weights("mobilenet_v3_small", data, tmp / "inf_bn.safetensors")
+    run = tmp / "inf_run"
+    adapt(AdaptConfig(data_dir=data, out=run, weights=str(weights), epochs=5, force=True))
+    res = export(
+        ExportConfig(
+            run_dir=run, out=tmp / "inf_export", int8=True, fp16=True, optimize=True, force=True
+        )
+    )
+    guard = res.report.get("guard", {})
+    rec_kind = guard.get("recommended", "fp32")
+    rec = {"fp32": "ort-fp32", "optimized": "ort-opt", "int8": "ort-int8", "fp16": "ort-fp16"}
+    rec = rec[rec_kind]
+    report = bench(
+        BenchConfig(model=tmp / "inf_export", runs=30 if quick else 100, warmup=5, batch_size=8)
+    )
+    rows = {k: v for k, v in report.rows.items() if "error" not in v}
+    print("\n" + report.table())
+    eager = rows["eager"]
+    for name, r in rows.items():
+        row(
+            "inference",
+            f"{name}: p50 batch 1 / throughput @8",
+            "-",
+            f"{r['p50_ms']:.2f} ms / {r['throughput']:.0f} img/s "
+            f"({eager['p50_ms'] / r['p50_ms']:.1f}x eager)",
+            None,
+        )
+    fastest = min(rows, key=lambda k: rows[k]["p50_ms"])
+    r = rows[rec]
+    speed = eager["p50_ms"] / r["p50_ms"]
+    row(
+        "inference",
+        f"recommended ({rec}) vs eager, batch-1 p50",
+        ">= 3x",
+        f"{speed:.1f}x",
+        speed >= 3,
+    )
+    slower = r["p50_ms"] / rows[fastest]["p50_ms"]
+    # within 10%: the guard's own noise band (quantize.MIN_SPEEDUP)
+    row(
+        "inference",
+        f"recommended vs fastest measured ({fastest})",
+        "not slower (10% band)",
+        f"{slower:.2f}x its latency",
+        slower <= 1.1,
+    )
+    print_table("inference", "exported adapted mobilenet_v3_small, each runtime in its process")
+
+
+# --------------------------------------------------------------------------------------------
+# 5. memory
+
+
+CHILD = r"""
+import json, sys, time
+from pathlib import Path
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024
+    return 0.0
+import torch
+from edgetransfer.adapt import AdaptConfig, adapt
+import edgetransfer.train as train_mod
+kw = json.loads(sys.argv[1])
+for k in ("data_dir", "out"):
+    kw[k] = Path(kw[k])
+real_fit = train_mod.fit
+marks = {}
+def fit(*a, **k):
+    marks["before_fit"] = rss("VmRSS")
+    return real_fit(*a, **k)
+train_mod.fit = fit
+start_rss = rss("VmRSS")
+res = adapt(AdaptConfig(**kw))
+print(json.dumps({"peak_mib": rss("VmHWM"), "start_mib": start_rss,
+    "before_fit_mib": marks.get("before_fit", 0.0), "memory": res.memory}))
+"""
+
+
+def bench_memory(tmp: Path, quick: bool) -> None:
+    small, large = (250, 2000) if quick else (500, 4000)
+    big = make_photos(tmp / "mem_large", large, seed=5)
+    small_dir = tmp / "mem_small"
+    for d in sorted(big.iterdir()):  # the first images of each class: a subset, same sizes
+        (small_dir / d.name).mkdir(parents=True)
+        for f in sorted(d.iterdir())[: small // 5]:
+            os.link(f, small_dir / d.name / f.name)
+    weights = calibrated_weights("mobilenet_v3_small", big, tmp / "mem_bn.safetensors")
+    env_cache = str(tmp / "cache")
+    os.environ["EDGETRANSFER_CACHE"] = env_cache
+    common = dict(weights=str(weights), epochs=3, force=True)
+    peaks = {}
+    for n, d in ((small, small_dir), (large, big)):
+        peaks[n] = peak_child(
+            CHILD, json.dumps({**common, "data_dir": str(d), "out": str(tmp / f"mem{n}")})
+        )
+    ratio = peaks[large]["peak_mib"] / peaks[small]["peak_mib"]
+    row(
+        "memory",
+        f"adapt head peak RSS, {large} vs {small} images",
+        "<= 1.2x",
+        f"{ratio:.2f}x ({peaks[large]['peak_mib']:.0f} vs {peaks[small]['peak_mib']:.0f} MiB)",
+        ratio <= 1.2,
+    )
+
+    # bias / last-n / full: training growth against the estimate adapt prints
+    tiny = make_photos(tmp / "mem_tiny", 40, seed=6)
+    for strategy in ("bias", "last-n", "full"):
+        r = peak_child(
+            CHILD,
+            json.dumps(
+                {
+                    **common,
+                    "weights": "none",
+                    "epochs": 1,
+                    "strategy": strategy,
+                    "augment": "none",
+                    "data_dir": str(tiny),
+                    "out": str(tmp / f"mem_{strategy}"),
+                    "use_cache": False,
+                }
+            ),
+        )
+        est = r["memory"]["total_mib"] - r["memory"]["weights_mib"]
+        measured = r["peak_mib"] - r["before_fit_mib"]
+        row(
+            "memory",
+            f"{strategy}: training peak growth vs estimate (batch 8, 224 px)",
+            "estimate >= measured",
+            f"{measured:.0f} MiB measured, {est:.0f} MiB estimated "
+            f"({r['memory']['total_mib']:.0f} MiB printed)",
+            est >= measured,
+        )
+    print_table("memory", "peak RSS (VmHWM) of adapt, each run in a fresh process")
+
+
+# --------------------------------------------------------------------------------------------
+# 6. start-up
+
+
+def bench_startup(tmp: Path, quick: bool) -> None:
+    exe = Path(sys.executable).with_name("edgetransfer")
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "edgetransfer"]
+    times = [
+        timed(lambda: subprocess.run([*cmd, "--help"], capture_output=True, check=True))[0]
+        for _ in range(3 if quick else 7)
+    ]
+    t = statistics.median(times)
+    mods = peak_child(
+        "import json, sys, edgetransfer.cli; "
+        "print(json.dumps(sorted(m for m in ('torch', 'torchvision', "
+        "'onnxruntime', 'onnx', 'numpy') if m in sys.modules)))"
+    )
+    row("startup", "edgetransfer --help wall time", "< 0.5 s", f"{t:.2f} s", t < 0.5)
+    row(
+        "startup",
+        "heavy modules imported by edgetransfer.cli",
+        "no torch",
+        ", ".join(mods) or "none",
+        "torch" not in mods,
+    )
+    print_table("startup", "CLI start-up")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller data, fewer repeats")
+    ap.add_argument(
+        "--only", default=",".join(BENCHES), help=f"comma-separated subset of: {', '.join(BENCHES)}"
+    )
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = ap.parse_args()
+    only = [b.strip() for b in args.only.split(",") if b.strip()]
+    unknown = [b for b in only if b not in BENCHES]
+    if unknown:
+        ap.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
+    import warnings
+
+    warnings.simplefilter("ignore")
+    import onnxruntime
+    import torch
+
+    onnxruntime.set_default_logger_severity(3)
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"{platform.processor() or platform.platform()}; python {platform.python_version()}, "
+        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
+        f"torch threads {torch.get_num_threads()}{' (quick)' if args.quick else ''}"
+    )
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in only:
+            t = time.perf_counter()
+            (Path(tmp) / name).mkdir()
+            globals()[f"bench_{name}"](Path(tmp) / name, args.quick)
+            print(f"({name}: {time.perf_counter() - t:.0f} s)")
+    failed = [r for r in RESULTS if r["ok"] is False]
+    print(f"\n{len(failed)} target(s) missed; total {time.perf_counter() - start:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(RESULTS, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
