@@ -156,7 +156,7 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
     # Pins the exact backbone weights: a file's sha256, or a hash of the random init.
     weights_id = source.provenance.get("sha256") or _state_hash(features)
     backbone_id = "|".join([cfg.arch, weights_id, cfg.truncate or ""])
-    bad = _check_images(cfg, dataset, features, pre, backbone_id)
+    bad, clean = _check_images(cfg, dataset, features, pre, backbone_id)
     dataset = dataset.without([p for p, _ in bad])
     train_s, val_s = dataset.split("train"), dataset.split("val")
     missing = [c for i, c in enumerate(dataset.classes) if not any(s.label == i for s in train_s)]
@@ -196,6 +196,7 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
         fingerprint,
         len(dataset.classes),
         (source_head, lwf_logits),
+        clean,
     )
     metrics = {"val_top1": round(result.val_top1, 6), "val_loss": round(result.val_loss, 6)}
     if source_before is not None:
@@ -355,7 +356,8 @@ def _source_top1(cfg: AdaptConfig, features, source_head, source, pre) -> float 
 def _check_images(cfg: AdaptConfig, dataset, features, pre, backbone_id: str):
     """Decode every image once; unreadable ones are dropped (and fail the run past max_bad).
 
-    For ``head`` this pass is the feature extraction itself (cached for the training step).
+    For ``head`` this pass is the feature extraction itself: returns the bad files and, for
+    head, the clean feature vectors by path (None otherwise), so training reuses them.
     """
     from edgetransfer.data import load_image
 
@@ -374,7 +376,9 @@ def _check_images(cfg: AdaptConfig, dataset, features, pre, backbone_id: str):
             workers=cfg.workers or None,
         )
         bad = feats.bad
+        clean = {s.path: row for s, row in zip(feats.samples, feats.vectors, strict=True)}
     else:
+        clean = None
         from tqdm import tqdm
 
         bad = []
@@ -392,7 +396,7 @@ def _check_images(cfg: AdaptConfig, dataset, features, pre, backbone_id: str):
             f"{len(bad)} of {total} images could not be read (more than --max-bad "
             f"{cfg.max_bad:.0%}): {first}"
         )
-    return bad
+    return bad, clean
 
 
 def _fit_memory(cfg: AdaptConfig, model, plan, pre, n_train: int):
@@ -501,6 +505,7 @@ def _train(
     fingerprint,
     num_classes,
     source=(None, None),
+    clean=None,
 ):
     import torch
 
@@ -533,6 +538,8 @@ def _train(
         from edgetransfer.features import extract
 
         def feats(samples, aug="none", view=0):
+            if aug == "none" and clean is not None:  # extracted while checking the images
+                return torch.stack([clean[s.path] for s in samples])
             out = extract(
                 model.features,
                 samples,
