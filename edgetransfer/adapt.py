@@ -101,6 +101,7 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
     from edgetransfer.backbones import (
         Classifier,
         block_modules,
+        check_truncate,
         feature_dim,
         get_arch,
         load_source,
@@ -112,6 +113,8 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
     from edgetransfer.loaders import AUGMENT
 
     spec = get_arch(cfg.arch)  # fail on a bad name before any work
+    if cfg.truncate:
+        check_truncate(spec, cfg.truncate)
     scfg = strategies.StrategyConfig(
         cfg.strategy,
         cfg.unfreeze,

@@ -232,15 +232,20 @@ def split(spec: ArchSpec, model: nn.Module) -> tuple[nn.Module, nn.Linear]:
     return model, head
 
 
+def check_truncate(spec: ArchSpec, block: str) -> None:
+    """An unknown --truncate block lists the valid ones."""
+    if block not in spec.trunk:
+        raise ArchError(
+            f"cannot truncate {spec.name} at {block!r}; choose one of: {', '.join(spec.trunk)}"
+        )
+
+
 def truncate(spec: ArchSpec, model: nn.Module, block: str) -> nn.Module:
     """The trunk of a source model cut after `block`, then global average pooling.
 
     Structure transfer: a smaller, faster backbone that keeps the source weights it contains.
     """
-    if block not in spec.trunk:
-        raise ArchError(
-            f"cannot truncate {spec.name} at {block!r}; choose one of: {', '.join(spec.trunk)}"
-        )
+    check_truncate(spec, block)
     keep = spec.trunk[: spec.trunk.index(block) + 1]
     layers = [(name.replace(".", "_"), model.get_submodule(name)) for name in keep]
     layers += [("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten())]
