@@ -208,7 +208,7 @@ def cli(ctx: click.Context, max_pixels: int | None) -> None:
               help="Training memory budget; the batch is split (accumulation) to fit.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Processes decoding images [0: none for strategies that train the "
-              "backbone, up to 4 for feature extraction].")
+              "backbone, automatic for feature extraction].")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto",
               show_default=True,
               help="What runs the frozen backbone for --strategy head (auto: onnxruntime when "

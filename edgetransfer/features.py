@@ -28,8 +28,9 @@ BACKENDS = ("auto", "torch", "onnxruntime")
 # Below this many images, "auto" stays on PyTorch unless the exported backbone is cached already:
 # exporting and checking it (~0.5 s for mobilenet_v3_small) would cost more than it saves.
 AUTO_MIN_IMAGES = 64
-# Decoding workers when none are asked for: a clear win from 2 cores up (tools/perf.py).
+# Decoding workers when none are asked for (see decode_workers).
 AUTO_MAX_WORKERS = 4
+LARGE_IMAGE = 2_000_000  # pixels: from here on, decoding outweighs a small backbone
 DECODE_CHUNK = 4  # images a decoding worker hands back at a time
 # Largest difference draft decoding may make to a normalised input tensor (mean/std units, so
 # 0.25 is ~14 grey levels at ImageNet's std), measured on textured 12 MP photos as 0.07 max,
@@ -151,8 +152,8 @@ def extract(
             against eager; an EdgeTransferError when it cannot be); or "auto": onnxruntime
             when it is installed, the export passes its check and there are enough images to
             pay for the export, else torch (with an EdgeTransferWarning when the export failed).
-        workers: processes decoding images (None: up to AUTO_MAX_WORKERS for 64+ images, 0
-            below; 0: decode in this process).
+        workers: processes decoding images (None: chosen by :func:`decode_workers` from the
+            image count, their size and the cores; 0: decode in this process).
     """
     from safetensors.torch import load, save
 
@@ -192,18 +193,28 @@ def extract(
 
     backbone.eval()
     run = _runner(backbone, p, backend, backbone_id, len(samples))
-    good, bad, rows = [], [], []
+    good, bad = [], []
+    # One [N, D] buffer filled in place. Keeping each batch's output instead pinned ~15 MiB per
+    # batch of 32 (onnxruntime's output arrays, and heap fragmentation around them): peak RSS
+    # then grew with the dataset (1.9 GiB at 2,000 images against 1.1 GiB this way).
+    vectors = None
     for batch in _decoded(samples, p, augment, view, seed, limit, batch_size, workers, progress):
         xs = []
         for i, x, reason in batch:
             if x is None:
                 bad.append((samples[i].path, reason))
             else:
-                good.append(samples[i])
                 xs.append(x)
         if xs:
-            rows.append(run(torch.stack(xs)))
-    vectors = torch.cat(rows) if rows else torch.zeros(0, 0)
+            y = run(torch.stack(xs))
+            if vectors is None:
+                vectors = torch.empty(len(samples), y.shape[1])
+            vectors[len(good) : len(good) + len(y)] = y
+            good += [samples[i] for i, x, _ in batch if x is not None]
+    if vectors is None:
+        vectors = torch.zeros(0, 0)
+    elif len(good) < len(vectors):
+        vectors = vectors[: len(good)].clone()
     out = Features(good, vectors, bad, run.name)
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -247,13 +258,37 @@ def _as_list(batch):
     return batch
 
 
-def decode_workers(n_images: int, workers: int | None) -> int:
-    """The decoding processes extract uses for `n_images` (see its `workers`)."""
+def decode_workers(samples: list[Sample], workers: int | None) -> int:
+    """The decoding processes extract uses for `samples` (see its `workers`).
+
+    Measured on 2 cores (tools/perf.py): worker processes pay off for large photos, where
+    decoding dominates (12 MP JPEGs: 1.6x faster with 2 workers), but not for 640x480 ones,
+    where the backbone's own threads already keep both cores busy and moving each tensor
+    between processes costs more than it saves (0.8x). So: all cores (up to 4) for photos of
+    LARGE_IMAGE pixels or more, else only the cores beyond the 2 the engine uses.
+    """
     if workers is not None:
         return workers
-    if n_images < AUTO_MIN_IMAGES:
+    if len(samples) < AUTO_MIN_IMAGES:
         return 0  # starting processes costs more than a few images take to decode
-    return min(AUTO_MAX_WORKERS, os.cpu_count() or 1)
+    cpus = os.cpu_count() or 1
+    if _median_pixels(samples[:: max(1, len(samples) // 8)][:8]) >= LARGE_IMAGE:
+        return min(AUTO_MAX_WORKERS, cpus)
+    return max(0, min(AUTO_MAX_WORKERS, cpus - 2))
+
+
+def _median_pixels(samples: list[Sample]) -> int:
+    """Median pixel count from the headers of a few images (nothing is decoded)."""
+    from PIL import Image
+
+    sizes = []
+    for s in samples:
+        try:
+            with Image.open(s.path) as im:
+                sizes.append(im.width * im.height)
+        except Exception:  # unreadable files are found and reported by the decoding itself
+            continue
+    return sorted(sizes)[len(sizes) // 2] if sizes else 0
 
 
 def _decoded(samples, p, augment, view, seed, limit, batch_size, workers, progress):
@@ -271,7 +306,7 @@ def _decoded(samples, p, augment, view, seed, limit, batch_size, workers, progre
     # Only as large as the first resize needs: the shorter side at least `resize`.
     draft = (p.resize, p.resize) if augment in _DRAFT_SAFE else None
     data = _Decode(samples, tf, augment, limit, draft)
-    n = decode_workers(len(samples), workers)
+    n = decode_workers(samples, workers)
     # Workers take small chunks so that all of them are busy even on a short list; the chunks are
     # regrouped into `batch_size` here, in sample order.
     loader = DataLoader(
