@@ -6,6 +6,7 @@ is written. Quantised variants and the latency/accuracy guard live in quantize.p
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import shutil
@@ -341,26 +342,31 @@ def export_onnx_checked(
     return _with_fallback(exporter, run, manifest.arch, notes)
 
 
+@contextlib.contextmanager
+def onnx_step(what: str, *temps: Path):
+    """One step that writes ONNX through temp files: any foreign failure becomes a one-line
+    ExportError naming `what`, and the temp files are removed whatever happens."""
+    try:
+        yield
+    except ExportError:
+        raise
+    except Exception as e:  # exporters and converters fail in many types
+        raise ExportError(f"{what} failed: {_first_line(e)}") from None
+    finally:
+        for t in temps:
+            t.unlink(missing_ok=True)
+
+
 def export_onnx(
     model, manifest: Manifest, example, path: Path, exporter: str, opset: int | None = None
 ) -> None:
     """ONNX with a dynamic batch dimension, the manifest in metadata_props, fully checked."""
-    io_names = manifest.io
     tmp = path.with_name(path.name + ".tmp")
-    try:
+    with onnx_step(f"ONNX export ({exporter}) of {manifest.arch}", tmp):
         _torch_onnx_export(
-            model, example, tmp, exporter, opset, io_names["input"], output_names(manifest)
+            model, example, tmp, exporter, opset, manifest.io["input"], output_names(manifest)
         )
         _finish_onnx(tmp, path, manifest)
-    except ExportError:
-        raise
-    except Exception as e:  # exporter failures come in many types
-        raise ExportError(
-            f"ONNX export ({exporter}) of {manifest.arch} failed: {_first_line(e)}"
-        ) from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 class RawPixels:
@@ -430,18 +436,11 @@ def export_raw(
     example = torch.randint(0, 256, (2, h, w, 3), dtype=torch.uint8)
     rm = raw_manifest(manifest)
     tmp = path.with_name(path.name + ".tmp")
-    try:
+    with onnx_step(f"raw-pixel export ({exporter})", tmp):
         _torch_onnx_export(
             wrapped, example, tmp, exporter, opset, "image", ["probs", *output_names(rm)]
         )
         _finish_onnx(tmp, path, rm)
-    except ExportError:
-        raise
-    except Exception as e:
-        raise ExportError(f"raw-pixel export ({exporter}) failed: {_first_line(e)}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     try:
         check_batches(wrapped, path, (h, w), raw=True)
     except ExportError:

@@ -57,6 +57,8 @@ def quantize_int8(src: Path, dst: Path, manifest: Manifest, calib: list[Sample])
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    from edgetransfer.export import onnx_step
+
     x, _ = _inputs(calib, manifest)
     name = manifest.io["input"]
 
@@ -70,7 +72,7 @@ def quantize_int8(src: Path, dst: Path, manifest: Manifest, calib: list[Sample])
 
     pre = dst.with_name(dst.stem + ".pre.onnx")
     tmp = dst.with_name(dst.stem + ".tmp.onnx")
-    try:
+    with onnx_step("int8 quantisation", pre, tmp):
         try:
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
         except Exception:  # symbolic shape inference does not know every op; plain is fine
@@ -85,13 +87,6 @@ def quantize_int8(src: Path, dst: Path, manifest: Manifest, calib: list[Sample])
             weight_type=QuantType.QInt8,
         )
         _set_manifest(tmp, dst, manifest)
-    except ExportError:
-        raise
-    except Exception as e:
-        raise ExportError(f"int8 quantisation failed: {str(e).splitlines()[0][:300]}") from None
-    finally:
-        for p in (pre, tmp):
-            p.unlink(missing_ok=True)
 
 
 def convert_fp16(src: Path, dst: Path, manifest: Manifest) -> None:
@@ -99,18 +94,14 @@ def convert_fp16(src: Path, dst: Path, manifest: Manifest) -> None:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    from edgetransfer.export import onnx_step
+
     tmp = dst.with_name(dst.stem + ".tmp.onnx")
-    try:
+    with onnx_step("fp16 conversion", tmp):
         model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
         _toposort(model.graph)  # the converter appends its input casts at the end
         onnx.save(model, str(tmp))
         _set_manifest(tmp, dst, manifest)
-    except ExportError:
-        raise
-    except Exception as e:
-        raise ExportError(f"fp16 conversion failed: {str(e).splitlines()[0][:300]}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_optimized(src: Path, dst: Path, manifest: Manifest) -> None:
