@@ -574,7 +574,8 @@ def _train(
             x_val, torch.tensor([s.label for s in val_s]), 256, cfg.seed, shuffle=False
         )
         groups = [{"params": list(model.head.parameters()), "lr": cfg.lr}]
-        result = fit(trainee, groups, train, val, base_loss, tcfg, **common)
+        # one thread: a head's tensors are too small to share out (see fit's `threads`)
+        result = fit(trainee, groups, train, val, base_loss, tcfg, threads=1, **common)
         fold(std, model.head)
         return result, notes
 
@@ -654,7 +655,14 @@ def _write_run(cfg: AdaptConfig, model, manifest: Manifest, result, bad, memory)
         from edgetransfer.report import ReportUnavailable, write_run_report
 
         try:  # report.html needs the optional matplotlib; the run is complete without it
-            write_run_report(tmp, model=model, data_dir=cfg.data_dir, progress=cfg.progress)
+            write_run_report(
+                tmp,
+                model=model,
+                data_dir=cfg.data_dir,
+                progress=cfg.progress,
+                val_logits=result.val_logits,
+                bad=bad,
+            )
         except ReportUnavailable as e:
             return [f"no report.html: {e}"]
     return []

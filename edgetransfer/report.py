@@ -9,12 +9,19 @@ from __future__ import annotations
 import html
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from edgetransfer.errors import EdgeTransferError
+
+if TYPE_CHECKING:
+    from edgetransfer.evaluate import EvalResult
+    from edgetransfer.manifest import Manifest
 
 REPORT_INDEX = "index.html"
 RUN_REPORT = "report.html"
@@ -95,7 +102,7 @@ def save_thumbnail(src: str | os.PathLike, dst: Path, size: int = THUMB) -> None
 
     from edgetransfer.data import load_image
 
-    img = load_image(src)
+    img = load_image(src, draft=(size, size))  # a large JPEG decodes at a fraction of its size
     scale = size / max(img.size)
     new = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
     img = img.resize(new, Image.NEAREST if scale > 1 else Image.LANCZOS)
@@ -251,6 +258,46 @@ def write_eval_report(
     return Path(out) / REPORT_INDEX
 
 
+def validation_result(
+    manifest: Manifest,
+    run_dir: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    val_logits: ArrayLike,
+    bad: Sequence[tuple[os.PathLike, str]] = (),
+) -> EvalResult | None:
+    """An evaluate.EvalResult for the validation split from logits computed during adapt.
+
+    The split is scanned again as evaluate scans it (the manifest's val_fraction and seed);
+    `val_logits` row i belongs to its i-th readable image. None when the counts differ (the
+    folder changed since): the caller then runs the model instead.
+    """
+    from edgetransfer.data import scan
+    from edgetransfer.evaluate import EvalResult, compute_metrics, label_indices
+    from edgetransfer.runtime import softmax
+
+    m = manifest
+    dataset = scan(data_dir, float(m.adapt.get("val_fraction", 0.2)), int(m.adapt.get("seed", 0)))
+    index = label_indices(dataset.classes, m.labels)
+    reasons = {Path(p): r for p, r in bad}
+    val = dataset.split("val")
+    kept = [s for s in val if s.path not in reasons]
+    logits = np.asarray(val_logits, dtype=np.float64)
+    if logits.ndim != 2 or len(logits) != len(kept) or not np.isfinite(logits).all():
+        return None
+    probs = softmax(logits)
+    truth = np.asarray([index[s.label] for s in kept], np.int64)
+    return EvalResult(
+        model=os.fsdecode(run_dir),
+        data_dir=os.fsdecode(data_dir),
+        split="val",
+        metrics=compute_metrics(probs, truth, m.labels),
+        paths=[os.fsdecode(s.path) for s in kept],
+        truth=truth,
+        probs=probs,
+        skipped=[(os.fsdecode(s.path), reasons[s.path]) for s in val if s.path in reasons],
+    )
+
+
 def write_run_report(
     run_dir: str | os.PathLike,
     *,
@@ -258,17 +305,24 @@ def write_run_report(
     data_dir: str | os.PathLike | None = None,
     progress: bool = False,
     mistakes: int = MISTAKES,
+    val_logits: ArrayLike | None = None,
+    bad: Sequence[tuple[os.PathLike, str]] = (),
 ) -> Path:
     """Write RUN_DIR/report.html (pictures in RUN_DIR/report/): training curves from
     history.json, and confusion matrix, per-class table and mistakes on the validation split.
 
     Args:
         run_dir: a RUN_DIR with edgetransfer.json and history.json (model.safetensors too,
-            unless `model` is given).
+            unless `model` or `val_logits` is given).
         model: the eager Classifier already in memory; loaded from run_dir when None.
         data_dir: the data the run was adapted on [default: the one recorded in run.json]. When
             it is gone, the report has the curves only.
         progress: show a progress bar while the validation images run.
+        val_logits: the kept epoch's logits on the readable validation images, in split order
+            (train.TrainResult.val_logits): adapt has them already, so the model does not run
+            again. Ignored (the model runs) when they do not match the split.
+        bad: the files adapt could not read, (path, reason); those in the validation split are
+            listed as unreadable, as evaluate lists them.
 
     Returns:
         The path of report.html.
@@ -277,10 +331,8 @@ def write_run_report(
         ReportUnavailable: matplotlib is not installed (nothing is written).
     """
     from edgetransfer.adapt import run_data_dir
-    from edgetransfer.evaluate import evaluate
     from edgetransfer.fileio import atomic_write_text, output_dir
     from edgetransfer.manifest import read_manifest
-    from edgetransfer.runtime import TorchClassifier
 
     require_matplotlib()
     run_dir = Path(run_dir)
@@ -311,12 +363,21 @@ def write_run_report(
                 'alt="loss and top-1 per epoch">',
             ]
         if data_dir is not None and data_dir.is_dir():
-            predictor = (
-                TorchClassifier.from_module(model, manifest, run_dir) if model is not None else None
-            )
-            result = evaluate(
-                run_dir, data_dir, split="val", predictor=predictor, progress=progress
-            )
+            result = None
+            if val_logits is not None:
+                result = validation_result(manifest, run_dir, data_dir, val_logits, bad)
+            if result is None:
+                from edgetransfer.evaluate import evaluate
+                from edgetransfer.runtime import TorchClassifier
+
+                predictor = (
+                    TorchClassifier.from_module(model, manifest, run_dir)
+                    if model is not None
+                    else None
+                )
+                result = evaluate(
+                    run_dir, data_dir, split="val", predictor=predictor, progress=progress
+                )
             rows += [(f"validation {k}", v) for k, v in _metric_rows(result)]
             body += _eval_sections(result, tmp, RUN_REPORT_FILES + "/", mistakes)
         else:

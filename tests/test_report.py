@@ -100,6 +100,53 @@ def test_run_report_without_data_has_curves_only(digits_run, tmp_path):
     assert "The data folder of this run is gone" in index.read_text()
 
 
+def _evaluate_must_not_run(*a, **k):
+    raise AssertionError("the report ran the model although it was given the logits")
+
+
+def test_run_report_from_logits_has_the_same_content_without_running_the_model(
+    digits_run, tmp_path, monkeypatch
+):
+    from edgetransfer.evaluate import evaluate
+
+    run = tmp_path / "run"
+    shutil.copytree(digits_run, run)
+    ran = evaluate(run, DIGITS, split="val")
+    want = write_run_report(run, data_dir=DIGITS).read_text()  # runs the model
+    monkeypatch.setattr("edgetransfer.evaluate.evaluate", _evaluate_must_not_run)
+    got = write_run_report(run, data_dir=DIGITS, val_logits=np.log(ran.probs)).read_text()
+    assert got == want
+    check_page(run / "report.html")
+
+
+def test_run_report_shows_the_logits_it_is_given_and_lists_bad_files(
+    digits_run, tmp_path, monkeypatch
+):
+    from edgetransfer.data import scan
+
+    run = tmp_path / "run"
+    shutil.copytree(digits_run, run)
+    val = scan(DIGITS).split("val")
+    bad = [(val[0].path, "truncated")]
+    logits = np.zeros((len(val) - 1, len(LABELS)))
+    logits[:, 0] = 1.0  # everything is an "eight"
+    monkeypatch.setattr("edgetransfer.evaluate.evaluate", _evaluate_must_not_run)
+    index = write_run_report(run, data_dir=DIGITS, val_logits=logits, bad=bad)
+    page = check_page(index)
+    eights = sum(s.label == 0 for s in val[1:])
+    assert f"{eights / (len(val) - 1):.1%}" in page.cells  # validation top-1
+    assert "Unreadable images (1)" in page.headings
+    assert f"{val[0].path}: truncated" in index.read_text()
+
+
+def test_run_report_runs_the_model_when_the_logits_do_not_fit_the_split(digits_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(digits_run, run)
+    index = write_run_report(run, data_dir=DIGITS, val_logits=np.zeros((3, len(LABELS))))
+    manifest = json.loads((run / "edgetransfer.json").read_text())
+    assert f"{manifest['metrics']['val_top1']:.1%}" in check_page(index).cells
+
+
 def test_adapt_without_matplotlib_skips_report_with_note(colors, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     out = tmp_path / "run"

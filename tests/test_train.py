@@ -107,3 +107,32 @@ def test_second_signal_exits_at_once():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_result_keeps_the_best_epochs_validation_logits_in_sample_order():
+    x, y = _blobs(n=120)
+    x, y, vx, vy = x[:60], y[:60], x[60:], y[60:]
+    std, head, res = _train(x, y, vx, vy, TrainConfig(epochs=4, batch_size=4, patience=0))
+    with torch.no_grad():
+        want = head(std(vx))  # the model holds the best epoch's weights
+    torch.testing.assert_close(res.val_logits, want)
+    assert float((res.val_logits.argmax(1) == vy).float().mean()) == res.val_top1
+
+
+def test_threads_apply_while_training_and_are_restored():
+    x, y = _blobs()
+    head = torch.nn.Linear(12, 3)
+    before = torch.get_num_threads()
+    seen = []
+    fit(
+        head,
+        [{"params": list(head.parameters())}],
+        TensorBatches(x, y, 8, 0),
+        TensorBatches(x, y, 8, 0, shuffle=False),
+        _ce,
+        TrainConfig(epochs=1),
+        threads=1,
+        on_step=lambda e, s: seen.append(torch.get_num_threads()),
+    )
+    assert set(seen) == {1}
+    assert torch.get_num_threads() == before
