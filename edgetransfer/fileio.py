@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from edgetransfer.errors import OutputExistsError
 
@@ -31,11 +32,15 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a temp file in the same folder, fsync, then os.replace.
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file that becomes `path` only when the block ends without an error.
 
-    An OSError (ENOSPC, EACCES, ...) carries `path` as its filename, so the CLI can say which
-    file could not be written; the temp file is removed and an existing `path` is untouched.
+    Written through a temp file in the same folder, fsynced, then os.replace'd: a reader sees
+    the old file or the whole new one. Streams, so a large payload (a checkpoint) is never held
+    in memory as one bytes object. An OSError (ENOSPC, EACCES, ...) carries `path` as its
+    filename, so the CLI can say which file could not be written; the temp file is removed
+    and an existing `path` is untouched.
     """
     path = Path(path)
     _remove_stale_temps(path.parent)
@@ -45,7 +50,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise _with_filename(e, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -56,6 +61,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             raise _with_filename(e, path) from None
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically (see :func:`atomic_writer`)."""
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
