@@ -36,6 +36,7 @@ class AdaptConfig:
         max_memory: training memory budget in MiB; the batch is split to fit, or refused.
         backend: what runs the frozen backbone for ``head``: auto | torch | onnxruntime
             (see features.extract); workers > 0 also sets its decoding processes.
+        report: write RUN_DIR/report.html (needs matplotlib, ~0.5 s); off for batch runs.
         on_step: called after each optimizer step with (epoch, step) (tests, progress).
     """
 
@@ -75,6 +76,7 @@ class AdaptConfig:
     resume: bool = False
     use_cache: bool = True
     progress: bool = False
+    report: bool = True
     on_step: Callable[[int, int], None] | None = None
 
 
@@ -482,7 +484,17 @@ def _run_fingerprint(cfg: AdaptConfig, dataset, backbone_id: str = "") -> str:
         k: v
         for k, v in dataclasses.asdict(cfg).items()
         if k
-        not in ("out", "force", "resume", "progress", "on_step", "use_cache", "workers", "backend")
+        not in (
+            "out",
+            "force",
+            "resume",
+            "progress",
+            "on_step",
+            "use_cache",
+            "workers",
+            "backend",
+            "report",
+        )
     }
     fields["data"] = dataset.fingerprint()
     fields["backbone"] = backbone_id  # contents, not paths: a replaced weights file is another run
@@ -652,6 +664,8 @@ def _write_run(cfg: AdaptConfig, model, manifest: Manifest, result, bad, memory)
             atomic_write_text(
                 tmp / "bad_files.txt", "".join(f"{os.fsdecode(p)!r}\t{r}\n" for p, r in bad)
             )
+        if not cfg.report:
+            return []
         from edgetransfer.report import ReportUnavailable, write_run_report
 
         try:  # report.html needs the optional matplotlib; the run is complete without it

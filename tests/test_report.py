@@ -174,6 +174,16 @@ def test_adapt_without_matplotlib_skips_report_with_note(colors, tmp_path, monke
     assert (out / "model.safetensors").is_file() and not (out / "report.html").exists()
 
 
+def test_adapt_no_report_writes_the_run_without_it(colors, tmp_path):
+    out = tmp_path / "run"
+    args = ["adapt", str(colors), "--arch", "tiny_test", "--weights", "none", "--epochs", "2"]
+    res = CliRunner().invoke(cli, [*args, "--no-report", "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    assert (out / "model.safetensors").is_file() and (out / "history.json").is_file()
+    assert not (out / "report.html").exists() and not (out / "report").exists()
+    assert "report.html" not in res.output
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
