@@ -4,8 +4,6 @@ best epoch kept, checkpoints, resume after SIGINT/SIGTERM, and a non-finite loss
 from __future__ import annotations
 
 import contextlib
-import copy
-import io
 import math
 import signal
 import threading
@@ -231,7 +229,7 @@ def fit(
     run = {"total": 0.0, "correct": 0, "seen": 0}  # this epoch's running training metrics
     if resume:
         state = _load_checkpoint(checkpoint, fingerprint)
-        model.load_state_dict(state["model"])
+        restore_state(model, state["model"])
         opt.load_state_dict(state["opt"])
         history = state["history"]
         if state["best"] is not None:
@@ -251,30 +249,27 @@ def fit(
     def save(epoch: int, step: int) -> None:
         if checkpoint is None:
             return
-        from edgetransfer.fileio import atomic_write_bytes
+        from edgetransfer.fileio import atomic_writer
 
-        buf = io.BytesIO()
-        torch.save(
-            {
-                "fingerprint": fingerprint,
-                "model": model.state_dict(),
-                "opt": opt.state_dict(),
-                "epoch": epoch,
-                "step": step,
-                "stale": stale,
-                "history": history,
-                "best": best.state if best else None,
-                "best_epoch": best.best_epoch if best else 0,
-                "best_top1": best.val_top1 if best else 0.0,
-                "best_loss": best.val_loss if best else 0.0,
-                "best_logits": best.val_logits if best else None,
-                "rng": torch.get_rng_state(),
-                "run": run,
-            },
-            buf,
-        )
+        state = {
+            "fingerprint": fingerprint,
+            "model": changing_state(model),
+            "opt": opt.state_dict(),
+            "epoch": epoch,
+            "step": step,
+            "stale": stale,
+            "history": history,
+            "best": best.state if best else None,
+            "best_epoch": best.best_epoch if best else 0,
+            "best_top1": best.val_top1 if best else 0.0,
+            "best_loss": best.val_loss if best else 0.0,
+            "best_logits": best.val_logits if best else None,
+            "rng": torch.get_rng_state(),
+            "run": run,
+        }
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(checkpoint, buf.getvalue())
+        with atomic_writer(checkpoint) as f:  # streamed: no second copy of the state in memory
+            torch.save(state, f)
 
     micro = max(1, cfg.accumulate)
     stopped_early = False
@@ -337,11 +332,7 @@ def fit(
             bar.set_postfix(val_top1=f"{val_acc:.3f}")
             if best is None or (val_acc, -val_loss) > (best.val_top1, -best.val_loss):
                 best = TrainResult(
-                    copy.deepcopy(model.state_dict()),
-                    epoch,
-                    val_acc,
-                    val_loss,
-                    val_logits=val_logits,
+                    changing_state(model), epoch, val_acc, val_loss, val_logits=val_logits
                 )
                 stale = 0
             else:
@@ -351,10 +342,29 @@ def fit(
                 stopped_early = True
                 break
     assert best is not None, "epochs must be >= 1"
-    model.load_state_dict(best.state)
+    restore_state(model, best.state)
     best.history = history
     best.stopped_early = stopped_early
     return best
+
+
+def changing_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of what training can change: parameters that require grad, and all buffers
+    (BatchNorm statistics; small). Frozen weights are left out, so the best-epoch copy and the
+    checkpoint cost the size of the trainable part, not of the whole backbone."""
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    state.update({n: b.detach().clone() for n, b in model.named_buffers()})
+    return state
+
+
+def restore_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a :func:`changing_state` copy; a key the model does not have is an error."""
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise EdgeTransferError(
+            "saved training state does not fit the model "
+            f"(unexpected: {', '.join(result.unexpected_keys[:3])})"
+        )
 
 
 def _load_checkpoint(path: Path | None, fingerprint: str) -> dict:
