@@ -35,7 +35,7 @@ class AdaptConfig:
         views: augmented views per training image cached for ``head`` (1 = no augmentation).
         max_memory: training memory budget in MiB; the batch is split to fit, or refused.
         backend: what runs the frozen backbone for ``head``: auto | torch | onnxruntime
-            (see features.extract); workers > 0 also sets its decoding processes.
+            (see features.extract); workers > 0 also sets its decoding threads.
         report: write RUN_DIR/report.html (needs matplotlib, ~0.5 s); off for batch runs.
         on_step: called after each optimizer step with (epoch, step) (tests, progress).
     """

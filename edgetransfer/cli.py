@@ -207,8 +207,8 @@ def cli(ctx: click.Context, max_pixels: int | None) -> None:
 @click.option("--max-memory", type=click.FloatRange(min=1), default=None, metavar="MB",
               help="Training memory budget; the batch is split (accumulation) to fit.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Processes decoding images [0: none for strategies that train the "
-              "backbone, automatic for feature extraction].")
+              help="Workers decoding images: threads for feature extraction [0: automatic], "
+              "processes for strategies that train the backbone [0: none].")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto",
               show_default=True,
               help="What runs the frozen backbone for --strategy head (auto: onnxruntime when "

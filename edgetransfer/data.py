@@ -279,10 +279,26 @@ def _split(samples: list[Sample], val_fraction: float, seed: int) -> list[Sample
     return out
 
 
+@contextlib.contextmanager
+def pillow_warnings_off() -> Iterator[None]:
+    """Ignore warnings raised by Pillow's modules inside the block.
+
+    The pixel limit is the policy, not Pillow's bomb warning; and its warnings about damaged
+    metadata (EXIF, TIFF tags) say nothing a user can act on. Not thread-safe (no
+    warnings.catch_warnings is): threads that decode call :func:`load_image` with
+    ``quiet=False`` while the thread that started them holds this block.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        yield
+
+
 def load_image(
     path: str | os.PathLike,
     max_pixels: int | None = None,
     draft: tuple[int, int] | None = None,
+    quiet: bool = True,
 ) -> Image.Image:
     """Decode an image file to 8-bit RGB with EXIF orientation applied.
 
@@ -297,6 +313,7 @@ def load_image(
             a 12-megapixel photo needed at 256 pixels decodes ~10x faster. The image comes out
             larger than `draft`, not equal to it; other formats ignore it. Pass a square
             (s, s) so the EXIF rotation applied afterwards cannot matter.
+        quiet: silence Pillow's warnings here (see :func:`pillow_warnings_off`).
 
     Raises:
         DataError: for anything that is not a decodable image within the limits, including a
@@ -306,10 +323,7 @@ def load_image(
     limit = max_pixels or current_max_pixels()
     name = printable(path.name)
     try:
-        with warnings.catch_warnings():
-            # The limit below is the policy, not Pillow's bomb warning; and Pillow's warnings
-            # about damaged metadata (EXIF, TIFF tags) say nothing a user can act on.
-            warnings.simplefilter("ignore")
+        with pillow_warnings_off() if quiet else contextlib.nullcontext():
             with Image.open(path, formats=DECODE_FORMATS) as im:
                 w, h = im.size
                 if w * h > limit:

@@ -2,24 +2,27 @@
 
 The frozen backbone only runs inference, so it runs on the fastest engine that answers like
 eager PyTorch: onnxruntime (the backbone exported once and cached), else PyTorch. Images are
-decoded by worker processes while the backbone runs, JPEGs at a reduced DCT scale when the
+decoded by threads while the backbone runs, JPEGs at a reduced DCT scale when the
 preprocessing only needs a smaller image.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import os
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
-from edgetransfer.data import Sample, load_image
+from edgetransfer.data import Sample, load_image, pillow_warnings_off
 from edgetransfer.errors import DataError, EdgeTransferError, EdgeTransferWarning
 from edgetransfer.fileio import atomic_write_bytes
 from edgetransfer.manifest import Preprocessing
@@ -30,8 +33,6 @@ BACKENDS = ("auto", "torch", "onnxruntime")
 AUTO_MIN_IMAGES = 64
 # Decoding workers when none are asked for (see decode_workers).
 AUTO_MAX_WORKERS = 4
-LARGE_IMAGE = 2_000_000  # pixels: from here on, decoding outweighs a small backbone
-DECODE_CHUNK = 4  # images a decoding worker hands back at a time
 # Largest difference draft decoding may make to a normalised input tensor (mean/std units, so
 # 0.25 is ~14 grey levels at ImageNet's std), measured on textured 12 MP photos as 0.07 max,
 # 0.007 mean: the DCT downscale is a box filter where the plain path is bilinear+antialias.
@@ -152,8 +153,8 @@ def extract(
             against eager; an EdgeTransferError when it cannot be); or "auto": onnxruntime
             when it is installed, the export passes its check and there are enough images to
             pay for the export, else torch (with an EdgeTransferWarning when the export failed).
-        workers: processes decoding images (None: chosen by :func:`decode_workers` from the
-            image count, their size and the cores; 0: decode in this process).
+        workers: threads decoding images (None: chosen by :func:`decode_workers` from the
+            image count and the cores; 0: decode in the calling thread).
     """
     from safetensors.torch import load, save
 
@@ -198,19 +199,17 @@ def extract(
     # batch of 32 (onnxruntime's output arrays, and heap fragmentation around them): peak RSS
     # then grew with the dataset (1.9 GiB at 2,000 images against 1.1 GiB this way).
     vectors = None
-    for batch in _decoded(samples, p, augment, view, seed, limit, batch_size, workers, progress):
-        xs = []
-        for i, x, reason in batch:
-            if x is None:
-                bad.append((samples[i].path, reason))
-            else:
-                xs.append(x)
-        if xs:
-            y = run(torch.stack(xs))
-            if vectors is None:
-                vectors = torch.empty(len(samples), y.shape[1])
-            vectors[len(good) : len(good) + len(y)] = y
-            good += [samples[i] for i, x, _ in batch if x is not None]
+    batches = _decoded(samples, p, augment, view, seed, limit, batch_size, workers, progress)
+    # closing(): on an error the decoding threads stop before the warning filters come back.
+    with pillow_warnings_off(), contextlib.closing(batches):
+        for indices, x, unreadable in batches:
+            bad += [(samples[i].path, reason) for i, reason in unreadable]
+            if x is not None:
+                y = run(x)
+                if vectors is None:
+                    vectors = torch.empty(len(samples), y.shape[1])
+                vectors[len(good) : len(good) + len(y)] = y
+                good += [samples[i] for i in indices]
     if vectors is None:
         vectors = torch.zeros(0, 0)
     elif len(good) < len(vectors):
@@ -235,10 +234,13 @@ def extract(
 
 
 # ---------------------------------------------------------------------------------------------
-# Decoding: a Dataset of (index, tensor or None, reason) so unreadable files travel as data
+# Decoding: (index, tensor or None, reason) per sample, so unreadable files travel as data
 
 
-class _Decode(Dataset):
+class _Decode:
+    """Decodes sample i. Pillow's warnings are silenced by the caller around the whole pass
+    (data.pillow_warnings_off): threads cannot each change the process-wide filters."""
+
     def __init__(self, samples, transform, augment, max_pixels, draft) -> None:
         self.samples, self.transform, self.augment = samples, transform, augment
         self.max_pixels, self.draft = max_pixels, draft
@@ -248,96 +250,132 @@ class _Decode(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            img = load_image(self.samples[i].path, self.max_pixels, draft=self.draft)
+            img = load_image(self.samples[i].path, self.max_pixels, draft=self.draft, quiet=False)
         except DataError as e:
             return i, None, str(e)
         return i, self.transform(img) if self.augment == "none" else self.transform(img, i), None
 
 
-def _as_list(batch):
-    return batch
-
-
 def decode_workers(samples: list[Sample], workers: int | None) -> int:
-    """The decoding processes extract uses for `samples` (see its `workers`).
+    """The decoding threads extract uses for `samples` (see its `workers`): one per core, up
+    to AUTO_MAX_WORKERS, from AUTO_MIN_IMAGES images on.
 
-    Measured on 2 cores (tools/perf.py): worker processes pay off for large photos, where
-    decoding dominates (12 MP JPEGs: 1.6x faster with 2 workers), but not for 640x480 ones,
-    where the backbone's own threads already keep both cores busy and moving each tensor
-    between processes costs more than it saves (0.8x). So: all cores (up to 4) for photos of
-    LARGE_IMAGE pixels or more, else only the cores beyond the 2 the engine uses.
+    Measured on 2 cores (tools/perf.py), with threads: extraction of 640x480 photos 1.4x faster
+    with 2 than with none (decoding overlaps the backbone), and 12 MP JPEGs 7.5x faster than a
+    plain decode against 4.5x for draft alone. Worker processes did worse on both (1.15x and
+    5.7x there; 0.8x on 640x480 before decoding handed over uint8): each image crossed the
+    process boundary pickled.
     """
     if workers is not None:
         return workers
     if len(samples) < AUTO_MIN_IMAGES:
-        return 0  # starting processes costs more than a few images take to decode
-    cpus = os.cpu_count() or 1
-    if _median_pixels(samples[:: max(1, len(samples) // 8)][:8]) >= LARGE_IMAGE:
-        return min(AUTO_MAX_WORKERS, cpus)
-    return max(0, min(AUTO_MAX_WORKERS, cpus - 2))
+        return 0  # a few images decode faster than the workers start
+    return min(AUTO_MAX_WORKERS, os.cpu_count() or 1)
 
 
-def _median_pixels(samples: list[Sample]) -> int:
-    """Median pixel count from the headers of a few images (nothing is decoded)."""
-    from PIL import Image
+def _split_transform(p: Preprocessing, augment: str, seed: int, view: int):
+    """(per image, per batch) parts of the pipeline.
 
-    sizes = []
-    for s in samples:
-        try:
-            with Image.open(s.path) as im:
-                sizes.append(im.width * im.height)
-        except Exception:  # unreadable files are found and reported by the decoding itself
-            continue
-    return sorted(sizes)[len(sizes) // 2] if sizes else 0
-
-
-def _decoded(samples, p, augment, view, seed, limit, batch_size, workers, progress):
-    """Batches of decoded, transformed samples in sample order."""
-    from tqdm import tqdm
+    For the eval pipeline, decoding threads only resize and crop (Pillow, which releases the
+    GIL) and hand over HWC uint8 arrays; the batch is then laid out as NCHW by numpy and
+    converted and normalised by the pipeline's own steps, once per batch. The same element-wise
+    ops, so the same numbers, but a quarter of the bytes per image, and no per-image torch
+    copies: torch's uint8 HWC->CHW copy took 8 ms per 224 px image here, numpy's 0.3 ms.
+    """
+    from torchvision.transforms import v2
 
     from edgetransfer.data import eval_transform
 
-    if augment == "none":
-        tf = eval_transform(p)
-    else:
+    if augment != "none":
         from edgetransfer.loaders import train_transform
 
-        tf = _seeded(train_transform(p, augment), seed, view)
+        return _seeded(train_transform(p, augment), seed, view), None
+    steps = eval_transform(p).transforms
+    k = next(i for i, t in enumerate(steps) if isinstance(t, v2.ToImage))
+    pil_steps, tensor_steps = v2.Compose(steps[:k]), v2.Compose(steps[k + 1 :])
+
+    def per_image(img):
+        return np.asarray(pil_steps(img))
+
+    def per_batch(arrays: list) -> torch.Tensor:
+        hwc = np.stack(arrays)
+        return tensor_steps(torch.from_numpy(np.ascontiguousarray(hwc.transpose(0, 3, 1, 2))))
+
+    return per_image, per_batch
+
+
+def _decoded(samples, p, augment, view, seed, limit, batch_size, workers, progress):
+    """Batches in sample order: (indices of the decoded samples, their [B, C, H, W] inputs or
+    None, [(index, reason)] of the unreadable ones)."""
+    from tqdm import tqdm
+
+    per_image, per_batch = _split_transform(p, augment, seed, view)
     # Only as large as the first resize needs: the shorter side at least `resize`.
     draft = (p.resize, p.resize) if augment in _DRAFT_SAFE else None
-    data = _Decode(samples, tf, augment, limit, draft)
     n = decode_workers(samples, workers)
-    # Workers take small chunks so that all of them are busy even on a short list; the chunks are
-    # regrouped into `batch_size` here, in sample order.
-    loader = DataLoader(
-        data,
-        batch_size=min(batch_size, DECODE_CHUNK) if n else batch_size,
-        num_workers=n,
-        collate_fn=_as_list,
-    )
+    data = _Decode(samples, per_image, augment, limit, draft)
+    # Two batches in flight: the next one decodes while the backbone runs on this one.
+    items = _threaded(data, n, 2 * batch_size) if n else map(data.__getitem__, range(len(data)))
     bar = tqdm(total=len(samples), desc="features", unit="img", disable=not progress, leave=False)
     pending: list = []
+
+    def batch(items):
+        good = [i for i, x, _ in items if x is not None]
+        bad = [(i, reason) for i, x, reason in items if x is None]
+        xs = [x for _, x, _ in items if x is not None]
+        x = None if not xs else per_batch(xs) if per_batch else torch.stack(xs)
+        return good, x, bad
+
     with bar:
-        for chunk in loader:
-            pending += chunk
-            bar.update(len(chunk))
-            while len(pending) >= batch_size:
-                yield pending[:batch_size]
-                pending = pending[batch_size:]
+        for item in items:
+            pending.append(item)
+            bar.update(1)
+            if len(pending) == batch_size:
+                yield batch(pending)
+                pending = []
         if pending:
-            yield pending
+            yield batch(pending)
+
+
+def _threaded(data: _Decode, n: int, ahead: int):
+    """data[0], data[1], ... decoded by `n` threads, in order, at most `ahead` in flight.
+
+    Pillow releases the GIL while it decodes and resizes, so threads decode in parallel without
+    the pickling of every tensor that worker processes need.
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(n, thread_name_prefix="decode")
+    try:
+        todo = iter(range(len(data)))
+        flight = deque(pool.submit(data.__getitem__, i) for i in itertools.islice(todo, ahead))
+        while flight:
+            yield flight.popleft().result()
+            for i in itertools.islice(todo, 1):
+                flight.append(pool.submit(data.__getitem__, i))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+_RNG = threading.Lock()  # torch's global generator, which the random transforms draw from
 
 
 def _seeded(transform, seed: int, view: int):
-    """Apply `transform` with the same seeding as loaders.ImageBatches (view = epoch)."""
+    """Apply `transform` with the same seeding as loaders.ImageBatches (view = epoch).
+
+    One transform at a time: they all seed and draw from torch's global generator, so two
+    decoding threads interleaving would swap each other's random numbers.
+    """
 
     def run(img, index: int):
-        state = torch.get_rng_state()
-        torch.manual_seed((seed * 1_000_003 + view) * 1_000_003 + index)
-        try:
-            return transform(img)
-        finally:
-            torch.set_rng_state(state)
+        with _RNG:
+            state = torch.get_rng_state()
+            torch.manual_seed((seed * 1_000_003 + view) * 1_000_003 + index)
+            try:
+                return transform(img)
+            finally:
+                torch.set_rng_state(state)
 
     return run
 
@@ -377,8 +415,14 @@ class _Runner:
             return self.eager(x)
         got = self.ort(x)
         if not self.checked:
+            from edgetransfer.train import intra_op_threads
+
             self.checked = True
-            problem = _difference(got[:CHECK_IMAGES], self.eager(x[:CHECK_IMAGES]))
+            # One thread: two images gain nothing from two, and torch's threads waiting on
+            # onnxruntime's for a core made this check take 0.02-2 s on a busy 2-core machine.
+            with intra_op_threads(1):
+                want = self.eager(x[:CHECK_IMAGES])
+            problem = _difference(got[:CHECK_IMAGES], want)
             if problem:
                 self.failed.parent.mkdir(parents=True, exist_ok=True)
                 self.failed.write_text(problem + "\n")

@@ -1,5 +1,5 @@
 """The fast paths of feature extraction answer like the plain ones: the onnxruntime backend like
-eager PyTorch, draft-mode JPEG decoding like a full decode, worker processes like one process."""
+eager PyTorch, draft-mode JPEG decoding like a full decode, decoding threads like none."""
 
 from __future__ import annotations
 
@@ -178,7 +178,7 @@ def test_subsets_of_the_last_extraction_are_not_recomputed(digits_backbone, monk
     kw = dict(backbone_id="memo", backend="torch", workers=0)
     whole = extract(backbone, ds.samples, pre, **kw)
     calls = []
-    monkeypatch.setattr(features, "_decoded", lambda *a, **k: calls.append(1) or iter(()))
+    monkeypatch.setattr(features, "_decoded", lambda *a, **k: calls.append(1) or (b for b in ()))
     train = extract(backbone, ds.split("train"), pre, **kw)
     assert calls == [] and train.backend == "cache"
     index = {s: i for i, s in enumerate(whole.samples)}
@@ -189,3 +189,26 @@ def test_subsets_of_the_last_extraction_are_not_recomputed(digits_backbone, monk
         # without the cache the backbone runs (here: the stubbed decoder is called)
         extract(backbone, ds.split("train"), pre, use_cache=False, **kw)
     assert calls == [1]
+
+
+def test_augmented_views_do_not_depend_on_decoding_threads(digits_backbone):
+    """Random transforms draw from torch's global generator: threads must not swap draws."""
+    backbone, _, pre = digits_backbone
+    samples = scan(DIGITS).samples[:40]
+    kw = dict(backbone_id="aug", use_cache=False, backend="torch", augment="light", view=1)
+    one = extract(backbone, samples, pre, workers=0, **kw)
+    many = extract(backbone, samples, pre, workers=3, **kw)
+    torch.testing.assert_close(many.vectors, one.vectors, rtol=0, atol=0)
+    plain = extract(backbone, samples, pre, workers=0, backbone_id="aug", use_cache=False)
+    assert not torch.equal(one.vectors, plain.vectors)  # the views really are augmented
+
+
+def test_decoding_threads_leave_the_warning_filters_as_they_were(digits_backbone, tmp_path):
+    backbone, _, pre = digits_backbone
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    samples = scan(DIGITS).samples[:20] + [Sample(broken, 0, "train")]
+    before = list(warnings.filters)
+    out = extract(backbone, samples, pre, backbone_id="w", use_cache=False, workers=2)
+    assert len(out.bad) == 1
+    assert warnings.filters == before
