@@ -16,6 +16,9 @@ from edgetransfer.manifest import MANIFEST_NAME, METADATA_KEY, Manifest
 DEFAULT_ARCH = "mobilenet_v3_small"
 RUN_INFO = "run.json"
 MiB = 1024 * 1024
+# L2 penalty of the L-BFGS head on standardised features; test top-1 on the digits transfer
+# experiment moved by under a point between 1e-3 and 1e-1.
+HEAD_L2 = 1e-3
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,9 @@ class AdaptConfig:
         max_memory: training memory budget in MiB; the batch is split to fit, or refused.
         backend: what runs the frozen backbone for ``head``: auto | torch | onnxruntime
             (see features.extract); workers > 0 also sets its decoding threads.
+        head_solver: how the head on cached features trains (``head``): ``lbfgs`` (full-batch
+            L-BFGS with an L2 penalty, the linear-probe optimum) or ``adamw`` (mini-batches at
+            --lr, like the other strategies).
         report: write RUN_DIR/report.html (needs matplotlib, ~0.5 s); off for batch runs.
         on_step: called after each optimizer step with (epoch, step) (tests, progress).
     """
@@ -64,6 +70,7 @@ class AdaptConfig:
     views: int = 1
     balance: bool = False
     patience: int = 10
+    head_solver: str = "lbfgs"
     image_size: int | None = None
     val_fraction: float = 0.2
     seed: int = 0
@@ -223,6 +230,7 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
         "batch_size": tcfg.batch_size,
         "accumulate": tcfg.accumulate,
         "lr": cfg.lr,
+        "solver": tcfg.solver,
         "seed": cfg.seed,
         "val_fraction": cfg.val_fraction,
         "augment": augment,
@@ -430,6 +438,11 @@ def _fit_memory(cfg: AdaptConfig, model, plan, pre, n_train: int):
         seed=cfg.seed,
         accumulate=accumulate,
         patience=cfg.patience,
+        **(
+            dict(solver="lbfgs", weight_decay=HEAD_L2)
+            if cfg.strategy == "head" and cfg.head_solver == "lbfgs"
+            else {}
+        ),
     )
 
 

@@ -203,6 +203,10 @@ def cli(ctx: click.Context, max_pixels: int | None) -> None:
               help="Micro-batches per optimizer step (gradient accumulation).")
 @click.option("--patience", type=click.IntRange(min=0), default=10, show_default=True,
               help="Stop after N epochs without a better validation result (0: never).")
+@click.option("--head-solver", type=click.Choice(["lbfgs", "adamw"]), default="lbfgs",
+              show_default=True,
+              help="--strategy head: full-batch L-BFGS (the linear-probe optimum; --lr unused) "
+              "or mini-batch AdamW at --lr.")
 @click.option("--balance", is_flag=True, help="Class-weighted loss for imbalanced folders.")
 @click.option("--max-memory", type=click.FloatRange(min=1), default=None, metavar="MB",
               help="Training memory budget; the batch is split (accumulation) to fit.")
@@ -226,14 +230,15 @@ def adapt(data_dir: Path, arch: str, weights: str, epochs: int, batch_size: int,
           backbone_lr_mult: float, l2sp: float, teacher: Path | None, kd_alpha: float,
           kd_temperature: float, truncate: str | None, keep_source_head: bool,
           source_data: Path | None, lwf: float, augment: str | None, views: int,
-          accumulate: int, patience: int, balance: bool, max_memory: float | None,
+          accumulate: int, patience: int, head_solver: str, balance: bool, max_memory: float | None,
           workers: int, backend: str, resume: bool, no_cache: bool, no_report: bool, force: bool,
           as_json: bool, quiet: bool) -> None:
     """Adapt a pretrained backbone to DATA_DIR (one sub-folder of images per class).
 
     By default the backbone is frozen, its features are computed once and cached, and a new
-    head is trained with small batches; the best epoch by validation accuracy is kept. Other
-    strategies train part or all of the backbone (BatchNorm stays frozen unless --train-bn).
+    head is trained on them (full-batch L-BFGS; --head-solver adamw for mini-batches); the
+    best epoch by validation accuracy is kept. Other strategies train part or all of the
+    backbone with small batches (BatchNorm stays frozen unless --train-bn).
     Ctrl-C stops after the current step and saves a checkpoint: rerun with --resume.
 
     \b
@@ -252,6 +257,7 @@ def adapt(data_dir: Path, arch: str, weights: str, epochs: int, batch_size: int,
         teacher=teacher, kd_alpha=kd_alpha, kd_temperature=kd_temperature, truncate=truncate,
         keep_source_head=keep_source_head, source_data=source_data, lwf=lwf,
         augment=augment, views=views, balance=balance, patience=patience,
+        head_solver=head_solver,
         image_size=image_size, val_fraction=val_fraction, seed=seed, max_bad=max_bad,
         max_pixels=max_pixels,
         max_memory=max_memory, workers=workers, backend=backend, force=force, resume=resume,

@@ -4,6 +4,7 @@ best epoch kept, checkpoints, resume after SIGINT/SIGTERM, and a non-finite loss
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import signal
 import threading
@@ -25,6 +26,11 @@ class TrainConfig:
     Attributes:
         accumulate: micro-batches whose gradients add up before one optimizer step.
         patience: stop after this many epochs without a better validation result (0: never).
+        solver: ``adamw`` (mini-batches) or ``lbfgs``: full-batch L-BFGS with an L2 penalty of
+            `weight_decay`, one optimizer step of up to LBFGS_ITERATIONS per epoch (lr and
+            batch size then only set how the data is read). For a linear head on cached
+            features: mini-batch Adam/SGD on a few hundred high-dimensional vectors stops far
+            from the optimum (74% vs 91% test top-1 on the digits' 4096-d conv features).
     """
 
     epochs: int = 30
@@ -34,6 +40,10 @@ class TrainConfig:
     seed: int = 0
     accumulate: int = 1
     patience: int = 10
+    solver: str = "adamw"
+
+
+LBFGS_ITERATIONS = 20  # per epoch; L-BFGS stops sooner once the gradient vanishes
 
 
 @dataclass
@@ -222,7 +232,17 @@ def fit(
     """
     from tqdm import tqdm
 
-    opt = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.solver == "lbfgs":
+        params = [t for g in param_groups for t in g["params"]]
+        opt = torch.optim.LBFGS(
+            params,
+            lr=1.0,
+            max_iter=LBFGS_ITERATIONS,
+            history_size=10,
+            line_search_fn="strong_wolfe",
+        )
+    else:
+        opt = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     history: list[dict[str, float]] = []
     best: TrainResult | None = None
     start_epoch, skip_steps, stale = 1, 0, 0
@@ -273,6 +293,19 @@ def fit(
 
     micro = max(1, cfg.accumulate)
     stopped_early = False
+
+    def after_step(epoch: int, step: int) -> None:
+        if on_step:
+            on_step(epoch, step)
+        if stop.signum is not None:
+            save(epoch, step)
+            name = signal.Signals(stop.signum).name
+            raise Interrupted(
+                f"{name}: stopped in epoch {epoch} after step {step}; checkpoint "
+                f"{checkpoint}; run the same command with --resume to continue",
+                stop.signum,
+            )
+
     with intra_op_threads(threads), Stop() as stop:
         bar = tqdm(
             range(start_epoch, cfg.epochs + 1),
@@ -287,16 +320,26 @@ def fit(
             if not skip_steps:
                 run = {"total": 0.0, "correct": 0, "seen": 0}
             opt.zero_grad(set_to_none=True)
-            for i, (x, y, idx) in enumerate(train.epoch(epoch)):
+            if cfg.solver == "lbfgs" and not skip_steps:
+                closure = functools.partial(
+                    _full_batch_loss,
+                    model,
+                    params,
+                    train,
+                    epoch,
+                    forward,
+                    loss_fn,
+                    cfg.weight_decay,
+                    run,
+                )
+                opt.step(closure)
+                after_step(epoch, 1)
+            for i, (x, y, idx) in enumerate(train.epoch(epoch) if cfg.solver != "lbfgs" else ()):
                 if i // micro < skip_steps:
                     continue  # already done before the interruption
                 logits = forward(model, x)
                 loss = loss_fn(logits, y, idx)
-                if not math.isfinite(loss.item()):
-                    raise NonFiniteLossError(
-                        f"loss became {loss.item()} in epoch {epoch}; lower the learning rate "
-                        "(--lr); the best checkpoint so far was not changed"
-                    )
+                _check_finite(loss, epoch)
                 # the last group may hold fewer micro-batches: average over those it has
                 group = min(micro, len(train) - (i // micro) * micro)
                 (loss / group).backward()
@@ -306,17 +349,7 @@ def fit(
                 if (i + 1) % micro == 0 or i + 1 == len(train):
                     opt.step()
                     opt.zero_grad(set_to_none=True)
-                    step = i // micro + 1
-                    if on_step:
-                        on_step(epoch, step)
-                    if stop.signum is not None:
-                        save(epoch, step)
-                        name = signal.Signals(stop.signum).name
-                        raise Interrupted(
-                            f"{name}: stopped in epoch {epoch} after step {step}; checkpoint "
-                            f"{checkpoint}; run the same command with --resume to continue",
-                            stop.signum,
-                        )
+                    after_step(epoch, i // micro + 1)
             skip_steps = 0
             model.eval()
             val_loss, val_acc, val_logits = _evaluate(model, val, forward)
@@ -346,6 +379,43 @@ def fit(
     best.history = history
     best.stopped_early = stopped_early
     return best
+
+
+def _check_finite(loss: torch.Tensor, epoch: int) -> None:
+    if not math.isfinite(loss.item()):
+        raise NonFiniteLossError(
+            f"loss became {loss.item()} in epoch {epoch}; lower the learning rate "
+            "(--lr); the best checkpoint so far was not changed"
+        )
+
+
+def _full_batch_loss(
+    model, params, train: Batches, epoch: int, forward, loss_fn, l2: float, run: dict
+) -> torch.Tensor:
+    """L-BFGS closure: mean loss over every training batch plus (l2/2)·|θ|², gradients set.
+
+    Batch by batch, so memory stays at one batch; the same epoch gives the same views/order,
+    so every call inside one L-BFGS step sees the same objective.
+    """
+    for t in params:
+        t.grad = None
+    total, correct, seen = torch.zeros(()), 0, 0
+    for x, y, idx in train.epoch(epoch):
+        logits = forward(model, x)
+        loss = loss_fn(logits, y, idx)
+        _check_finite(loss, epoch)
+        (loss * len(y)).backward()
+        total += loss.detach() * len(y)
+        correct += int((logits.detach().argmax(1) == y).sum())
+        seen += len(y)
+    penalty = torch.zeros(())
+    for t in params:
+        t.grad /= max(seen, 1)
+        if l2:
+            t.grad += l2 * t.detach()
+            penalty += 0.5 * l2 * t.detach().pow(2).sum()
+    run.update(total=float(total), correct=correct, seen=seen)
+    return total / max(seen, 1) + penalty
 
 
 def changing_state(model: nn.Module) -> dict[str, torch.Tensor]:

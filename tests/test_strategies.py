@@ -150,6 +150,47 @@ def test_accumulation_equals_a_bigger_batch():
     torch.testing.assert_close(heads[0], heads[1], rtol=1e-5, atol=1e-6)
 
 
+def _objective_grad(head, x, y, l2):
+    head.zero_grad()
+    loss = torch.nn.functional.cross_entropy(head(x), y)
+    loss = loss + 0.5 * l2 * sum(p.pow(2).sum() for p in head.parameters())
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.flatten() for p in head.parameters()]).norm().item()
+
+
+def test_lbfgs_head_reaches_the_regularised_optimum():
+    # 60 vectors of 512 dimensions, 3 classes: the few-shot, high-dimensional case where
+    # mini-batch AdamW stops far from the optimum of the same objective
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(60) % 3
+    x = torch.randn(60, 512, generator=g) + 0.3 * torch.randn(3, 512, generator=g)[y]
+    results = {}
+    for solver in ("lbfgs", "adamw"):
+        torch.manual_seed(0)
+        head = torch.nn.Linear(512, 3)
+        cfg = TrainConfig(epochs=10, batch_size=8, patience=0, solver=solver, weight_decay=1e-3)
+        fit(
+            head,
+            [{"params": list(head.parameters())}],
+            TensorBatches(x, y, 8, 0),
+            TensorBatches(x, y, 60, 0, shuffle=False),
+            lambda lg, t, i: torch.nn.functional.cross_entropy(lg, t),
+            cfg,
+        )
+        results[solver] = _objective_grad(head, x, y, 1e-3)
+    loss, grad = results["lbfgs"]
+    assert grad < 1e-3, results
+    assert loss < results["adamw"][0], results
+
+
+def test_checkpoint_holds_only_what_trains(tmp_path):
+    with pytest.raises(Interrupted):
+        adapt(_cfg(tmp_path / "run", strategy="last-n", unfreeze=1, on_step=_interrupt_at((1, 1))))
+    state = torch.load(checkpoint_path(tmp_path / "run"), weights_only=True)
+    assert "features.features.0.weight" not in state["model"]  # frozen: not copied
+    assert "head.weight" in state["model"] and "features.classifier.1.weight" in state["model"]
+
+
 def _interrupt_at(step_to_stop):
     def on_step(epoch, step):
         if (epoch, step) == step_to_stop:
@@ -158,14 +199,19 @@ def _interrupt_at(step_to_stop):
     return on_step
 
 
-@pytest.mark.parametrize("strategy", ["head", "last-n"])
-def test_sigint_then_resume_matches_uninterrupted(strategy, tmp_path):
-    kw = dict(strategy=strategy, epochs=4, unfreeze=1, patience=0)
+@pytest.mark.parametrize(
+    "strategy, solver, stop",
+    [("head", "lbfgs", (2, 1)), ("head", "adamw", (2, 3)), ("last-n", "lbfgs", (2, 3))],
+)
+def test_sigint_then_resume_matches_uninterrupted(strategy, solver, stop, tmp_path):
+    # L-BFGS makes one (multi-iteration) step per epoch; the others one per mini-batch
+    kw = dict(strategy=strategy, epochs=4, unfreeze=1, patience=0, head_solver=solver)
     adapt(_cfg(tmp_path / "straight", **kw))
     with pytest.raises(Interrupted) as e:
-        adapt(_cfg(tmp_path / "run", on_step=_interrupt_at((2, 3)), **kw))
+        adapt(_cfg(tmp_path / "run", on_step=_interrupt_at(stop), **kw))
     assert e.value.exit_code == 130
-    assert "stopped in epoch 2 after step 3" in str(e.value) and "--resume" in str(e.value)
+    assert f"stopped in epoch 2 after step {stop[1]}" in str(e.value)
+    assert "--resume" in str(e.value)
     assert not (tmp_path / "run").exists() and checkpoint_path(tmp_path / "run").is_file()
     res = adapt(_cfg(tmp_path / "run", resume=True, **kw))
     a, _ = load_run(tmp_path / "straight")
@@ -177,7 +223,7 @@ def test_sigint_then_resume_matches_uninterrupted(strategy, tmp_path):
 
 def test_resume_refuses_another_runs_checkpoint(tmp_path):
     with pytest.raises(Interrupted):
-        adapt(_cfg(tmp_path / "run", on_step=_interrupt_at((1, 2))))
+        adapt(_cfg(tmp_path / "run", on_step=_interrupt_at((1, 1))))
     with pytest.raises(EdgeTransferError, match="belongs to a different run"):
         adapt(_cfg(tmp_path / "run", resume=True, lr=0.5))
     with pytest.raises(EdgeTransferError, match="nothing to resume: no checkpoint"):
