@@ -292,7 +292,8 @@ def fit(
             torch.save(state, f)
 
     micro = max(1, cfg.accumulate)
-    stopped_early = False
+    # a checkpoint written just before an early stop: the run is over, only the result remains
+    stopped_early = bool(cfg.patience and stale >= cfg.patience)
 
     def after_step(epoch: int, step: int) -> None:
         if on_step:
@@ -308,7 +309,7 @@ def fit(
 
     with intra_op_threads(threads), Stop() as stop:
         bar = tqdm(
-            range(start_epoch, cfg.epochs + 1),
+            range(start_epoch, cfg.epochs + 1) if not stopped_early else range(0),
             desc="epochs",
             disable=not progress,
             leave=False,

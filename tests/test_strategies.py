@@ -421,3 +421,40 @@ def test_fixed_size_arch_refuses_another_image_size(tmp_path):
 def test_augment_with_head_needs_views(tmp_path):
     with pytest.raises(EdgeTransferError, match="--augment light needs --views K"):
         adapt(_cfg(tmp_path / "r", augment="light"))
+
+
+def test_resume_after_an_early_stop_trains_no_further(tmp_path):
+    # killed after the early stop's checkpoint but before RUN_DIR was written: resuming must
+    # return the same result, not train another epoch
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 6, generator=g), torch.arange(40) % 2
+    noise = y[torch.randperm(40, generator=g)]
+    cfg = TrainConfig(epochs=50, batch_size=8, patience=2)
+    ckpt = tmp_path / "ckpt"
+
+    def run(resume, on_step=None):
+        torch.manual_seed(0)
+        head = torch.nn.Linear(6, 2)
+        res = fit(
+            head,
+            [{"params": list(head.parameters())}],
+            TensorBatches(x, y, 8, 0),
+            TensorBatches(x, noise, 40, 0, shuffle=False),
+            lambda lg, t, i: torch.nn.functional.cross_entropy(lg, t),
+            cfg,
+            checkpoint=ckpt,
+            resume=resume,
+            on_step=on_step,
+        )
+        return head, res
+
+    head, first = run(False)
+    assert first.stopped_early and ckpt.is_file()
+
+    def no_steps(epoch, step):
+        raise AssertionError(f"trained again: epoch {epoch} step {step}")
+
+    again, second = run(True, no_steps)
+    assert second.stopped_early and second.best_epoch == first.best_epoch
+    assert second.history == first.history
+    torch.testing.assert_close(again.state_dict(), head.state_dict(), rtol=0, atol=0)
