@@ -262,10 +262,14 @@ def block_modules(spec: ArchSpec, features: nn.Module, truncated: str | None) ->
 
 def feature_dim(features: nn.Module, p: Preprocessing) -> int:
     """Length of the feature vector `features` produces for one input at `p.input_size`."""
+    from edgetransfer.train import intra_op_threads
+
     was_training = features.training
     features.eval()
     try:
-        with torch.no_grad():
+        # One thread: a single image gains little from more, and on a busy machine torch's
+        # threads waiting for each other made this probe take over a second instead of 0.05 s.
+        with torch.no_grad(), intra_op_threads(1):
             out = features(torch.zeros(1, 3, *p.input_size))
     except RuntimeError as e:  # e.g. a fixed-size Linear after the convolutions
         h, w = p.input_size
