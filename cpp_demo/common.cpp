@@ -204,6 +204,27 @@ std::vector<float> run_images(const Model& model, const std::vector<Image>& imag
 
 }  // namespace
 
+int run_main(int argc, char** argv, const char* name, const char* usage, const char* help,
+             const std::function<int(const Options&)>& body) {
+  if (argc < 2) {
+    std::cerr << usage;
+    return kExitBadInput;
+  }
+  try {
+    const Options opt = parse_args(argc, argv);
+    if (opt.help) {
+      std::cout << usage << "\n" << help;
+      return kExitOk;
+    }
+    return body(opt);
+  } catch (const UsageError& e) {
+    std::cerr << name << ": " << e.what() << "\n" << usage;
+  } catch (const std::exception& e) {  // InputError and anything unexpected: one line
+    std::cerr << name << ": " << first_line(e.what()) << "\n";
+  }
+  return kExitBadInput;
+}
+
 std::string first_line(const std::string& s) {
   std::string line = s.substr(0, s.find('\n'));
   const size_t sentence = line.find(". ");  // libtorch goes on with advice after the first sentence

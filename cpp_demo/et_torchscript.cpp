@@ -29,61 +29,39 @@ const char* kHelp =
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 2) {
-    std::cerr << kUsage;
-    return et::kExitBadInput;
-  }
-  et::Options opt;
-  try {
-    opt = et::parse_args(argc, argv);
-  } catch (const et::UsageError& e) {
-    std::cerr << "et_torchscript: " << e.what() << "\n" << kUsage;
-    return et::kExitBadInput;
-  } catch (const et::InputError& e) {
-    std::cerr << "et_torchscript: " << e.what() << "\n";
-    return et::kExitBadInput;
-  }
-  if (opt.help) {
-    std::cout << kUsage << "\n" << kHelp;
-    return et::kExitOk;
-  }
-
-  try {
-    torch::jit::Module module;
-    torch::jit::ExtraFilesMap extra{{"edgetransfer.json", ""}};
+  return et::run_main(argc, argv, "et_torchscript", kUsage, kHelp, [](const et::Options& opt) {
     try {
-      module = torch::jit::load(opt.model, torch::kCPU, extra);
+      torch::jit::Module module;
+      torch::jit::ExtraFilesMap extra{{"edgetransfer.json", ""}};
+      try {
+        module = torch::jit::load(opt.model, torch::kCPU, extra);
+      } catch (const c10::Error& e) {
+        throw et::InputError(opt.model + ": not a loadable TorchScript file (" +
+                             et::first_line(e.what_without_backtrace()) + ")");
+      }
+      if (extra["edgetransfer.json"].empty()) {
+        throw et::InputError(opt.model +
+                             ": carries no edgetransfer.json extra file; export it with edgetransfer");
+      }
+      module.eval();
+      et::Model model;
+      model.manifest = et::parse_manifest(extra["edgetransfer.json"], opt.model);
+      const int64_t h = model.manifest.pre.height, w = model.manifest.pre.width;
+      std::cerr << "et_torchscript: " << opt.model << ": " << et::describe(model.manifest) << "\n"
+                << "et_torchscript: forward(float32 [batch,3," << h << "," << w << "]) -> logits; libtorch "
+                << TORCH_VERSION << "\n";
+
+      model.run_normalized = [&](std::vector<float>& x, int64_t n) {
+        torch::InferenceMode guard;
+        const torch::IValue out = module.forward({torch::from_blob(x.data(), {n, 3, h, w}, torch::kFloat32)});
+        if (!out.isTensor()) throw et::InputError(opt.model + ": forward() did not return a tensor");
+        const torch::Tensor y = out.toTensor().to(torch::kCPU, torch::kFloat32).contiguous();
+        return std::vector<float>(y.data_ptr<float>(), y.data_ptr<float>() + y.numel());
+      };
+
+      return opt.golden.empty() ? et::classify(model, opt) : et::selftest(model, opt.golden);
     } catch (const c10::Error& e) {
-      throw et::InputError(opt.model + ": not a loadable TorchScript file (" +
-                           et::first_line(e.what_without_backtrace()) + ")");
+      throw et::InputError("libtorch: " + et::first_line(e.what_without_backtrace()));
     }
-    if (extra["edgetransfer.json"].empty()) {
-      throw et::InputError(opt.model +
-                           ": carries no edgetransfer.json extra file; export it with edgetransfer");
-    }
-    module.eval();
-    et::Model model;
-    model.manifest = et::parse_manifest(extra["edgetransfer.json"], opt.model);
-    const int64_t h = model.manifest.pre.height, w = model.manifest.pre.width;
-    std::cerr << "et_torchscript: " << opt.model << ": " << et::describe(model.manifest) << "\n"
-              << "et_torchscript: forward(float32 [batch,3," << h << "," << w << "]) -> logits; libtorch "
-              << TORCH_VERSION << "\n";
-
-    model.run_normalized = [&](std::vector<float>& x, int64_t n) {
-      torch::InferenceMode guard;
-      const torch::IValue out = module.forward({torch::from_blob(x.data(), {n, 3, h, w}, torch::kFloat32)});
-      if (!out.isTensor()) throw et::InputError(opt.model + ": forward() did not return a tensor");
-      const torch::Tensor y = out.toTensor().to(torch::kCPU, torch::kFloat32).contiguous();
-      return std::vector<float>(y.data_ptr<float>(), y.data_ptr<float>() + y.numel());
-    };
-
-    return opt.golden.empty() ? et::classify(model, opt) : et::selftest(model, opt.golden);
-  } catch (const et::InputError& e) {
-    std::cerr << "et_torchscript: " << e.what() << "\n";
-  } catch (const c10::Error& e) {
-    std::cerr << "et_torchscript: libtorch: " << et::first_line(e.what_without_backtrace()) << "\n";
-  } catch (const std::exception& e) {
-    std::cerr << "et_torchscript: " << et::first_line(e.what()) << "\n";
-  }
-  return et::kExitBadInput;
+  });
 }
