@@ -219,7 +219,9 @@ int run_main(int argc, char** argv, const char* name, const char* usage, const c
     return body(opt);
   } catch (const UsageError& e) {
     std::cerr << name << ": " << e.what() << "\n" << usage;
-  } catch (const std::exception& e) {  // InputError and anything unexpected: one line
+  } catch (const InputError& e) {  // ours: already one line, printed whole
+    std::cerr << name << ": " << e.what() << "\n";
+  } catch (const std::exception& e) {  // anything unexpected: its first line
     std::cerr << name << ": " << first_line(e.what()) << "\n";
   }
   return kExitBadInput;

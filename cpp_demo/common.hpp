@@ -88,7 +88,8 @@ std::string first_line(const std::string& s);
 
 // What both programs' main() does around loading and running a model: the usage line when
 // there are no arguments, parse_args, --help, then `body`; an InputError or any other
-// std::exception it throws becomes one line on stderr, prefixed with `name`, and exit code 2.
+// std::exception it throws becomes one line on stderr (an InputError whole, anything else its
+// first line), prefixed with `name`, and exit code 2.
 // `body` turns its library's errors into InputError (for a prefix such as "onnxruntime: ").
 int run_main(int argc, char** argv, const char* name, const char* usage, const char* help,
              const std::function<int(const Options&)>& body);

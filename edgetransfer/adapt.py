@@ -131,6 +131,10 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
         1.0 if cfg.weights == "none" else cfg.backbone_lr_mult,
     )
     strategies.check(scfg)
+    if cfg.head_solver not in ("lbfgs", "adamw"):
+        raise EdgeTransferError(
+            f"unknown --head-solver {cfg.head_solver!r}; choose one of: lbfgs, adamw"
+        )
     augment = cfg.augment or ("none" if cfg.strategy == "head" else "light")
     if augment not in AUGMENT:
         raise EdgeTransferError(
@@ -179,7 +183,7 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
 
     tcfg = _fit_memory(cfg, model, plan, pre, len(train_s))
     memory = strategies.estimate_memory(
-        model, plan, tcfg.batch_size, pre, cached=cfg.strategy == "head"
+        model, plan, tcfg.batch_size, pre, cached=cfg.strategy == "head", solver=tcfg.solver
     )
     teacher_logits = _teacher_logits(cfg, dataset, train_s) if cfg.teacher else None
     lwf_logits = None
@@ -231,6 +235,7 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
         "accumulate": tcfg.accumulate,
         "lr": cfg.lr,
         "solver": tcfg.solver,
+        **({"l2": tcfg.weight_decay} if tcfg.solver == "lbfgs" else {}),
         "seed": cfg.seed,
         "val_fraction": cfg.val_fraction,
         "augment": augment,
@@ -418,10 +423,12 @@ def _fit_memory(cfg: AdaptConfig, model, plan, pre, n_train: int):
     from edgetransfer.train import TrainConfig
 
     batch, accumulate = cfg.batch_size, cfg.accumulate
+    lbfgs = cfg.strategy == "head" and cfg.head_solver == "lbfgs"
+    solver = "lbfgs" if lbfgs else "adamw"
     if cfg.max_memory:
         cached = cfg.strategy == "head"
         while True:
-            need = strategies.estimate_memory(model, plan, batch, pre, cached)["total_mib"]
+            need = strategies.estimate_memory(model, plan, batch, pre, cached, solver)["total_mib"]
             if need <= cfg.max_memory:
                 break
             if batch == 1:
@@ -438,11 +445,7 @@ def _fit_memory(cfg: AdaptConfig, model, plan, pre, n_train: int):
         seed=cfg.seed,
         accumulate=accumulate,
         patience=cfg.patience,
-        **(
-            dict(solver="lbfgs", weight_decay=HEAD_L2)
-            if cfg.strategy == "head" and cfg.head_solver == "lbfgs"
-            else {}
-        ),
+        **(dict(solver="lbfgs", weight_decay=HEAD_L2) if lbfgs else {}),
     )
 
 
@@ -509,6 +512,8 @@ def _run_fingerprint(cfg: AdaptConfig, dataset, backbone_id: str = "") -> str:
             "report",
         )
     }
+    if cfg.strategy != "head":
+        fields.pop("head_solver")  # not used: changing it is still the same run
     fields["data"] = dataset.fingerprint()
     fields["backbone"] = backbone_id  # contents, not paths: a replaced weights file is another run
     if cfg.teacher:

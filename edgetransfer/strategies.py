@@ -127,8 +127,11 @@ def l2sp_penalty(params: list[nn.Parameter], source: list[torch.Tensor]) -> torc
     return total
 
 
-def estimate_memory(model: nn.Module, plan: Plan, batch: int, p, cached: bool) -> dict:
-    """Training memory in MiB: weights, gradients and AdamW state of what trains, the
+def estimate_memory(
+    model: nn.Module, plan: Plan, batch: int, p, cached: bool, solver: str = "adamw"
+) -> dict:
+    """Training memory in MiB: weights, gradients and optimizer state of what trains (AdamW:
+    2 copies; L-BFGS: its history of LBFGS_HISTORY pairs plus 4 working vectors), the
     activations autograd saves for the backward pass, and the forward working set, at `batch`.
 
     Saved activations are counted exactly (saved-tensor hooks on one forward pass at batch 1,
@@ -136,6 +139,9 @@ def estimate_memory(model: nn.Module, plan: Plan, batch: int, p, cached: bool) -
     WORKSPACE_FACTOR). With `cached` features (strategy head) only the head runs. Checked
     against measured peak RSS growth by tools/transfer_experiment.py --part memory.
     """
+    from edgetransfer.train import LBFGS_HISTORY
+
+    optimizer_copies = 2 * LBFGS_HISTORY + 4 if solver == "lbfgs" else 2
     head_params = list(model.head.parameters())
     trainable = plan.trainable + head_params
     n_all = sum(t.numel() for t in model.parameters())
@@ -152,8 +158,11 @@ def estimate_memory(model: nn.Module, plan: Plan, batch: int, p, cached: bool) -
         def plan_of(copy_model: nn.Module) -> Plan:
             params_by_name = dict(copy_model.named_parameters())
             modules = dict(copy_model.named_modules())
-            return Plan([params_by_name[n] for n in names], plan.frozen_prefix,
-                        [modules[n] for n in train_bn])
+            return Plan(
+                [params_by_name[n] for n in names],
+                plan.frozen_prefix,
+                [modules[n] for n in train_bn],
+            )
 
         params = {t.data_ptr() for t in probe.parameters()}
         saved: dict[tuple[int, int], int] = {}
@@ -192,7 +201,7 @@ def estimate_memory(model: nn.Module, plan: Plan, batch: int, p, cached: bool) -
     out = {
         "weights_mib": n_all * 4 / mib,
         "gradients_mib": n_train * 4 / mib,
-        "optimizer_mib": 2 * n_train * 4 / mib,
+        "optimizer_mib": optimizer_copies * n_train * 4 / mib,
         "activations_mib": saved_bytes / mib,
         "workspace_mib": work_bytes / mib,
     }

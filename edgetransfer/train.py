@@ -43,6 +43,8 @@ class TrainConfig:
     solver: str = "adamw"
 
 
+SOLVERS = ("adamw", "lbfgs")
+LBFGS_HISTORY = 10  # (step, gradient change) pairs kept
 LBFGS_ITERATIONS = 20  # per epoch; L-BFGS stops sooner once the gradient vanishes
 
 
@@ -123,6 +125,14 @@ class TensorBatches:
             idx = order[i : i + self.bs]
             x = self.x[pick[idx], idx] if pick is not None else self.x[idx]
             yield x, self.y[idx], idx
+
+    def everything(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every sample in every view as one batch (idx: the sample index of each row), so a
+        full-batch objective is the same at every call and a class-weighted loss is exact."""
+        n = len(self.y)
+        idx = torch.arange(n).repeat(self.views)
+        x = self.x.reshape(self.views * n, *self.x.shape[2:]) if self.views > 1 else self.x
+        return x, self.y[idx], idx
 
 
 class Stop:
@@ -232,13 +242,18 @@ def fit(
     """
     from tqdm import tqdm
 
+    if cfg.solver not in SOLVERS:
+        raise ValueError(f"unknown solver {cfg.solver!r}; choose one of {SOLVERS}")
     if cfg.solver == "lbfgs":
+        if not isinstance(train, TensorBatches):
+            raise TypeError("solver lbfgs trains on cached tensors (TensorBatches)")
+        everything = train.everything()
         params = [t for g in param_groups for t in g["params"]]
         opt = torch.optim.LBFGS(
             params,
             lr=1.0,
             max_iter=LBFGS_ITERATIONS,
-            history_size=10,
+            history_size=LBFGS_HISTORY,
             line_search_fn="strong_wolfe",
         )
     else:
@@ -323,17 +338,14 @@ def fit(
             opt.zero_grad(set_to_none=True)
             if cfg.solver == "lbfgs" and not skip_steps:
                 closure = functools.partial(
-                    _full_batch_loss,
-                    model,
-                    params,
-                    train,
-                    epoch,
-                    forward,
-                    loss_fn,
-                    cfg.weight_decay,
-                    run,
+                    _full_batch_loss, model, params, everything, forward, loss_fn, cfg.weight_decay
                 )
                 opt.step(closure)
+                # where the step ended (the closure's last call may be a rejected trial point)
+                _full_batch_loss(model, params, everything, forward, loss_fn, 0.0, run)
+                _check_finite(
+                    torch.tensor(run["total"]), epoch, "try --head-solver adamw with a small --lr"
+                )
                 after_step(epoch, 1)
             for i, (x, y, idx) in enumerate(train.epoch(epoch) if cfg.solver != "lbfgs" else ()):
                 if i // micro < skip_steps:
@@ -382,60 +394,79 @@ def fit(
     return best
 
 
-def _check_finite(loss: torch.Tensor, epoch: int) -> None:
+def _check_finite(loss: torch.Tensor, epoch: int, hint: str = "lower the learning rate (--lr)"):
     if not math.isfinite(loss.item()):
         raise NonFiniteLossError(
-            f"loss became {loss.item()} in epoch {epoch}; lower the learning rate "
-            "(--lr); the best checkpoint so far was not changed"
+            f"loss became {loss.item()} in epoch {epoch}; {hint}; the best checkpoint so far "
+            "was not changed"
         )
 
 
 def _full_batch_loss(
-    model, params, train: Batches, epoch: int, forward, loss_fn, l2: float, run: dict
+    model, params, batch, forward, loss_fn, l2: float, run: dict | None = None
 ) -> torch.Tensor:
-    """L-BFGS closure: mean loss over every training batch plus (l2/2)·|θ|², gradients set.
+    """L-BFGS closure: the loss on `batch` (every training vector, TensorBatches.everything)
+    plus (l2/2)·|θ|², gradients set. A non-finite loss returns inf, which the strong-Wolfe line
+    search rejects (a shorter step is tried) instead of leaving the weights at a trial point.
 
-    Batch by batch, so memory stays at one batch; the same epoch gives the same views/order,
-    so every call inside one L-BFGS step sees the same objective.
+    Only for models without BatchNorm or dropout (a head on cached features): the closure runs
+    several times per step and must see one fixed objective.
     """
+    x, y, idx = batch
     for t in params:
         t.grad = None
-    total, correct, seen = torch.zeros(()), 0, 0
-    for x, y, idx in train.epoch(epoch):
-        logits = forward(model, x)
-        loss = loss_fn(logits, y, idx)
-        _check_finite(loss, epoch)
-        (loss * len(y)).backward()
-        total += loss.detach() * len(y)
-        correct += int((logits.detach().argmax(1) == y).sum())
-        seen += len(y)
+    logits = forward(model, x)
+    loss = loss_fn(logits, y, idx)
+    if run is not None:
+        seen = len(y)
+        correct = int((logits.detach().argmax(1) == y).sum())
+        run.update(total=float(loss.detach()) * seen, correct=correct, seen=seen)
+    if not math.isfinite(loss.item()):
+        for t in params:
+            t.grad = torch.zeros_like(t)
+        return torch.tensor(math.inf)
+    loss.backward()
     penalty = torch.zeros(())
     for t in params:
-        t.grad /= max(seen, 1)
+        if t.grad is None:  # a parameter the loss does not reach
+            t.grad = torch.zeros_like(t)
         if l2:
             t.grad += l2 * t.detach()
             penalty += 0.5 * l2 * t.detach().pow(2).sum()
-    run.update(total=float(total), correct=correct, seen=seen)
-    return total / max(seen, 1) + penalty
+    return loss.detach() + penalty
 
 
 def changing_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of what training can change: parameters that require grad, and all buffers
-    (BatchNorm statistics; small). Frozen weights are left out, so the best-epoch copy and the
-    checkpoint cost the size of the trainable part, not of the whole backbone."""
-    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    state.update({n: b.detach().clone() for n, b in model.named_buffers()})
-    return state
+    """A copy of what training can change: the state_dict without frozen parameters
+    (parameters that require grad, and every persistent buffer such as BatchNorm statistics).
+    The best-epoch copy and the checkpoint cost the size of the trainable part, not of the
+    whole backbone."""
+    return {n: t.detach().clone() for n, t in _changing(model).items()}
 
 
 def restore_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a :func:`changing_state` copy; a key the model does not have is an error."""
+    """Load a :func:`changing_state` copy. A key the model lacks, or one of the model's
+    trainable parameters or buffers the copy lacks, is an error (never a silent fresh head)."""
     result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
+    absent = sorted(set(_changing(model)) - set(state))
+    if result.unexpected_keys or absent:
         raise EdgeTransferError(
-            "saved training state does not fit the model "
-            f"(unexpected: {', '.join(result.unexpected_keys[:3])})"
+            "saved training state does not fit the model ("
+            + "; ".join(
+                f"{what}: {', '.join(keys[:3])}"
+                for what, keys in (("unexpected", result.unexpected_keys), ("missing", absent))
+                if keys
+            )
+            + ")"
         )
+
+
+def _changing(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        n: t
+        for n, t in model.state_dict(keep_vars=True).items()
+        if not (isinstance(t, nn.Parameter) and not t.requires_grad)
+    }
 
 
 def _load_checkpoint(path: Path | None, fingerprint: str) -> dict:

