@@ -45,7 +45,9 @@ class TrainConfig:
 
 SOLVERS = ("adamw", "lbfgs")
 LBFGS_HISTORY = 10  # (step, gradient change) pairs kept
-LBFGS_ITERATIONS = 20  # per epoch; L-BFGS stops sooner once the gradient vanishes
+LBFGS_ITERATIONS = 20
+# converged when no gradient entry exceeds this: further epochs would not move the weights
+LBFGS_TOLERANCE = 1e-5  # per epoch; L-BFGS stops sooner once the gradient vanishes
 
 
 @dataclass
@@ -255,12 +257,14 @@ def fit(
             max_iter=LBFGS_ITERATIONS,
             history_size=LBFGS_HISTORY,
             line_search_fn="strong_wolfe",
+            tolerance_grad=LBFGS_TOLERANCE,
         )
     else:
         opt = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     history: list[dict[str, float]] = []
     best: TrainResult | None = None
     start_epoch, skip_steps, stale = 1, 0, 0
+    converged = False  # L-BFGS: the last step did not move the weights
     run = {"total": 0.0, "correct": 0, "seen": 0}  # this epoch's running training metrics
     if resume:
         state = _load_checkpoint(checkpoint, fingerprint)
@@ -277,6 +281,7 @@ def fit(
             )
         start_epoch, skip_steps, stale = state["epoch"], state["step"], state["stale"]
         run = state["run"]
+        converged = state.get("converged", False)
         torch.set_rng_state(state["rng"])
     else:
         torch.manual_seed(cfg.seed)
@@ -301,6 +306,7 @@ def fit(
             "best_logits": best.val_logits if best else None,
             "rng": torch.get_rng_state(),
             "run": run,
+            "converged": converged,
         }
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         with atomic_writer(checkpoint) as f:  # streamed: no second copy of the state in memory
@@ -308,7 +314,9 @@ def fit(
 
     micro = max(1, cfg.accumulate)
     # a checkpoint written just before an early stop: the run is over, only the result remains
-    stopped_early = bool(cfg.patience and stale >= cfg.patience)
+    stopped_early = bool(cfg.patience and stale >= cfg.patience) or (
+        cfg.solver == "lbfgs" and converged and not skip_steps
+    )
 
     def after_step(epoch: int, step: int) -> None:
         if on_step:
@@ -337,10 +345,13 @@ def fit(
                 run = {"total": 0.0, "correct": 0, "seen": 0}
             opt.zero_grad(set_to_none=True)
             if cfg.solver == "lbfgs" and not skip_steps:
+                converged = False
                 closure = functools.partial(
                     _full_batch_loss, model, params, everything, forward, loss_fn, cfg.weight_decay
                 )
+                before = [t.detach().clone() for t in params]
                 opt.step(closure)
+                converged = all(torch.equal(a, t) for a, t in zip(before, params, strict=True))
                 # where the step ended (the closure's last call may be a rejected trial point)
                 _full_batch_loss(model, params, everything, forward, loss_fn, 0.0, run)
                 _check_finite(
@@ -384,8 +395,8 @@ def fit(
             else:
                 stale += 1
             save(epoch + 1, 0)
-            if cfg.patience and stale >= cfg.patience:
-                stopped_early = True
+            if (cfg.patience and stale >= cfg.patience) or (cfg.solver == "lbfgs" and converged):
+                stopped_early = True  # or converged: another epoch would change nothing
                 break
     assert best is not None, "epochs must be >= 1"
     restore_state(model, best.state)

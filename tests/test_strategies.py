@@ -509,3 +509,22 @@ def test_restore_state_refuses_a_copy_missing_trainable_weights():
     del state["1.weight"]
     with pytest.raises(EdgeTransferError, match=r"missing: 1\.weight"):
         restore_state(model, state)
+
+
+def test_lbfgs_stops_once_converged():
+    g = torch.Generator().manual_seed(2)
+    y = torch.arange(30) % 3
+    x = torch.randn(30, 8, generator=g) + 2 * torch.randn(3, 8, generator=g)[y]
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 3)
+    res = fit(
+        head,
+        [{"params": list(head.parameters())}],
+        TensorBatches(x, y, 8, 0),
+        TensorBatches(x, y, 30, 0, shuffle=False),
+        lambda lg, t, i: torch.nn.functional.cross_entropy(lg, t),
+        TrainConfig(epochs=100, batch_size=8, patience=0, solver="lbfgs", weight_decay=1e-2),
+    )
+    assert res.stopped_early and len(res.history) < 100
+    _, grad = _objective_grad(head, x, y, 1e-2)
+    assert grad < 1e-4
