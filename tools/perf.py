@@ -26,8 +26,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 
 import numpy as np  # noqa: E402
+from adapt_child import run_adapt  # noqa: E402
 from PIL import Image  # noqa: E402
 
 BENCHES = ("adapt", "backend", "decode", "inference", "memory", "startup")
@@ -559,33 +561,6 @@ def bench_inference(tmp: Path, quick: bool) -> None:
 # 5. memory
 
 
-CHILD = r"""
-import json, sys, time
-from pathlib import Path
-def rss(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) / 1024
-    return 0.0
-import torch
-from edgetransfer.adapt import AdaptConfig, adapt
-import edgetransfer.train as train_mod
-kw = json.loads(sys.argv[1])
-for k in ("data_dir", "out"):
-    kw[k] = Path(kw[k])
-real_fit = train_mod.fit
-marks = {}
-def fit(*a, **k):
-    marks["before_fit"] = rss("VmRSS")
-    return real_fit(*a, **k)
-train_mod.fit = fit
-start_rss = rss("VmRSS")
-res = adapt(AdaptConfig(**kw))
-print(json.dumps({"peak_mib": rss("VmHWM"), "start_mib": start_rss,
-    "before_fit_mib": marks.get("before_fit", 0.0), "memory": res.memory}))
-"""
-
-
 def bench_memory(tmp: Path, quick: bool) -> None:
     small, large = (250, 2000) if quick else (500, 4000)
     big = make_photos(tmp / "mem_large", large, seed=5)
@@ -600,9 +575,7 @@ def bench_memory(tmp: Path, quick: bool) -> None:
     common = dict(weights=str(weights), epochs=3, force=True)
     peaks = {}
     for n, d in ((small, small_dir), (large, big)):
-        peaks[n] = peak_child(
-            CHILD, json.dumps({**common, "data_dir": str(d), "out": str(tmp / f"mem{n}")})
-        )
+        peaks[n] = run_adapt({**common, "data_dir": str(d), "out": str(tmp / f"mem{n}")})
     ratio = peaks[large]["peak_mib"] / peaks[small]["peak_mib"]
     row(
         "memory",
@@ -615,20 +588,17 @@ def bench_memory(tmp: Path, quick: bool) -> None:
     # bias / last-n / full: training growth against the estimate adapt prints
     tiny = make_photos(tmp / "mem_tiny", 40, seed=6)
     for strategy in ("bias", "last-n", "full"):
-        r = peak_child(
-            CHILD,
-            json.dumps(
-                {
-                    **common,
-                    "weights": "none",
-                    "epochs": 1,
-                    "strategy": strategy,
-                    "augment": "none",
-                    "data_dir": str(tiny),
-                    "out": str(tmp / f"mem_{strategy}"),
-                    "use_cache": False,
-                }
-            ),
+        r = run_adapt(
+            {
+                **common,
+                "weights": "none",
+                "epochs": 1,
+                "strategy": strategy,
+                "augment": "none",
+                "data_dir": str(tiny),
+                "out": str(tmp / f"mem_{strategy}"),
+                "use_cache": False,
+            }
         )
         est = r["memory"]["total_mib"] - r["memory"]["weights_mib"]
         measured = r["peak_mib"] - r["before_fit_mib"]

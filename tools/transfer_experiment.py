@@ -20,8 +20,6 @@ Every run is a separate process, so peak memory is per run.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,51 +29,11 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 TRAIN_PER_CLASS, VAL_PER_CLASS = 10, 5
 
-# One adapt run in a fresh process: time, peak RSS growth during adapt, estimate, metrics.
-CHILD = r"""
-import json, sys, time
-from pathlib import Path
-
-def rss(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-import torch
-torch.set_num_threads(int(sys.argv[2]))
-from edgetransfer.adapt import AdaptConfig, adapt
-kw = json.loads(sys.argv[1])
-for k in ("data_dir", "out", "teacher", "source_data"):
-    if kw.get(k):
-        kw[k] = Path(kw[k])
-import edgetransfer.train as train_mod
-real_fit = train_mod.fit
-marks = {}
-def fit(*a, **k):
-    marks["before_fit"] = rss("VmRSS")
-    return real_fit(*a, **k)
-import edgetransfer.adapt as adapt_mod
-train_mod.fit = fit
-start = time.perf_counter()
-res = adapt(AdaptConfig(**kw))
-elapsed = time.perf_counter() - start
-print(json.dumps({"time_s": elapsed, "peak_mib": rss("VmHWM"), "before_fit_mib":
-    marks.get("before_fit", 0.0), "memory": res.memory, "metrics": res.manifest.metrics,
-    "trainable": res.manifest.adapt["trainable_params"]}))
-"""
-
 
 def run_adapt(threads: int = 2, **kw) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, json.dumps(kw, default=str), str(threads)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if out.returncode != 0:
-        raise SystemExit(f"adapt failed for {kw.get('strategy')}: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    from adapt_child import run_adapt as child
+
+    return child(kw, threads)
 
 
 def test_top1(run_dir: Path, test_dir: Path) -> float:
