@@ -373,14 +373,11 @@ def _seeded(transform, seed: int, view: int):
     decoding threads interleaving would swap each other's random numbers.
     """
 
+    from edgetransfer.loaders import apply_seeded
+
     def run(img, index: int):
         with _RNG:
-            state = torch.get_rng_state()
-            torch.manual_seed((seed * 1_000_003 + view) * 1_000_003 + index)
-            try:
-                return transform(img)
-            finally:
-                torch.set_rng_state(state)
+            return apply_seeded(transform, img, seed, view, index)
 
     return run
 

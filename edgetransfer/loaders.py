@@ -49,6 +49,18 @@ def train_transform(p: Preprocessing, preset: str):
     return v2.Compose(head + tail)
 
 
+def apply_seeded(transform, img, seed: int, epoch: int, index: int):
+    """`transform(img)` with torch's global generator seeded from (seed, epoch, index) and
+    restored afterwards: a random augmentation is the same for the same image, epoch (or
+    cached view) and seed, whichever process or thread runs it."""
+    state = torch.get_rng_state()
+    torch.manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + index)
+    try:
+        return transform(img)
+    finally:
+        torch.set_rng_state(state)
+
+
 class _Images(TorchDataset):
     """Decodes and transforms one sample; augmentation is seeded by (seed, epoch, index) so it
     is the same whatever the batching, the worker count or an interruption."""
@@ -64,13 +76,7 @@ class _Images(TorchDataset):
     def __getitem__(self, i: int):
         s = self.samples[i]
         img = load_image(s.path, self.max_pixels)
-        state = torch.get_rng_state()
-        torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i)
-        try:
-            x = self.transform(img)
-        finally:
-            torch.set_rng_state(state)
-        return x, s.label, i
+        return apply_seeded(self.transform, img, self.seed, self.epoch, i), s.label, i
 
 
 class ImageBatches:

@@ -44,7 +44,10 @@ def test_adapt_export_verify_predict_on_synthetic(colors, tmp_path):
     m = json.loads((tmp_path / "run" / "edgetransfer.json").read_text())
     assert m["adapt"]["strategy"] == "head" and m["data"]["train"] + m["data"]["val"] == 24
     assert len(m["data"]["fingerprint"]) == 64 and m["versions"]["torch"]
-    assert len(json.loads((tmp_path / "run" / "history.json").read_text())) == 3
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    # the L-BFGS head may converge before --epochs: then it stops
+    assert 1 <= len(history) == m["adapt"]["epochs_run"] <= 3
+    assert m["adapt"]["solver"] == "lbfgs"
 
     res = run("export", tmp_path / "run", "--onnx", "--out", tmp_path / "exp")
     assert res.exit_code == 0, res.output
