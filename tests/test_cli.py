@@ -242,3 +242,14 @@ def test_python_dash_m(tmp_path):
         [sys.executable, "-m", "edgetransfer", "info", str(SOURCE)], capture_output=True, text=True
     )
     assert res.returncode == 0 and "(zero, one, two, three, four)" in res.stdout
+
+
+def test_head_solver_option(colors, tmp_path):
+    res = run(*_adapt_args(colors, tmp_path / "run", "--head-solver", "adamw"))
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "run" / "edgetransfer.json").read_text())
+    assert m["adapt"]["solver"] == "adamw" and "l2" not in m["adapt"]
+    assert len(json.loads((tmp_path / "run" / "history.json").read_text())) == 3  # no early stop
+    res = run(*_adapt_args(colors, tmp_path / "bad", "--head-solver", "sgd"))
+    assert res.exit_code == 2 and "--head-solver" in res.output
+    assert not (tmp_path / "bad").exists()
