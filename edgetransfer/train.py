@@ -45,9 +45,9 @@ class TrainConfig:
 
 SOLVERS = ("adamw", "lbfgs")
 LBFGS_HISTORY = 10  # (step, gradient change) pairs kept
-LBFGS_ITERATIONS = 20
+LBFGS_ITERATIONS = 20  # per epoch; L-BFGS stops sooner once the gradient vanishes
 # converged when no gradient entry exceeds this: further epochs would not move the weights
-LBFGS_TOLERANCE = 1e-5  # per epoch; L-BFGS stops sooner once the gradient vanishes
+LBFGS_TOLERANCE = 1e-5
 
 
 @dataclass
@@ -313,10 +313,13 @@ def fit(
             torch.save(state, f)
 
     micro = max(1, cfg.accumulate)
-    # a checkpoint written just before an early stop: the run is over, only the result remains
-    stopped_early = bool(cfg.patience and stale >= cfg.patience) or (
-        cfg.solver == "lbfgs" and converged and not skip_steps
-    )
+
+    def finished() -> bool:
+        """Patience ran out, or L-BFGS converged: another epoch would change nothing."""
+        return bool(cfg.patience and stale >= cfg.patience) or (cfg.solver == "lbfgs" and converged)
+
+    # a checkpoint written at the end of the last epoch: the run is over, only the result remains
+    stopped_early = not skip_steps and finished()
 
     def after_step(epoch: int, step: int) -> None:
         if on_step:
@@ -344,36 +347,44 @@ def fit(
             if not skip_steps:
                 run = {"total": 0.0, "correct": 0, "seen": 0}
             opt.zero_grad(set_to_none=True)
-            if cfg.solver == "lbfgs" and not skip_steps:
-                converged = False
-                closure = functools.partial(
-                    _full_batch_loss, model, params, everything, forward, loss_fn, cfg.weight_decay
-                )
-                before = [t.detach().clone() for t in params]
-                opt.step(closure)
-                converged = all(torch.equal(a, t) for a, t in zip(before, params, strict=True))
-                # where the step ended (the closure's last call may be a rejected trial point)
-                _full_batch_loss(model, params, everything, forward, loss_fn, 0.0, run)
-                _check_finite(
-                    torch.tensor(run["total"]), epoch, "try --head-solver adamw with a small --lr"
-                )
-                after_step(epoch, 1)
-            for i, (x, y, idx) in enumerate(train.epoch(epoch) if cfg.solver != "lbfgs" else ()):
-                if i // micro < skip_steps:
-                    continue  # already done before the interruption
-                logits = forward(model, x)
-                loss = loss_fn(logits, y, idx)
-                _check_finite(loss, epoch)
-                # the last group may hold fewer micro-batches: average over those it has
-                group = min(micro, len(train) - (i // micro) * micro)
-                (loss / group).backward()
-                run["total"] += loss.item() * len(y)
-                run["correct"] += int((logits.detach().argmax(1) == y).sum())
-                run["seen"] += len(y)
-                if (i + 1) % micro == 0 or i + 1 == len(train):
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    after_step(epoch, i // micro + 1)
+            if cfg.solver == "lbfgs":
+                if not skip_steps:  # one step per epoch, unless done before an interruption
+                    closure = functools.partial(
+                        _full_batch_loss,
+                        model,
+                        params,
+                        everything,
+                        forward,
+                        loss_fn,
+                        cfg.weight_decay,
+                    )
+                    before = [t.detach().clone() for t in params]
+                    opt.step(closure)
+                    converged = all(torch.equal(a, t) for a, t in zip(before, params, strict=True))
+                    # metrics where the step ended (the closure's last call may be a rejected
+                    # trial point)
+                    x, y, idx = everything
+                    with torch.no_grad():
+                        logits = forward(model, x)
+                        loss = loss_fn(logits, y, idx)
+                    _check_finite(loss, epoch, "try --head-solver adamw with a small --lr")
+                    _tally(run, loss, logits, y)
+                    after_step(epoch, 1)
+            else:
+                for i, (x, y, idx) in enumerate(train.epoch(epoch)):
+                    if i // micro < skip_steps:
+                        continue  # already done before the interruption
+                    logits = forward(model, x)
+                    loss = loss_fn(logits, y, idx)
+                    _check_finite(loss, epoch)
+                    # the last group may hold fewer micro-batches: average over those it has
+                    group = min(micro, len(train) - (i // micro) * micro)
+                    (loss / group).backward()
+                    _tally(run, loss, logits, y)
+                    if (i + 1) % micro == 0 or i + 1 == len(train):
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                        after_step(epoch, i // micro + 1)
             skip_steps = 0
             model.eval()
             val_loss, val_acc, val_logits = _evaluate(model, val, forward)
@@ -395,14 +406,21 @@ def fit(
             else:
                 stale += 1
             save(epoch + 1, 0)
-            if (cfg.patience and stale >= cfg.patience) or (cfg.solver == "lbfgs" and converged):
-                stopped_early = True  # or converged: another epoch would change nothing
+            if finished():
+                stopped_early = True
                 break
     assert best is not None, "epochs must be >= 1"
     restore_state(model, best.state)
     best.history = history
     best.stopped_early = stopped_early
     return best
+
+
+def _tally(run: dict, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+    """Add a batch to the epoch's running training loss and top-1."""
+    run["total"] += loss.item() * len(y)
+    run["correct"] += int((logits.detach().argmax(1) == y).sum())
+    run["seen"] += len(y)
 
 
 def _check_finite(loss: torch.Tensor, epoch: int, hint: str = "lower the learning rate (--lr)"):
@@ -413,9 +431,7 @@ def _check_finite(loss: torch.Tensor, epoch: int, hint: str = "lower the learnin
         )
 
 
-def _full_batch_loss(
-    model, params, batch, forward, loss_fn, l2: float, run: dict | None = None
-) -> torch.Tensor:
+def _full_batch_loss(model, params, batch, forward, loss_fn, l2: float) -> torch.Tensor:
     """L-BFGS closure: the loss on `batch` (every training vector, TensorBatches.everything)
     plus (l2/2)·|θ|², gradients set. A non-finite loss returns inf, which the strong-Wolfe line
     search rejects (a shorter step is tried) instead of leaving the weights at a trial point.
@@ -428,10 +444,6 @@ def _full_batch_loss(
         t.grad = None
     logits = forward(model, x)
     loss = loss_fn(logits, y, idx)
-    if run is not None:
-        seen = len(y)
-        correct = int((logits.detach().argmax(1) == y).sum())
-        run.update(total=float(loss.detach()) * seen, correct=correct, seen=seen)
     if not math.isfinite(loss.item()):
         for t in params:
             t.grad = torch.zeros_like(t)
