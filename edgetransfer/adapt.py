@@ -120,6 +120,7 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
     from edgetransfer.data import scan
     from edgetransfer.fileio import check_can_write
     from edgetransfer.loaders import AUGMENT
+    from edgetransfer.train import SOLVERS
 
     spec = get_arch(cfg.arch)  # fail on a bad name before any work
     if cfg.truncate:
@@ -131,9 +132,9 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
         1.0 if cfg.weights == "none" else cfg.backbone_lr_mult,
     )
     strategies.check(scfg)
-    if cfg.head_solver not in ("lbfgs", "adamw"):
+    if cfg.head_solver not in SOLVERS:
         raise EdgeTransferError(
-            f"unknown --head-solver {cfg.head_solver!r}; choose one of: lbfgs, adamw"
+            f"unknown --head-solver {cfg.head_solver!r}; choose one of: {', '.join(SOLVERS)}"
         )
     augment = cfg.augment or ("none" if cfg.strategy == "head" else "light")
     if augment not in AUGMENT:
@@ -423,8 +424,8 @@ def _fit_memory(cfg: AdaptConfig, model, plan, pre, n_train: int):
     from edgetransfer.train import TrainConfig
 
     batch, accumulate = cfg.batch_size, cfg.accumulate
-    lbfgs = cfg.strategy == "head" and cfg.head_solver == "lbfgs"
-    solver = "lbfgs" if lbfgs else "adamw"
+    # only the head on cached features can take L-BFGS (one fixed full-batch objective)
+    solver = cfg.head_solver if cfg.strategy == "head" else "adamw"
     if cfg.max_memory:
         cached = cfg.strategy == "head"
         while True:
@@ -445,7 +446,8 @@ def _fit_memory(cfg: AdaptConfig, model, plan, pre, n_train: int):
         seed=cfg.seed,
         accumulate=accumulate,
         patience=cfg.patience,
-        **(dict(solver="lbfgs", weight_decay=HEAD_L2) if lbfgs else {}),
+        solver=solver,
+        **({"weight_decay": HEAD_L2} if solver == "lbfgs" else {}),
     )
 
 

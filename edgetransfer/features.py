@@ -285,6 +285,7 @@ def _split_transform(p: Preprocessing, augment: str, seed: int, view: int):
     from torchvision.transforms import v2
 
     from edgetransfer.data import eval_transform
+    from edgetransfer.train import intra_op_threads
 
     if augment != "none":
         from edgetransfer.loaders import train_transform
@@ -298,8 +299,6 @@ def _split_transform(p: Preprocessing, augment: str, seed: int, view: int):
         return np.asarray(pil_steps(img))
 
     def per_batch(arrays: list) -> torch.Tensor:
-        from edgetransfer.train import intra_op_threads
-
         hwc = np.stack(arrays)
         # One thread: 4 element-wise passes; with two, torch's threads waiting for a core
         # (onnxruntime and the decoding threads hold them) made a batch 74 ms instead of 26.
