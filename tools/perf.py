@@ -217,7 +217,7 @@ def bench_adapt(tmp: Path, quick: bool) -> None:
 
     report_mod.write_run_report = counted_report
 
-    def run_adapt(i: int):
+    def adapt_in_process(i: int):
         os.environ["EDGETRANSFER_CACHE"] = str(tmp / "cache")
         # a fresh feature cache each time; the exported backbone stays cached (one-time cost)
         feat = tmp / "cache" / "features"
@@ -241,7 +241,7 @@ def bench_adapt(tmp: Path, quick: bool) -> None:
     # (cached by the id adapt gives it: a warm-up extract under another id exported a second
     # copy and left adapt's own export inside the timed run) and the imports, matplotlib's
     # included; a fresh CLI process pays that import again, measured separately below.
-    first_s, _ = timed(lambda: run_adapt("warm"))
+    first_s, _ = timed(lambda: adapt_in_process("warm"))
     spec = get_arch("mobilenet_v3_small")
     backbone, _ = split(spec, load_source(spec.name, str(weights)).model)
     backbone.eval()
@@ -281,7 +281,7 @@ def bench_adapt(tmp: Path, quick: bool) -> None:
     floor()  # warm
     t_adapt, t_floor, t_floor0, t_seed, t_report, acc_adapt, acc_seed = [], [], [], [], [], [], []
     for i in range(reps):
-        t, res = timed(lambda i=i: run_adapt(i))
+        t, res = timed(lambda i=i: adapt_in_process(i))
         t_adapt.append(t)
         t_report.append(report_s[-1])
         acc_adapt.append(res.manifest.metrics["val_top1"])

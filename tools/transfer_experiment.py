@@ -27,13 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
+from adapt_child import run_adapt  # noqa: E402
+
 TRAIN_PER_CLASS, VAL_PER_CLASS = 10, 5
-
-
-def run_adapt(threads: int = 2, **kw) -> dict:
-    from adapt_child import run_adapt as child
-
-    return child(kw, threads)
+THREADS = 2  # torch threads of each accuracy run (the memory part uses 1)
 
 
 def test_top1(run_dir: Path, test_dir: Path) -> float:
@@ -176,27 +173,28 @@ def common_args(data: Path, epochs: int) -> dict:
     )
 
 
-SCRATCH = dict(strategy="full", weights="none", lr=3e-3)
+def strategy_runs(source: str) -> dict[str, dict]:
+    """Every run of the experiment by name: adapt options besides the data."""
+    return {
+        "head": dict(strategy="head", weights=source),
+        "last-n (2)": dict(strategy="last-n", unfreeze=2, weights=source),
+        "bias": dict(strategy="bias", weights=source),
+        "full": dict(strategy="full", weights=source),
+        "distill (teacher: full)": dict(strategy="distill", weights=source),
+        "scratch": dict(strategy="full", weights="none", lr=3e-3),
+    }
 
 
 def accuracy(tmp: Path, epochs: int, dataset: str) -> list[dict]:
     data, test = write_split(tmp, dataset)
     source, what = source_model(tmp.parent, dataset)  # one MNIST source for every part
     common = common_args(data, epochs)
-    runs = [
-        ("head", dict(strategy="head", weights=source)),
-        ("last-n (2)", dict(strategy="last-n", unfreeze=2, weights=source)),
-        ("bias", dict(strategy="bias", weights=source)),
-        ("full", dict(strategy="full", weights=source)),
-        ("distill (teacher: full)", dict(strategy="distill", weights=source)),
-        ("scratch", SCRATCH),
-    ]
     rows = []
-    for name, kw in runs:
+    for name, kw in strategy_runs(source).items():
         out = tmp / name.split()[0]
         if kw["strategy"] == "distill":
             kw["teacher"] = str(tmp / "full")
-        r = run_adapt(**common, **kw, out=str(out))
+        r = run_adapt({**common, **kw, "out": str(out)}, THREADS)
         r["name"], r["test_top1"] = name, test_top1(out, test)
         rows.append(r)
         print(f"  {name}: test top-1 {r['test_top1']:.1%}", file=sys.stderr)
@@ -226,13 +224,10 @@ def shots_curve(tmp: Path, epochs: int, dataset: str, shots: list[int]) -> list[
     for k in shots:
         data, test = write_split(tmp / f"shots{k}", dataset, shots=k)
         row = {"shots": k}
-        for name, kw in (
-            ("head", dict(strategy="head", weights=source)),
-            ("last-n", dict(strategy="last-n", unfreeze=2, weights=source)),
-            ("scratch", SCRATCH),
-        ):
-            out = tmp / f"shots{k}" / name
-            run_adapt(**common_args(data, epochs), **kw, out=str(out))
+        runs = strategy_runs(source)
+        for name in ("head", "last-n (2)", "scratch"):
+            out = tmp / f"shots{k}" / name.split()[0]
+            run_adapt({**common_args(data, epochs), **runs[name], "out": str(out)}, THREADS)
             row[name] = test_top1(out, test)
         rows.append(row)
         print(f"  {k} per class: {row}", file=sys.stderr)
@@ -246,7 +241,7 @@ def shots_curve(tmp: Path, epochs: int, dataset: str, shots: list[int]) -> list[
     print("|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['shots']} | {r['head']:.1%} | {r['last-n']:.1%} | {r['scratch']:.1%} | "
+            f"| {r['shots']} | {r['head']:.1%} | {r['last-n (2)']:.1%} | {r['scratch']:.1%} | "
             f"{100 * (r['head'] - r['scratch']):+.1f} points |"
         )
     return rows
@@ -277,7 +272,7 @@ def memory(tmp: Path, size: int) -> list[dict]:
     )
     rows = []
     for strategy in ("bias", "last-n", "full"):
-        r = run_adapt(threads=1, **common, strategy=strategy, out=str(tmp / strategy))
+        r = run_adapt({**common, "strategy": strategy, "out": str(tmp / strategy)}, threads=1)
         m = r["memory"]
         r["name"] = strategy
         # weights are resident before training starts; the rest is what training adds
