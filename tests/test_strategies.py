@@ -129,23 +129,36 @@ def test_l2sp_keeps_backbone_near_source(tmp_path):
     assert drift(tmp_path / "b") < 0.5 * drift(tmp_path / "a")
 
 
+def _ce(logits, y, idx):
+    return torch.nn.functional.cross_entropy(logits, y)
+
+
+def _fit_head(x, y, val_y, cfg, views=1, loss=_ce, **kw):
+    """A fresh Linear head (torch seed 0) fitted by train.fit on tensors, validated on x with
+    labels `val_y` in one batch; returns (head, result)."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(x.shape[-1], int(y.max()) + 1)
+    val_x = x[0] if views > 1 else x
+    res = fit(
+        head,
+        [{"params": list(head.parameters())}],
+        TensorBatches(x, y, cfg.batch_size, 0, views=views),
+        TensorBatches(val_x, val_y, len(val_y), 0, shuffle=False),
+        loss,
+        cfg,
+        **kw,
+    )
+    return head, res
+
+
 def test_accumulation_equals_a_bigger_batch():
     g = torch.Generator().manual_seed(0)
     # 20 samples: the last group is short (4 = one micro-batch) and must not be down-weighted
     x, y = torch.randn(20, 6, generator=g), torch.arange(20) % 3
     heads = []
     for batch, acc in ((8, 1), (4, 2)):
-        torch.manual_seed(0)
-        head = torch.nn.Linear(6, 3)
         cfg = TrainConfig(epochs=2, batch_size=batch, accumulate=acc, patience=0)
-        fit(
-            head,
-            [{"params": list(head.parameters())}],
-            TensorBatches(x, y, batch, 0),
-            TensorBatches(x, y, 20, 0, shuffle=False),
-            lambda lg, t, i: torch.nn.functional.cross_entropy(lg, t),
-            cfg,
-        )
+        head, _ = _fit_head(x, y, y, cfg)
         heads.append(head.weight.detach().clone())
     torch.testing.assert_close(heads[0], heads[1], rtol=1e-5, atol=1e-6)
 
@@ -166,17 +179,8 @@ def test_lbfgs_head_reaches_the_regularised_optimum():
     x = torch.randn(60, 512, generator=g) + 0.3 * torch.randn(3, 512, generator=g)[y]
     results = {}
     for solver in ("lbfgs", "adamw"):
-        torch.manual_seed(0)
-        head = torch.nn.Linear(512, 3)
         cfg = TrainConfig(epochs=10, batch_size=8, patience=0, solver=solver, weight_decay=1e-3)
-        fit(
-            head,
-            [{"params": list(head.parameters())}],
-            TensorBatches(x, y, 8, 0),
-            TensorBatches(x, y, 60, 0, shuffle=False),
-            lambda lg, t, i: torch.nn.functional.cross_entropy(lg, t),
-            cfg,
-        )
+        head, _ = _fit_head(x, y, y, cfg)
         results[solver] = _objective_grad(head, x, y, 1e-3)
     loss, grad = results["lbfgs"]
     assert grad < 1e-3, results
@@ -433,20 +437,7 @@ def test_resume_after_an_early_stop_trains_no_further(tmp_path):
     ckpt = tmp_path / "ckpt"
 
     def run(resume, on_step=None):
-        torch.manual_seed(0)
-        head = torch.nn.Linear(6, 2)
-        res = fit(
-            head,
-            [{"params": list(head.parameters())}],
-            TensorBatches(x, y, 8, 0),
-            TensorBatches(x, noise, 40, 0, shuffle=False),
-            lambda lg, t, i: torch.nn.functional.cross_entropy(lg, t),
-            cfg,
-            checkpoint=ckpt,
-            resume=resume,
-            on_step=on_step,
-        )
-        return head, res
+        return _fit_head(x, y, noise, cfg, checkpoint=ckpt, resume=resume, on_step=on_step)
 
     head, first = run(False)
     assert first.stopped_early and ckpt.is_file()
@@ -461,17 +452,11 @@ def test_resume_after_an_early_stop_trains_no_further(tmp_path):
 
 
 def _lbfgs_fit(x, y, views=1, weight=None, batch=8, loss=None, epochs=10):
-    torch.manual_seed(0)
-    head = torch.nn.Linear(x.shape[-1], 3)
-    fit(
-        head,
-        [{"params": list(head.parameters())}],
-        TensorBatches(x, y, batch, 0, views=views),
-        TensorBatches(x[0] if views > 1 else x, y, 64, 0, shuffle=False),
-        loss or (lambda lg, t, i: torch.nn.functional.cross_entropy(lg, t, weight=weight)),
-        TrainConfig(epochs=epochs, batch_size=batch, patience=0, solver="lbfgs", weight_decay=1e-3),
+    cfg = TrainConfig(
+        epochs=epochs, batch_size=batch, patience=0, solver="lbfgs", weight_decay=1e-3
     )
-    return head
+    loss = loss or (lambda lg, t, i: torch.nn.functional.cross_entropy(lg, t, weight=weight))
+    return _fit_head(x, y, y, cfg, views=views, loss=loss)[0]
 
 
 def test_lbfgs_solves_one_fixed_objective_with_views_and_class_weights():
@@ -515,16 +500,8 @@ def test_lbfgs_stops_once_converged():
     g = torch.Generator().manual_seed(2)
     y = torch.arange(30) % 3
     x = torch.randn(30, 8, generator=g) + 2 * torch.randn(3, 8, generator=g)[y]
-    torch.manual_seed(0)
-    head = torch.nn.Linear(8, 3)
-    res = fit(
-        head,
-        [{"params": list(head.parameters())}],
-        TensorBatches(x, y, 8, 0),
-        TensorBatches(x, y, 30, 0, shuffle=False),
-        lambda lg, t, i: torch.nn.functional.cross_entropy(lg, t),
-        TrainConfig(epochs=100, batch_size=8, patience=0, solver="lbfgs", weight_decay=1e-2),
-    )
+    cfg = TrainConfig(epochs=100, batch_size=8, patience=0, solver="lbfgs", weight_decay=1e-2)
+    head, res = _fit_head(x, y, y, cfg)
     assert res.stopped_early and len(res.history) < 100
     _, grad = _objective_grad(head, x, y, 1e-2)
     assert grad < 1e-4
