@@ -181,11 +181,52 @@ def _class_table(result) -> str:
     return f'<table class="metrics">{head}{"".join(rows)}</table>'
 
 
-def _eval_sections(result, folder: Path, prefix: str, mistakes: int) -> list[str]:
+class _Thumbnails:
+    """Thumbnails of the most confident mistakes, made by threads while the plots are drawn:
+    Pillow releases the GIL to decode and resize, matplotlib holds it to draw."""
+
+    def __init__(self, result, folder: Path, mistakes: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.wrong = result.mistakes(mistakes)
+        self.names = [f"mistakes/{i:03d}.png" for i in range(len(self.wrong))]
+        self.pool = self.jobs = None
+        if self.wrong:
+            (folder / "mistakes").mkdir(exist_ok=True)
+            self.pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1), "thumbnail")
+            self.jobs = [
+                self.pool.submit(save_thumbnail, m.path, folder / name)
+                for m, name in zip(self.wrong, self.names, strict=True)
+            ]
+
+    def done(self) -> list[tuple[object, str]]:
+        """(mistake, picture name) of the thumbnails made; a file that changed since it was
+        evaluated is left out."""
+        from edgetransfer.errors import DataError
+
+        if self.pool is None:
+            return []
+        made = []
+        try:
+            for m, name, job in zip(self.wrong, self.names, self.jobs, strict=True):
+                try:
+                    job.result()
+                except DataError:
+                    continue
+                made.append((m, name))
+        finally:
+            self.close()
+        return made
+
+    def close(self) -> None:
+        """Wait for the running thumbnails and drop the queued ones (done, or an error)."""
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
+def _eval_sections(result, folder: Path, prefix: str, thumbs: _Thumbnails) -> list[str]:
     """Confusion matrix, per-class table and mistake thumbnails; pictures go into `folder`,
     referenced as `prefix` + name from the HTML file."""
-    from edgetransfer.errors import DataError
-
     plot_confusion(result.metrics.confusion, result.metrics.labels, folder / "confusion.png")
     out = [
         "<h2>Confusion matrix</h2>",
@@ -194,25 +235,18 @@ def _eval_sections(result, folder: Path, prefix: str, mistakes: int) -> list[str
         "<h2>Per class</h2>",
         _class_table(result),
     ]
-    wrong = result.mistakes(mistakes)
     total_wrong = int((result.probs.argmax(1) != result.truth).sum())
-    out.append(f"<h2>Most confident mistakes ({len(wrong)} of {total_wrong})</h2>")
-    if not wrong:
+    out.append(f"<h2>Most confident mistakes ({len(thumbs.wrong)} of {total_wrong})</h2>")
+    made = thumbs.done()
+    if not thumbs.wrong:
         out.append('<p class="note">No mistakes.</p>')
     else:
-        (folder / "mistakes").mkdir(exist_ok=True)
-        figs = []
-        for i, m in enumerate(wrong):
-            name = f"mistakes/{i:03d}.png"
-            try:
-                save_thumbnail(m.path, folder / name)
-            except DataError:
-                continue  # the file changed since it was evaluated: leave it out
-            figs.append(
-                f'<figure><img src="{_src(prefix + name)}" alt="{_e(Path(m.path).name)}">'
-                f"<figcaption><b>{_e(m.pred)}</b> {m.prob:.0%}, true <b>{_e(m.true)}</b><br>"
-                f'<span class="file">{_e(_short(m.path))}</span></figcaption></figure>'
-            )
+        figs = [
+            f'<figure><img src="{_src(prefix + name)}" alt="{_e(Path(m.path).name)}">'
+            f"<figcaption><b>{_e(m.pred)}</b> {m.prob:.0%}, true <b>{_e(m.true)}</b><br>"
+            f'<span class="file">{_e(_short(m.path))}</span></figcaption></figure>'
+            for m, name in made
+        ]
         out.append(f'<div class="grid">{"".join(figs)}</div>')
     if result.skipped:
         items = "".join(f"<li>{_e(p)}: {_e(r)}</li>" for p, r in result.skipped)
@@ -255,6 +289,11 @@ def write_eval_report(
 
     require_matplotlib()
     with output_dir(out, force) as tmp:
+        thumbs = _Thumbnails(result, tmp, mistakes)
+        try:
+            sections = _eval_sections(result, tmp, "", thumbs)
+        finally:
+            thumbs.close()
         body = [
             _summary(
                 [
@@ -263,7 +302,7 @@ def write_eval_report(
                     *_metric_rows(result),
                 ]
             ),
-            *_eval_sections(result, tmp, "", mistakes),
+            *sections,
         ]
         title = f"Evaluation of {Path(result.model).name or result.model}"
         atomic_write_text(tmp / REPORT_INDEX, _page(title, body))
@@ -369,16 +408,8 @@ def write_run_report(
     if best is not None:
         rows.append(("kept epoch", f"{best} of {manifest.adapt.get('epochs', len(history))}"))
     with output_dir(run_dir / RUN_REPORT_FILES, force=True) as tmp:
-        body = []
-        if history:
-            plot_history(history, tmp / "curves.png", best)
-            body += [
-                "<h2>Training curves</h2>",
-                f'<img class="plot" src="{_src(RUN_REPORT_FILES + "/curves.png")}" '
-                'alt="loss and top-1 per epoch">',
-            ]
+        result = thumbs = None
         if data_dir is not None and data_dir.is_dir():
-            result = None
             if val_logits is not None:
                 result = validation_result(manifest, run_dir, data_dir, val_logits, bad)
             if result is None:
@@ -393,14 +424,28 @@ def write_run_report(
                 result = evaluate(
                     run_dir, data_dir, split="val", predictor=predictor, progress=progress
                 )
-            rows += [(f"validation {k}", v) for k, v in _metric_rows(result)]
-            body += _eval_sections(result, tmp, RUN_REPORT_FILES + "/", mistakes)
-        else:
-            body.append(
-                '<p class="note">The data folder of this run is gone: no validation '
-                "results. Run <code>edgetransfer evaluate RUN_DIR DATA_DIR --split val "
-                "--report DIR</code> for them.</p>"
-            )
+            thumbs = _Thumbnails(result, tmp, mistakes)  # decoding while the curves are drawn
+        body = []
+        try:
+            if history:
+                plot_history(history, tmp / "curves.png", best)
+                body += [
+                    "<h2>Training curves</h2>",
+                    f'<img class="plot" src="{_src(RUN_REPORT_FILES + "/curves.png")}" '
+                    'alt="loss and top-1 per epoch">',
+                ]
+            if result is not None:
+                rows += [(f"validation {k}", v) for k, v in _metric_rows(result)]
+                body += _eval_sections(result, tmp, RUN_REPORT_FILES + "/", thumbs)
+            else:
+                body.append(
+                    '<p class="note">The data folder of this run is gone: no validation '
+                    "results. Run <code>edgetransfer evaluate RUN_DIR DATA_DIR --split val "
+                    "--report DIR</code> for them.</p>"
+                )
+        finally:
+            if thumbs is not None:
+                thumbs.close()
         # Not run_dir.name: adapt calls this on its temp folder before renaming it.
         where = f" on {data_dir.name}" if data_dir is not None else ""
         page = _page(f"Adaptation report: {manifest.arch}{where}", [_summary(rows), *body])

@@ -81,6 +81,32 @@ def test_evaluate_report(digits_export, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["top1"] == d["top1"]
 
 
+def test_mistake_thumbnails_in_order_and_a_vanished_file_left_out(digits_export, tmp_path):
+    """Thumbnails are made by threads: the grid keeps the most-confident-first order, and an
+    image that is gone by the time its thumbnail is made is left out, not an error."""
+    from edgetransfer.evaluate import evaluate
+    from edgetransfer.report import write_eval_report
+
+    data = tmp_path / "data"
+    shutil.copytree(DIGITS, data)
+    result = evaluate(digits_export, data)
+    wrong = result.mistakes(24)
+    assert len(wrong) >= 3, "the sample data should give a few mistakes"
+    Path(wrong[1].path).unlink()
+    index = write_eval_report(result, tmp_path / "rep")
+    page = check_page(index)
+    shown = [s for s in page.images if s.startswith("mistakes/")]
+    assert len(shown) == len(wrong) - 1
+    html_text = index.read_text(encoding="utf-8")
+
+    def caption(m):  # class folder/file name: unique, where file names repeat across classes
+        return f'<span class="file">{Path(m.path).parent.name}/{Path(m.path).name}</span>'
+
+    positions = [html_text.index(caption(m)) for i, m in enumerate(wrong) if i != 1]
+    assert positions == sorted(positions)
+    assert caption(wrong[1]) not in html_text
+
+
 def test_adapt_writes_run_report(digits_run):
     """The session's adapted RUN_DIR has report.html: curves, confusion matrix, mistakes."""
     page = check_page(digits_run / "report.html")
