@@ -3,6 +3,7 @@ eager PyTorch, draft-mode JPEG decoding like a full decode, decoding threads lik
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -212,3 +213,35 @@ def test_decoding_threads_leave_the_warning_filters_as_they_were(digits_backbone
     out = extract(backbone, samples, pre, backbone_id="w", use_cache=False, workers=2)
     assert len(out.bad) == 1
     assert warnings.filters == before
+
+
+def test_adapt_freezes_the_heap_only_while_it_runs(tmp_path, monkeypatch):
+    """Full collections skip the pre-existing heap during adapt; the GC is as it was after,
+    also when adapt fails, and a caller's own gc.freeze() is left alone."""
+    import gc
+
+    from edgetransfer import adapt as adapt_mod
+
+    seen = []
+    real = adapt_mod._write_run
+
+    def spy(*a, **k):
+        seen.append(gc.get_freeze_count())
+        return real(*a, **k)
+
+    monkeypatch.setattr(adapt_mod, "_write_run", spy)
+    cfg = adapt_mod.AdaptConfig(
+        data_dir=DIGITS, out=tmp_path / "run", arch="simple_cnn", weights=str(SOURCE), epochs=1
+    )
+    assert gc.get_freeze_count() == 0
+    adapt_mod.adapt(cfg)
+    assert seen[0] > 0 and gc.get_freeze_count() == 0
+    with pytest.raises(EdgeTransferError):
+        adapt_mod.adapt(cfg)  # RUN_DIR exists, no --force
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        adapt_mod.adapt(dataclasses.replace(cfg, force=True))
+        assert gc.get_freeze_count() > 0  # not unfrozen under the caller
+    finally:
+        gc.unfreeze()
