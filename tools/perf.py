@@ -393,10 +393,12 @@ def bench_adapt(tmp: Path, quick: bool) -> None:
 
 
 def bench_backend(tmp: Path, quick: bool) -> None:
+    import onnxruntime
     import torch
 
     from edgetransfer.backbones import get_arch, load_source, split
-    from edgetransfer.features import _runner
+    from edgetransfer.features import _runner, onnx_backbone_path
+    from edgetransfer.runtime import session_options
 
     os.environ["EDGETRANSFER_CACHE"] = str(tmp / "cache")
     reps = 7 if quick else 11
@@ -414,13 +416,25 @@ def bench_backend(tmp: Path, quick: bool) -> None:
         ort = runner.ort
         want, got = eager(x), ort(x)
         diff = float((want - got).abs().max())
-        eager(x), ort(x)  # warm
-        te, to = [], []
-        for _ in range(reps):  # interleaved, so a noisy neighbour hits both alike
+        # The same model with onnxruntime's default of spinning threads (extraction turns it
+        # off: between batches the spinning threads took the decoding threads' cores).
+        opts = session_options()
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        spin = onnxruntime.InferenceSession(
+            str(onnx_backbone_path(backbone, spec.preprocessing, arch)),
+            opts,
+            providers=["CPUExecutionProvider"],
+        )
+        xs = {spin.get_inputs()[0].name: x.numpy()}
+        eager(x), ort(x), spin.run(None, xs)  # warm
+        te, to, ts = [], [], []
+        for _ in range(reps):  # interleaved, so a noisy neighbour hits all alike
             te.append(timed(lambda e=eager: e(x))[0])
             to.append(timed(lambda o=ort: o(x))[0])
+            ts.append(timed(lambda s=spin, f=xs: s.run(None, f))[0])
         ratios = [e / o for e, o in zip(te, to, strict=True)]
         ratio = statistics.median(ratios)
+        spin_ratio = statistics.median(e / s for e, s in zip(te, ts, strict=True))
         row(
             "backend",
             f"{arch}: onnxruntime / eager throughput, batch 32",
@@ -429,6 +443,14 @@ def bench_backend(tmp: Path, quick: bool) -> None:
             f"{32 / statistics.median(te):.0f} img/s)",
             ratio >= target,
             f"max |diff| {diff:.1e}, export {t_export:.1f} s",
+        )
+        row(
+            "backend",
+            f"{arch}: the same with spinning threads (onnxruntime's default) / eager",
+            "-",
+            f"{spin_ratio:.2f}x",
+            None,
+            "session alone; extraction end to end was slower with it",
         )
     print_table("backend", f"feature extraction, random weights, median of {reps} pairs")
 
