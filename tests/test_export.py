@@ -54,6 +54,30 @@ def test_guard_measures_and_recommends(full_export):
     assert describe(out)["recommended"] == rec["file"]
 
 
+def test_guard_times_the_variants_round_robin():
+    """Every variant runs once per round, so load that comes and goes hits them alike."""
+    import numpy as np
+
+    from edgetransfer.quantize import LATENCY_WARMUP, latency_ms
+
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def get_inputs(self):
+            return [type("I", (), {"name": "input"})()]
+
+        def run(self, _, feed):
+            assert feed["input"].shape == (1, 3)
+            calls.append(self.name)
+
+    out = latency_ms({"fp32": Fake("a"), "int8": Fake("b")}, np.zeros((1, 3)), runs=4)
+    assert set(out) == {"fp32", "int8"} and all(p50 <= p90 for p50, p90 in out.values())
+    assert calls == ["a", "b"] * (LATENCY_WARMUP + 4)
+
+
 def test_verify_checks_every_runtime(full_export):
     out, res = full_export
     report = verify(out, DIGITS, write=False)
