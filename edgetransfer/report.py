@@ -6,6 +6,7 @@ global figure state is involved. matplotlib is the optional extra `report`.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import os
@@ -122,13 +123,17 @@ def plot_history(history: list[dict], path: Path, best_epoch: int | None = None)
     fig.savefig(path)
 
 
-def save_thumbnail(src: str | os.PathLike, dst: Path, size: int = THUMB) -> None:
-    """A PNG thumbnail; small images are enlarged without smoothing so their pixels stay visible."""
+def save_thumbnail(
+    src: str | os.PathLike, dst: Path, size: int = THUMB, quiet: bool = True
+) -> None:
+    """A PNG thumbnail; small images are enlarged without smoothing so their pixels stay visible.
+    `quiet`: as in data.load_image (False in threads, under the caller's pillow_warnings_off)."""
     from PIL import Image
 
     from edgetransfer.data import load_image
 
-    img = load_image(src, draft=(size, size))  # a large JPEG decodes at a fraction of its size
+    # a large JPEG decodes at a fraction of its size
+    img = load_image(src, draft=(size, size), quiet=quiet)
     scale = size / max(img.size)
     new = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
     img = img.resize(new, Image.NEAREST if scale > 1 else Image.LANCZOS)
@@ -199,14 +204,20 @@ class _Thumbnails:
     def __init__(self, result, folder: Path, mistakes: int) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
+        from edgetransfer.data import pillow_warnings_off
+
         self.wrong = result.mistakes(mistakes)
         self.names = [f"mistakes/{i:03d}.png" for i in range(len(self.wrong))]
         self.pool = self.jobs = None
+        # Pillow's warnings are silenced once, here, until close(): threads cannot each change
+        # the process-wide warning filters (data.pillow_warnings_off).
+        self.quiet = contextlib.ExitStack()
         if self.wrong:
             (folder / "mistakes").mkdir(exist_ok=True)
+            self.quiet.enter_context(pillow_warnings_off())
             self.pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1), "thumbnail")
             self.jobs = [
-                self.pool.submit(save_thumbnail, m.path, folder / name)
+                self.pool.submit(save_thumbnail, m.path, folder / name, quiet=False)
                 for m, name in zip(self.wrong, self.names, strict=True)
             ]
 
@@ -230,9 +241,11 @@ class _Thumbnails:
         return made
 
     def close(self) -> None:
-        """Wait for the running thumbnails and drop the queued ones (done, or an error)."""
+        """Wait for the running thumbnails and drop the queued ones (done, or an error), then
+        restore the warning filters. Called by the thread that made this object."""
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
+        self.quiet.close()
 
 
 def _eval_sections(result, folder: Path, prefix: str, thumbs: _Thumbnails) -> list[str]:

@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
@@ -93,7 +94,9 @@ def test_mistake_thumbnails_in_order_and_a_vanished_file_left_out(digits_export,
     wrong = result.mistakes(24)
     assert len(wrong) >= 3, "the sample data should give a few mistakes"
     Path(wrong[1].path).unlink()
+    filters = list(warnings.filters)
     index = write_eval_report(result, tmp_path / "rep")
+    assert warnings.filters == filters  # silenced around the threads, then restored
     page = check_page(index)
     shown = [s for s in page.images if s.startswith("mistakes/")]
     assert len(shown) == len(wrong) - 1
