@@ -701,6 +701,23 @@ def bench_startup(tmp: Path, quick: bool) -> None:
         ", ".join(mods) or "none",
         "torch" not in mods,
     )
+    # What a command that works pays before it starts: the imports, in the order adapt makes
+    # them (torchvision's ops import torch._dynamo, most of its time).
+    imports = peak_child(
+        "import json, time; t = {}; s = time.perf_counter()\n"
+        "for m in ('torch', 'torchvision', 'onnxruntime', 'matplotlib.backends.backend_agg'):\n"
+        "    __import__(m); t[m] = time.perf_counter() - s; s = time.perf_counter()\n"
+        "print(json.dumps(t))"
+    )
+    each = " / ".join(f"{v:.2f}" for v in imports.values())
+    row(
+        "startup",
+        "imports a working command pays: " + " / ".join(imports),
+        "-",
+        f"{each} s (sum {sum(imports.values()):.1f} s)",
+        None,
+        "once per process; not in adapt's in-process times",
+    )
     print_table("startup", "CLI start-up")
 
 
