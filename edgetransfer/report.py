@@ -118,8 +118,7 @@ def plot_history(history: list[dict], path: Path, best_epoch: int | None = None)
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        # a fixed corner: "best" tests every placement against every point
-        ax.legend(loc="upper right" if key == "loss" else "lower right")
+        ax.legend()
     fig.savefig(path)
 
 
