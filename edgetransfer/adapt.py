@@ -209,10 +209,7 @@ def _adapt(cfg: AdaptConfig) -> AdaptResult:
     if not val_s:
         raise DataError("no validation images; put at least 2 images in each class folder")
 
-    tcfg = _fit_memory(cfg, model, plan, pre, len(train_s))
-    memory = strategies.estimate_memory(
-        model, plan, tcfg.batch_size, pre, cached=cfg.strategy == "head", solver=tcfg.solver
-    )
+    tcfg, memory = _fit_memory(cfg, model, plan, pre)
     teacher_logits = _teacher_logits(cfg, dataset, train_s) if cfg.teacher else None
     lwf_logits = None
     if cfg.lwf:
@@ -445,27 +442,28 @@ def _check_images(cfg: AdaptConfig, dataset, features, pre, backbone_id: str):
     return bad, clean
 
 
-def _fit_memory(cfg: AdaptConfig, model, plan, pre, n_train: int):
-    """The training config, with the batch split into accumulation steps to fit max_memory."""
+def _fit_memory(cfg: AdaptConfig, model, plan, pre):
+    """The training config, with the batch split into accumulation steps to fit max_memory,
+    and the memory estimate (strategies.estimate_memory) at that batch."""
     from edgetransfer import strategies
     from edgetransfer.train import TrainConfig
 
     batch, accumulate = cfg.batch_size, cfg.accumulate
     # only the head on cached features can take L-BFGS (one fixed full-batch objective)
     solver = cfg.head_solver if cfg.strategy == "head" else "adamw"
-    if cfg.max_memory:
-        cached = cfg.strategy == "head"
-        while True:
-            need = strategies.estimate_memory(model, plan, batch, pre, cached, solver)["total_mib"]
-            if need <= cfg.max_memory:
-                break
-            if batch == 1:
-                raise EdgeTransferError(
-                    f"--strategy {cfg.strategy} needs about {need:.0f} MiB even at batch size 1, "
-                    f"over --max-memory {cfg.max_memory:g}; try --strategy bias or head, "
-                    "--truncate, or a smaller --image-size"
-                )
-            batch, accumulate = max(1, batch // 2), accumulate * 2
+    cached = cfg.strategy == "head"
+    while True:
+        memory = strategies.estimate_memory(model, plan, batch, pre, cached, solver)
+        need = memory["total_mib"]
+        if not cfg.max_memory or need <= cfg.max_memory:
+            break
+        if batch == 1:
+            raise EdgeTransferError(
+                f"--strategy {cfg.strategy} needs about {need:.0f} MiB even at batch size 1, "
+                f"over --max-memory {cfg.max_memory:g}; try --strategy bias or head, "
+                "--truncate, or a smaller --image-size"
+            )
+        batch, accumulate = max(1, batch // 2), accumulate * 2
     return TrainConfig(
         epochs=cfg.epochs,
         batch_size=batch,
@@ -475,7 +473,7 @@ def _fit_memory(cfg: AdaptConfig, model, plan, pre, n_train: int):
         patience=cfg.patience,
         solver=solver,
         **({"weight_decay": HEAD_L2} if solver == "lbfgs" else {}),
-    )
+    ), memory
 
 
 def _teacher_logits(cfg: AdaptConfig, dataset, train_s):
