@@ -251,6 +251,9 @@ def fit(
             raise TypeError("solver lbfgs trains on cached tensors (TensorBatches)")
         everything = train.everything()
         params = [t for g in param_groups for t in g["params"]]
+        closure = functools.partial(
+            _full_batch_loss, model, params, everything, forward, loss_fn, cfg.weight_decay
+        )
         opt = torch.optim.LBFGS(
             params,
             lr=1.0,
@@ -349,15 +352,6 @@ def fit(
             opt.zero_grad(set_to_none=True)
             if cfg.solver == "lbfgs":
                 if not skip_steps:  # one step per epoch, unless done before an interruption
-                    closure = functools.partial(
-                        _full_batch_loss,
-                        model,
-                        params,
-                        everything,
-                        forward,
-                        loss_fn,
-                        cfg.weight_decay,
-                    )
                     before = [t.detach().clone() for t in params]
                     opt.step(closure)
                     converged = all(torch.equal(a, t) for a, t in zip(before, params, strict=True))
