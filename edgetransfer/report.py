@@ -122,17 +122,15 @@ def plot_history(history: list[dict], path: Path, best_epoch: int | None = None)
     fig.savefig(path)
 
 
-def save_thumbnail(
-    src: str | os.PathLike, dst: Path, size: int = THUMB, quiet: bool = True
-) -> None:
+def save_thumbnail(src: str | os.PathLike, dst: Path, size: int = THUMB) -> None:
     """A PNG thumbnail; small images are enlarged without smoothing so their pixels stay visible.
-    `quiet`: as in data.load_image (False in threads, under the caller's pillow_warnings_off)."""
+    Runs in threads: Pillow's warnings are silenced by the caller (data.pillow_warnings_off)."""
     from PIL import Image
 
     from edgetransfer.data import load_image
 
     # a large JPEG decodes at a fraction of its size
-    img = load_image(src, draft=(size, size), quiet=quiet)
+    img = load_image(src, draft=(size, size), quiet=False)
     scale = size / max(img.size)
     new = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
     img = img.resize(new, Image.NEAREST if scale > 1 else Image.LANCZOS)
@@ -216,7 +214,7 @@ class _Thumbnails:
             self.quiet.enter_context(pillow_warnings_off())
             self.pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1), "thumbnail")
             self.jobs = [
-                self.pool.submit(save_thumbnail, m.path, folder / name, quiet=False)
+                self.pool.submit(save_thumbnail, m.path, folder / name)
                 for m, name in zip(self.wrong, self.names, strict=True)
             ]
 
@@ -245,6 +243,12 @@ class _Thumbnails:
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
         self.quiet.close()
+
+    def __enter__(self) -> _Thumbnails:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _eval_sections(result, folder: Path, prefix: str, thumbs: _Thumbnails) -> list[str]:
@@ -312,11 +316,8 @@ def write_eval_report(
 
     require_matplotlib()
     with output_dir(out, force) as tmp:
-        thumbs = _Thumbnails(result, tmp, mistakes)
-        try:
+        with _Thumbnails(result, tmp, mistakes) as thumbs:
             sections = _eval_sections(result, tmp, "", thumbs)
-        finally:
-            thumbs.close()
         body = [
             _summary(
                 [
@@ -449,7 +450,7 @@ def write_run_report(
                 )
             thumbs = _Thumbnails(result, tmp, mistakes)  # decoding while the curves are drawn
         body = []
-        try:
+        with thumbs or contextlib.nullcontext():
             if history:
                 plot_history(history, tmp / "curves.png", best)
                 body += [
@@ -466,9 +467,6 @@ def write_run_report(
                     "results. Run <code>edgetransfer evaluate RUN_DIR DATA_DIR --split val "
                     "--report DIR</code> for them.</p>"
                 )
-        finally:
-            if thumbs is not None:
-                thumbs.close()
         # Not run_dir.name: adapt calls this on its temp folder before renaming it.
         where = f" on {data_dir.name}" if data_dir is not None else ""
         page = _page(f"Adaptation report: {manifest.arch}{where}", [_summary(rows), *body])
