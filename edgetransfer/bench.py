@@ -193,6 +193,19 @@ def bench(cfg: BenchConfig, progress: bool = False) -> BenchReport:
     return report
 
 
+def proc_status_mib(field: str) -> float | None:
+    """A memory field of this process's /proc/self/status in MiB (Linux: VmRSS now, VmHWM
+    the peak); None where there is no such file or field."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def _peak_rss_mb() -> float | None:
     """This process's peak resident memory in MiB.
 
@@ -200,13 +213,8 @@ def _peak_rss_mb() -> float | None:
     exec, so a worker forked from a big parent (a test runner holding torch) would report the
     parent's size.
     """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    if (peak := proc_status_mib("VmHWM")) is not None:
+        return peak
     try:
         import resource
     except ImportError:  # Windows

@@ -20,11 +20,10 @@ CODE = r"""
 import json, sys, time
 from pathlib import Path
 
+from edgetransfer.bench import proc_status_mib
+
 def status_mib(field):  # Linux: VmRSS now, VmHWM the peak of this process
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return proc_status_mib(field) or 0.0
 
 import torch
 if sys.argv[2] != "-":
