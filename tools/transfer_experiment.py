@@ -185,6 +185,13 @@ def strategy_runs(source: str) -> dict[str, dict]:
     }
 
 
+def adapt_and_test(args: dict, out: Path, test: Path) -> dict:
+    """One measured adapt run into `out` (adapt_child.run_adapt), with its test top-1 added."""
+    r = run_adapt({**args, "out": str(out)}, THREADS)
+    r["test_top1"] = test_top1(out, test)
+    return r
+
+
 def accuracy(tmp: Path, epochs: int, dataset: str) -> list[dict]:
     data, test = write_split(tmp, dataset)
     source, what = source_model(tmp.parent, dataset)  # one MNIST source for every part
@@ -194,8 +201,8 @@ def accuracy(tmp: Path, epochs: int, dataset: str) -> list[dict]:
         out = tmp / name.split()[0]
         if kw["strategy"] == "distill":
             kw["teacher"] = str(tmp / "full")
-        r = run_adapt({**common, **kw, "out": str(out)}, THREADS)
-        r["name"], r["test_top1"] = name, test_top1(out, test)
+        r = adapt_and_test({**common, **kw}, out, test)
+        r["name"] = name
         rows.append(r)
         print(f"  {name}: test top-1 {r['test_top1']:.1%}", file=sys.stderr)
     n_test = sum(1 for _ in test.rglob("*.png"))
@@ -227,8 +234,8 @@ def shots_curve(tmp: Path, epochs: int, dataset: str, shots: list[int]) -> list[
         runs = strategy_runs(source)
         for name in ("head", "last-n (2)", "scratch"):
             out = tmp / f"shots{k}" / name.split()[0]
-            run_adapt({**common_args(data, epochs), **runs[name], "out": str(out)}, THREADS)
-            row[name] = test_top1(out, test)
+            r = adapt_and_test({**common_args(data, epochs), **runs[name]}, out, test)
+            row[name] = r["test_top1"]
         rows.append(row)
         print(f"  {k} per class: {row}", file=sys.stderr)
     n_test = sum(1 for _ in test.rglob("*.png"))
