@@ -235,9 +235,10 @@ def bench_adapt(tmp: Path, quick: bool) -> None:
     n, reps, seed_reps, epochs = (256, 3, 1, 10) if quick else (512, 3, 3, 10)
     data = make_photos(tmp / "photos", n)
     weights = calibrated_weights("mobilenet_v3_small", data, tmp / "mnv3s_bn.safetensors")
-    workers = decode_workers(scan(data).samples, None)
+    samples = scan(data).samples
+    workers = decode_workers(samples, None)
 
-    # Time spent writing report.html inside adapt (matplotlib + a pass over val images).
+    # Time spent writing report.html inside adapt (the matplotlib figures, mistake thumbnails).
     report_s: list[float] = []
     real_report = report_mod.write_run_report
 
@@ -276,7 +277,6 @@ def bench_adapt(tmp: Path, quick: bool) -> None:
     spec = get_arch("mobilenet_v3_small")
     backbone, _ = split(spec, load_source(spec.name, str(weights)).model)
     backbone.eval()
-    samples = scan(data).samples
     import_s = statistics.median(
         peak_child(
             "import json, time, torch, numpy, PIL.Image; t = time.perf_counter(); "
