@@ -115,7 +115,7 @@ def _class_dirs(folder: Path) -> list[Path]:
                 "rename it (class names become the model's labels)"
             ) from None
     # The rules every manifest's labels follow, checked before any work is done.
-    check_labels([p.name for p in dirs], "class folder", DataError)
+    check_labels([p.name for p in dirs], "class folder", DataError, "rename it")
     return dirs
 
 

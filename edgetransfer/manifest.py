@@ -53,13 +53,17 @@ def show_label(label: str) -> str:
 
 
 def check_labels(
-    labels: Sequence[str], what: str = "label", error: type[EdgeTransferError] = ManifestError
+    labels: Sequence[str],
+    what: str = "manifest label",
+    error: type[EdgeTransferError] = ManifestError,
+    fix: str = "re-export the model with valid class names",
 ) -> None:
     """Refuse labels that are not unique after NFC normalisation or that fail
     :func:`label_problem` (raising `error`); warn when two differ only in case.
 
     Args:
-        what: how the message names one label ("label", "class folder").
+        what: how the message names one label ("manifest label", "class folder").
+        fix: what the user can do about a refused label.
     """
     if len(labels) > MAX_LABELS:
         raise error(f"{len(labels):,} {what}s is more than the {MAX_LABELS:,} supported")
@@ -68,7 +72,7 @@ def check_labels(
     for label in labels:
         problem = label_problem(label)
         if problem:
-            raise error(f"{what} {show_label(label)} {problem}; rename it")
+            raise error(f"{what} {show_label(label)} {problem}; {fix}")
         key = unicodedata.normalize("NFC", label)
         if key in seen:
             same = "the same" if seen[key] == label else "the same after Unicode normalisation"
@@ -198,7 +202,7 @@ class Manifest:
             or not all(isinstance(x, str) for x in labels)
         ):
             raise ManifestError("manifest has no valid 'labels' list")
-        check_labels(labels, "manifest label")
+        check_labels(labels)
         if not isinstance(d.get("arch"), str):
             raise ManifestError("manifest has no 'arch'")
         sections = {}
