@@ -83,8 +83,9 @@ def check_labels(
         seen[key] = label
         fold = key.casefold()
         if fold in folded:
+            # Worded alike for folders and manifests: the CLI prints a repeated warning once.
             warnings.warn(
-                f"{what}s {show_label(folded[fold])} and {show_label(label)} differ only in "
+                f"classes {show_label(folded[fold])} and {show_label(label)} differ only in "
                 "case: they stay separate classes (and collide on case-insensitive file "
                 "systems); merge or rename them if they are one class",
                 EdgeTransferWarning,

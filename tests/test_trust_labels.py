@@ -216,7 +216,7 @@ def test_source_labels_are_checked_too():
 
 
 def test_case_only_labels_are_warned():
-    with pytest.warns(EdgeTransferWarning, match="manifest labels 'Cat' and 'cat' differ only in"):
+    with pytest.warns(EdgeTransferWarning, match="^classes 'Cat' and 'cat' differ only in case"):
         m = Manifest.from_dict(manifest_dict(["Cat", "cat"]))
     assert m.labels == ["Cat", "cat"]
     with warnings.catch_warnings():
@@ -332,9 +332,13 @@ def test_case_only_class_folders_warn(tmp_path):
     root = _class_folders(tmp_path / "d", "Cat", "cat")
     if len(os.listdir(root)) < 2:
         pytest.skip("case-insensitive file system")
-    with pytest.warns(EdgeTransferWarning, match="class folders 'Cat' and 'cat' differ only in"):
+    with pytest.warns(EdgeTransferWarning, match="^classes 'Cat' and 'cat' differ only in case"):
         ds = scan(root)
     assert ds.classes == ["Cat", "cat"]
+    res = run("adapt", root, "--arch", "tiny_test", "--weights", "none", "--epochs", "1",
+              "--out", tmp_path / "run")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert res.output.count("differ only in case") == 1  # scan and manifest reads: one line
 
 
 def test_math_markup_class_name_is_plain_text(tmp_path):
