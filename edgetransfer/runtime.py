@@ -370,6 +370,22 @@ class OnnxClassifier(Predictor):
         return out
 
 
+def load_pt2(path: Path):
+    """torch.export.load(path).module(), with torch's logged traceback for a damaged archive
+    kept off the terminal (the caller turns the exception into one line)."""
+    import logging
+
+    import torch
+
+    log = logging.getLogger("torch.export")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        return torch.export.load(str(path)).module()
+    finally:
+        log.setLevel(level)
+
+
 class TorchClassifier(Predictor):
     """A TorchScript file, a .pt2 program or a RUN_DIR's eager model, fed numpy batches.
 
@@ -397,7 +413,7 @@ class TorchClassifier(Predictor):
             elif path.suffix.lower() == ".pt2":
                 self.manifest = read_manifest(path)
                 try:
-                    self.model = torch.export.load(str(path)).module()
+                    self.model = load_pt2(path)
                 except Exception as e:  # torch raises many types for a bad archive
                     raise ManifestError(
                         f"{path.name} is not a loadable .pt2 program: {e}"

@@ -214,7 +214,9 @@ def _run_code_model(runtime: str, path: Path, run):
             if runtime == "torchscript":
                 m = torch.jit.load(str(path), map_location="cpu").eval()
             else:
-                m = torch.export.load(str(path)).module()
+                from edgetransfer.runtime import load_pt2
+
+                m = load_pt2(path)
         except Exception as e:  # torch raises many types for a damaged archive
             raise ManifestError(f"{path.name} is not loadable: {_first_line(e)}") from None
         try:

@@ -5,6 +5,7 @@ text is plain, FIFOs are never opened, and predict lists what it skipped."""
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -110,15 +111,51 @@ def test_verify_does_not_load_torchscript_unless_trusted(hostile_export):
     assert res.exit_code == 1 and "Error: parity failed: torchscript:" in res.output
 
 
-def test_verify_skips_pt2_unless_trusted(digits_export, tmp_path):
-    """torch.export.load unpickles (weights_only=False for pickled payloads): same rule."""
-    folder = tmp_path / "received"
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pt2_is_not_loaded_unless_trusted(digits_export, tmp_path):
+    """torch.export.load unpickles a weight marked use_pickle (torch.load, weights_only=False):
+    a crafted .pt2 runs code as it loads, even when loading then fails. Same rule as model.pt."""
+    import pickle
+    import zipfile
+
+    folder, marker = tmp_path / "received", tmp_path / "ran_pt2"
     shutil.copytree(digits_export, folder)
     (folder / "model.pt").unlink()
-    (folder / "model.pt2").write_bytes(b"not even a zip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(torch.nn.Linear(3, 2), (torch.zeros(1, 3),))
+        buf = io.BytesIO()
+        torch.export.save(program, buf)
+    with zipfile.ZipFile(buf) as src:
+        files = {info.filename: src.read(info) for info in src.infolist()}
+    config_name = next(n for n in files if n.endswith("model_weights_config.json"))
+    config = json.loads(files[config_name])
+    entry = config["config"]["bias"]
+    entry["use_pickle"] = True  # the bias "weight" is now a pickle: the payload
+    files[config_name] = json.dumps(config).encode()
+    files[next(n for n in files if n.endswith("/weights/" + entry["path_name"]))] = pickle.dumps(
+        _Payload(marker)
+    )
+    with zipfile.ZipFile(folder / "model.pt2", "w") as dst:
+        for name, data in files.items():
+            dst.writestr(name, data)
+
     res = run("verify", folder, "--data", DIGITS)
     assert res.exit_code == 0, res.output
+    assert not marker.exists()
     assert "Warning: model.pt2 not verified: torch.export's loader unpickles" in res.output
+
+    res = run("verify", folder, "--data", DIGITS, "--trust-torchscript")  # the user's choice
+    assert marker.exists()  # the payload ran: what the flag protects against
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.output.strip().splitlines()[-1].startswith("Error: model.pt2 is not loadable: ")
 
 
 def test_unloadable_torchscript_is_one_line(digits_export, tmp_path):
