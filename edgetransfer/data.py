@@ -377,19 +377,16 @@ def _open_regular(path: Path, name: str):
     the descriptor, not the name, leaves no gap for the file to be swapped in between.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        # O_BINARY: Windows would otherwise translate line ends in the image bytes
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+        fd = os.open(path, flags)
     except OSError as e:
         raise DataError(f"{name}: not a readable image ({_first_line(e)})") from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            kind = (
-                "a FIFO"
-                if stat.S_ISFIFO(mode)
-                else "a folder"
-                if stat.S_ISDIR(mode)
-                else "a device or socket"
-            )
+            kinds = {stat.S_ISFIFO(mode): "a FIFO", stat.S_ISDIR(mode): "a folder"}
+            kind = kinds.get(True, "a device or socket")
             raise DataError(f"{name}: not a regular file ({kind}); skipped")
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)

@@ -415,8 +415,9 @@ class TorchClassifier(Predictor):
                 try:
                     self.model = load_pt2(path)
                 except Exception as e:  # torch raises many types for a bad archive
+                    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
                     raise ManifestError(
-                        f"{path.name} is not a loadable .pt2 program: {e}"
+                        f"{path.name} is not a loadable .pt2 program: {first}"
                     ) from None
                 self.backend = "pt2"
             else:
@@ -450,7 +451,11 @@ class TorchClassifier(Predictor):
         with torch.inference_mode():
             from edgetransfer.backbones import outputs
 
-            out = outputs(self.model(torch.from_numpy(np.ascontiguousarray(batch, np.float32))))
+            try:
+                out = outputs(self.model(torch.from_numpy(np.ascontiguousarray(batch, np.float32))))
+            except Exception as e:  # whatever the model's own code raises, as for onnxruntime
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                raise InputError(f"{self.path.name} could not run: {first}") from None
             if not isinstance(out[0], torch.Tensor):
                 raise ManifestError(f"{self.path.name} does not output a logits tensor")
             logits = out[0].numpy()
