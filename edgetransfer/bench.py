@@ -12,13 +12,14 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgetransfer.errors import EdgeTransferError, ManifestError
+from edgetransfer.errors import EdgeTransferError, EdgeTransferWarning, ManifestError
 
 # runtime name -> (file in an EXPORT_DIR or RUN_DIR, backend); the order is the table's order.
 RUNTIMES = {
@@ -31,6 +32,9 @@ RUNTIMES = {
     "ort-int8": ("model.int8.onnx", "onnx"),
     "ort-fp16": ("model.fp16.onnx", "onnx"),
 }
+# Runtimes whose files can run code when loaded (see verify.CODE_RUNTIMES): measured from a
+# folder only with trust_torchscript; a file named on its own is the user's explicit choice.
+CODE_RUNTIMES = {"torchscript", "pt2"}
 # Ratios are against the first of these that was measured.
 BASELINES = ("ort-fp32", "eager")
 
@@ -49,6 +53,7 @@ class BenchConfig:
     batch_size: int = 8
     threads: int | None = None
     provider: str = "cpu"  # onnxruntime provider for the ORT runtimes
+    trust_torchscript: bool = False  # also load model.pt / model.pt2 from a folder
 
 
 @dataclass
@@ -126,15 +131,28 @@ class BenchReport:
             raise BenchError("bench failed for " + "; ".join(failed))
 
 
-def find_runtimes(model: str | os.PathLike) -> dict[str, tuple[Path, str]]:
-    """Runtime name -> (path to load, backend) for a folder or a single model file."""
+def find_runtimes(
+    model: str | os.PathLike, trust_torchscript: bool = False
+) -> dict[str, tuple[Path, str]]:
+    """Runtime name -> (path to load, backend) for a folder or a single model file.
+
+    In a folder, model.pt and model.pt2 are skipped with an EdgeTransferWarning unless
+    `trust_torchscript`: loading them can run code.
+    """
     path = Path(model)
     if not path.exists():
         raise ManifestError(f"model {path} does not exist")
     if path.is_dir():
         found = {}
         for name, (fname, backend) in RUNTIMES.items():
-            if (path / fname).is_file():
+            if (path / fname).is_file() and name in CODE_RUNTIMES and not trust_torchscript:
+                warnings.warn(
+                    f"{fname} not measured: loading it can run code; pass --trust-torchscript "
+                    "to include it (only for a folder you exported or trust)",
+                    EdgeTransferWarning,
+                    stacklevel=2,
+                )
+            elif (path / fname).is_file():
                 # eager rebuilds the Classifier from the folder (manifest + weights)
                 found[name] = (path if backend == "eager" else path / fname, backend)
         if not found:
@@ -160,7 +178,7 @@ def bench(cfg: BenchConfig, progress: bool = False) -> BenchReport:
     """Measure every runtime found for `cfg.model`, each in its own subprocess."""
     from tqdm import tqdm
 
-    runtimes = find_runtimes(cfg.model)
+    runtimes = find_runtimes(cfg.model, cfg.trust_torchscript)
     if cfg.provider != "cpu" and any(b == "onnx" for _, b in runtimes.values()):
         from edgetransfer.runtime import resolve_providers
 

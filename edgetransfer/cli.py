@@ -426,6 +426,14 @@ def export(
         click.echo(note, err=True)
 
 
+_trust_torchscript_option = click.option(
+    "--trust-torchscript",
+    is_flag=True,
+    help="Also load model.pt (TorchScript) and model.pt2 (torch.export) from the folder. Both "
+    "can run code when loaded: only for folders you exported or trust.",
+)
+
+
 @cli.command()
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @click.option(
@@ -441,6 +449,7 @@ def export(
 @click.option("--rtol", type=float, default=None, help="Relative tolerance [default: 1e-3].")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print parity.json to stdout.")
+@_trust_torchscript_option
 def verify(
     export_dir: Path,
     data_dir: Path,
@@ -450,13 +459,15 @@ def verify(
     rtol: float | None,
     threads: int | None,
     as_json: bool,
+    trust_torchscript: bool,
 ) -> None:
     """Prove that every exported file answers like eager PyTorch on real images.
 
     fp32 runtimes (TorchScript, .pt2, ONNX, raw-pixel, optimised) are compared elementwise
     (|a-b| <= atol + rtol*|b|) with 100% top-1 agreement; int8/fp16 by their top-1 drop
     (at most 1 point). Writes EXPORT_DIR/parity.json and exits with 1 when anything fails.
-    model.pt is TorchScript, which is code: verify only folders you exported or trust.
+    model.pt (TorchScript) and model.pt2 can run code when loaded: they are skipped unless
+    --trust-torchscript is given, which is for folders you exported or trust.
 
     \b
     Example:
@@ -472,6 +483,7 @@ def verify(
         atol=v.ATOL if atol is None else atol,
         rtol=v.RTOL if rtol is None else rtol,
         threads=threads,
+        trust_torchscript=trust_torchscript,
     )
     if as_json:
         _emit_json(report.to_dict())
@@ -529,7 +541,17 @@ def predict(
 
     clf = load_predictor(model, provider=provider, threads=threads)
     paths = collect_images(list(images))
-    preds = clf.predict(paths, topk=topk, batch_size=batch_size, progress=_progress(quiet))
+    skipped: list[tuple[str, str]] = []
+    preds = clf.predict(
+        paths, topk=topk, batch_size=batch_size, progress=_progress(quiet), skipped=skipped
+    )
+    if not preds and len(skipped) == 1:
+        raise EdgeTransferError(skipped[0][1])  # the one image named: its own error
+    for path, reason in skipped:  # listed, as adapt and evaluate list theirs
+        why = reason.removeprefix(Path(path).name + ": ")
+        click.echo(f"skipped unreadable {printable(path)}: {why}", err=True)
+    if not preds:
+        raise EdgeTransferError(f"none of the {len(paths)} images could be read")
     if as_json:
         for p in preds:
             top = [{"label": lb, "prob": round(pr, 6)} for lb, pr in p.topk]
@@ -656,6 +678,7 @@ def evaluate(
 )
 @_threads_option
 @_provider_option
+@_trust_torchscript_option
 @click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def bench(
@@ -665,13 +688,15 @@ def bench(
     batch_size: int,
     threads: int | None,
     provider: str,
+    trust_torchscript: bool,
     as_json: bool,
     quiet: bool,
 ) -> None:
     """Time every runtime of MODEL on this machine: latency, throughput, peak memory.
 
     For an EXPORT_DIR every file present is measured (eager from model.safetensors,
-    TorchScript, ONNX fp32/raw/opt/int8/fp16); for a single file, that file. Each runtime runs
+    ONNX fp32/raw/opt/int8/fp16, and with --trust-torchscript model.pt and model.pt2, which can
+    run code when loaded); for a single file, that file. Each runtime runs
     in its own process, so its peak RSS is its own. Speed-ups are against ONNX fp32 (or eager)
     measured in the same run.
 
@@ -690,6 +715,7 @@ def bench(
             batch_size=batch_size,
             threads=threads,
             provider=provider,
+            trust_torchscript=trust_torchscript,
         ),
         progress=_progress(quiet or as_json),
     )

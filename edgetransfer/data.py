@@ -6,15 +6,16 @@ import contextlib
 import hashlib
 import os
 import random
+import stat
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from edgetransfer.errors import DataError, EdgeTransferWarning, printable
-from edgetransfer.manifest import Preprocessing
+from edgetransfer.manifest import Preprocessing, check_labels
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 IGNORED_NAMES = frozenset({"Thumbs.db", "desktop.ini", "__MACOSX"})
@@ -113,6 +114,8 @@ def _class_dirs(folder: Path) -> list[Path]:
                 f"class folder {printable(str(p))} has a name that is not valid UTF-8; "
                 "rename it (class names become the model's labels)"
             ) from None
+    # The rules every manifest's labels follow, checked before any work is done.
+    check_labels([p.name for p in dirs], "class folder", DataError, "rename it")
     return dirs
 
 
@@ -225,10 +228,10 @@ def scan(root: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0) -> D
                 for s in _collect_class(val_dir / c, classes.index(c), "val")
             ]
         else:
-            samples = _split(samples, val_fraction, seed)
+            samples = _split(samples, val_fraction, seed, classes)
     else:
         classes = [p.name for p in _class_dirs(root)]
-        samples = _split(_collect(root, classes, "train", root), val_fraction, seed)
+        samples = _split(_collect(root, classes, "train", root), val_fraction, seed, classes)
     return Dataset(root, classes, samples)
 
 
@@ -263,7 +266,9 @@ def _collect_class(folder: Path, label: int, split: str) -> list[Sample]:
     return [Sample(p, label, split) for p in list_images(folder)]
 
 
-def _split(samples: list[Sample], val_fraction: float, seed: int) -> list[Sample]:
+def _split(
+    samples: list[Sample], val_fraction: float, seed: int, classes: Sequence[str] = ()
+) -> list[Sample]:
     rng = random.Random(seed)
     by_class: dict[int, list[Sample]] = {}
     for s in samples:
@@ -273,6 +278,14 @@ def _split(samples: list[Sample], val_fraction: float, seed: int) -> list[Sample
         items = sorted(by_class[label], key=lambda s: str(s.path))
         rng.shuffle(items)
         n_val = min(len(items) - 1, max(1, round(len(items) * val_fraction))) if val_fraction else 0
+        if val_fraction and len(items) == 1:
+            name = printable(classes[label]) if label < len(classes) else str(label)
+            warnings.warn(
+                f"class {name} has a single image: it trains on it and gets no validation "
+                "image (add images to measure it)",
+                EdgeTransferWarning,
+                stacklevel=3,
+            )
         out += [
             Sample(s.path, s.label, "val" if i < n_val else "train") for i, s in enumerate(items)
         ]
@@ -323,8 +336,11 @@ def load_image(
     limit = max_pixels or current_max_pixels()
     name = printable(path.name)
     try:
-        with pillow_warnings_off() if quiet else contextlib.nullcontext():
-            with Image.open(path, formats=DECODE_FORMATS) as im:
+        with (
+            pillow_warnings_off() if quiet else contextlib.nullcontext(),
+            _open_regular(path, name) as f,
+        ):
+            with Image.open(f, formats=DECODE_FORMATS) as im:
                 w, h = im.size
                 if w * h > limit:
                     raise DataError(
@@ -340,12 +356,44 @@ def load_image(
                 return to_rgb(ImageOps.exif_transpose(im))
     except DataError:
         raise
+    except UnidentifiedImageError:  # Pillow's message would name the open file object
+        raise DataError(
+            f"{name}: not a readable image (cannot identify image file "
+            f"{printable(os.fsdecode(path))!r})"
+        ) from None
     except Image.DecompressionBombError as e:  # over twice Pillow's own MAX_IMAGE_PIXELS
         raise DataError(f"{name}: refused as a decompression bomb ({_first_line(e)})") from None
     except Exception as e:
         # Pillow's decoders answer hostile bytes with many exception types (OSError,
         # SyntaxError, struct.error, IndexError, ...); all of them mean "not a usable image".
         raise DataError(f"{name}: not a readable image ({_first_line(e)})") from None
+
+
+def _open_regular(path: Path, name: str):
+    """`path` opened for reading if it is a regular file, else DataError.
+
+    Opened non-blocking and checked on the open descriptor: a FIFO named like an image would
+    block the open (and the run) forever, and /dev/zero would be read without end. Checking
+    the descriptor, not the name, leaves no gap for the file to be swapped in between.
+    """
+    try:
+        # O_BINARY: Windows would otherwise translate line ends in the image bytes
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise DataError(f"{name}: not a readable image ({_first_line(e)})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kinds = {stat.S_ISFIFO(mode): "a FIFO", stat.S_ISDIR(mode): "a folder"}
+            kind = kinds.get(True, "a device or socket")
+            raise DataError(f"{name}: not a regular file ({kind}); skipped")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _first_line(e: BaseException) -> str:

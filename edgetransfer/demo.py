@@ -66,7 +66,7 @@ def run_demo(out: Path, force: bool = False, progress: bool = False) -> DemoResu
         )
     )
     export(ExportConfig(run_dir=run_dir, out=export_dir, force=True))
-    report = verify(export_dir, data)
+    report = verify(export_dir, data, trust_torchscript=True)  # exported just above
     images = [sorted((data / label).iterdir())[0] for label in res.manifest.labels]
     preds = OnnxClassifier(export_dir / "model.onnx").predict(images, topk=3)
     return DemoResult(

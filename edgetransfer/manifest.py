@@ -6,18 +6,93 @@ import dataclasses
 import json
 import math
 import os
+import unicodedata
+import warnings
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgetransfer.errors import ManifestError
+from edgetransfer.errors import EdgeTransferError, EdgeTransferWarning, ManifestError
 
 SCHEMA = 1
 MANIFEST_NAME = "edgetransfer.json"
 METADATA_KEY = "edgetransfer"  # ONNX metadata_props key and safetensors metadata key
 MAX_SIDE = 16384  # largest input_size / resize a manifest may declare
 MAX_MANIFEST = 1 << 20  # bytes; a manifest is a few KiB
+# Labels are printed to terminals, drawn in plots and written one per line to labels.txt: a sane
+# length, and a count far above any real task (ImageNet-21k has 21,841 classes).
+MAX_LABEL_CHARS = 256
+MAX_LABELS = 100_000
+# Line and paragraph separators and the bidirectional overrides/isolates: they break labels.txt
+# or make a printed label read differently from what it is ("Trojan Source").
+_REFUSED_CHARS = frozenset("\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def label_problem(label: str) -> str | None:
+    """Why `label` cannot be a class name (None if it can): empty, too long, not valid Unicode,
+    or holding a control character (C0/C1 incl. ESC, CR, DEL; line separators; bidi controls).
+    """
+    if not label:
+        return "is empty"
+    if len(label) > MAX_LABEL_CHARS:
+        return f"is {len(label):,} characters long (at most {MAX_LABEL_CHARS})"
+    for ch in label:
+        cat = unicodedata.category(ch)
+        if cat == "Cs":
+            return "is not valid Unicode (a lone surrogate)"
+        if cat == "Cc" or ch in _REFUSED_CHARS:
+            return f"contains the control character U+{ord(ch):04X}"
+    return None
+
+
+def show_label(label: str) -> str:
+    """A label quoted for a one-line message: control and invisible characters escaped."""
+    return ascii(label[:60] + ("..." if len(label) > 60 else ""))
+
+
+def check_labels(
+    labels: Sequence[str],
+    what: str = "manifest label",
+    error: type[EdgeTransferError] = ManifestError,
+    fix: str = "re-export the model with valid class names",
+) -> None:
+    """Refuse labels that are not unique after NFC normalisation or that fail
+    :func:`label_problem` (raising `error`); warn when two differ only in case.
+
+    Args:
+        what: how the message names one label ("manifest label", "class folder").
+        fix: what the user can do about a refused label.
+    """
+    if len(labels) > MAX_LABELS:
+        raise error(f"{len(labels):,} {what}s is more than the {MAX_LABELS:,} supported")
+    seen: dict[str, str] = {}
+    folded: dict[str, str] = {}
+    for label in labels:
+        problem = label_problem(label)
+        if problem:
+            raise error(f"{what} {show_label(label)} {problem}; {fix}")
+        key = unicodedata.normalize("NFC", label)
+        if key in seen:
+            same = "the same" if seen[key] == label else "the same after Unicode normalisation"
+            raise error(
+                f"{what}s {show_label(seen[key])} and {show_label(label)} are {same}; "
+                "class names must be unique"
+            )
+        seen[key] = label
+        fold = key.casefold()
+        if fold in folded:
+            # Worded alike for folders and manifests: the CLI prints a repeated warning once.
+            warnings.warn(
+                f"classes {show_label(folded[fold])} and {show_label(label)} differ only in "
+                "case: they stay separate classes (and collide on case-insensitive file "
+                "systems); merge or rename them if they are one class",
+                EdgeTransferWarning,
+                stacklevel=3,
+            )
+        else:
+            folded[fold] = label
 
 
 @dataclass(frozen=True)
@@ -128,6 +203,7 @@ class Manifest:
             or not all(isinstance(x, str) for x in labels)
         ):
             raise ManifestError("manifest has no valid 'labels' list")
+        check_labels(labels)
         if not isinstance(d.get("arch"), str):
             raise ManifestError("manifest has no 'arch'")
         sections = {}
@@ -138,6 +214,13 @@ class Manifest:
             sections[key] = value
         if not all(isinstance(v, str) for v in sections["io"].values()):
             raise ManifestError("manifest section 'io' must map to tensor names (strings)")
+        source_labels = sections["source"].get("labels")
+        if source_labels is not None:  # the source task's classes, kept with --keep-source-head
+            if not isinstance(source_labels, list) or not all(
+                isinstance(x, str) for x in source_labels
+            ):
+                raise ManifestError("manifest 'source.labels' is not a list of strings")
+            check_labels(source_labels, "manifest source label")
         if "io" not in d:
             sections["io"] = {"input": "input", "output": "logits"}
         return cls(

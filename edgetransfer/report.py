@@ -62,8 +62,20 @@ def _figure(width: float, height: float, left: float, right: float, bottom: floa
     return fig
 
 
+TICK_CHARS = 40  # a longer class name is shortened on the plot (the tables show it whole)
+
+
+def _tick_text(label: str) -> str:
+    return label if len(label) <= TICK_CHARS else label[: TICK_CHARS - 1] + "\u2026"
+
+
 def plot_confusion(cm: np.ndarray, labels: list[str], path: Path) -> None:
-    """Confusion matrix as a PNG: colour is the row share (recall), text the count."""
+    """Confusion matrix as a PNG: colour is the row share (recall), text the count.
+
+    Class names are drawn as plain text (parse_math off): a class called ``$\\foo$`` must not
+    be parsed as matplotlib math markup, which fails on unknown commands.
+    """
+    labels = [_tick_text(lb) for lb in labels]
     c = len(labels)
     size = min(3 + 0.4 * c, 14)  # the matrix itself
     ticks = c <= 40  # beyond that, tick labels and counts are unreadable anyway
@@ -78,8 +90,10 @@ def plot_confusion(cm: np.ndarray, labels: list[str], path: Path) -> None:
     bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     bar.set_ticks([0, 0.5, 1])
     if ticks:
-        ax.set_xticks(range(c), labels, rotation=45, ha="right", rotation_mode="anchor")
-        ax.set_yticks(range(c), labels)
+        ax.set_xticks(
+            range(c), labels, rotation=45, ha="right", rotation_mode="anchor", parse_math=False
+        )
+        ax.set_yticks(range(c), labels, parse_math=False)
         for i in range(c):
             for j in range(c):
                 if cm[i, j]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from edgetransfer.errors import EdgeTransferError, InputError, ManifestError
+from edgetransfer.errors import DataError, EdgeTransferError, InputError, ManifestError
 from edgetransfer.manifest import METADATA_KEY, Manifest, Preprocessing
 
 
@@ -212,6 +212,27 @@ class Predictor:
     def logits(self, batch: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def check_outputs(self, shape: tuple | list, static: bool = False) -> None:
+        """Refuse a model whose logits are not [N, one column per manifest label].
+
+        Without this, too few labels end in an IndexError deep in predict and too many are
+        silently cut off. With `static`, `shape` is what the model declares (dimensions may be
+        names or None, known only at run time): only a declared width is checked, and the
+        first real output is checked again.
+        """
+        n = len(self.manifest.labels)
+        if static:
+            bad = len(shape) == 2 and isinstance(shape[1], int) and shape[1] != n
+        else:
+            bad = len(shape) != 2 or shape[1] != n
+        if bad:
+            dims = "x".join(str(d) if isinstance(d, int) else "N" for d in shape) or "a scalar"
+            raise ManifestError(
+                f"{self.path.name}: its manifest lists {n} labels but the model outputs "
+                f"{dims}; labels and model do not belong together (re-export it with "
+                "edgetransfer)"
+            )
+
     def prepare(self, img: Image.Image) -> np.ndarray:
         """One decoded RGB image -> this model's input (without the batch dimension)."""
         p = self.manifest.preprocessing
@@ -228,9 +249,20 @@ class Predictor:
         return rng.standard_normal((batch, 3, h, w), dtype=np.float32)
 
     def predict(
-        self, paths: list[Path], topk: int = 5, batch_size: int = 16, progress: bool = False
+        self,
+        paths: list[Path],
+        topk: int = 5,
+        batch_size: int = 16,
+        progress: bool = False,
+        skipped: list[tuple[str, str]] | None = None,
     ) -> list[Prediction]:
-        """Top-k predictions per image; unreadable images raise DataError."""
+        """Top-k predictions per image.
+
+        Args:
+            skipped: when given, unreadable images are left out and appended here as
+                (path, reason), so one bad file does not cost the predictions for the rest;
+                when None, the first unreadable image raises DataError.
+        """
         from tqdm import tqdm
 
         from edgetransfer.data import load_image
@@ -240,9 +272,20 @@ class Predictor:
         out: list[Prediction] = []
         bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, leave=False)
         for i in range(0, len(paths), batch_size):
-            chunk = paths[i : i + batch_size]
-            x = np.stack([self.prepare(load_image(p)) for p in chunk])
-            logits = self.logits(x)
+            chunk, xs = [], []
+            for p in paths[i : i + batch_size]:
+                try:
+                    xs.append(self.prepare(load_image(p)))
+                except DataError as e:
+                    if skipped is None:
+                        raise
+                    skipped.append((os.fsdecode(p), str(e)))
+                    continue
+                chunk.append(p)
+            bar.update(len(paths[i : i + batch_size]))
+            if not xs:
+                continue
+            logits = self.logits(np.stack(xs))
             probs = softmax(logits.astype(np.float64))
             for p, lg, pr in zip(chunk, logits, probs, strict=True):
                 order = np.argsort(-pr, kind="stable")[:k]
@@ -253,7 +296,6 @@ class Predictor:
                         [float(v) for v in lg],
                     )
                 )
-            bar.update(len(chunk))
         bar.close()
         return out
 
@@ -307,9 +349,10 @@ class OnnxClassifier(Predictor):
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.raw = inp.type == "tensor(uint8)"  # model.raw.onnx: uint8 NHWC pixels in
-        names = [o.name for o in self.session.get_outputs()]
+        outputs = {o.name: o for o in self.session.get_outputs()}
         want = self.manifest.io.get("output", "logits")
-        self._out = [want if want in names else names[0]]
+        self._out = [want if want in outputs else next(iter(outputs))]
+        self.check_outputs(outputs[self._out[0]].shape, static=True)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Logits for a batch: normalised float32 NCHW, or uint8 NHWC pixels for a raw model.
@@ -319,10 +362,28 @@ class OnnxClassifier(Predictor):
         """
         batch = check_batch(batch, self.session.get_inputs()[0], self.raw, self.path.name)
         try:
-            return self.session.run(self._out, {self.input_name: batch})[0]
+            out = self.session.run(self._out, {self.input_name: batch})[0]
         except Exception as e:  # onnxruntime's own exception types
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise InputError(f"onnxruntime could not run {self.path.name}: {first}") from None
+        self.check_outputs(getattr(out, "shape", ()))
+        return out
+
+
+def load_pt2(path: Path):
+    """torch.export.load(path).module(), with torch's logged traceback for a damaged archive
+    kept off the terminal (the caller turns the exception into one line)."""
+    import logging
+
+    import torch
+
+    log = logging.getLogger("torch.export")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        return torch.export.load(str(path)).module()
+    finally:
+        log.setLevel(level)
 
 
 class TorchClassifier(Predictor):
@@ -352,10 +413,11 @@ class TorchClassifier(Predictor):
             elif path.suffix.lower() == ".pt2":
                 self.manifest = read_manifest(path)
                 try:
-                    self.model = torch.export.load(str(path)).module()
+                    self.model = load_pt2(path)
                 except Exception as e:  # torch raises many types for a bad archive
+                    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
                     raise ManifestError(
-                        f"{path.name} is not a loadable .pt2 program: {e}"
+                        f"{path.name} is not a loadable .pt2 program: {first}"
                     ) from None
                 self.backend = "pt2"
             else:
@@ -389,8 +451,16 @@ class TorchClassifier(Predictor):
         with torch.inference_mode():
             from edgetransfer.backbones import outputs
 
-            out = self.model(torch.from_numpy(np.ascontiguousarray(batch, np.float32)))
-            return outputs(out)[0].numpy()
+            try:
+                out = outputs(self.model(torch.from_numpy(np.ascontiguousarray(batch, np.float32))))
+            except Exception as e:  # whatever the model's own code raises, as for onnxruntime
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                raise InputError(f"{self.path.name} could not run: {first}") from None
+            if not isinstance(out[0], torch.Tensor):
+                raise ManifestError(f"{self.path.name} does not output a logits tensor")
+            logits = out[0].numpy()
+        self.check_outputs(logits.shape)
+        return logits
 
 
 def load_predictor(
@@ -408,9 +478,17 @@ def load_predictor(
         if (path / "model.onnx").is_file():
             return OnnxClassifier(path / "model.onnx", threads, provider=provider)
         if not (path / "model.safetensors").is_file():
+            # Never model.pt/.pt2 implicitly: loading them can run code (name the file instead).
+            code = [f for f in ("model.pt", "model.pt2") if (path / f).is_file()]
+            hint = (
+                f" ({code[0]} is not used from a folder: it can run code when loaded; name "
+                "the file itself to run it if you trust it)"
+                if code
+                else ""
+            )
             raise ManifestError(
                 f"{path} has neither model.onnx nor model.safetensors; pass an EXPORT_DIR, "
-                "a RUN_DIR or a model file"
+                f"a RUN_DIR or a model file{hint}"
             )
         kind = "a RUN_DIR"
     elif path.suffix.lower() == ".onnx":
@@ -433,7 +511,6 @@ def collect_images(inputs: list[str]) -> list[Path]:
     import glob
 
     from edgetransfer.data import list_images
-    from edgetransfer.errors import DataError
 
     out: list[Path] = []
     for item in inputs:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from edgetransfer.errors import DataError, ParityError
+from edgetransfer.errors import DataError, EdgeTransferWarning, ManifestError, ParityError
 
 # fp32 tolerance on logits: |a - b| <= ATOL + RTOL * |b|, b the eager reference.
 ATOL = 1e-4
@@ -19,6 +19,13 @@ RTOL = 1e-3
 MIN_TOP1_AGREEMENT = 1.0
 # Raw-pixel model probabilities against the Python preprocessing path.
 PROBS_ATOL = 1e-4
+# Files whose loading can run code: loaded only with trust_torchscript (--trust-torchscript).
+# TorchScript archives carry code (their __setstate__ runs at load); torch.export.load unpickles
+# weights and constants stored with use_pickle (torch.load(weights_only=False), pickle.loads).
+CODE_RUNTIMES = {
+    "torchscript": "TorchScript is code and runs when loaded",
+    "pt2": "torch.export's loader unpickles, which can run code",
+}
 # Quantised/fp16 models are judged by accuracy: at most this drop in top-1 against eager.
 MAX_TOP1_DROP = 0.01
 PARITY_NAME = "parity.json"
@@ -196,6 +203,33 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def _run_code_model(runtime: str, path: Path, run):
+    """Load model.pt / model.pt2 (trusted by the caller) and `run` it; a file that does not
+    load or run is one line naming it, not torch's traceback."""
+    import torch
+
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit/export deprecation notes
+        try:
+            if runtime == "torchscript":
+                m = torch.jit.load(str(path), map_location="cpu").eval()
+            else:
+                from edgetransfer.runtime import load_pt2
+
+                m = load_pt2(path)
+        except Exception as e:  # torch raises many types for a damaged archive
+            raise ManifestError(f"{path.name} is not loadable: {_first_line(e)}") from None
+        try:
+            return run(m)
+        except Exception as e:  # anything the model's own code raises
+            raise ManifestError(f"{path.name} failed to run: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
 def verify(
     export_dir: str | Path,
     data_dir: str | Path,
@@ -206,6 +240,7 @@ def verify(
     rtol: float = RTOL,
     write: bool = True,
     threads: int | None = None,
+    trust_torchscript: bool = False,
 ) -> ParityReport:
     """Run every exported model in `export_dir` on validation images from `data_dir`.
 
@@ -213,6 +248,9 @@ def verify(
     every float runtime in batches of `batch_size` (so the dynamic batch dimension is
     exercised), and the raw-pixel model gets the same images as uint8 pixels. Each runtime is
     compared with eager PyTorch. Writes parity.json into `export_dir` when `write` is set.
+
+    model.pt and model.pt2 can run code when loaded (CODE_RUNTIMES): they are skipped with an
+    EdgeTransferWarning unless `trust_torchscript` is set.
     """
     import torch
 
@@ -301,14 +339,15 @@ def verify(
             else:
                 outputs[runtime] = batched(ort_fn, x.numpy())
             continue
-        with warnings.catch_warnings(), torch.inference_mode():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit/export deprecation notes
-            if runtime == "torchscript":
-                # TorchScript is code: only the user's own export folder is loaded here.
-                m = torch.jit.load(str(path), map_location="cpu").eval()
-            else:
-                m = torch.export.load(str(path)).module()
-            outputs[runtime] = batched(torch_fn(m), x)
+        if not trust_torchscript:
+            warnings.warn(
+                f"{fname} not verified: {CODE_RUNTIMES[runtime]}; pass --trust-torchscript "
+                "to include it (only for a folder you exported or trust)",
+                EdgeTransferWarning,
+                stacklevel=2,
+            )
+            continue
+        outputs[runtime] = _run_code_model(runtime, path, lambda m: batched(torch_fn(m), x))
 
     report = ParityReport(export_dir, len(kept), atol, rtol)
     for runtime, (out, out_src) in outputs.items():

@@ -19,7 +19,7 @@ FAST = ["--runs", "3", "--warmup", "1", "--batch-size", "2", "--threads", "1"]
 
 
 def test_bench_export_dir_json(digits_export):
-    res = run("bench", digits_export, *FAST, "--json")
+    res = run("bench", digits_export, *FAST, "--json", "--trust-torchscript")
     assert res.exit_code == 0, res.output
     d = json.loads(res.output)
     rows = d["runtimes"]

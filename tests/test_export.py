@@ -80,7 +80,7 @@ def test_guard_times_the_variants_round_robin():
 
 def test_verify_checks_every_runtime(full_export):
     out, res = full_export
-    report = verify(out, DIGITS, write=False)
+    report = verify(out, DIGITS, write=False, trust_torchscript=True)
     rows = {r.runtime: r for r in report.runtimes}
     assert set(rows) == {"torchscript", "pt2", "onnxruntime", "raw", "optimized", "fp16", "int8"}
     for name in ("torchscript", "pt2", "onnxruntime", "raw", "optimized", "fp16"):
@@ -183,7 +183,7 @@ def test_every_architecture_exports_and_verifies(arch, arch_data, tmp_path):
         )
     )
     export(ExportConfig(run_dir=tmp_path / "run", out=tmp_path / "exp"))
-    report = verify(tmp_path / "exp", arch_data, write=False)
+    report = verify(tmp_path / "exp", arch_data, write=False, trust_torchscript=True)
     assert report.passed, report.table()
     assert {r.runtime for r in report.runtimes} == {"torchscript", "onnxruntime", "raw"}
 

@@ -19,7 +19,7 @@ from .conftest import DIGITS
 
 
 def test_trained_export_passes_verify(digits_export):
-    report = verify(digits_export, DIGITS, write=False)
+    report = verify(digits_export, DIGITS, write=False, trust_torchscript=True)
     assert report.passed, report.table()
     assert {r.runtime for r in report.runtimes} == {"torchscript", "onnxruntime", "raw"}
     assert report.images == 40
@@ -53,7 +53,9 @@ def test_verify_fails_on_perturbed_onnx(digits_export, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(digits_export, broken)
     _perturb_onnx(broken / "model.onnx")
-    res = CliRunner().invoke(cli, ["verify", str(broken), "--data", str(DIGITS)])
+    res = CliRunner().invoke(
+        cli, ["verify", str(broken), "--data", str(DIGITS), "--trust-torchscript"]
+    )
     assert res.exit_code == 1, res.output
     assert "onnxruntime" in res.output and "FAIL" in res.output
     assert "Error: parity failed: onnxruntime:" in res.output
@@ -73,7 +75,7 @@ def test_verify_fails_on_perturbed_torchscript(digits_run, digits_export, tmp_pa
     from edgetransfer.export import export_torchscript
 
     export_torchscript(model, manifest, torch.randn(2, 3, 32, 32), broken / "model.pt")
-    report = verify(broken, DIGITS, write=False)
+    report = verify(broken, DIGITS, write=False, trust_torchscript=True)
     assert not report.passed
     failed = {r.runtime for r in report.runtimes if not r.passed}
     assert failed == {"torchscript"}

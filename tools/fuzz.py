@@ -10,6 +10,11 @@ crash: it is counted, its input saved under --crashes, and the exit status is 1.
 Inputs are valid seeds (every format and Pillow mode the loader supports, manifests in every
 container) mutated by bit flips, byte overwrites with boundary values, truncation, splicing and
 duplication; a few are plain random bytes. Deterministic for a given --seed.
+
+Target `labels` attaches random manifests (label counts against the model's outputs, duplicates,
+case and NFC/NFD twins, control characters, lengths, wrong types, deep nesting) to a real
+5-output ONNX model and runs each through read_manifest, predict and evaluate: a model must
+never answer with labels that do not fit it, and every refusal is an EdgeTransferError.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 from PIL import Image
 
 from edgetransfer.data import load_image
@@ -112,7 +118,7 @@ def manifest_seeds() -> list[tuple[str, bytes]]:
         (
             ".json",
             json.dumps(
-                {**m.to_dict(), "labels": ["x"] * 3, "io": {"input": "x", "output": "y"}}
+                {**m.to_dict(), "labels": ["x", "y", "z"], "io": {"input": "x", "output": "y"}}
             ).encode(),
         ),
     ]
@@ -177,6 +183,8 @@ def check_manifest(path: Path) -> str:
 
 
 def fuzz(target: str, n: int, seed: int, crashes: Path | None, work: Path) -> dict:
+    if target == "labels":
+        return fuzz_labels(n, seed, crashes, work)
     rng = random.Random(f"{target}:{seed}")
     if target == "image":
         seeds = [(".img", s) for s in image_seeds()]
@@ -215,14 +223,191 @@ def fuzz(target: str, n: int, seed: int, crashes: Path | None, work: Path) -> di
     return counts
 
 
+# ------------------------------------------------------------------- manifests against a model
+
+LABELS_BASE = ["cat", "dog", "caf\u00e9", "bird", "fish"]  # the fuzz model has 5 outputs
+_HOSTILE_TEXT = [
+    "\x1b", "\x1b]0;title\x07", "\x1b[2J", "\r", "\n", "\x7f", "\x9b", "\x00", "\t", "\u2028",
+    "\u202e", "\ud800", "\u200d", "\u0301", "$\\foo$", "\U0001f408", "\u732b", " ", "/", "..",
+]  # fmt: skip
+_WRONG_TYPES = [None, 1, 1.5, True, [], {}, ["cat"], {"a": "b"}]
+
+
+def labels_model(dynamic: bool) -> onnx.ModelProto:
+    """A real 5-output ONNX classifier for 5x5 inputs: the mean over channels and rows.
+
+    With `dynamic` the input's height and width are named, not fixed, so the output width is
+    known only when it runs (the run-time label check); otherwise it is declared as 5.
+    """
+    from onnx import TensorProto, helper
+
+    h, w = ("H", "W") if dynamic else (5, 5)
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, h, w])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", "W" if dynamic else 5])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [2], [1, 2])
+    node = helper.make_node("ReduceMean", ["input", "axes"], ["logits"], keepdims=0)
+    graph = helper.make_graph([node], "labels_fuzz", [x], [y], initializer=[axes])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+
+
+def labels_manifest(rng: random.Random) -> str:
+    """A manifest for the 5-output model as JSON text, its labels (sometimes more) mutated:
+    counts, duplicates, case, NFC/NFD forms, control characters, lengths, types, nesting."""
+    import unicodedata
+
+    labels: list = list(LABELS_BASE)
+    deep = 0
+    for _ in range(rng.randint(0, 3)):
+        op = rng.randrange(10)
+        i = rng.randrange(len(labels)) if labels else 0
+        if op == 0:  # count: fewer or more than the outputs
+            k = rng.choice([0, 1, 4, 6, 10, 1000, 100_001] if rng.random() < 0.05 else [0, 4, 6])
+            labels = (labels + [f"extra{j}" for j in range(k)])[:k] if k > 5 else labels[:k]
+        elif op == 1 and labels:  # a duplicate
+            labels[i] = rng.choice(labels)
+        elif op == 2 and labels and isinstance(labels[i], str):  # case
+            labels[i] = rng.choice([labels[i].upper(), labels[i].title()])
+        elif op == 3 and labels and isinstance(labels[i], str):  # another normal form
+            labels[i] = unicodedata.normalize(rng.choice(["NFC", "NFD", "NFKD"]), labels[i])
+        elif op == 4 and labels and isinstance(labels[i], str):  # hostile characters
+            at = rng.randint(0, len(labels[i]))
+            labels[i] = labels[i][:at] + rng.choice(_HOSTILE_TEXT) + labels[i][at:]
+        elif op == 5 and labels:  # length
+            labels[i] = "x" * rng.choice([0, 1, 255, 256, 257, 4096, 100_000])
+        elif op == 6 and labels:  # wrong type for one label
+            labels[i] = rng.choice(_WRONG_TYPES)
+        elif op == 7:  # wrong type for the list
+            labels = rng.choice(_WRONG_TYPES + ["cat,dog"])
+            break
+        elif op == 8:  # deep nesting in place of the list (or of one label)
+            deep = rng.choice([2, 50, 1000, 100_000])
+            break
+        elif op == 9 and labels:  # a plain valid rename
+            labels[i] = rng.choice(["\u732b", "a b", "x" * 40, "\U0001f408"])
+    d = Manifest(
+        arch="tiny_test",
+        labels=["a"],
+        preprocessing=Preprocessing((5, 5), 5, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+    ).to_dict()
+    d["labels"] = "@@DEEP@@" if deep else labels
+    if rng.random() < 0.1:  # the source task's labels follow the same rules
+        d["source"] = {"labels": rng.choice([list(labels) if isinstance(labels, list) else 1])}
+    if rng.random() < 0.05:
+        d["io"] = {"input": "input", "output": rng.choice(["logits", "nope", ""])}
+    text = json.dumps(d, ensure_ascii=rng.random() < 0.5)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate travels as a \\ud800 escape only
+            text = json.dumps(d)
+    if deep:
+        text = text.replace('"@@DEEP@@"', "[" * deep + '"cat"' + "]" * deep)
+    return text
+
+
+def _labels_data(work: Path) -> Path:
+    """One folder per base label, two 12x12 images each, and one unreadable file."""
+    data = work / "labels_data"
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(LABELS_BASE):
+        (data / name).mkdir(parents=True, exist_ok=True)
+        for i in range(2):
+            arr = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)
+            arr[..., c % 3] = 255
+            Image.fromarray(arr).save(data / name / f"{i}.png")
+    (data / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return data
+
+
+def check_labels_case(path: Path, data: Path, cli: bool = False) -> str:
+    """Read, predict and evaluate with the manifest inside `path`; 'decoded' when every path
+    accepted it, 'rejected' on edgetransfer's own error. Raises on anything else.
+
+    With `cli`, an accepted model also goes through `edgetransfer predict`, whose output must
+    hold no control character but newlines.
+    """
+    from edgetransfer.evaluate import evaluate
+    from edgetransfer.runtime import OnnxClassifier, collect_images
+
+    try:
+        manifest = read_manifest(path)
+        clf = OnnxClassifier(path, threads=1)
+        skipped: list[tuple[str, str]] = []
+        preds = clf.predict(collect_images([str(data)]), topk=3, skipped=skipped)
+        res = evaluate(path, data, predictor=clf)
+    except EdgeTransferError:
+        return "rejected"
+    labels = manifest.labels
+    if clf.manifest.labels != labels or len(labels) != 5:
+        raise AssertionError(f"accepted {len(labels)} labels for a 5-output model")
+    if len(skipped) != 1 or not preds or any(len(p.logits) != 5 for p in preds):
+        raise AssertionError(f"predict kept {len(preds)}, skipped {len(skipped)}")
+    for p in preds:
+        if any(lb not in labels for lb, _ in p.topk):
+            raise AssertionError(f"predicted a label not in the manifest: {p.topk}")
+    if res.metrics.labels != labels or res.metrics.images != 10 or len(res.skipped) != 1:
+        raise AssertionError(f"evaluate counted {res.metrics.images} images")
+    if cli:
+        import unicodedata
+
+        from click.testing import CliRunner
+
+        from edgetransfer.cli import cli as command
+
+        out = CliRunner().invoke(command, ["predict", str(path), str(data), "--threads", "1"])
+        if out.exit_code != 0:
+            raise AssertionError(f"predict exited {out.exit_code}: {out.output[-300:]!r}")
+        bad = {c for c in out.output if unicodedata.category(c) == "Cc" and c != "\n"}
+        if bad:
+            raise AssertionError(f"predict printed control characters {sorted(bad)!r}")
+    return "decoded"
+
+
+def fuzz_labels(n: int, seed: int, crashes: Path | None, work: Path) -> dict:
+    """`n` random manifests attached to a real 5-output ONNX model, each run through
+    read_manifest, predict and evaluate: counts like :func:`fuzz`."""
+    import warnings
+
+    from edgetransfer.errors import EdgeTransferWarning
+
+    rng = random.Random(f"labels:{seed}")
+    data = _labels_data(work)
+    models = {dyn: labels_model(dyn) for dyn in (False, True)}
+    counts = {"inputs": 0, "decoded": 0, "rejected": 0, "crashes": 0}
+    first_crash = None
+    start = time.perf_counter()
+    for i in range(n):
+        text = labels_manifest(rng)
+        model = onnx.ModelProto()
+        model.CopyFrom(models[rng.random() < 0.5])
+        model.metadata_props.add(key=METADATA_KEY, value=text)
+        path = work / "model.onnx"
+        path.write_bytes(model.SerializeToString())
+        counts["inputs"] += 1
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", EdgeTransferWarning)  # case-only labels warn
+                counts[check_labels_case(path, data, cli=rng.random() < 0.05)] += 1
+        except Exception as e:  # noqa: BLE001 - counting crashes is the point
+            counts["crashes"] += 1
+            if first_crash is None:
+                first_crash = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}"
+            if crashes is not None:
+                crashes.mkdir(parents=True, exist_ok=True)
+                (crashes / f"labels-{seed}-{i}.onnx").write_bytes(path.read_bytes())
+    counts["seconds"] = time.perf_counter() - start
+    counts["first_crash"] = first_crash
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-n", type=int, default=10_000, help="inputs per target [10000]")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--target", choices=["image", "manifest", "all"], default="all")
+    ap.add_argument("--target", choices=["image", "manifest", "labels", "all"], default="all")
     ap.add_argument("--crashes", type=Path, default=None, help="save crashing inputs here")
     args = ap.parse_args(argv)
-    targets = ["image", "manifest"] if args.target == "all" else [args.target]
+    targets = ["image", "manifest", "labels"] if args.target == "all" else [args.target]
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for t in targets:

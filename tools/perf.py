@@ -599,7 +599,13 @@ def bench_inference(tmp: Path, quick: bool) -> None:
     runs = []
     for _ in range(1 if quick else 3):  # each runtime in its own process, repeated: medians
         report = bench(
-            BenchConfig(model=tmp / "inf_export", runs=30 if quick else 100, warmup=5, batch_size=8)
+            BenchConfig(
+                model=tmp / "inf_export",
+                runs=30 if quick else 100,
+                warmup=5,
+                batch_size=8,
+                trust_torchscript=True,  # its own export: model.pt is measured too
+            )
         )
         runs.append({k: v for k, v in report.rows.items() if "error" not in v})
     rows = {
