@@ -2,12 +2,14 @@
 #include "common.hpp"
 
 #include <fcntl.h>
-#include <stdio.h>  // jpeglib.h uses FILE without including it
-#include <jpeglib.h>
-#include <jerror.h>  // after jpeglib.h, whose types it needs
 #include <png.h>
+#include <stdio.h>  // jpeglib.h uses FILE without including it
 #include <sys/stat.h>
 #include <unistd.h>
+// clang-format off
+#include <jpeglib.h>
+#include <jerror.h>  // after jpeglib.h, whose types it needs
+// clang-format on
 
 #include <algorithm>
 #include <bit>
@@ -30,12 +32,12 @@ namespace et {
 namespace {
 
 constexpr int64_t kMaxPixels = 64'000'000;  // as edgetransfer.data.DEFAULT_MAX_PIXELS
-constexpr int kMaxAspect = 1000;             // as edgetransfer.data.MAX_ASPECT
-constexpr int kMaxSide = 16384;              // as edgetransfer.manifest.MAX_SIDE
+constexpr int kMaxAspect = 1000;            // as edgetransfer.data.MAX_ASPECT
+constexpr int kMaxSide = 16384;             // as edgetransfer.manifest.MAX_SIDE
 // As edgetransfer.manifest.STD_RANGE and MAX_ABS_MEAN: normalised inputs stay finite and sane.
 constexpr double kMinStd = 1e-4, kMaxStd = 1e4, kMaxAbsMean = 1e4;
 constexpr int kBatch = 16;
-constexpr size_t kBatchBytes = size_t(256) << 20;  // fewer images per batch for huge inputs
+constexpr size_t kBatchBytes = size_t(256) << 20;           // fewer images per batch for huge inputs
 constexpr double kDefaultAtol = 1e-4, kDefaultRtol = 1e-3;  // edgetransfer.verify
 // What hostile files may make us read or nest: far above anything edgetransfer writes.
 constexpr int kMaxJsonDepth = 64;
@@ -275,7 +277,7 @@ Image decode_png(FILE* f, const std::string& path, bool header_only) {
   }
   if (!info) png_error(png, "out of memory");
   png_set_user_limits(png, 0x7fffffff, 0x7fffffff);  // check_size decides, with our message
-  png_set_chunk_malloc_max(png, 8 << 20);             // text and ICC chunks: no inflate bombs
+  png_set_chunk_malloc_max(png, 8 << 20);            // text and ICC chunks: no inflate bombs
   png_init_io(png, f);
   png_read_info(png, info);
   const int64_t w = png_get_image_width(png, info), h = png_get_image_height(png, info);
@@ -445,8 +447,8 @@ std::vector<float> read_floats(const fs::path& path, size_t count) {
   const File f = open_regular(path, want, &size);
   std::vector<float> out(count);
   if (size != want || std::fread(out.data(), sizeof(float), count, f.get()) != count) {
-    throw InputError(path.string() + ": " + std::to_string(size) + " bytes, expected " + std::to_string(want) +
-                     " (" + std::to_string(count) + " float32)");
+    throw InputError(path.string() + ": " + std::to_string(size) + " bytes, expected " +
+                     std::to_string(want) + " (" + std::to_string(count) + " float32)");
   }
   return out;
 }
@@ -454,7 +456,8 @@ std::vector<float> read_floats(const fs::path& path, size_t count) {
 // A model whose logits overflow (or a hostile one) must not print inf/NaN probabilities as if fine.
 void check_finite(const std::vector<float>& logits) {
   if (!std::all_of(logits.begin(), logits.end(), [](float v) { return std::isfinite(v); })) {
-    throw InputError("the model returned non-finite logits (inf or NaN); its weights or preprocessing are broken");
+    throw InputError(
+        "the model returned non-finite logits (inf or NaN); its weights or preprocessing are broken");
   }
 }
 
@@ -557,7 +560,8 @@ Manifest parse_manifest(const std::string& text, const std::string& source) {
   try {
     const json* schema = member(j, "schema");
     if (!schema || *schema != 1) {
-      throw InputError(source + ": manifest schema " + dump(schema) + " is not supported (this demo reads schema 1)");
+      throw InputError(source + ": manifest schema " + dump(schema) +
+                       " is not supported (this demo reads schema 1)");
     }
     const json* arch = member(j, "arch");
     m.arch = arch && arch->is_string() ? arch->get<std::string>() : "?";
@@ -577,22 +581,23 @@ Manifest parse_manifest(const std::string& text, const std::string& source) {
     m.pre.height = side(size[0]);
     m.pre.width = side(size[1]);
     m.pre.resize = side(p.at("resize"));
-    const auto mean = p.at("mean").get<std::array<double, 3>>(), std = p.at("std").get<std::array<double, 3>>();
+    const auto means = p.at("mean").get<std::array<double, 3>>();
+    const auto stds = p.at("std").get<std::array<double, 3>>();
     for (int c = 0; c < 3; ++c) {
       // As edgetransfer.manifest.Preprocessing.from_dict: absurd values give inf/NaN inputs.
-      if (!(std::abs(mean[c]) <= kMaxAbsMean && std[c] >= kMinStd && std[c] <= kMaxStd)) {
+      if (!(std::abs(means[c]) <= kMaxAbsMean && stds[c] >= kMinStd && stds[c] <= kMaxStd)) {
         throw InputError(source + ": invalid preprocessing: mean/std need 3 finite values, |mean| <= " +
                          fmt(kMaxAbsMean) + ", std in [" + fmt(kMinStd) + ", " + fmt(kMaxStd) + "]");
       }
-      m.pre.mean[c] = float(mean[c]);
-      m.pre.std[c] = float(std[c]);
+      m.pre.mean[c] = float(means[c]);
+      m.pre.std[c] = float(stds[c]);
     }
     for (const auto& [key, want] :
          {std::pair{"crop", "center"}, {"interpolation", "bilinear"}, {"color", "RGB"}, {"layout", "NCHW"}}) {
       const json* got = member(p, key);
       if (got && *got != want) {
-        throw InputError(source + ": preprocessing " + key + "=" + dump(got) + " is not supported (only " + want +
-                         ")");
+        throw InputError(source + ": preprocessing " + key + "=" + dump(got) + " is not supported (only " +
+                         want + ")");
       }
     }
     const json* io = member(j, "io");
@@ -615,10 +620,9 @@ std::string describe(const Manifest& m) {
   const Preprocessing& p = m.pre;
   std::ostringstream s;
   s << "arch " << printable(m.arch) << ", " << m.labels.size() << " labels [" << printable(join(m.labels))
-    << "], input "
-    << p.height << "x" << p.width << " (shorter side resized to " << p.resize << ", centre crop), mean ["
-    << p.mean[0] << ", " << p.mean[1] << ", " << p.mean[2] << "], std [" << p.std[0] << ", " << p.std[1]
-    << ", " << p.std[2] << "]";
+    << "], input " << p.height << "x" << p.width << " (shorter side resized to " << p.resize
+    << ", centre crop), mean [" << p.mean[0] << ", " << p.mean[1] << ", " << p.mean[2] << "], std ["
+    << p.std[0] << ", " << p.std[1] << ", " << p.std[2] << "]";
   return s.str();
 }
 
@@ -784,14 +788,15 @@ int selftest(const Model& model, const std::string& golden_dir) {
   static_assert(std::endian::native == std::endian::little, "golden .bin files are little-endian");
   const fs::path dir(golden_dir);
   const Manifest& m = model.manifest;
-  const json index = parse_json(read_file(dir / "golden.json", kMaxJsonBytes), (dir / "golden.json").string());
+  const json index =
+      parse_json(read_file(dir / "golden.json", kMaxJsonBytes), (dir / "golden.json").string());
   const json want_input = {1, 3, m.pre.height, m.pre.width}, want_logits = {1, m.labels.size()};
   const json* dtype = member(index, "dtype");
   const json* order = member(index, "byte_order");
   const json* input_shape = member(index, "input_shape");
   const json* logits_shape = member(index, "logits_shape");
-  if (!dtype || *dtype != "float32" || !order || *order != "little" || !input_shape || *input_shape != want_input ||
-      !logits_shape || *logits_shape != want_logits) {
+  if (!dtype || *dtype != "float32" || !order || *order != "little" || !input_shape ||
+      *input_shape != want_input || !logits_shape || *logits_shape != want_logits) {
     throw InputError(golden_dir + ": golden.json declares input " + dump(input_shape) + " and logits " +
                      dump(logits_shape) + "; the model expects " + want_input.dump() + " and " +
                      want_logits.dump() + " float32 little-endian");
@@ -816,10 +821,11 @@ int selftest(const Model& model, const std::string& golden_dir) {
     throw InputError(golden_dir + ": golden.json tolerance must be finite and >= 0");
   }
   const json* cases = member(index, "cases");
-  if (!cases || !cases->is_array() || cases->empty()) throw InputError(golden_dir + ": golden.json has no cases");
+  if (!cases || !cases->is_array() || cases->empty())
+    throw InputError(golden_dir + ": golden.json has no cases");
   if (cases->size() > kMaxGoldenCases) {
-    throw InputError(golden_dir + ": golden.json has " + std::to_string(cases->size()) + " cases, more than " +
-                     std::to_string(kMaxGoldenCases));
+    throw InputError(golden_dir + ": golden.json has " + std::to_string(cases->size()) +
+                     " cases, more than " + std::to_string(kMaxGoldenCases));
   }
 
   // Every file a case names must be a plain name inside the golden folder: no absolute path,
@@ -830,9 +836,11 @@ int selftest(const Model& model, const std::string& golden_dir) {
   auto inside = [&](const json& c, const char* key) {
     const std::string name = c.at(key).get<std::string>();
     const fs::path rel(name);
-    const bool dotdot = std::any_of(rel.begin(), rel.end(), [](const fs::path& part) { return part == ".."; });
+    const bool dotdot =
+        std::any_of(rel.begin(), rel.end(), [](const fs::path& part) { return part == ".."; });
     if (name.empty() || rel.is_absolute() || dotdot || name.find('\0') != std::string::npos) {
-      throw InputError(golden_dir + ": golden.json names '" + name + "', not a file inside the golden folder");
+      throw InputError(golden_dir + ": golden.json names '" + name +
+                       "', not a file inside the golden folder");
     }
     const fs::path real = fs::canonical(root / rel, ec);
     if (ec) throw InputError((dir / rel).string() + ": " + ec.message());

@@ -54,11 +54,12 @@ bool fits(const std::vector<int64_t>& shape, const std::vector<int64_t>& want) {
 }
 
 // Sequences, maps and optionals have no tensor type info (ORT hands back NULL for it).
-void require_tensor(const std::string& model, const char* what, const std::string& name, const Ort::TypeInfo& info) {
+void require_tensor(const std::string& model, const char* what, const std::string& name,
+                    const Ort::TypeInfo& info) {
   const ONNXType type = info.GetONNXType();
   if (type == ONNX_TYPE_TENSOR) return;
-  const char* kind = type == ONNX_TYPE_SEQUENCE ? "a sequence"
-                     : type == ONNX_TYPE_MAP    ? "a map"
+  const char* kind = type == ONNX_TYPE_SEQUENCE   ? "a sequence"
+                     : type == ONNX_TYPE_MAP      ? "a map"
                      : type == ONNX_TYPE_OPTIONAL ? "an optional"
                                                   : "not a plain tensor";
   throw et::InputError(model + ": " + what + " '" + name + "' is " + kind +
@@ -112,8 +113,8 @@ int main(int argc, char** argv) {
         const Ort::TypeInfo type_info = session->GetOutputTypeInfo(i);
         require_tensor(opt.model, "output", outputs.back(), type_info);
         const auto info = type_info.GetTensorTypeAndShapeInfo();
-        declared +=
-            " '" + outputs.back() + "' " + type_name(info.GetElementType()) + " " + shape_str(info.GetShape());
+        declared += " '" + outputs.back() + "' " + type_name(info.GetElementType()) + " " +
+                    shape_str(info.GetShape());
       }
       std::string output;
       for (const std::string& name : {m.output_name, std::string("logits")}) {
@@ -141,7 +142,8 @@ int main(int argc, char** argv) {
         const char* in_names[] = {input.c_str()};
         const char* out_names[] = {output.c_str()};
         std::vector<Ort::Value> y = session->Run(Ort::RunOptions{nullptr}, in_names, &x, 1, out_names, 1);
-        if (y.size() != 1 || !y[0].IsTensor()) throw et::InputError(opt.model + ": output '" + output + "' is not a tensor");
+        if (y.size() != 1 || !y[0].IsTensor())
+          throw et::InputError(opt.model + ": output '" + output + "' is not a tensor");
         const auto info = y[0].GetTensorTypeAndShapeInfo();
         if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
           throw et::InputError(opt.model + ": output '" + output + "' is not float32");

@@ -125,10 +125,15 @@ def test_decoding_matches_pillow(name, digits_export, decoded):
 
     stb_image differed by up to 5e-3 in logits on plain JPEGs (test_cpp_demo allows 0.05).
     """
-    want = {p.path: np.asarray(p.logits) for p in OnnxClassifier(digits_export / "model.onnx").predict(decoded)}
+    want = {
+        p.path: np.asarray(p.logits)
+        for p in OnnxClassifier(digits_export / "model.onnx").predict(decoded)
+    }
     got = json_lines(run(name, model_of(name, digits_export), *decoded))
     for path in map(str, decoded):
-        np.testing.assert_allclose(got[path]["logits"], want[path], atol=PARITY_ATOL, rtol=0, err_msg=path)
+        np.testing.assert_allclose(
+            got[path]["logits"], want[path], atol=PARITY_ATOL, rtol=0, err_msg=path
+        )
 
 
 def jpeg_segments(data: bytes) -> list[tuple[int, int, int]]:
@@ -253,7 +258,9 @@ def sequence_model(export: Path, where: str) -> onnx.ModelProto:
         g.node.insert(0, helper.make_node("SequenceAt", [f"{inp}_seq", "zero"], [inp]))
         g.initializer.append(helper.make_tensor("zero", TensorProto.INT64, [], [0]))
         del g.input[:]
-        g.input.append(helper.make_tensor_sequence_value_info(f"{inp}_seq", TensorProto.FLOAT, None))
+        g.input.append(
+            helper.make_tensor_sequence_value_info(f"{inp}_seq", TensorProto.FLOAT, None)
+        )
     return m
 
 

@@ -65,9 +65,10 @@ HOSTILE_VALUES = [
     ["a", "a"], [0.5, 0.5], [1e-45, 1e-45, 1e-45], [32, 32], [0, 0], [2**40, 2**40], [-1, 32],
 ]  # fmt: skip
 HOSTILE_NAMES = [
-    "../secret.bin", "/dev/zero", "/dev/urandom", "/etc/passwd", "fifo.bin", "folder", "link_out.bin",
-    "link_zero.bin", "link_self.bin", "", "missing.bin", "a/../00.input.bin", "./00.input.bin", "00.png",
-    "00.logits.bin", "00.input.bin", "golden.json", "\n", "x" * 5000, "a\x00b",
+    "../secret.bin", "/dev/zero", "/dev/urandom", "/etc/passwd", "fifo.bin", "folder",
+    "link_out.bin", "link_zero.bin", "link_self.bin", "", "missing.bin", "a/../00.input.bin",
+    "./00.input.bin", "00.png", "00.logits.bin", "00.input.bin", "golden.json", "\n", "x" * 5000,
+    "a\x00b",
 ]  # fmt: skip
 
 
@@ -142,7 +143,7 @@ def mutate_bytes(data: bytes, rnd: random.Random, seeds: list[bytes]) -> bytes:
 
 
 def fix_png_crcs(data: bytes) -> bytes:
-    """Recompute every chunk CRC, so a mutation reaches libpng's parsing rather than its CRC check."""
+    """Recompute every chunk CRC, so a mutation reaches libpng's parsing, not its CRC check."""
     if not data.startswith(b"\x89PNG\r\n\x1a\n"):
         return data
     out, i = bytearray(data[:8]), 8
@@ -253,7 +254,9 @@ class Maker:
                 images.insert(0, self.export / "golden" / "00.png")
             return Case(index, kind, program, [model, *map(str, images)], folder)
         if kind == "onnx":
-            return Case(index, kind, "et_onnx", [self.onnx_model(rnd, folder), self.sample()], folder)
+            return Case(
+                index, kind, "et_onnx", [self.onnx_model(rnd, folder), self.sample()], folder
+            )
         if kind == "manifest":
             text = dump_json(mutate_json(self.manifest, rnd), rnd)
             if program == "et_onnx":
@@ -307,7 +310,9 @@ class Maker:
             g.node.insert(0, helper.make_node("SequenceAt", [f"{inp}_s", "zero"], [inp]))
             g.initializer.append(helper.make_tensor("zero", TensorProto.INT64, [], [0]))
             del g.input[:]
-            g.input.append(helper.make_tensor_sequence_value_info(f"{inp}_s", TensorProto.FLOAT, None))
+            g.input.append(
+                helper.make_tensor_sequence_value_info(f"{inp}_s", TensorProto.FLOAT, None)
+            )
         elif op == 2:  # optional output
             out = g.output[0].name
             for node in g.node:
@@ -328,7 +333,13 @@ class Maker:
         elif op == 4:  # element types
             vi = rnd.choice([*g.input, *g.output])
             vi.type.tensor_type.elem_type = rnd.choice(
-                [TensorProto.UINT8, TensorProto.FLOAT16, TensorProto.INT64, TensorProto.DOUBLE, TensorProto.STRING]
+                [
+                    TensorProto.UINT8,
+                    TensorProto.FLOAT16,
+                    TensorProto.INT64,
+                    TensorProto.DOUBLE,
+                    TensorProto.STRING,
+                ]
             )
         elif op == 5:  # a second output, maybe not named logits
             g.output.append(copy.deepcopy(g.output[0]))
@@ -499,11 +510,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds before a run is a hang")
     ap.add_argument("--crashes", type=Path, default=None, help="save findings' inputs here")
     ap.add_argument("--json", type=Path, default=None, help="write the counts here")
-    ap.add_argument("--log", type=Path, default=None, help="write each case's outcome and last line")
+    ap.add_argument(
+        "--log", type=Path, default=None, help="write each case's outcome and last line"
+    )
     args = ap.parse_args(argv)
     for program in PROGRAMS:
         if not (args.build / program).is_file():
-            print(f"fuzz_cpp: no {args.build / program}; run tools/build_cpp_demo.sh --asan", file=sys.stderr)
+            print(
+                f"fuzz_cpp: no {args.build / program}; run tools/build_cpp_demo.sh --asan",
+                file=sys.stderr,
+            )
             return 2
     sanitized = (args.build / "CMakeCache.txt").is_file() and "ET_SANITIZE:BOOL=ON" in (
         args.build / "CMakeCache.txt"
@@ -528,18 +544,27 @@ def main(argv: list[str] | None = None) -> int:
     def record(case: Case, outcome: str, err: str) -> None:
         if log:
             last = err.strip().splitlines()[-1:] or [""]
-            print(f"{case.index}\t{case.kind}\t{case.program}\t{outcome}\t{last[0][:300]}", file=log)
+            print(
+                f"{case.index}\t{case.kind}\t{case.program}\t{outcome}\t{last[0][:300]}", file=log
+            )
         tally.cases += 1
-        tally.by_kind[f"{case.kind}/{case.program}"] = tally.by_kind.get(f"{case.kind}/{case.program}", 0) + 1
+        tally.by_kind[f"{case.kind}/{case.program}"] = (
+            tally.by_kind.get(f"{case.kind}/{case.program}", 0) + 1
+        )
         tally.outcomes[outcome] = tally.outcomes.get(outcome, 0) + 1
         if outcome in FINDINGS:
             findings.append((case, outcome, err))
-            print(f"fuzz_cpp: case {case.index} ({case.kind}, {case.program}): {outcome}", file=sys.stderr)
+            print(
+                f"fuzz_cpp: case {case.index} ({case.kind}, {case.program}): {outcome}",
+                file=sys.stderr,
+            )
             if args.crashes:
                 dest = args.crashes / f"{case.index:06d}_{outcome}"
-                shutil.copytree(case.folder, dest, symlinks=True, dirs_exist_ok=True,
-                                ignore=lambda d, names: [n for n in names if n == "fifo.bin"])  # fmt: skip
-                (dest / "command.txt").write_text(" ".join([case.program, *case.args]) + "\n\n" + err)
+                fifo = shutil.ignore_patterns("fifo.bin")  # copying would block on it
+                shutil.copytree(case.folder, dest, symlinks=True, dirs_exist_ok=True, ignore=fifo)
+                (dest / "command.txt").write_text(
+                    " ".join([case.program, *case.args]) + "\n\n" + err
+                )
 
     with tempfile.TemporaryDirectory(prefix="fuzz_cpp_") as tmp:
         with ThreadPoolExecutor(args.jobs) as pool:
