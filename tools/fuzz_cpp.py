@@ -539,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
             record(case, outcome, err)
         shutil.rmtree(case.folder, ignore_errors=True)
 
-    log = args.log.open("w") if args.log else None
+    log = args.log.open("w", buffering=1) if args.log else None  # line by line: a live view
 
     def record(case: Case, outcome: str, err: str) -> None:
         if log:
