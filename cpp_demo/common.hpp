@@ -50,9 +50,12 @@ struct Image {
   std::vector<uint8_t> rgb;
 };
 
-// Decodes a JPEG or PNG to RGB; transparency is composited onto white, as the Python side does.
+// Decodes a JPEG or PNG to RGB with libjpeg-turbo/libpng, as Pillow does (the same pixels);
+// transparency is composited onto white, as the Python side does. Refuses, from the header,
+// images over 64,000,000 pixels or 1000:1, and anything but a regular file.
 Image load_image(const std::string& path);
-// Resizes the shorter side to p.resize (Pillow's antialiased bilinear) and centre-crops.
+// Resizes the shorter side to p.resize (Pillow's antialiased bilinear) and centre-crops;
+// only the crop is computed, so memory and time follow the crop, not the resized image.
 Image resize_crop(const Image& img, const Preprocessing& p);
 // Scales to [0, 1], subtracts mean, divides by std; writes 3*H*W floats, CHW.
 void normalize(const Image& img, const Preprocessing& p, float* out);

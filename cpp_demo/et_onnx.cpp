@@ -53,6 +53,19 @@ bool fits(const std::vector<int64_t>& shape, const std::vector<int64_t>& want) {
   return true;
 }
 
+// Sequences, maps and optionals have no tensor type info (ORT hands back NULL for it).
+void require_tensor(const std::string& model, const char* what, const std::string& name,
+                    const Ort::TypeInfo& info) {
+  const ONNXType type = info.GetONNXType();
+  if (type == ONNX_TYPE_TENSOR) return;
+  const char* kind = type == ONNX_TYPE_SEQUENCE   ? "a sequence"
+                     : type == ONNX_TYPE_MAP      ? "a map"
+                     : type == ONNX_TYPE_OPTIONAL ? "an optional"
+                                                  : "not a plain tensor";
+  throw et::InputError(model + ": " + what + " '" + name + "' is " + kind +
+                       ", not a tensor; export the model with edgetransfer");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -88,6 +101,7 @@ int main(int argc, char** argv) {
       if (session->GetInputCount() != 1) throw et::InputError(opt.model + ": expected one input");
       const std::string input = session->GetInputNameAllocated(0, alloc).get();
       const Ort::TypeInfo in_type_info = session->GetInputTypeInfo(0);  // owns what in_info views
+      require_tensor(opt.model, "input", input, in_type_info);
       const auto in_info = in_type_info.GetTensorTypeAndShapeInfo();
       const ONNXTensorElementDataType in_type = in_info.GetElementType();
       const std::vector<int64_t> in_shape = in_info.GetShape();
@@ -97,9 +111,10 @@ int main(int argc, char** argv) {
       for (size_t i = 0; i < session->GetOutputCount(); ++i) {
         outputs.push_back(session->GetOutputNameAllocated(i, alloc).get());
         const Ort::TypeInfo type_info = session->GetOutputTypeInfo(i);
+        require_tensor(opt.model, "output", outputs.back(), type_info);
         const auto info = type_info.GetTensorTypeAndShapeInfo();
-        declared +=
-            " '" + outputs.back() + "' " + type_name(info.GetElementType()) + " " + shape_str(info.GetShape());
+        declared += " '" + outputs.back() + "' " + type_name(info.GetElementType()) + " " +
+                    shape_str(info.GetShape());
       }
       std::string output;
       for (const std::string& name : {m.output_name, std::string("logits")}) {
@@ -127,6 +142,8 @@ int main(int argc, char** argv) {
         const char* in_names[] = {input.c_str()};
         const char* out_names[] = {output.c_str()};
         std::vector<Ort::Value> y = session->Run(Ort::RunOptions{nullptr}, in_names, &x, 1, out_names, 1);
+        if (y.size() != 1 || !y[0].IsTensor())
+          throw et::InputError(opt.model + ": output '" + output + "' is not a tensor");
         const auto info = y[0].GetTensorTypeAndShapeInfo();
         if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
           throw et::InputError(opt.model + ": output '" + output + "' is not float32");

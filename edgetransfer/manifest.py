@@ -20,6 +20,10 @@ SCHEMA = 1
 MANIFEST_NAME = "edgetransfer.json"
 METADATA_KEY = "edgetransfer"  # ONNX metadata_props key and safetensors metadata key
 MAX_SIDE = 16384  # largest input_size / resize a manifest may declare
+# Real normalisations (std ~0.2, 1/255 at most; mean within 0..1, 127.5 at most) sit far inside
+# these; past them inputs overflow float32 (std 1e-45) or mean nothing. cpp_demo checks the same.
+STD_RANGE = (1e-4, 1e4)
+MAX_ABS_MEAN = 1e4
 MAX_MANIFEST = 1 << 20  # bytes; a manifest is a few KiB
 # Labels are printed to terminals, drawn in plots and written one per line to labels.txt: a sane
 # length, and a count far above any real task (ImageNet-21k has 21,841 classes).
@@ -134,9 +138,13 @@ class Preprocessing:
         except (KeyError, TypeError, ValueError, IndexError, OverflowError) as e:
             raise ManifestError(f"invalid preprocessing in manifest: {e!r}") from None
         finite = all(math.isfinite(v) for v in (*p.mean, *p.std))
-        if len(p.mean) != 3 or len(p.std) != 3 or not finite or min(p.std) <= 0:
+        sane = all(abs(v) <= MAX_ABS_MEAN for v in p.mean) and all(
+            STD_RANGE[0] <= v <= STD_RANGE[1] for v in p.std
+        )
+        if len(p.mean) != 3 or len(p.std) != 3 or not finite or not sane:
             raise ManifestError(
-                "invalid preprocessing in manifest: mean/std need 3 finite values, std > 0"
+                "invalid preprocessing in manifest: mean/std need 3 finite values, "
+                f"|mean| <= {MAX_ABS_MEAN:g}, std in [{STD_RANGE[0]:g}, {STD_RANGE[1]:g}]"
             )
         if max(p.resize, *p.input_size) > MAX_SIDE:  # a hostile file must not size our buffers
             raise ManifestError(f"invalid preprocessing in manifest: sizes above {MAX_SIDE} pixels")

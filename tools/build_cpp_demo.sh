@@ -2,7 +2,9 @@
 # Build cpp_demo (et_onnx, et_torchscript) into cpp_demo/build from a fresh clone, offline but for
 # Debian packages. Idempotent: a re-run only re-checks and rebuilds what changed.
 #
-# Usage: tools/build_cpp_demo.sh
+# Usage: tools/build_cpp_demo.sh [--asan]
+#   --asan                  an AddressSanitizer/UBSan build into cpp_demo/build-asan instead, for
+#                           tools/fuzz_cpp.py (only our code is instrumented, not ORT or libtorch)
 #   PYTHON=path/to/python   the venv with torch and onnxruntime (default .venv/bin/python)
 #   ONNXRUNTIME_ROOT=DIR    use an ONNX Runtime release folder instead of the pip wheel
 #   LIBTORCH=DIR            use a libtorch release folder instead of the pip wheel
@@ -13,15 +15,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
+build=cpp_demo/build
+cmake_args=(-DCMAKE_BUILD_TYPE=Release)
+case "${1:-}" in
+    "") ;;
+    --asan) build=cpp_demo/build-asan; cmake_args=(-DCMAKE_BUILD_TYPE=RelWithDebInfo -DET_SANITIZE=ON) ;;
+    *) echo "usage: tools/build_cpp_demo.sh [--asan]" >&2; exit 2 ;;
+esac
 PYTHON=${PYTHON:-$root/.venv/bin/python}
 start=$SECONDS
 
-# 1. Debian packages: compiler, cmake, stb_image, nlohmann-json.
+# 1. Debian packages: compiler, cmake, libjpeg-turbo and libpng (Pillow's decoders), nlohmann-json.
 need=()
 command -v cmake >/dev/null || need+=(cmake)
 command -v g++ >/dev/null || need+=(g++)
 command -v make >/dev/null || need+=(make)
-[[ -f /usr/include/stb/stb_image.h ]] || need+=(libstb-dev)
+[[ -f /usr/include/jpeglib.h ]] || need+=(libjpeg62-turbo-dev)
+[[ -f /usr/include/png.h ]] || need+=(libpng-dev)
 [[ -f /usr/include/nlohmann/json.hpp ]] || need+=(nlohmann-json3-dev)
 if ((${#need[@]})); then
     echo "build_cpp_demo: installing ${need[*]}"
@@ -32,7 +42,6 @@ if ((${#need[@]})); then
     "${sudo[@]}" apt-get install -y -q --no-install-recommends "${need[@]}"
 fi
 
-cmake_args=(-DCMAKE_BUILD_TYPE=Release)
 if [[ -z "${ONNXRUNTIME_ROOT:-}" || -z "${LIBTORCH:-}" ]] && [[ ! -x "$PYTHON" ]]; then
     echo "build_cpp_demo: no $PYTHON; install the package first (see README) or set PYTHON=" >&2
     exit 1
@@ -64,10 +73,11 @@ else
     cmake_args+=(-DTORCH_WHEEL_DIR="$torch_dir" -DTORCH_CXX11_ABI="$abi")
 fi
 
-# 4. Configure and build (the log is cpp_demo/build/build.log).
-mkdir -p cpp_demo/build
-log=cpp_demo/build/build.log
-cmake -S cpp_demo -B cpp_demo/build "${cmake_args[@]}" >"$log" 2>&1 || { cat "$log" >&2; exit 1; }
-cmake --build cpp_demo/build -j2 >>"$log" 2>&1 || { tail -n 40 "$log" >&2; exit 1; }
+# 4. Configure and build (the log is $build/build.log).
+mkdir -p "$build"
+[[ -f "$build/.gitignore" ]] || printf '*\n' >"$build/.gitignore"  # a build folder is never committed
+log=$build/build.log
+cmake -S cpp_demo -B "$build" "${cmake_args[@]}" >"$log" 2>&1 || { cat "$log" >&2; exit 1; }
+cmake --build "$build" -j2 >>"$log" 2>&1 || { tail -n 40 "$log" >&2; exit 1; }
 grep -E "warning:" "$log" || true
-echo "build_cpp_demo: cpp_demo/build/et_onnx and cpp_demo/build/et_torchscript ready ($((SECONDS - start)) s)"
+echo "build_cpp_demo: $build/et_onnx and $build/et_torchscript ready ($((SECONDS - start)) s)"
