@@ -17,6 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from onnx import helper, numpy_helper
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load, save
 
@@ -298,3 +299,27 @@ def test_verify_passes_an_honest_run_and_says_what_it_checked(digits_export, col
     next((copy / "five").iterdir()).unlink()
     other = verify(digits_export, copy, write=False).to_dict()["recorded_val_top1"]
     assert other["checked"] is False and "fingerprint" in other["reason"]
+
+
+@pytest.mark.parametrize("augment", ["none", "light"])
+def test_entries_of_drafted_jpegs_and_augmented_views_pass_their_own_check(augment, tmp_path):
+    """The rows recomputed on a read go through the same decoding (JPEG draft scale) and the
+    same seeded augmentation as the entry's: a correct entry is never a false alarm."""
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "jpegs" / c).mkdir(parents=True)
+        for i in range(12):
+            arr = rng.integers(0, 255, (150, 200, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(tmp_path / "jpegs" / c / f"{i}.jpg", quality=85)
+    src = load_source("simple_cnn", str(SOURCE))
+    backbone, _ = split(get_arch("simple_cnn"), src.model)
+    samples = scan(tmp_path / "jpegs").samples
+    kw = dict(backbone_id="jpegs", augment=augment, view=1, seed=3)
+    first = features.extract(backbone, samples, src.preprocessing, **kw)
+    for _ in range(3):  # other random rows each time
+        features._recent.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", EdgeTransferWarning)
+            again = features.extract(backbone, samples, src.preprocessing, **kw)
+        assert again.backend == "cache"
+        torch.testing.assert_close(again.vectors, first.vectors, rtol=0, atol=0)
