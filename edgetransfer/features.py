@@ -13,8 +13,11 @@ import hashlib
 import itertools
 import json
 import os
+import random
+import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from torch import nn
 
 from edgetransfer.data import Sample, load_image, pillow_warnings_off
 from edgetransfer.errors import DataError, EdgeTransferError, EdgeTransferWarning
-from edgetransfer.fileio import atomic_write_bytes
+from edgetransfer.fileio import atomic_write_bytes, sha256_file
 from edgetransfer.manifest import Preprocessing
 
 BACKENDS = ("auto", "torch", "onnxruntime")
@@ -143,6 +146,11 @@ def extract(
 ) -> Features:
     """Feature vectors for `samples` through `backbone` in eval mode, from cache when possible.
 
+    A cache entry is used only when it passes its content checks and CHECK_IMAGES of its rows,
+    recomputed with `backbone`, match (see :func:`_read_entry`); otherwise it is recomputed
+    with one EdgeTransferWarning. A cache folder that cannot be written is warned about once
+    and the run goes on without it.
+
     Args:
         backbone_id: identifies the backbone weights (e.g. their sha256) for the cache key.
         max_pixels: decoding limit per image (a decompression-bomb guard).
@@ -156,8 +164,6 @@ def extract(
         workers: threads decoding images (None: chosen by :func:`decode_workers` from the
             image count and the cores; 0: decode in the calling thread).
     """
-    from safetensors.torch import load, save
-
     from edgetransfer.data import current_max_pixels
 
     if backend not in BACKENDS:
@@ -170,30 +176,24 @@ def extract(
         f"{backbone_id}|{limit}|{augment}|{view}|{seed if augment != 'none' else 0}", p
     )
     stamps = _stamps(samples)
-    path = cache_dir() / "features" / f"{_key(prefix, stamps)}.safetensors"
+    key = _key(prefix, stamps)
+    path = cache_dir() / "features" / f"{key}.safetensors"
+    pipeline = _Pipeline(samples, p, augment, view, seed, limit)
+    backbone.eval()
     if use_cache:
         if augment == "none" and (hit := _from_recent(prefix, samples, stamps)) is not None:
             return hit
-        if path.is_file():
-            try:
-                cached = load(path.read_bytes())
-                keep = cached["keep"].bool().tolist()
-                bad = json.loads(bytes(cached["bad"].tolist()).decode()) if "bad" in cached else []
-                if len(keep) == len(samples):
-                    out = Features(
-                        [s for s, k in zip(samples, keep, strict=True) if k],
-                        cached["vectors"],
-                        [(Path(b), r) for b, r in bad],
-                        "cache",
-                    )
-                    if augment == "none":
-                        _remember(prefix, samples, stamps, out)
-                    return out
-            except Exception:  # a damaged cache entry is recomputed, never trusted
-                pass
+        weights = module_sha256(backbone)
+        if (hit := _cached(path, key, stamps, weights, backbone, pipeline)) is not None:
+            if augment == "none":
+                _remember(prefix, samples, stamps, hit)
+            return hit
 
-    backbone.eval()
-    run = _runner(backbone, p, backend, backbone_id, len(samples))
+    def probe() -> torch.Tensor | None:
+        # Images from anywhere in the dataset, not the first batch (often a single class).
+        return pipeline.decode(random.SystemRandom().sample(range(len(samples)), len(samples)))[1]
+
+    run = _runner(backbone, p, backend, backbone_id, len(samples), probe)
     good, bad = [], []
     # One [N, D] buffer filled in place. Keeping each batch's output instead pinned ~15 MiB per
     # batch of 32 (onnxruntime's output arrays, and heap fragmentation around them): peak RSS
@@ -216,21 +216,204 @@ def extract(
         vectors = vectors[: len(good)].clone()
     out = Features(good, vectors, bad, run.name)
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        good_set = set(good)
-        keep = torch.tensor([s in good_set for s in samples], dtype=torch.uint8)
-        bad_json = json.dumps([(str(b), r) for b, r in bad]).encode()
-        blob = save(
-            {
-                "vectors": vectors.contiguous(),
-                "keep": keep,
-                "bad": torch.tensor(list(bad_json), dtype=torch.uint8),
-            }
-        )
-        atomic_write_bytes(path, blob)
+        engine = {"engine": run.name}
+        if run.session is not None:
+            engine["onnx_sha256"] = run.onnx_sha256
+        _write_entry(path, key, stamps, weights, samples, out, engine)
         if augment == "none":
             _remember(prefix, samples, stamps, out)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The feature cache: entries that carry their own checks
+
+# Rows of a cache entry recomputed with the backbone before the entry is used, and images the
+# exported ONNX backbone must match eager PyTorch on before it runs. Eight images cost one
+# small eager batch (~0.1 s for mobilenet_v3_small at 224 px on 2 cores, plus decoding them).
+CHECK_IMAGES = 8
+_FORMAT = "edgetransfer-features-2"
+# Longest reason for an unreadable image an entry may carry (they are printed to the terminal).
+_MAX_REASON = 1000
+
+
+class _Untrusted(Exception):
+    """A cache entry or cached export failed a check; the message says which (one line)."""
+
+
+def module_sha256(module: nn.Module) -> str:
+    """sha256 of a module's structure (its repr) and every tensor of its state dict."""
+    h = hashlib.sha256(repr(module).encode())
+    for k, v in module.state_dict().items():
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _vectors_sha256(vectors: torch.Tensor) -> str:
+    return hashlib.sha256(np.ascontiguousarray(vectors.numpy())).hexdigest()
+
+
+def _stamps_sha256(stamps: list[str]) -> str:
+    return hashlib.sha256("".join(stamps).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _write_entry(path, key, stamps, weights, samples, f: Features, engine: dict) -> None:
+    """Save `f` with the metadata :func:`_read_entry` checks."""
+    from safetensors.torch import save
+
+    good_set = set(f.samples)
+    keep = torch.tensor([s in good_set for s in samples], dtype=torch.uint8)
+    bad_json = json.dumps([(str(b), r) for b, r in f.bad]).encode()
+    vectors = f.vectors.contiguous()
+    meta = {
+        "format": _FORMAT,
+        "key": key,
+        "stamps_sha256": _stamps_sha256(stamps),
+        "backbone_sha256": weights,
+        "shape": json.dumps(list(vectors.shape)),
+        "dtype": "float32",
+        "vectors_sha256": _vectors_sha256(vectors),
+        **engine,
+    }
+    blob = save(
+        {"vectors": vectors, "keep": keep, "bad": torch.tensor(list(bad_json), dtype=torch.uint8)},
+        metadata=meta,
+    )
+    _cache_write(path, blob)
+
+
+def _cached(path, key, stamps, weights, backbone, pipeline) -> Features | None:
+    """The entry at `path` when it passes every check; None on a miss or (with one warning)
+    when it does not."""
+    try:
+        blob = path.read_bytes()
+    except OSError:  # no entry (or an unreadable cache folder): a miss
+        return None
+    try:
+        return _read_entry(blob, key, stamps, weights, backbone, pipeline)
+    except _Untrusted as e:
+        warnings.warn(
+            f"feature cache entry {path} not used ({e}); recomputing it",
+            EdgeTransferWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def _read_entry(blob: bytes, key, stamps, weights, backbone, pipeline) -> Features:
+    """The entry's features, or _Untrusted naming the first check that failed.
+
+    The metadata binds the entry to its key, samples and backbone weights, and the vectors to
+    their shape, dtype and sha256: that catches damage (truncation, a half-written or edited
+    file, an entry copied from elsewhere). It cannot catch a deliberate edit, since whoever can
+    rewrite the vectors can rewrite their hash in the same folder, and so can rewrite a
+    sidecar. What it cannot fake is the backbone: CHECK_IMAGES rows, chosen afresh at random
+    on every read, are recomputed with the eager backbone and must match. Zeroed, shuffled or
+    foreign vectors (such as ones a lying ONNX backbone produced) fail it for any row they
+    touch; a few tampered rows out of many can slip through one read, which is why verify
+    also checks the trained model's top-1 against the images themselves.
+    """
+    from safetensors.torch import load
+
+    samples = pipeline.samples
+    meta = _metadata(blob)
+    if meta.get("format") != _FORMAT:
+        raise _Untrusted("no content checks: written by an older version or another tool")
+    if meta.get("key") != key or meta.get("stamps_sha256") != _stamps_sha256(stamps):
+        raise _Untrusted("written for other images")
+    if meta.get("backbone_sha256") != weights:
+        raise _Untrusted("made by other backbone weights")
+    try:
+        tensors = load(blob)
+        keep, vectors, bad_bytes = tensors["keep"], tensors["vectors"], tensors["bad"]
+    except Exception as e:  # safetensors raises its own types for a damaged file
+        raise _Untrusted(f"unreadable: {_first_line(e)}") from None
+    if keep.dtype != torch.uint8 or keep.shape != (len(samples),) or bool((keep > 1).any()):
+        raise _Untrusted(f"its sample mask is not {len(samples)} zeros and ones")
+    rows = int(keep.sum())
+    if vectors.dtype != torch.float32:
+        raise _Untrusted(f"vectors are {str(vectors.dtype).removeprefix('torch.')}, not float32")
+    if vectors.dim() != 2 or len(vectors) != rows or (rows and vectors.shape[1] == 0):
+        raise _Untrusted(f"vectors have shape {tuple(vectors.shape)} for {rows} images")
+    if meta.get("shape") != json.dumps(list(vectors.shape)) or meta.get("dtype") != "float32":
+        raise _Untrusted("vectors differ from the recorded shape")
+    if not bool(torch.isfinite(vectors).all()):
+        raise _Untrusted("vectors are not all finite")
+    if _vectors_sha256(vectors) != meta.get("vectors_sha256"):
+        raise _Untrusted("vectors differ from their recorded sha256")
+    kept = [i for i, k in enumerate(keep.tolist()) if k]
+    bad = _bad_list(bad_bytes, [samples[i].path for i, k in enumerate(keep.tolist()) if not k])
+    if kept:
+        chosen = random.SystemRandom().sample(range(rows), min(CHECK_IMAGES, rows))
+        indices, x, failed = pipeline.decode([kept[j] for j in chosen], stop=len(chosen))
+        if failed:
+            raise _Untrusted(f"{samples[failed[0]].path.name} no longer decodes")
+        # One thread: for a check batch this small, two waiting on each other for a busy
+        # machine's cores took 90 ms where one took 4 (simple_cnn, 8 images).
+        want = _eager(backbone, x, threads=1)
+        problem = _difference(vectors[chosen], want, "cached vectors")
+        if problem:
+            raise _Untrusted(f"{problem} on {len(chosen)} rows recomputed now")
+    return Features([samples[i] for i in kept], vectors, bad, "cache")
+
+
+def _metadata(blob: bytes) -> dict:
+    """The string metadata of a safetensors file (its JSON header's __metadata__)."""
+    n = int.from_bytes(blob[:8], "little") if len(blob) >= 8 else -1
+    if n < 2 or n > len(blob) - 8:
+        raise _Untrusted("truncated or not a safetensors file")
+    try:
+        header = json.loads(blob[8 : 8 + n])
+    except ValueError:
+        raise _Untrusted("not a safetensors file") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def _bad_list(raw: torch.Tensor, want: list[Path]) -> list[tuple[Path, str]]:
+    """The entry's unreadable images: exactly the samples it has no vector for, with reasons
+    that are one printable line each."""
+    try:
+        bad = json.loads(bytes(raw.tolist()).decode())
+        pairs = [(Path(b), r) for b, r in bad]
+    except (ValueError, TypeError):
+        raise _Untrusted("its list of unreadable images is damaged") from None
+    ok = [b for b, _ in pairs] == want and all(
+        isinstance(r, str) and r.isprintable() and len(r) <= _MAX_REASON for _, r in pairs
+    )
+    if not ok:
+        raise _Untrusted("its list of unreadable images does not match the images")
+    return pairs
+
+
+_warned_unwritable: set[str] = set()
+
+
+def _cache_write(path: Path, blob: bytes) -> bool:
+    """Write a cache file atomically; a folder that cannot be written (full disk, read-only,
+    not a folder) is warned about once per process and the run goes on without the cache."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, blob)
+        return True
+    except OSError as e:
+        root = str(cache_dir())
+        if root not in _warned_unwritable:
+            _warned_unwritable.add(root)
+            reason = e.strerror or type(e).__name__
+            warnings.warn(
+                f"cache folder {root} cannot be written ({reason}); going on without the cache",
+                EdgeTransferWarning,
+                stacklevel=3,
+            )
+        return False
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,10 +497,8 @@ def _decoded(samples, p, augment, view, seed, limit, batch_size, workers, progre
     from tqdm import tqdm
 
     per_image, per_batch = _split_transform(p, augment, seed, view)
-    # Only as large as the first resize needs: the shorter side at least `resize`.
-    draft = (p.resize, p.resize) if augment in _DRAFT_SAFE else None
     n = decode_workers(samples, workers)
-    data = _Decode(samples, per_image, augment, limit, draft)
+    data = _Decode(samples, per_image, augment, limit, _draft(p, augment))
     # Two batches in flight: the next one decodes while the backbone runs on this one.
     items = _threaded(data, n, 2 * batch_size) if n else map(data.__getitem__, range(len(data)))
     bar = tqdm(total=len(samples), desc="features", unit="img", disable=not progress, leave=False)
@@ -339,6 +520,48 @@ def _decoded(samples, p, augment, view, seed, limit, batch_size, workers, progre
                 pending = []
         if pending:
             yield batch(pending)
+
+
+def _draft(p: Preprocessing, augment: str) -> tuple[int, int] | None:
+    """Only as large as the first resize needs: the shorter side at least `resize`."""
+    return (p.resize, p.resize) if augment in _DRAFT_SAFE else None
+
+
+@dataclass
+class _Pipeline:
+    """Decodes chosen samples exactly as extract's batches do (same transform, draft decoding
+    and per-image augmentation seeds), for the checks against eager PyTorch."""
+
+    samples: list[Sample]
+    p: Preprocessing
+    augment: str
+    view: int
+    seed: int
+    limit: int
+
+    def decode(
+        self, order: list[int], stop: int = CHECK_IMAGES
+    ) -> tuple[list[int], torch.Tensor | None, list[int]]:
+        """(decoded indices, their batch or None, indices that failed), in `order` until
+        `stop` images decoded."""
+        per_image, per_batch = _split_transform(self.p, self.augment, self.seed, self.view)
+        data = _Decode(
+            self.samples, per_image, self.augment, self.limit, _draft(self.p, self.augment)
+        )
+        good, xs, failed = [], [], []
+        with pillow_warnings_off():
+            for i in order:
+                _, x, _ = data[i]
+                if x is None:
+                    failed.append(i)
+                    continue
+                good.append(i)
+                xs.append(x)
+                if len(xs) == stop:
+                    break
+        if not xs:
+            return good, None, failed
+        return good, per_batch(xs) if per_batch else torch.stack(xs), failed
 
 
 def _threaded(data: _Decode, n: int, ahead: int):
@@ -384,53 +607,87 @@ def _seeded(transform, seed: int, view: int):
 # ---------------------------------------------------------------------------------------------
 # Backends
 
-CHECK_IMAGES = 2  # images of the first batch run through both engines to compare them
+
+def _eager(backbone: nn.Module, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    from edgetransfer.train import intra_op_threads
+
+    with torch.inference_mode(), intra_op_threads(threads):
+        return backbone(x).float()
 
 
 class _Runner:
     """Batch -> [B, D] float32 features, on the engine named by `name`.
 
-    On onnxruntime, the first batch is also run eagerly (its first CHECK_IMAGES images) and the
-    two must agree within the fp32 tolerance, or extraction goes on in PyTorch. Real images,
-    not random tensors: random inputs drive some backbones far outside the range their
-    BatchNorm statistics describe, where float rounding alone exceeds any sane tolerance.
+    An onnxruntime session is trusted only after :meth:`check`: it must match eager PyTorch on
+    CHECK_IMAGES real images (extract passes images drawn from the whole dataset; without them
+    the first batch's are used). Real images, not random tensors: random inputs drive some
+    backbones far outside the range their BatchNorm statistics describe, where float rounding
+    alone exceeds any sane tolerance.
     """
 
     def __init__(
-        self, backbone: nn.Module, session=None, failed: Path | None = None, strict: bool = False
+        self,
+        backbone: nn.Module,
+        session=None,
+        *,
+        p: Preprocessing | None = None,
+        path: Path | None = None,
+        cached: bool = False,
+        onnx_sha256: str = "",
+        strict: bool = False,
     ) -> None:
-        self.backbone, self.session, self.failed, self.strict = backbone, session, failed, strict
+        self.backbone, self.session, self.p, self.path = backbone, session, p, path
+        self.cached, self.onnx_sha256, self.strict = cached, onnx_sha256, strict
         self.name = "onnxruntime" if session is not None else "torch"
         self.checked = session is None
 
     def eager(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.backbone(x).float()
+        return _eager(self.backbone, x)
 
     def ort(self, x: torch.Tensor) -> torch.Tensor:
         name = self.session.get_inputs()[0].name
         return torch.from_numpy(self.session.run(None, {name: x.numpy()})[0]).float()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.session is None:
-            return self.eager(x)
-        got = self.ort(x)
         if not self.checked:
-            from edgetransfer.train import intra_op_threads
+            self.check(x[:CHECK_IMAGES])
+        return self.eager(x) if self.session is None else self.ort(x)
 
+    def check(self, x: torch.Tensor | None) -> None:
+        """Keep the session only if it matches eager on `x`. A cached export that does not (a
+        stale or tampered file) is exported again once; one that still differs is remembered
+        as failed and extraction runs on PyTorch."""
+        if self.session is None:
             self.checked = True
-            # One thread: two images gain nothing from two, and torch's threads waiting on
-            # onnxruntime's for a core made this check take 0.02-2 s on a busy 2-core machine.
-            with intra_op_threads(1):
-                want = self.eager(x[:CHECK_IMAGES])
-            problem = _difference(got[:CHECK_IMAGES], want)
-            if problem:
-                self.failed.parent.mkdir(parents=True, exist_ok=True)
-                self.failed.write_text(problem + "\n")
-                self.failed.with_suffix(".onnx").unlink(missing_ok=True)
-                self._fall_back(problem)
-                return self.eager(x)
-        return got
+            return
+        if x is None:  # no image decodes: checked on the first batch, should one come
+            return
+        self.checked = True
+        # One thread, and before onnxruntime runs: torch's threads waiting on onnxruntime's
+        # for a core made this check take 0.02-2 s on a busy 2-core machine.
+        want = _eager(self.backbone, x, threads=1)
+        problem = _difference(self.ort(x), want, "the ONNX backbone")
+        if problem and self.cached:
+            _forget(self.path)
+            try:
+                self.session, self.onnx_sha256 = _export_session(self.backbone, self.p, self.path)
+                self.cached = False
+                again = _difference(self.ort(x), want, "the ONNX backbone")
+            except EdgeTransferError as e:
+                again = str(e)
+            if again is None:
+                warnings.warn(
+                    f"the cached ONNX backbone {self.path} answered differently from eager "
+                    f"PyTorch ({problem}); replaced it with a fresh export",
+                    EdgeTransferWarning,
+                    stacklevel=4,
+                )
+                return
+            problem = again
+        if problem:
+            _cache_write(self.path.with_suffix(".failed"), (problem + "\n").encode())
+            _forget(self.path)
+            self._fall_back(problem)
 
     def _fall_back(self, problem: str) -> None:
         if self.strict:
@@ -441,21 +698,28 @@ class _Runner:
         self.session, self.name = None, "torch"
 
 
-def _difference(got: torch.Tensor, want: torch.Tensor) -> str | None:
+def _difference(got: torch.Tensor, want: torch.Tensor, what: str) -> str | None:
     """None when `got` matches `want` within verify.py's fp32 tolerance, else what differs."""
     from edgetransfer.verify import ATOL, RTOL
 
     if got.shape != want.shape:
-        return f"the ONNX backbone gives shape {tuple(got.shape)}, eager {tuple(want.shape)}"
+        return f"{what} gives shape {tuple(got.shape)}, eager {tuple(want.shape)}"
     err = (got - want).abs()
     if bool((err <= ATOL + RTOL * want.abs()).all()):
         return None
-    return f"the ONNX backbone differs from eager PyTorch (max |diff| {float(err.max()):.3g})"
+    return f"{what} differs from eager PyTorch (max |diff| {float(err.max()):.3g})"
 
 
 def _runner(
-    backbone: nn.Module, p: Preprocessing, backend: str, backbone_id: str, n: int
+    backbone: nn.Module,
+    p: Preprocessing,
+    backend: str,
+    backbone_id: str,
+    n: int,
+    probe: Callable[[], torch.Tensor | None] | None = None,
 ) -> _Runner:
+    """The engine for `backend`; an onnxruntime one checked on `probe()` images (when given;
+    else on its first batch)."""
     if backend == "torch":
         return _Runner(backbone)
     strict = backend == "onnxruntime"
@@ -467,19 +731,25 @@ def _runner(
         return _Runner(backbone)
     path = onnx_backbone_path(backbone, p, backbone_id)
     failed = path.with_suffix(".failed")
-    if backend == "auto" and n < AUTO_MIN_IMAGES and not path.is_file():
+    if backend == "auto" and n < AUTO_MIN_IMAGES and not _is_file(path):
         return _Runner(backbone)
     try:
-        if failed.is_file():
-            raise EdgeTransferError(
-                failed.read_text().strip() + " (remembered from an earlier run)"
-            )
-        session = _onnx_session(backbone, p, path, failed)
+        if _is_file(failed):
+            with contextlib.suppress(OSError):
+                lines = failed.read_text(errors="replace").strip().splitlines()
+                reason = (lines or ["the ONNX export failed"])[0][:300]
+                raise EdgeTransferError(f"{reason} (remembered from an earlier run)")
+        session, cached, sha = _onnx_session(backbone, p, path, failed)
     except EdgeTransferError as e:
         runner = _Runner(backbone, strict=strict)
         runner._fall_back(str(e))
         return runner
-    return _Runner(backbone, session, failed, strict)
+    runner = _Runner(
+        backbone, session, p=p, path=path, cached=cached, onnx_sha256=sha, strict=strict
+    )
+    if probe is not None:
+        runner.check(probe())
+    return runner
 
 
 def onnx_backbone_path(backbone: nn.Module, p: Preprocessing, backbone_id: str) -> Path:
@@ -488,53 +758,92 @@ def onnx_backbone_path(backbone: nn.Module, p: Preprocessing, backbone_id: str) 
     The weights are hashed too: an id such as "arch:none|seed" does not pin them on its own.
     """
     h = hashlib.sha256(f"{backbone_id}\n{tuple(p.input_size)}\n{torch.__version__}\n".encode())
-    h.update(repr(backbone).encode())
-    for k, v in backbone.state_dict().items():
-        t = v.detach().cpu().contiguous()
-        h.update(f"{k}{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(module_sha256(backbone).encode())
     return cache_dir() / "backbones" / f"{h.hexdigest()[:32]}.onnx"
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a cache folder we may not enter
+        return False
+
+
+def _forget(path: Path) -> None:
+    """Remove a cached export and its recorded sha256 (best effort)."""
+    for p in (path, path.with_suffix(".sha256")):
+        with contextlib.suppress(OSError):
+            p.unlink(missing_ok=True)
+
+
 def _onnx_session(backbone: nn.Module, p: Preprocessing, path: Path, failed: Path):
-    """An onnxruntime session of the backbone: the cached export, or a new one.
+    """(session, from the cache?, sha256 of the ONNX file) for the backbone: the cached export
+    when its sha256 is the one recorded at export, else a new export.
 
     A backbone that does not export is remembered (`failed`) so later runs do not try again.
     """
     from edgetransfer.runtime import open_session
 
-    if path.is_file():
+    if _is_file(path):
         try:
-            return open_session(path)
-        except EdgeTransferError:
-            path.unlink(missing_ok=True)  # a damaged cache entry is exported again
+            sha = sha256_file(path)
+            recorded = path.with_suffix(".sha256").read_text().strip()
+        except OSError:  # no record (an older cache): exported again, silently
+            recorded = sha = ""
+        if sha and sha == recorded:
+            try:
+                return open_session(path), True, sha
+            except EdgeTransferError:
+                pass  # a damaged cache entry is exported again
+        elif recorded:
+            warnings.warn(
+                f"the cached ONNX backbone {path} changed after it was exported (its sha256 is "
+                "not the recorded one); exporting it again",
+                EdgeTransferWarning,
+                stacklevel=4,
+            )
+        _forget(path)
     try:
-        _export_backbone(backbone, p, path)
-        return open_session(path)
+        session, sha = _export_session(backbone, p, path)
     except EdgeTransferError as e:
-        path.unlink(missing_ok=True)
-        failed.parent.mkdir(parents=True, exist_ok=True)
-        failed.write_text(str(e) + "\n")
+        if not isinstance(e.__cause__, OSError):  # a full temp folder is not the backbone's fault
+            _cache_write(failed, (str(e) + "\n").encode())
         raise
+    return session, False, sha
+
+
+def _export_session(backbone: nn.Module, p: Preprocessing, path: Path):
+    """Export the backbone into a temp folder, open it, and cache it at `path` with its sha256
+    beside it: (session, sha256). The session does not depend on the cache being writable."""
+    from edgetransfer.runtime import open_session
+
+    with tempfile.TemporaryDirectory(prefix="edgetransfer-backbone-") as tmp:
+        out = Path(tmp) / "backbone.onnx"
+        _export_backbone(backbone, p, out)
+        session = open_session(out)
+        blob = out.read_bytes()
+    sha = hashlib.sha256(blob).hexdigest()
+    # the record second: a reader that finds the record finds the file it describes
+    if _cache_write(path, blob):
+        _cache_write(path.with_suffix(".sha256"), (sha + "\n").encode())
+    return session, sha
 
 
 def _export_backbone(backbone: nn.Module, p: Preprocessing, path: Path) -> None:
     """ONNX with a dynamic batch: the TorchScript exporter first (10x quicker to export than
     dynamo here, and its graph ran faster under onnxruntime), dynamo when that fails."""
-    from edgetransfer.export import _first_line, _torch_onnx_export
+    from edgetransfer.export import _torch_onnx_export
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
     example = torch.randn(2, 3, *p.input_size, generator=torch.Generator().manual_seed(0))
     errors = []
-    try:
-        for exporter in ("torchscript", "dynamo"):
-            try:
-                _torch_onnx_export(backbone, example, tmp, exporter, None, "input", ["features"])
-                os.replace(tmp, path)  # atomic: a concurrent run never sees half a file
-                return
-            except Exception as e:  # exporter failures come in many types
-                errors.append(f"{exporter}: {_first_line(e)}")
-    finally:
-        tmp.unlink(missing_ok=True)
-    raise EdgeTransferError("the backbone does not export to ONNX (" + "; ".join(errors) + ")")
+    cause = None
+    for exporter in ("torchscript", "dynamo"):
+        try:
+            _torch_onnx_export(backbone, example, path, exporter, None, "input", ["features"])
+            return
+        except Exception as e:  # exporter failures come in many types
+            errors.append(f"{exporter}: {_first_line(e)}")
+            cause = e if isinstance(e, OSError) else cause
+    raise EdgeTransferError(
+        "the backbone does not export to ONNX (" + "; ".join(errors) + ")"
+    ) from cause

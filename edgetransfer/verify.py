@@ -29,6 +29,10 @@ CODE_RUNTIMES = {
 # Quantised/fp16 models are judged by accuracy: at most this drop in top-1 against eager.
 MAX_TOP1_DROP = 0.01
 PARITY_NAME = "parity.json"
+# Eager top-1 on the run's own validation split may differ from the val_top1 adapt recorded by
+# this much plus one image (adapt may decode JPEGs at a reduced scale and run the backbone on
+# onnxruntime, which can flip a borderline image), plus the sampling error of a --limit subset.
+MAX_RECORDED_GAP = 0.02
 
 # runtime name -> (file in EXPORT_DIR, kind); "exact" is judged elementwise, "reduced" by accuracy
 RUNTIMES = {
@@ -93,6 +97,64 @@ class RuntimeParity:
 
 
 @dataclass
+class RecordedCheck:
+    """Eager top-1 on the run's validation images against the val_top1 adapt recorded.
+
+    The other checks compare artifacts with the eager model rebuilt from the run's weights,
+    which agree with each other even when the head was trained on features that did not come
+    from this backbone (a tampered feature cache or cached ONNX backbone). This one compares
+    the model with the images themselves: such a head scores far below what adapt recorded.
+    """
+
+    checked: bool
+    reason: str = ""  # why it was not checked
+    recorded: float | None = None
+    eager: float | None = None
+    images: int = 0
+    allowed: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        if not self.checked or self.eager is None or self.recorded is None:
+            return True
+        return abs(self.eager - self.recorded) <= self.allowed + 1e-9
+
+    def problem(self) -> str:
+        return (
+            f"eager top-1 on the run's {self.images} validation images is {self.eager:.1%} but "
+            f"adapt recorded {self.recorded:.1%} (allowed +-{self.allowed:.1%}): the head was "
+            "trained on features this backbone does not produce (a damaged feature cache?); "
+            "adapt again with --no-cache"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in vars(self).items() if v is not None and v != ""}
+        d["passed"] = self.passed
+        return d
+
+
+def recorded_check(
+    manifest, dataset, eager_top1: float | None, images: int, split_images: int
+) -> RecordedCheck:
+    """Judge `eager_top1` (on `images` of the `split_images` validation images) against the
+    val_top1 in `manifest`; checked only when `dataset` is the data the run was adapted on."""
+    recorded = manifest.metrics.get("val_top1")
+    if not isinstance(recorded, int | float):
+        return RecordedCheck(False, "the manifest records no val_top1")
+    if eager_top1 is None:
+        return RecordedCheck(False, "the folder's class names are not the model's labels")
+    if dataset.fingerprint() != manifest.data.get("fingerprint"):
+        return RecordedCheck(
+            False, "not the run's data (its fingerprint differs): its split is not the run's"
+        )
+    n, total, p = images, max(split_images, images), float(recorded)
+    # a seeded subset (--limit) of the split: hypergeometric standard error, three of them
+    sampling = 3 * (p * (1 - p) / n * (total - n) / max(total - 1, 1)) ** 0.5
+    allowed = MAX_RECORDED_GAP + 1 / n + sampling
+    return RecordedCheck(True, "", p, eager_top1, n, round(allowed, 6))
+
+
+@dataclass
 class ParityReport:
     export_dir: Path
     images: int
@@ -100,10 +162,12 @@ class ParityReport:
     rtol: float
     runtimes: list[RuntimeParity] = field(default_factory=list)
     eager_top1: float | None = None  # accuracy against the folder labels, when they match
+    recorded: RecordedCheck | None = None
 
     @property
     def passed(self) -> bool:
-        return bool(self.runtimes) and all(r.passed for r in self.runtimes)
+        recorded_ok = self.recorded is None or self.recorded.passed
+        return bool(self.runtimes) and all(r.passed for r in self.runtimes) and recorded_ok
 
     def to_dict(self) -> dict[str, Any]:
         def row(r: RuntimeParity) -> dict[str, Any]:
@@ -123,6 +187,7 @@ class ParityReport:
                 "max_top1_drop_reduced": MAX_TOP1_DROP,
             },
             "eager_top1": self.eager_top1,
+            "recorded_val_top1": self.recorded.to_dict() if self.recorded else None,
             "runtimes": {r.runtime: row(r) for r in self.runtimes},
         }
 
@@ -139,6 +204,12 @@ class ParityReport:
                 f"{r.violations if r.kind == 'exact' else '-':>7} "
                 f"{r.top1_agreement:>7.1%} {top1:>6}  {'ok' if r.passed else 'FAIL'}"
             )
+        c = self.recorded
+        if c is not None and c.checked:
+            rows.append(
+                f"eager top-1 {c.eager:.1%} on {c.images} validation images, adapt recorded "
+                f"{c.recorded:.1%}  {'ok' if c.passed else 'FAIL'}"
+            )
         return "\n".join(rows)
 
     def raise_for_failures(self) -> None:
@@ -146,6 +217,8 @@ class ParityReport:
         if not self.runtimes:
             raise ParityError("no exported model to verify (model.onnx / model.pt / ...)")
         failed = [r.problem(self.atol, self.rtol) for r in self.runtimes if not r.passed]
+        if self.recorded is not None and not self.recorded.passed:
+            failed.append(self.recorded.problem())
         if failed:
             raise ParityError("parity failed: " + "; ".join(failed))
 
@@ -267,6 +340,7 @@ def verify(
         data_dir, float(manifest.adapt.get("val_fraction", 0.2)), int(manifest.adapt.get("seed", 0))
     )
     samples = dataset.split("val") or dataset.samples
+    split_images = len(samples)
     if limit and limit < len(samples):  # a seeded sample across classes, not the first class
         import random
 
@@ -378,6 +452,7 @@ def verify(
         report.runtimes.append(row)
     if truth is not None:
         report.eager_top1 = float((ref.argmax(1) == truth).mean())
+    report.recorded = recorded_check(manifest, dataset, report.eager_top1, len(kept), split_images)
     if write:
         atomic_write_text(export_dir / PARITY_NAME, json.dumps(report.to_dict(), indent=2) + "\n")
     return report
