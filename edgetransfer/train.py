@@ -499,7 +499,8 @@ def _load_checkpoint(path: Path | None, fingerprint: str, model, opt, cfg: Train
     except Exception as e:  # a damaged checkpoint must not be half-used
         # not str(e): torch's advice to load with weights_only=False must not reach users
         raise damaged(f"not a readable checkpoint: {type(e).__name__}") from None
-    if isinstance(state, dict) and "fingerprint" in state and state["fingerprint"] != fingerprint:
+    mark = state.get("fingerprint") if isinstance(state, dict) else None
+    if isinstance(mark, str) and mark != fingerprint:
         raise EdgeTransferError(
             f"checkpoint {path} belongs to a different run (data, strategy or settings changed); "
             "run without --resume"
@@ -542,6 +543,8 @@ def checkpoint_problem(state, model: nn.Module, opt: torch.optim.Optimizer, cfg:
     missing = [k for k in _CHECKPOINT_KEYS if k not in state]
     if missing:
         return "missing " + ", ".join(missing[:4])
+    if not isinstance(state["fingerprint"], str):
+        return "the run fingerprint is not text"
     counts = {k: state[k] for k in ("epoch", "step", "stale", "best_epoch")}
     bad = [k for k, v in counts.items() if not _is_int(v) or v < 0]
     if bad:
@@ -599,7 +602,8 @@ def _is_number(v) -> bool:
 
 
 def _is_scalar(v) -> bool:
-    return _is_number(v) or (isinstance(v, torch.Tensor) and v.numel() == 1)
+    """A number, or a 0-d floating tensor (the optimizers use them as step factors)."""
+    return _is_number(v) or (isinstance(v, torch.Tensor) and v.dim() == 0 and v.is_floating_point())
 
 
 def _weights_problem(weights, expected: dict[str, torch.Tensor]) -> str | None:
@@ -633,7 +637,8 @@ def _optimizer_problem(saved, opt: torch.optim.Optimizer) -> str | None:
     ):
         return "the optimizer's parameter groups do not fit the model"
     params = [p for group in ours for p in group]
-    if [i for g in groups for i in g["params"]] != list(range(len(params))):
+    ids = [i for g in groups for i in g["params"]]
+    if not all(_is_int(i) for i in ids) or ids != list(range(len(params))):
         return "the optimizer's parameter numbering is malformed"
     per_param = saved["state"]
     if not all(
@@ -648,6 +653,8 @@ def _optimizer_problem(saved, opt: torch.optim.Optimizer) -> str | None:
             continue
         if set(st) != {"step", "exp_avg", "exp_avg_sq"} or not _is_scalar(st["step"]):
             return "the optimizer state is malformed"
+        if not 1 <= float(st["step"]) < math.inf:  # Adam divides by 1 - beta**step
+            return f"optimizer step count {float(st['step'])} of parameter {i} is not >= 1"
         for key in ("exp_avg", "exp_avg_sq"):
             t = st[key]
             if not isinstance(t, torch.Tensor) or t.shape != p.shape or t.dtype != p.dtype:
