@@ -243,10 +243,13 @@ def test_two_threads_replacing_one_folder(tmp_path):
 
 _WRITER = """
 import sys
+import time
 from pathlib import Path
 from edgetransfer import fileio
 from edgetransfer.errors import EdgeTransferError
 out, tag = Path(sys.argv[1]), sys.argv[2]
+while not (out.parent / "go").exists():  # both start together
+    time.sleep(0.001)
 for i in range(int(sys.argv[3])):
     try:
         with fileio.output_dir(out, force=True) as tmp:
@@ -261,14 +264,16 @@ def test_two_processes_replacing_one_folder(tmp_path):
     out = tmp_path / "out"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _WRITER, str(out), tag, "150"],
+            [sys.executable, "-c", _WRITER, str(out), tag, "200"],
             cwd=ROOT,
             stderr=subprocess.PIPE,
             text=True,
         )
         for tag in "xy"
     ]
-    errs = [p.communicate(timeout=120)[1] for p in procs]
+    time.sleep(1.0)  # both imported
+    (tmp_path / "go").write_text("")
+    errs = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs
     assert (out / "a.txt").read_text() == (out / "b.txt").read_text()
     assert temps(tmp_path) == []
