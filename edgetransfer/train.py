@@ -531,7 +531,9 @@ _CHECKPOINT_KEYS = ("fingerprint", "model", "opt", "epoch", "step", "stale", "hi
 _HISTORY_KEYS = {"epoch", "train_loss", "train_top1", "val_loss", "val_top1"}
 
 
-def checkpoint_problem(state, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig):
+def checkpoint_problem(
+    state, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig
+) -> str | None:
     """What makes `state` unusable to resume training `model` with `opt`, or None.
 
     Checks what fit() would trip over later: types, the saved weights' names, shapes and
