@@ -566,10 +566,10 @@ def checkpoint_problem(
     history = state["history"]
     if not isinstance(history, list) or len(history) != epoch - 1:
         return f"history should have {epoch - 1} rows"
-    for row in history:
+    for i, row in enumerate(history, 1):
         if not isinstance(row, dict) or set(row) != _HISTORY_KEYS:
             return "a history row is malformed"
-        if not all(_is_number(v) for v in row.values()):
+        if not all(_is_number(v) for v in row.values()) or row["epoch"] != i:
             return "a history row is malformed"
     run = state["run"]
     if not isinstance(run, dict) or set(run) != {"total", "correct", "seen"}:
