@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -105,8 +106,29 @@ def checkpoint_path(out: Path) -> Path:
 
 def adapt(cfg: AdaptConfig) -> AdaptResult:
     """Adapt a source model to DATA_DIR with the chosen strategy and write RUN_DIR."""
-    with _heap_frozen():
+    with _heap_frozen(), _no_checkpoint_left_on_a_full_disk(cfg):
         return _adapt(cfg)
+
+
+def inputs(cfg: AdaptConfig) -> list:
+    """What adapt reads: RUN_DIR may not be, or contain, any of these (fileio.check_can_write)."""
+    weights = cfg.weights if cfg.weights and os.path.exists(cfg.weights) else None
+    return [cfg.data_dir, cfg.teacher, cfg.source_data, weights]
+
+
+@contextlib.contextmanager
+def _no_checkpoint_left_on_a_full_disk(cfg: AdaptConfig):
+    """A fresh run that fails on a full disk removes its checkpoint: it only holds space the
+    user needs, and the advice is to run again. One being resumed from is the user's progress
+    and stays."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT) and not cfg.resume:
+            from edgetransfer.train import remove_checkpoint
+
+            remove_checkpoint(checkpoint_path(cfg.out))
+        raise
 
 
 @contextlib.contextmanager
@@ -177,7 +199,7 @@ def _adapt(cfg: AdaptConfig) -> AdaptResult:
             f"--augment {augment} needs --views K (K > 1) with --strategy head: features are "
             "computed once per cached view"
         )
-    check_can_write(cfg.out, cfg.force)
+    check_can_write(cfg.out, cfg.force, inputs(cfg))
     dataset = scan(cfg.data_dir, cfg.val_fraction, cfg.seed)
     torch.manual_seed(cfg.seed)  # before building: --weights none must be reproducible
     source = load_source(cfg.arch, cfg.weights)
@@ -694,7 +716,7 @@ def _train(
 def _write_run(cfg: AdaptConfig, model, manifest: Manifest, result, bad, memory) -> list[str]:
     from edgetransfer.fileio import atomic_write_text, output_dir
 
-    with output_dir(cfg.out, cfg.force) as tmp:
+    with output_dir(cfg.out, cfg.force, inputs(cfg)) as tmp:
         save_model(model, manifest, tmp / "model.safetensors")
         atomic_write_text(tmp / MANIFEST_NAME, manifest.to_json())
         atomic_write_text(tmp / "history.json", json.dumps(result.history, indent=1) + "\n")

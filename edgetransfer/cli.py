@@ -11,7 +11,9 @@ import functools
 import io
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -24,14 +26,26 @@ from edgetransfer.errors import EdgeTransferError, EdgeTransferWarning, printabl
 _OS_ADVICE = {
     errno.ENOSPC: "no space left on device while writing {}; free some space and run again",
     errno.EDQUOT: "disk quota exceeded while writing {}; free some space and run again",
-    errno.EROFS: "read-only file system: cannot write {}; choose a writable --out",
+    errno.EROFS: "read-only file system: cannot write {}",  # + the command's output option
     errno.EACCES: "permission denied: {}",
     errno.EPERM: "operation not permitted: {}",
 }
+# the option that names a command's output, for "choose a writable ..." (verify has none)
+_OUTPUT_PARAMS = {"out": "--out", "report_dir": "--report", "out_dir": "OUT_DIR"}
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so temp files and folders are cleaned up on the
+    way out as after Ctrl-C (adapt's training loop handles it itself: train.Stop)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated
 
 
 class _Group(click.Group):
-    """Turns library errors into one-line Click errors (exit 1) and Ctrl-C into exit 130.
+    """Turns library errors into one-line Click errors (exit 1), Ctrl-C into exit 130 and
+    SIGTERM into exit 143, each after the temp files of the interrupted write are removed.
 
     Also: a full disk or a permission problem becomes one line, edgetransfer warnings print as
     one `Warning:` line, and file names that are not valid UTF-8 never crash the output.
@@ -42,6 +56,8 @@ class _Group(click.Group):
             # Undecodable bytes in a file name go out as the same bytes, as `ls`/`find` do.
             with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
                 stream.reconfigure(errors="surrogateescape")
+        main = threading.current_thread() is threading.main_thread()
+        old_sigterm = signal.signal(signal.SIGTERM, _on_sigterm) if main else None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("always", EdgeTransferWarning)  # _show_warning dedupes
@@ -53,14 +69,32 @@ class _Group(click.Group):
             if e.errno not in _OS_ADVICE:
                 raise
             what = printable(os.fsdecode(e.filename)) if e.filename is not None else "output"
-            raise click.ClickException(_OS_ADVICE[e.errno].format(what)) from None
+            message = _OS_ADVICE[e.errno].format(what)
+            if e.errno == errno.EROFS:
+                message += _writable_hint(self, ctx)
+            raise click.ClickException(message) from None
         except EdgeTransferError as e:
             err = click.ClickException(printable(str(e)))
             err.exit_code = getattr(e, "exit_code", 1)  # 130/143 after an interrupted adapt
             raise err from None
+        except _Terminated:
+            click.echo("Terminated (SIGTERM); nothing was written.", err=True)
+            sys.exit(128 + signal.SIGTERM)
         except KeyboardInterrupt:
             click.echo("Interrupted; nothing was written.", err=True)
             sys.exit(130)
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, old_sigterm or signal.SIG_DFL)
+
+
+def _writable_hint(group: click.Group, ctx: click.Context) -> str:
+    """The "; choose a writable --out" hint for a command with an output option, else ""."""
+    cmd = group.get_command(ctx, ctx.invoked_subcommand or "")
+    for param in getattr(cmd, "params", ()):
+        if param.name in _OUTPUT_PARAMS:
+            return f"; choose a writable {_OUTPUT_PARAMS[param.name]}"
+    return ""
 
 
 def _show_warning(other, shown, message, category, filename, lineno, file=None, line=None):
@@ -623,7 +657,7 @@ def evaluate(
         from edgetransfer.report import require_matplotlib
 
         require_matplotlib()  # fail before the work, not after it
-        check_can_write(report_dir, force)
+        check_can_write(report_dir, force, (model, data_dir))
     res = run_evaluate(
         model,
         data_dir,

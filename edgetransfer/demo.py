@@ -46,13 +46,14 @@ def run_demo(out: Path, force: bool = False, progress: bool = False) -> DemoResu
     """adapt -> export -> verify -> predict on the shipped data, all under `out`."""
     from edgetransfer.adapt import AdaptConfig, adapt
     from edgetransfer.export import ExportConfig, export
-    from edgetransfer.fileio import check_can_write
+    from edgetransfer.fileio import check_can_write, write_marker
     from edgetransfer.runtime import OnnxClassifier
     from edgetransfer.verify import verify
 
     out = Path(out)
-    check_can_write(out, force)
     data = sample_data()
+    check_can_write(out, force, (data, source_sample_data(), source_model()))
+    write_marker(out)  # OUT_DIR holds run/ and export/: marked so a later --force may reuse it
     run_dir, export_dir = out / "run", out / "export"
     res = adapt(
         AdaptConfig(

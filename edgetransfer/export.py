@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 import warnings
 from dataclasses import dataclass, field
@@ -77,7 +78,7 @@ def export(cfg: ExportConfig) -> ExportResult:
     """Write EXPORT_DIR. The weights are copied so `verify` can rebuild the eager reference."""
     import torch
 
-    from edgetransfer.adapt import load_run
+    from edgetransfer.adapt import load_run, run_data_dir
     from edgetransfer.fileio import atomic_write_text, check_can_write, output_dir, sha256_file
 
     if cfg.exporter not in (*EXPORTERS, "auto"):
@@ -88,7 +89,8 @@ def export(cfg: ExportConfig) -> ExportResult:
             or cfg.optimize):
         raise ExportError("nothing to export; pass --onnx, --torchscript, --raw, --pt2, --int8, "
                           "--fp16 or --optimize")
-    check_can_write(cfg.out, cfg.force)
+    inputs = [cfg.run_dir, cfg.data_dir or run_data_dir(cfg.run_dir)]
+    check_can_write(cfg.out, cfg.force, inputs)
     model, manifest = load_run(cfg.run_dir)
     dataset, notes = _dataset(cfg, manifest)
     if (cfg.int8 or cfg.fp16) and dataset is None:
@@ -98,7 +100,7 @@ def export(cfg: ExportConfig) -> ExportResult:
     h, w = manifest.preprocessing.input_size
     example = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
     report: dict = {"exporter": None, "opset": cfg.opset, "artifacts": {}, "notes": notes}
-    with output_dir(cfg.out, cfg.force) as tmp:
+    with output_dir(cfg.out, cfg.force, inputs) as tmp:
         # int8/fp16/optimize are made from model.onnx, which stays as their fp32 baseline
         need_onnx = cfg.onnx or cfg.int8 or cfg.fp16 or cfg.optimize
         exporter = cfg.exporter
@@ -343,14 +345,25 @@ def export_onnx_checked(
 
 
 @contextlib.contextmanager
-def onnx_step(what: str, *temps: Path):
+def onnx_step(what: str, *temps: Path, target: Path | None = None):
     """One step that writes ONNX through temp files: any foreign failure becomes a one-line
-    ExportError naming `what`, and the temp files are removed whatever happens."""
+    ExportError naming `what`, and the temp files are removed whatever happens.
+
+    A full disk or a permission problem, even wrapped by the exporter, stays an OSError naming
+    the file (`target` when the error names none), so the CLI gives its usual advice."""
+    from edgetransfer.fileio import user_os_error
+
     try:
         yield
     except ExportError:
         raise
     except Exception as e:  # exporters and converters fail in many types
+        found = user_os_error(e)
+        if found is not None:
+            name = found.filename
+            if target is not None and (name is None or Path(os.fsdecode(name)) in temps):
+                name = target  # the file the user asked for, not our temp beside it
+            raise type(found)(found.errno, found.strerror, name) from None
         raise ExportError(f"{what} failed: {_first_line(e)}") from None
     finally:
         for t in temps:
@@ -362,7 +375,7 @@ def export_onnx(
 ) -> None:
     """ONNX with a dynamic batch dimension, the manifest in metadata_props, fully checked."""
     tmp = path.with_name(path.name + ".tmp")
-    with onnx_step(f"ONNX export ({exporter}) of {manifest.arch}", tmp):
+    with onnx_step(f"ONNX export ({exporter}) of {manifest.arch}", tmp, target=path):
         _torch_onnx_export(
             model, example, tmp, exporter, opset, manifest.io["input"], output_names(manifest)
         )
@@ -436,7 +449,7 @@ def export_raw(
     example = torch.randint(0, 256, (2, h, w, 3), dtype=torch.uint8)
     rm = raw_manifest(manifest)
     tmp = path.with_name(path.name + ".tmp")
-    with onnx_step(f"raw-pixel export ({exporter})", tmp):
+    with onnx_step(f"raw-pixel export ({exporter})", tmp, target=path):
         _torch_onnx_export(
             wrapped, example, tmp, exporter, opset, "image", ["probs", *output_names(rm)]
         )

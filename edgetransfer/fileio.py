@@ -4,23 +4,35 @@ Guarantees, whatever happens mid-run (an exception, a full disk, SIGKILL, a powe
 folder written here is either the complete old one or the complete new one, never a mix, and the
 temp files a killed run leaves behind are cleaned up (or, for a folder caught mid-swap, put back)
 by the next run that writes beside them.
+
+`--force` replaces only what edgetransfer wrote (:func:`check_can_write` is the one rule), and
+two runs writing the same folder at once take turns for the swap instead of tripping each other.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from edgetransfer.errors import OutputExistsError
+from edgetransfer.errors import EdgeTransferError, OutputExistsError
+from edgetransfer.manifest import MANIFEST_NAME
 
 TMP_PREFIX = ".edgetransfer-tmp-"
 _BACKUP = "old-"  # .edgetransfer-tmp-<pid>-old-<name>: the previous <name> during a swap
+# Written into every folder output_dir makes that holds no manifest (a report folder), so a
+# later --force can tell it from a user's folder.
+MARKER = ".edgetransfer"
+MARKER_TEXT = "written by edgetransfer: --force may replace this folder\n"
+# errors the user fixes (space, quota, permissions), worth digging out of an exporter's wrapper
+USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -58,7 +70,11 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(e, OSError):
-            raise _with_filename(e, path) from None
+            raise _renamed(_with_filename(e, path), Path(tmp), path) from None
+        # torch.save reports a full disk as a RuntimeError raised while the ENOSPC is handled
+        found = user_os_error(e) if isinstance(e, Exception) else None
+        if found is not None:
+            raise _renamed(_with_filename(found, path), Path(tmp), path) from None
         raise
     _fsync_dir(path.parent)
 
@@ -74,52 +90,182 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def check_can_write(path: str | os.PathLike, force: bool) -> None:
-    """Raise OutputExistsError when `path` exists and `force` is off."""
-    path = Path(path)
-    if path.exists() and not force:
+def check_can_write(
+    path: str | os.PathLike, force: bool, inputs: Iterable[str | os.PathLike | None] = ()
+) -> None:
+    """The one rule for writing an output folder; raises OutputExistsError when it is broken.
+
+    `path` must not be one of the command's `inputs` (DATA_DIR, RUN_DIR, a model, a teacher...)
+    nor a folder containing one, symlinks resolved; a folder inside an input is fine (the
+    default `export RUN --out RUN/export`). An existing `path` needs `force`, and even then
+    must be an empty folder or one edgetransfer wrote (it holds edgetransfer.json or the
+    .edgetransfer marker): --force never deletes a user's folder.
+    """
+    path = Path(path).absolute()
+    _check_not_an_input(path, inputs)
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return  # (a parent that is a file: making the folder fails with the OS's own words)
+    if not force:
         raise OutputExistsError(f"{path} already exists; pass --force to replace it")
+    if not stat.S_ISDIR(st.st_mode):
+        raise OutputExistsError(f"{path} exists and is not a folder; choose another --out")
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        return  # another run is swapping it; output_dir checks again before its own swap
+    if names and MANIFEST_NAME not in names and MARKER not in names:
+        raise OutputExistsError(
+            f"refusing to replace {path} with --force: it was not written by edgetransfer "
+            f"(no {MANIFEST_NAME} or {MARKER} in it); choose a new output folder or remove it "
+            "yourself"
+        )
+
+
+def write_marker(folder: str | os.PathLike) -> None:
+    """Create `folder` if needed and mark it as written by edgetransfer (see check_can_write)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / MARKER, MARKER_TEXT)
+
+
+def _check_not_an_input(path: Path, inputs: Iterable[str | os.PathLike | None]) -> None:
+    out = Path(os.path.realpath(path))
+    for given in inputs:
+        if given is None:
+            continue
+        real = Path(os.path.realpath(given))
+        if real == out or out in real.parents:
+            what = "is" if real == out else "contains"
+            raise OutputExistsError(
+                f"refusing to write {path}: it {what} the input {os.fsdecode(given)}; "
+                "choose another output folder"
+            )
+
+
+def user_os_error(e: BaseException) -> OSError | None:
+    """The OSError a user can fix (full disk, read-only, no permission) that `e` is or that
+    caused it (exporters and torch.save wrap them); None when there is none."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in USER_ERRNOS:
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 @contextlib.contextmanager
-def output_dir(path: str | os.PathLike, force: bool) -> Iterator[Path]:
+def output_dir(
+    path: str | os.PathLike, force: bool, inputs: Iterable[str | os.PathLike | None] = ()
+) -> Iterator[Path]:
     """Yield a fresh temp folder beside `path`; on success it replaces `path`.
 
     On any failure the temp folder is removed and an existing `path` is left untouched, so
     an interrupted or failed run never damages earlier results. The old folder is renamed
     aside before the new one takes its place; if the process dies between the two renames, the
-    next run writing beside it renames the old folder back.
+    next run writing beside it renames the old folder back. What may be replaced is decided by
+    :func:`check_can_write` with the command's `inputs`, here and again just before the swap
+    (another run may have written `path` meanwhile). Errors name `path`, never the temp folder.
     """
     path = Path(path).absolute()
+    inputs = list(inputs)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(path.parent)  # first: it may put back a folder a killed run moved
-    check_can_write(path, force)
-    if path.exists() and not path.is_dir():
-        raise OutputExistsError(f"{path} exists and is not a folder; choose another --out")
+    check_can_write(path, force, inputs)
     tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(), dir=path.parent))
     try:
         yield tmp
-        if path.exists():
-            backup = path.parent / f"{_tmp_prefix()}{_BACKUP}{path.name}"
-            os.replace(path, backup)
+        if not (tmp / MANIFEST_NAME).exists():
+            write_marker(tmp)
+        with _folder_lock(path.parent) as locked:
+            check_can_write(path, force, inputs)
             try:
-                os.replace(tmp, path)
-            except BaseException:
-                os.replace(backup, path)
-                raise
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+                _swap(tmp, path)
+            except OSError as e:
+                if locked or e.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                raise OutputExistsError(
+                    f"another edgetransfer run is writing {path}; try again"
+                ) from None
         _fsync_dir(path.parent)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        name = os.fsdecode(e.filename) if e.filename is not None else ""
-        if name.startswith(str(tmp)):  # name the file the user asked for, not our temp
-            raise type(e)(e.errno, e.strerror, str(path) + name[len(str(tmp)) :]) from None
+        raise _renamed(e, tmp, path) from None
+    except EdgeTransferError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.args and isinstance(e.args[0], str) and str(tmp) in e.args[0]:
+            e.args = (e.args[0].replace(str(tmp), str(path)), *e.args[1:])
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _swap(tmp: Path, path: Path) -> None:
+    """Put `tmp` where `path` is; the old `path` is renamed aside first, put back on failure."""
+    if not os.path.lexists(path):
+        os.replace(tmp, path)
+        return
+    backup = path.parent / f"{_tmp_prefix()}{_BACKUP}{path.name}"
+    os.replace(path, backup)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(backup, path)
+        raise
+    if backup.is_symlink():  # a link to a folder was replaced: the folder itself stays
+        backup.unlink()
+    else:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[bool]:
+    """An exclusive flock on `folder`, so runs swapping outputs in it take turns.
+
+    Yields whether the lock is held: best effort, not every OS or filesystem has flock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield False
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            locked = True
+        except OSError:
+            locked = False
+        yield locked
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _renamed(e: OSError, temp: Path, user: Path) -> OSError:
+    """`e` with the file names under `temp` (our temp file or folder) given under `user`."""
+
+    def fix(name):
+        if name is None:
+            return None
+        text = os.fsdecode(name)
+        if text == str(temp) or text.startswith(str(temp) + os.sep):
+            return str(user) + text[len(str(temp)) :]
+        if os.path.basename(text).startswith(TMP_PREFIX):
+            return str(user)  # a swap's backup
+        return name
+
+    filename, filename2 = fix(e.filename), fix(e.filename2)
+    if (filename, filename2) == (e.filename, e.filename2):
+        return e
+    return type(e)(e.errno, e.strerror, filename, None, filename2)
 
 
 def _with_filename(e: OSError, path: Path) -> OSError:

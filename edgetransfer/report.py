@@ -329,7 +329,8 @@ def write_eval_report(
     from edgetransfer.fileio import atomic_write_text, output_dir
 
     require_matplotlib()
-    with output_dir(out, force) as tmp:
+    # never the evaluated model or data folder, nor a folder holding them
+    with output_dir(out, force, (result.model, result.data_dir)) as tmp:
         with _Thumbnails(result, tmp, mistakes) as thumbs:
             sections = _eval_sections(result, tmp, "", thumbs)
         body = [

@@ -270,9 +270,7 @@ def fit(
     converged = False  # L-BFGS: the last step did not move the weights
     run = {"total": 0.0, "correct": 0, "seen": 0}  # this epoch's running training metrics
     if resume:
-        state = _load_checkpoint(checkpoint, fingerprint)
-        restore_state(model, state["model"])
-        opt.load_state_dict(state["opt"])
+        state = _load_checkpoint(checkpoint, fingerprint, model, opt, cfg)
         history = state["history"]
         if state["best"] is not None:
             best = TrainResult(
@@ -285,7 +283,6 @@ def fit(
         start_epoch, skip_steps, stale = state["epoch"], state["step"], state["stale"]
         run = state["run"]
         converged = state.get("converged", False)
-        torch.set_rng_state(state["rng"])
     else:
         torch.manual_seed(cfg.seed)
 
@@ -486,21 +483,219 @@ def _changing(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def _load_checkpoint(path: Path | None, fingerprint: str) -> dict:
+def _load_checkpoint(path: Path | None, fingerprint: str, model, opt, cfg: TrainConfig) -> dict:
+    """The checkpoint's state, checked against this run and loaded into `model`, `opt` and
+    torch's RNG; anything malformed is one line saying the file is damaged."""
     if path is None or not path.is_file():
         raise EdgeTransferError(f"nothing to resume: no checkpoint at {path}; run without --resume")
+
+    def damaged(reason: str) -> EdgeTransferError:
+        return EdgeTransferError(
+            f"checkpoint {path} is damaged ({reason}); delete it or run without --resume"
+        )
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged checkpoint must not be half-used
-        raise EdgeTransferError(
-            f"checkpoint {path} is damaged ({e}); run without --resume"
-        ) from None
-    if state.get("fingerprint") != fingerprint:
+        # not str(e): torch's advice to load with weights_only=False must not reach users
+        raise damaged(f"not a readable checkpoint: {type(e).__name__}") from None
+    mark = state.get("fingerprint") if isinstance(state, dict) else None
+    if isinstance(mark, str) and mark != fingerprint:
         raise EdgeTransferError(
             f"checkpoint {path} belongs to a different run (data, strategy or settings changed); "
             "run without --resume"
         )
+    problem = checkpoint_problem(state, model, opt, cfg)
+    if problem:
+        raise damaged(problem)
+    try:
+        restore_state(model, state["model"])
+        opt.load_state_dict(
+            {
+                "state": state["opt"]["state"],
+                # this run's settings (the fingerprint says they are the checkpoint's)
+                "param_groups": [
+                    {**{k: v for k, v in g.items() if k != "params"}, "params": saved["params"]}
+                    for g, saved in zip(opt.param_groups, state["opt"]["param_groups"], strict=True)
+                ],
+            }
+        )
+        torch.set_rng_state(state["rng"])
+    except (EdgeTransferError, RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
+        raise damaged(_first_line(e)) from None
     return state
+
+
+_CHECKPOINT_KEYS = ("fingerprint", "model", "opt", "epoch", "step", "stale", "history", "best",
+                    "best_epoch", "best_top1", "best_loss", "rng", "run")  # fmt: skip
+_HISTORY_KEYS = {"epoch", "train_loss", "train_top1", "val_loss", "val_top1"}
+
+
+def checkpoint_problem(
+    state, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig
+) -> str | None:
+    """What makes `state` unusable to resume training `model` with `opt`, or None.
+
+    Checks what fit() would trip over later: types, the saved weights' names, shapes and
+    dtypes, the optimizer's per-parameter state, the RNG state, and the epoch bookkeeping
+    (a checkpoint at epoch e has e-1 history rows and a best epoch unless e is 1).
+    """
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a training state"
+    missing = [k for k in _CHECKPOINT_KEYS if k not in state]
+    if missing:
+        return "missing " + ", ".join(missing[:4])
+    if not isinstance(state["fingerprint"], str):
+        return "the run fingerprint is not text"
+    counts = {k: state[k] for k in ("epoch", "step", "stale", "best_epoch")}
+    bad = [k for k, v in counts.items() if not _is_int(v) or v < 0]
+    if bad:
+        return f"{bad[0]} is not a count"
+    epoch, best = state["epoch"], state["best"]
+    if not 1 <= epoch <= cfg.epochs + 1:
+        return f"epoch {epoch} is outside 1..{cfg.epochs + 1}"
+    if not all(_is_number(state[k]) for k in ("best_top1", "best_loss")):
+        return "best_top1/best_loss are not numbers"
+    if not isinstance(state.get("converged", False), bool):
+        return "converged is not true/false"
+    if best is None:
+        if epoch != 1 or state["step"] < 1 or state["stale"]:
+            return "no best weights after a finished epoch"
+    elif not 1 <= state["best_epoch"] < epoch:
+        return f"best epoch {state['best_epoch']} is not before epoch {epoch}"
+    history = state["history"]
+    if not isinstance(history, list) or len(history) != epoch - 1:
+        return f"history should have {epoch - 1} rows"
+    for i, row in enumerate(history, 1):
+        if not isinstance(row, dict) or set(row) != _HISTORY_KEYS:
+            return "a history row is malformed"
+        if not all(_is_number(v) for v in row.values()) or row["epoch"] != i:
+            return "a history row is malformed"
+    run = state["run"]
+    if not isinstance(run, dict) or set(run) != {"total", "correct", "seen"}:
+        return "the running training metrics are malformed"
+    if not (_is_number(run["total"]) and _is_int(run["correct"]) and _is_int(run["seen"])):
+        return "the running training metrics are malformed"
+    logits = state.get("best_logits")
+    if logits is not None and not (
+        isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.is_floating_point()
+    ):
+        return "best_logits is not a matrix"
+    rng = state["rng"]
+    want_rng = torch.get_rng_state()
+    if not isinstance(rng, torch.Tensor) or (rng.dtype, rng.shape) != (
+        want_rng.dtype,
+        want_rng.shape,
+    ):
+        return "the random generator state is malformed"
+    expected = _changing(model)
+    for name, weights in (("model", state["model"]), ("best", best)):
+        if weights is not None and (problem := _weights_problem(weights, expected)):
+            return f"{name} weights: {problem}"
+    return _optimizer_problem(state["opt"], opt)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_scalar(v) -> bool:
+    """A number, or a 0-d floating tensor (the optimizers use them as step factors)."""
+    return _is_number(v) or (isinstance(v, torch.Tensor) and v.dim() == 0 and v.is_floating_point())
+
+
+def _weights_problem(weights, expected: dict[str, torch.Tensor]) -> str | None:
+    if not isinstance(weights, dict):
+        return "not a name -> tensor table"
+    unknown = sorted(set(weights) - set(expected), key=str)
+    absent = sorted(set(expected) - set(weights))
+    if unknown or absent:
+        return f"{'unexpected' if unknown else 'missing'} {(unknown or absent)[0]}"
+    for name, want in expected.items():
+        got = weights[name]
+        if not isinstance(got, torch.Tensor) or got.layout != torch.strided:
+            return f"{name} is not a tensor"
+        if got.shape != want.shape or got.dtype != want.dtype:
+            return f"{name} is {got.dtype} {tuple(got.shape)}, not {want.dtype} {tuple(want.shape)}"
+    return None
+
+
+def _optimizer_problem(saved, opt: torch.optim.Optimizer) -> str | None:
+    """The optimizer state must fit `opt`'s parameters: AdamW's moments have each parameter's
+    shape, L-BFGS's history vectors the size of all parameters together."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
+        return "the optimizer state is malformed"
+    if not isinstance(saved.get("param_groups"), list):
+        return "the optimizer state is malformed"
+    groups = saved["param_groups"]
+    ours = [g["params"] for g in opt.param_groups]
+    if len(groups) != len(ours) or not all(
+        isinstance(g, dict) and isinstance(g.get("params"), list) and len(g["params"]) == len(p)
+        for g, p in zip(groups, ours, strict=False)
+    ):
+        return "the optimizer's parameter groups do not fit the model"
+    params = [p for group in ours for p in group]
+    ids = [i for g in groups for i in g["params"]]
+    if not all(_is_int(i) for i in ids) or ids != list(range(len(params))):
+        return "the optimizer's parameter numbering is malformed"
+    per_param = saved["state"]
+    if not all(
+        _is_int(i) and 0 <= i < len(params) and isinstance(v, dict) for i, v in per_param.items()
+    ):
+        return "the optimizer state is malformed"
+    if isinstance(opt, torch.optim.LBFGS):
+        return _lbfgs_problem(per_param, params, opt.defaults["history_size"])
+    for i, st in per_param.items():
+        p = params[i]
+        if not st:
+            continue
+        if set(st) != {"step", "exp_avg", "exp_avg_sq"} or not _is_scalar(st["step"]):
+            return "the optimizer state is malformed"
+        if not 1 <= float(st["step"]) < math.inf:  # Adam divides by 1 - beta**step
+            return f"optimizer step count {float(st['step'])} of parameter {i} is not >= 1"
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = st[key]
+            if not isinstance(t, torch.Tensor) or t.shape != p.shape or t.dtype != p.dtype:
+                return f"optimizer {key} does not fit parameter {i}"
+    return None
+
+
+def _lbfgs_problem(per_param: dict, params: list, history_size: int) -> str | None:
+    if set(per_param) - {0}:  # L-BFGS keeps its whole state under the first parameter
+        return "the L-BFGS state is malformed"
+    st = per_param.get(0)
+    if not st:
+        return None  # no step made yet
+    n = sum(p.numel() for p in params)
+
+    def vector(t) -> bool:
+        return isinstance(t, torch.Tensor) and t.shape == (n,) and t.dtype == params[0].dtype
+
+    keys = {"func_evals", "n_iter", "d", "t", "old_dirs", "old_stps", "ro", "H_diag",
+            "prev_flat_grad", "prev_loss", "al"}  # fmt: skip
+    if set(st) != keys:
+        return "the L-BFGS state is malformed"
+    dirs, steps, ro, al = st["old_dirs"], st["old_stps"], st["ro"], st["al"]
+    ok = all(_is_int(st[k]) for k in ("func_evals", "n_iter"))
+    ok = ok and all(vector(st[k]) for k in ("d", "prev_flat_grad"))
+    ok = ok and all(_is_scalar(st[k]) for k in ("t", "H_diag", "prev_loss"))
+    ok = ok and all(isinstance(x, list) for x in (dirs, steps, ro, al))
+    if not ok or not len(dirs) == len(steps) == len(ro) <= history_size == len(al):
+        return "the L-BFGS state is malformed"
+    if not all(vector(t) for t in dirs + steps):
+        return "the L-BFGS history does not fit the model"
+    if not all(_is_scalar(x) for x in ro) or not all(x is None or _is_scalar(x) for x in al):
+        return "the L-BFGS history does not fit the model"
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def remove_checkpoint(path: Path | None) -> None:

@@ -141,6 +141,7 @@ def test_user_errors_are_one_line(colors, tmp_path, args, message):
 def test_existing_out_needs_force_and_is_not_damaged(colors, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
+    (out / ".edgetransfer").write_text("")  # an earlier output: --force may replace it
     (out / "keep.txt").write_text("mine")
     res = run(*_adapt_args(colors, out))
     assert res.exit_code == 1

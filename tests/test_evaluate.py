@@ -145,6 +145,7 @@ def test_evaluate_errors(digits_export, tmp_path, args, message):
 def test_report_needs_force_and_leaves_existing_folder(digits_export, tmp_path):
     out = tmp_path / "rep"
     out.mkdir()
+    (out / ".edgetransfer").write_text("")  # an earlier report: --force may replace it
     (out / "mine.txt").write_text("keep")
     res = run("evaluate", digits_export, DIGITS, "--report", out)
     assert res.exit_code == 1

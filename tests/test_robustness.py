@@ -707,7 +707,7 @@ def test_folder_caught_mid_swap_is_put_back(tmp_path):
 
 def test_output_dir_failures_leave_old_folder(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    out.mkdir()
+    fileio.write_marker(out)  # a folder edgetransfer wrote: --force may replace it
     (out / "keep.txt").write_text("mine")
     with pytest.raises(RuntimeError):
         with fileio.output_dir(out, force=True) as tmp:

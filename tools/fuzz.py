@@ -1,4 +1,5 @@
-"""Mutation fuzzer for the two readers of untrusted files: the image loader and the manifest reader.
+"""Mutation fuzzer for the readers of untrusted files: the image loader, the manifest reader and
+the checkpoint that `adapt --resume` loads.
 
 Every input must end in a decoded 8-bit RGB image of the shape its header declares (or a valid
 Manifest), or in one of edgetransfer's own errors (EdgeTransferError). Any other exception is a
@@ -400,18 +401,239 @@ def fuzz_labels(n: int, seed: int, crashes: Path | None, work: Path) -> dict:
     return counts
 
 
+# ---------------------------------------------------------------------------------------------
+# checkpoint mode: mutated and hand-built training checkpoints fed to train.fit(resume=True);
+# each must resume (and train on without error) or be refused with EdgeTransferError.
+
+CHECKPOINT_FINGERPRINT = "fuzz"
+_CKPT_SOLVERS = ("adamw", "lbfgs")
+
+
+def _ckpt_problem():
+    """The tiny run every checkpoint belongs to: a Linear head on 24 fixed vectors."""
+    import torch
+
+    from edgetransfer.train import TensorBatches
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(24) % 3
+    x = torch.randn(24, 6, generator=g) + torch.randn(3, 6, generator=g)[y]
+    return TensorBatches(x, y, 8, 0), TensorBatches(x, y, 24, 0, shuffle=False)
+
+
+def _ckpt_fit(solver: str, path: Path, epochs: int, resume: bool, on_step=None):
+    import torch
+
+    from edgetransfer.train import TrainConfig, fit
+
+    train, val = _ckpt_problem()
+    torch.manual_seed(0)
+    head = torch.nn.Linear(6, 3)
+    cfg = TrainConfig(epochs=epochs, batch_size=8, patience=0, solver=solver, weight_decay=1e-3)
+    return fit(
+        head,
+        [{"params": list(head.parameters()), "lr": 1e-2}],
+        train,
+        val,
+        lambda logits, y, idx: torch.nn.functional.cross_entropy(logits, y),
+        cfg,
+        checkpoint=path,
+        resume=resume,
+        fingerprint=CHECKPOINT_FINGERPRINT,
+        on_step=on_step,
+    )
+
+
+def checkpoint_seeds(work: Path) -> list[tuple[str, bytes]]:
+    """Real checkpoints, (solver, bytes): after epoch 2 of 2 for both solvers, and AdamW
+    stopped by SIGINT in the middle of epoch 2 (a resume then trains on; see check_checkpoint)."""
+    import os
+    import signal
+
+    from edgetransfer.train import Interrupted
+
+    seeds = []
+    for solver in _CKPT_SOLVERS:
+        path = work / f"seed-{solver}.ckpt"
+        _ckpt_fit(solver, path, 2, False)
+        seeds.append((solver, path.read_bytes()))
+
+    def stop(epoch, step):
+        if (epoch, step) == (2, 2):
+            os.kill(os.getpid(), signal.SIGINT)  # train.Stop: checkpoint, then Interrupted
+
+    path = work / "seed-mid.ckpt"
+    try:
+        _ckpt_fit("adamw", path, 2, False, on_step=stop)
+    except Interrupted:
+        pass
+    seeds.append(("adamw", path.read_bytes()))
+    return seeds
+
+
+def check_checkpoint(path: Path, solver: str) -> str:
+    """'decoded' (resumed and trained to the end) or 'rejected'; raises on anything else."""
+    try:
+        res = _ckpt_fit(solver, path, 3, True)
+    except EdgeTransferError as e:
+        if "\n" in str(e) or "weights_only" in str(e):
+            raise AssertionError(f"refusal is not one plain line: {e}") from None
+        return "rejected"
+    done = len(res.history)  # 3 epochs, or fewer after a stop (patience, L-BFGS converged)
+    if not (1 <= res.best_epoch <= done <= 3) or (done < 3 and not res.stopped_early):
+        raise AssertionError(f"resumed into an inconsistent result: {res.history}")
+    return "decoded"
+
+
+def _odd_value(rng: random.Random):
+    import torch
+
+    dtype = rng.choice([torch.float32, torch.float64, torch.float16, torch.int64, torch.uint8,
+                        torch.bool])  # fmt: skip
+    shape = [rng.choice([0, 1, 2, 3, 5, 6, 18]) for _ in range(rng.randint(0, 3))]
+    return rng.choice([
+        None, True, False, -1, 0, 1, 2, 3, 2**40, -(2**63), 0.5, float("nan"), float("inf"),
+        "x", "", [], {}, [None], [1, 2], {"a": 1}, (1, 2), torch.zeros(0),
+        torch.zeros(shape).to(dtype), torch.full([3, 6], float("nan")), torch.tensor(1.0),
+    ])  # fmt: skip
+
+
+def _nodes(obj, where=()):
+    """Every (path) into nested dicts/lists/tuples, the root included."""
+    yield where
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _nodes(v, (*where, k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _nodes(v, (*where, i))
+
+
+def _get(obj, where):
+    for k in where:
+        obj = obj[k]
+    return obj
+
+
+def _set(obj, where, value):
+    """`obj` with the node at `where` replaced (tuples rebuilt), or removed when value is
+    _DELETE."""
+    if not where:
+        return value
+    parent = _get(obj, where[:-1])
+    key = where[-1]
+    if isinstance(parent, tuple):
+        items = list(parent)
+        if value is _DELETE:
+            del items[key]
+        else:
+            items[key] = value
+        return _set(obj, where[:-1], tuple(items))
+    if value is _DELETE:
+        del parent[key]
+    else:
+        parent[key] = value
+    return obj
+
+
+_DELETE = object()
+
+
+def mutate_state(rng: random.Random, state):
+    """One to three structural mutations of a checkpoint's state (a deep copy)."""
+    import copy
+
+    import torch
+
+    state = copy.deepcopy(state)
+    for _ in range(rng.randint(1, 3)):
+        nodes = list(_nodes(state))
+        where = rng.choice(nodes[1:] or nodes) if rng.random() < 0.97 else ()
+        node = _get(state, where)
+        op = rng.randrange(6)
+        if op == 0 and where:
+            value = _DELETE
+        elif op == 1:
+            value = _odd_value(rng)
+        elif op == 2 and isinstance(node, torch.Tensor):  # same data, another shape or type
+            flat = node.flatten()
+            value = rng.choice([
+                flat, flat[: max(0, flat.numel() - 1)], torch.cat([flat, flat[:1]]),
+                node.to(torch.float64), node.to(torch.int64), node.unsqueeze(0),
+                node.t() if node.dim() == 2 else node.flip(0) if node.dim() else node * 2,
+                torch.full_like(node, float("nan")) if node.is_floating_point() else node + 1,
+            ])  # fmt: skip
+        elif op == 3 and isinstance(node, list):
+            value = node[: rng.randrange(len(node) + 1)] + node[: rng.randrange(3)]
+        elif op == 4 and isinstance(node, dict):
+            value = {**node, rng.choice(["x", 0, "step", "best"]): _odd_value(rng)}
+        else:
+            value = copy.deepcopy(_get(state, rng.choice(nodes)))  # another part's value
+        try:
+            state = _set(state, where, value)
+        except (KeyError, IndexError, TypeError):
+            pass
+    return state
+
+
+def fuzz_checkpoint(n: int, seed: int, crashes: Path | None, work: Path) -> dict:
+    """Mode `checkpoint`: same counts as :func:`fuzz` (decoded: resumed and trained on)."""
+    import io as _io
+
+    import torch
+
+    rng = random.Random(f"checkpoint:{seed}")
+    seeds = checkpoint_seeds(work)
+    states = [(solver, torch.load(_io.BytesIO(b), weights_only=True)) for solver, b in seeds]
+    pool = [b for _, b in seeds]
+    counts = {"inputs": 0, "decoded": 0, "rejected": 0, "crashes": 0}
+    first_crash = None
+    start = time.perf_counter()
+    path = work / "input.ckpt"
+    for i in range(n):
+        solver, state = rng.choice(states)
+        r = rng.random()
+        if r < 0.15:  # bytes: flipped, cut, spliced or random
+            data = mutate(rng, rng.choice(pool), pool) if r < 0.12 else rng.randbytes(256)
+        else:
+            buf = _io.BytesIO()
+            torch.save(state if r < 0.17 else mutate_state(rng, state), buf)
+            data = buf.getvalue()
+        path.write_bytes(data)
+        counts["inputs"] += 1
+        try:
+            counts[check_checkpoint(path, solver)] += 1
+        except Exception as e:  # noqa: BLE001 - counting crashes is the point
+            counts["crashes"] += 1
+            if first_crash is None:
+                first_crash = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"
+            if crashes is not None:
+                crashes.mkdir(parents=True, exist_ok=True)
+                (crashes / f"checkpoint-{solver}-{seed}-{i}.ckpt").write_bytes(data)
+    counts["seconds"] = time.perf_counter() - start
+    counts["first_crash"] = first_crash
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-n", type=int, default=10_000, help="inputs per target [10000]")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--target", choices=["image", "manifest", "labels", "all"], default="all")
+    ap.add_argument(
+        "--target", choices=["image", "manifest", "labels", "checkpoint", "all"], default="all"
+    )
     ap.add_argument("--crashes", type=Path, default=None, help="save crashing inputs here")
     args = ap.parse_args(argv)
-    targets = ["image", "manifest", "labels"] if args.target == "all" else [args.target]
+    targets = (
+        ["image", "manifest", "labels", "checkpoint"] if args.target == "all" else [args.target]
+    )
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for t in targets:
-            rows.append((t, fuzz(t, args.n, args.seed, args.crashes, Path(work))))
+            if t == "checkpoint":
+                rows.append((t, fuzz_checkpoint(args.n, args.seed, args.crashes, Path(work))))
+            else:
+                rows.append((t, fuzz(t, args.n, args.seed, args.crashes, Path(work))))
     print(
         f"{'target':<10} {'inputs':>8} {'decoded':>8} {'rejected':>9} {'crashes':>8} {'time s':>8}"
     )
