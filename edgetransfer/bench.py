@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from edgetransfer.errors import EdgeTransferError, EdgeTransferWarning, ManifestError
+from edgetransfer.manifest import CODE_FILES, untrusted_skip
 
 # runtime name -> (file in an EXPORT_DIR or RUN_DIR, backend); the order is the table's order.
 RUNTIMES = {
@@ -32,9 +33,6 @@ RUNTIMES = {
     "ort-int8": ("model.int8.onnx", "onnx"),
     "ort-fp16": ("model.fp16.onnx", "onnx"),
 }
-# Runtimes whose files can run code when loaded (see verify.CODE_RUNTIMES): measured from a
-# folder only with trust_torchscript; a file named on its own is the user's explicit choice.
-CODE_RUNTIMES = {"torchscript", "pt2"}
 # Ratios are against the first of these that was measured.
 BASELINES = ("ort-fp32", "eager")
 
@@ -145,12 +143,10 @@ def find_runtimes(
     if path.is_dir():
         found = {}
         for name, (fname, backend) in RUNTIMES.items():
-            if (path / fname).is_file() and name in CODE_RUNTIMES and not trust_torchscript:
+            # A file named on its own is the user's explicit choice; a folder's needs trust.
+            if (path / fname).is_file() and fname in CODE_FILES and not trust_torchscript:
                 warnings.warn(
-                    f"{fname} not measured: loading it can run code; pass --trust-torchscript "
-                    "to include it (only for a folder you exported or trust)",
-                    EdgeTransferWarning,
-                    stacklevel=2,
+                    untrusted_skip(fname, "not measured"), EdgeTransferWarning, stacklevel=2
                 )
             elif (path / fname).is_file():
                 # eager rebuilds the Classifier from the folder (manifest + weights)

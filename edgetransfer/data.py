@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from edgetransfer.errors import DataError, EdgeTransferWarning, printable
+from edgetransfer.errors import DataError, EdgeTransferWarning, first_line, printable
 from edgetransfer.manifest import Preprocessing, check_labels
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -362,11 +362,11 @@ def load_image(
             f"{printable(os.fsdecode(path))!r})"
         ) from None
     except Image.DecompressionBombError as e:  # over twice Pillow's own MAX_IMAGE_PIXELS
-        raise DataError(f"{name}: refused as a decompression bomb ({_first_line(e)})") from None
+        raise DataError(f"{name}: refused as a decompression bomb ({first_line(e)})") from None
     except Exception as e:
         # Pillow's decoders answer hostile bytes with many exception types (OSError,
         # SyntaxError, struct.error, IndexError, ...); all of them mean "not a usable image".
-        raise DataError(f"{name}: not a readable image ({_first_line(e)})") from None
+        raise DataError(f"{name}: not a readable image ({first_line(e)})") from None
 
 
 def _open_regular(path: Path, name: str):
@@ -381,7 +381,7 @@ def _open_regular(path: Path, name: str):
         flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
         fd = os.open(path, flags)
     except OSError as e:
-        raise DataError(f"{name}: not a readable image ({_first_line(e)})") from None
+        raise DataError(f"{name}: not a readable image ({first_line(e)})") from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
@@ -394,11 +394,6 @@ def _open_regular(path: Path, name: str):
     except BaseException:
         os.close(fd)
         raise
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return printable(text.splitlines()[0][:200]) if text else type(e).__name__
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -41,6 +41,13 @@ class EdgeTransferWarning(UserWarning):
     """Something was skipped but the run can go on; the CLI prints it as one `Warning:` line."""
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of `e`'s message (at most `limit` characters, printable), else its type
+    name: what a one-line error quotes of a library's many-line exception."""
+    text = str(e).strip()
+    return printable(text.splitlines()[0][:limit]) if text else type(e).__name__
+
+
 def printable(text: str) -> str:
     """`text` safe to print or write as UTF-8.
 

@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgetransfer.errors import ExportError
+from edgetransfer.errors import ExportError, first_line
 from edgetransfer.manifest import MANIFEST_NAME, METADATA_KEY, Manifest
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -202,11 +202,6 @@ def _spread(samples: list, n: int) -> list:
     return out
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
-
-
 def _torch_onnx_export(
     module,
     example,
@@ -261,7 +256,7 @@ def _finish_onnx(tmp: Path, path: Path, manifest: Manifest, full_check: bool = T
     try:
         onnx.checker.check_model(proto, full_check=full_check)
     except onnx.checker.ValidationError as e:
-        raise ExportError(f"{path.name} fails onnx.checker: {_first_line(e)}") from None
+        raise ExportError(f"{path.name} fails onnx.checker: {first_line(e)}") from None
     atomic_write_bytes(path, proto.SerializeToString())
 
 
@@ -301,7 +296,7 @@ def check_batches(model, path: Path, shape: tuple[int, int], raw: bool = False) 
                 f"({lines[0].strip() if lines else 'values differ'})"
             ) from None
         except Exception as e:  # ORT shape errors: the batch dimension is not really dynamic
-            raise ExportError(f"{path.name} fails at batch {batch}: {_first_line(e)}") from None
+            raise ExportError(f"{path.name} fails at batch {batch}: {first_line(e)}") from None
 
 
 def _with_fallback(exporter: str, run, arch: str, notes: list[str]) -> str:
@@ -364,7 +359,7 @@ def onnx_step(what: str, *temps: Path, target: Path | None = None):
             if target is not None and (name is None or Path(os.fsdecode(name)) in temps):
                 name = target  # the file the user asked for, not our temp beside it
             raise type(found)(found.errno, found.strerror, name) from None
-        raise ExportError(f"{what} failed: {_first_line(e)}") from None
+        raise ExportError(f"{what} failed: {first_line(e)}") from None
     finally:
         for t in temps:
             t.unlink(missing_ok=True)
@@ -488,7 +483,7 @@ def _check_against_eager(module, model, example, what: str) -> None:
         try:
             torch.testing.assert_close(module(x), model(x), rtol=RTOL, atol=ATOL)
         except AssertionError as e:
-            raise ExportError(f"{what} differs from eager at batch {batch}: {_first_line(e)}") \
+            raise ExportError(f"{what} differs from eager at batch {batch}: {first_line(e)}") \
                 from None
 
 
@@ -507,7 +502,7 @@ def export_pt2(model, manifest: Manifest, example, path: Path) -> None:
                 dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
             )
         except Exception as e:
-            raise ExportError(f"torch.export of {manifest.arch} failed: {_first_line(e)}") from None
+            raise ExportError(f"torch.export of {manifest.arch} failed: {first_line(e)}") from None
         with torch.no_grad():
             _check_against_eager(ep.module(), model, example, ".pt2 program")
         buf = io.BytesIO()

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from edgetransfer.data import Sample, load_image, pillow_warnings_off
-from edgetransfer.errors import DataError, EdgeTransferError, EdgeTransferWarning
-from edgetransfer.fileio import atomic_write_bytes, sha256_file
+from edgetransfer.errors import DataError, EdgeTransferError, EdgeTransferWarning, first_line
+from edgetransfer.fileio import TMP_PREFIX, atomic_write_bytes, sha256_file, user_os_error
 from edgetransfer.manifest import Preprocessing
 
 BACKENDS = ("auto", "torch", "onnxruntime")
@@ -190,8 +190,10 @@ def extract(
             return hit
 
     def probe() -> torch.Tensor | None:
-        # Images from anywhere in the dataset, not the first batch (often a single class).
-        return pipeline.decode(random.SystemRandom().sample(range(len(samples)), len(samples)))[1]
+        # Images from anywhere in the dataset, not the first batch (often a single class);
+        # seeded by the key, so the same run makes the same engine choice every time.
+        order = random.Random(key).sample(range(len(samples)), len(samples))
+        return pipeline.decode(order)[1]
 
     run = _runner(backbone, p, backend, backbone_id, len(samples), probe)
     good, bad = [], []
@@ -329,7 +331,7 @@ def _read_entry(blob: bytes, key, stamps, weights, backbone, pipeline) -> Featur
         tensors = load(blob)
         keep, vectors, bad_bytes = tensors["keep"], tensors["vectors"], tensors["bad"]
     except Exception as e:  # safetensors raises its own types for a damaged file
-        raise _Untrusted(f"unreadable: {_first_line(e)}") from None
+        raise _Untrusted(f"unreadable: {first_line(e)}") from None
     if keep.dtype != torch.uint8 or keep.shape != (len(samples),) or bool((keep > 1).any()):
         raise _Untrusted(f"its sample mask is not {len(samples)} zeros and ones")
     rows = int(keep.sum())
@@ -409,11 +411,6 @@ def _cache_write(path: Path, blob: bytes) -> bool:
                 stacklevel=3,
             )
         return False
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -817,7 +814,7 @@ def _export_session(backbone: nn.Module, p: Preprocessing, path: Path):
     beside it: (session, sha256). The session does not depend on the cache being writable."""
     from edgetransfer.runtime import open_session
 
-    with tempfile.TemporaryDirectory(prefix="edgetransfer-backbone-") as tmp:
+    with _scratch(path.parent) as tmp:
         out = Path(tmp) / "backbone.onnx"
         _export_backbone(backbone, p, out)
         session = open_session(out)
@@ -827,6 +824,16 @@ def _export_session(backbone: nn.Module, p: Preprocessing, path: Path):
     if _cache_write(path, blob):
         _cache_write(path.with_suffix(".sha256"), (sha + "\n").encode())
     return session, sha
+
+
+def _scratch(folder: Path) -> tempfile.TemporaryDirectory:
+    """A temp folder in the cache folder (left there by a killed run, it is removed by the next
+    cache write), else in the system's temp folder when the cache cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=folder)
+    except OSError:
+        return tempfile.TemporaryDirectory(prefix="edgetransfer-backbone-")
 
 
 def _export_backbone(backbone: nn.Module, p: Preprocessing, path: Path) -> None:
@@ -842,8 +849,10 @@ def _export_backbone(backbone: nn.Module, p: Preprocessing, path: Path) -> None:
             _torch_onnx_export(backbone, example, path, exporter, None, "input", ["features"])
             return
         except Exception as e:  # exporter failures come in many types
-            errors.append(f"{exporter}: {_first_line(e)}")
-            cause = e if isinstance(e, OSError) else cause
+            errors.append(f"{exporter}: {first_line(e)}")
+            # exporters wrap a full disk in their own types: keep it as the cause, so the
+            # failure is not remembered as the backbone's
+            cause = user_os_error(e) or cause
     raise EdgeTransferError(
         "the backbone does not export to ONNX (" + "; ".join(errors) + ")"
     ) from cause

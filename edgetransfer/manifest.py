@@ -25,6 +25,24 @@ MAX_SIDE = 16384  # largest input_size / resize a manifest may declare
 STD_RANGE = (1e-4, 1e4)
 MAX_ABS_MEAN = 1e4
 MAX_MANIFEST = 1 << 20  # bytes; a manifest is a few KiB
+# Artifacts whose loading can run code, and why: loaded from a folder only when the user says
+# the folder is trusted (--trust-torchscript). TorchScript archives carry code (their
+# __setstate__ runs at load); torch.export.load unpickles weights and constants stored with
+# use_pickle (torch.load(weights_only=False), pickle.loads).
+CODE_FILES = {
+    "model.pt": "TorchScript is code and runs when loaded",
+    "model.pt2": "torch.export's loader unpickles, which can run code",
+}
+
+
+def untrusted_skip(fname: str, not_done: str) -> str:
+    """The one line saying a code-carrying file in a folder was skipped, e.g. "not verified"."""
+    return (
+        f"{fname} {not_done}: {CODE_FILES[fname]}; pass --trust-torchscript to include it "
+        "(only for a folder you exported or trust)"
+    )
+
+
 # Labels are printed to terminals, drawn in plots and written one per line to labels.txt: a sane
 # length, and a count far above any real task (ImageNet-21k has 21,841 classes).
 MAX_LABEL_CHARS = 256
@@ -61,6 +79,7 @@ def check_labels(
     what: str = "manifest label",
     error: type[EdgeTransferError] = ManifestError,
     fix: str = "re-export the model with valid class names",
+    warn_case: bool = True,
 ) -> None:
     """Refuse labels that are not unique after NFC normalisation or that fail
     :func:`label_problem` (raising `error`); warn when two differ only in case.
@@ -68,6 +87,8 @@ def check_labels(
     Args:
         what: how the message names one label ("manifest label", "class folder").
         fix: what the user can do about a refused label.
+        warn_case: warn about case-only pairs (not for a source task's labels: ImageNet's
+            own 'Cardigan'/'cardigan' would warn on every read of every run).
     """
     if len(labels) > MAX_LABELS:
         raise error(f"{len(labels):,} {what}s is more than the {MAX_LABELS:,} supported")
@@ -86,7 +107,7 @@ def check_labels(
             )
         seen[key] = label
         fold = key.casefold()
-        if fold in folded:
+        if fold in folded and warn_case:
             # Worded alike for folders and manifests: the CLI prints a repeated warning once.
             warnings.warn(
                 f"classes {show_label(folded[fold])} and {show_label(label)} differ only in "
@@ -228,7 +249,7 @@ class Manifest:
                 isinstance(x, str) for x in source_labels
             ):
                 raise ManifestError("manifest 'source.labels' is not a list of strings")
-            check_labels(source_labels, "manifest source label")
+            check_labels(source_labels, "manifest source label", warn_case=False)
         if "io" not in d:
             sections["io"] = {"input": "input", "output": "logits"}
         return cls(

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from edgetransfer.errors import DataError, EdgeTransferError, InputError, ManifestError
+from edgetransfer.errors import DataError, EdgeTransferError, InputError, ManifestError, first_line
 from edgetransfer.manifest import METADATA_KEY, Manifest, Preprocessing
 
 
@@ -146,7 +146,7 @@ def open_session(
             str(path), session_options(threads, opt_level), providers=providers
         )
     except Exception as e:  # ORT raises its own exception types
-        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        first = first_line(e)
         raise ManifestError(f"{path.name} is not a loadable ONNX model: {first}") from None
 
 
@@ -364,7 +364,7 @@ class OnnxClassifier(Predictor):
         try:
             out = self.session.run(self._out, {self.input_name: batch})[0]
         except Exception as e:  # onnxruntime's own exception types
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise InputError(f"onnxruntime could not run {self.path.name}: {first}") from None
         self.check_outputs(getattr(out, "shape", ()))
         return out
@@ -415,7 +415,7 @@ class TorchClassifier(Predictor):
                 try:
                     self.model = load_pt2(path)
                 except Exception as e:  # torch raises many types for a bad archive
-                    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                    first = first_line(e)
                     raise ManifestError(
                         f"{path.name} is not a loadable .pt2 program: {first}"
                     ) from None
@@ -426,7 +426,7 @@ class TorchClassifier(Predictor):
                     # TorchScript is code: load only files you exported or trust.
                     self.model = torch.jit.load(str(path), map_location="cpu").eval()
                 except Exception as e:  # torch.jit raises RuntimeError and friends
-                    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                    first = first_line(e)
                     raise ManifestError(
                         f"{path.name} is not a loadable TorchScript model: {first}"
                     ) from None
@@ -454,7 +454,7 @@ class TorchClassifier(Predictor):
             try:
                 out = outputs(self.model(torch.from_numpy(np.ascontiguousarray(batch, np.float32))))
             except Exception as e:  # whatever the model's own code raises, as for onnxruntime
-                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                first = first_line(e)
                 raise InputError(f"{self.path.name} could not run: {first}") from None
             if not isinstance(out[0], torch.Tensor):
                 raise ManifestError(f"{self.path.name} does not output a logits tensor")

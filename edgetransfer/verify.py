@@ -4,6 +4,7 @@ optimised, int8, fp16) on real images, with every failure reported at once."""
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from edgetransfer.errors import DataError, EdgeTransferWarning, ManifestError, ParityError
+from edgetransfer.errors import (
+    DataError,
+    EdgeTransferWarning,
+    ManifestError,
+    ParityError,
+    first_line,
+)
+from edgetransfer.manifest import CODE_FILES, untrusted_skip
 
 # fp32 tolerance on logits: |a - b| <= ATOL + RTOL * |b|, b the eager reference.
 ATOL = 1e-4
@@ -19,13 +27,6 @@ RTOL = 1e-3
 MIN_TOP1_AGREEMENT = 1.0
 # Raw-pixel model probabilities against the Python preprocessing path.
 PROBS_ATOL = 1e-4
-# Files whose loading can run code: loaded only with trust_torchscript (--trust-torchscript).
-# TorchScript archives carry code (their __setstate__ runs at load); torch.export.load unpickles
-# weights and constants stored with use_pickle (torch.load(weights_only=False), pickle.loads).
-CODE_RUNTIMES = {
-    "torchscript": "TorchScript is code and runs when loaded",
-    "pt2": "torch.export's loader unpickles, which can run code",
-}
 # Quantised/fp16 models are judged by accuracy: at most this drop in top-1 against eager.
 MAX_TOP1_DROP = 0.01
 PARITY_NAME = "parity.json"
@@ -139,8 +140,10 @@ def recorded_check(
     """Judge `eager_top1` (on `images` of the `split_images` validation images) against the
     val_top1 in `manifest`; checked only when `dataset` is the data the run was adapted on."""
     recorded = manifest.metrics.get("val_top1")
-    if not isinstance(recorded, int | float):
+    if not isinstance(recorded, int | float) or isinstance(recorded, bool):
         return RecordedCheck(False, "the manifest records no val_top1")
+    if not (math.isfinite(recorded) and 0 <= recorded <= 1):
+        return RecordedCheck(False, "the manifest's val_top1 is not a share between 0 and 1")
     if eager_top1 is None:
         return RecordedCheck(False, "the folder's class names are not the model's labels")
     if dataset.fingerprint() != manifest.data.get("fingerprint"):
@@ -163,6 +166,7 @@ class ParityReport:
     runtimes: list[RuntimeParity] = field(default_factory=list)
     eager_top1: float | None = None  # accuracy against the folder labels, when they match
     recorded: RecordedCheck | None = None
+    skipped: list[str] = field(default_factory=list)  # files not loaded: they can run code
 
     @property
     def passed(self) -> bool:
@@ -215,7 +219,13 @@ class ParityReport:
     def raise_for_failures(self) -> None:
         """Raise one ParityError naming every failing runtime."""
         if not self.runtimes:
-            raise ParityError("no exported model to verify (model.onnx / model.pt / ...)")
+            why = (
+                f"; {', '.join(self.skipped)} skipped: pass --trust-torchscript if you trust "
+                "this folder"
+                if self.skipped
+                else ""
+            )
+            raise ParityError(f"no exported model to verify (model.onnx / model.pt / ...){why}")
         failed = [r.problem(self.atol, self.rtol) for r in self.runtimes if not r.passed]
         if self.recorded is not None and not self.recorded.passed:
             failed.append(self.recorded.problem())
@@ -291,16 +301,11 @@ def _run_code_model(runtime: str, path: Path, run):
 
                 m = load_pt2(path)
         except Exception as e:  # torch raises many types for a damaged archive
-            raise ManifestError(f"{path.name} is not loadable: {_first_line(e)}") from None
+            raise ManifestError(f"{path.name} is not loadable: {first_line(e)}") from None
         try:
             return run(m)
         except Exception as e:  # anything the model's own code raises
-            raise ManifestError(f"{path.name} failed to run: {_first_line(e)}") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
+            raise ManifestError(f"{path.name} failed to run: {first_line(e)}") from None
 
 
 def verify(
@@ -322,7 +327,7 @@ def verify(
     exercised), and the raw-pixel model gets the same images as uint8 pixels. Each runtime is
     compared with eager PyTorch. Writes parity.json into `export_dir` when `write` is set.
 
-    model.pt and model.pt2 can run code when loaded (CODE_RUNTIMES): they are skipped with an
+    model.pt and model.pt2 can run code when loaded (manifest.CODE_FILES): they are skipped with an
     EdgeTransferWarning unless `trust_torchscript` is set.
     """
     import torch
@@ -387,6 +392,7 @@ def verify(
     with torch.inference_mode():
         ref, ref_src = batched(torch_fn(model), x)
     outputs: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    skipped: list[str] = []
     probs: dict[str, np.ndarray] = {}
     for runtime, (fname, _) in RUNTIMES.items():
         path = export_dir / fname
@@ -413,17 +419,13 @@ def verify(
             else:
                 outputs[runtime] = batched(ort_fn, x.numpy())
             continue
-        if not trust_torchscript:
-            warnings.warn(
-                f"{fname} not verified: {CODE_RUNTIMES[runtime]}; pass --trust-torchscript "
-                "to include it (only for a folder you exported or trust)",
-                EdgeTransferWarning,
-                stacklevel=2,
-            )
+        if not trust_torchscript and fname in CODE_FILES:
+            warnings.warn(untrusted_skip(fname, "not verified"), EdgeTransferWarning, stacklevel=2)
+            skipped.append(fname)
             continue
         outputs[runtime] = _run_code_model(runtime, path, lambda m: batched(torch_fn(m), x))
 
-    report = ParityReport(export_dir, len(kept), atol, rtol)
+    report = ParityReport(export_dir, len(kept), atol, rtol, skipped=skipped)
     for runtime, (out, out_src) in outputs.items():
         kind = RUNTIMES[runtime][1]
         row = compare(runtime, out, ref, names, atol, rtol, kind, manifest.labels, truth)

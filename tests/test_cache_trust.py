@@ -323,3 +323,39 @@ def test_entries_of_drafted_jpegs_and_augmented_views_pass_their_own_check(augme
             again = features.extract(backbone, samples, src.preprocessing, **kw)
         assert again.backend == "cache"
         torch.testing.assert_close(again.vectors, first.vectors, rtol=0, atol=0)
+
+
+def test_a_full_disk_while_exporting_the_backbone_is_not_remembered_as_its_fault(
+    cache, monkeypatch
+):
+    import edgetransfer.export as export_mod
+
+    src = load_source("simple_cnn", str(SOURCE))
+    backbone, _ = split(get_arch("simple_cnn"), src.model)
+    pre, samples = src.preprocessing, scan(DIGITS).samples
+    real = export_mod._torch_onnx_export
+
+    def full(*a, **kw):  # an exporter wraps the OSError in its own type, as torch.onnx does
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as e:
+            raise RuntimeError("export failed while writing") from e
+
+    monkeypatch.setattr(export_mod, "_torch_onnx_export", full)
+    kw = dict(backbone_id="full-disk", use_cache=False, backend="auto")
+    with pytest.warns(EdgeTransferWarning):
+        assert features.extract(backbone, samples, pre, **kw).backend == "torch"
+    assert not list((cache / "backbones").glob("*.failed"))  # the disk, not the backbone
+    monkeypatch.setattr(export_mod, "_torch_onnx_export", real)
+    assert features.extract(backbone, samples, pre, **kw).backend == "onnxruntime"
+
+
+@pytest.mark.parametrize("recorded", [5, 82.5, -0.1, True, float("nan"), "0.9"])
+def test_a_recorded_val_top1_that_is_not_a_share_is_not_checked(digits_run, recorded):
+    from edgetransfer.manifest import read_manifest
+    from edgetransfer.verify import recorded_check
+
+    m = read_manifest(digits_run)
+    m.metrics["val_top1"] = recorded
+    check = recorded_check(m, scan(DIGITS), 0.9, 40, 40)
+    assert not check.checked and check.passed and check.reason

@@ -484,3 +484,28 @@ def test_fuzz_manifest_vs_model_detects_a_crash(tmp_path, monkeypatch):
     assert counts["crashes"] > 0 and counts["decoded"] == 0  # every accepted one crashed
     assert len(list((tmp_path / "crashes").iterdir())) == counts["crashes"]
     assert "IndexError" in counts["first_crash"]
+
+
+def test_source_labels_differing_in_case_do_not_warn_on_every_read(digits_run):
+    # ImageNet's own classes include 'Cardigan' and 'cardigan': every run would warn.
+    d = read_manifest(digits_run).to_dict()
+    d["source"]["labels"] = ["Cardigan", "cardigan", "crane"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EdgeTransferWarning)
+        Manifest.from_dict(d)
+    d["labels"] = ["Cardigan", "cardigan", "crane", "x", "y"]
+    with pytest.warns(EdgeTransferWarning, match="differ only in case"):
+        Manifest.from_dict(d)
+
+
+def test_verify_says_model_pt_was_skipped_when_it_is_all_there_is(digits_export, tmp_path):
+    export_dir = tmp_path / "export"
+    shutil.copytree(digits_export, export_dir)
+    for f in export_dir.glob("model*.onnx"):
+        f.unlink()
+    (export_dir / "model.pt2").unlink(missing_ok=True)
+    res = CliRunner().invoke(cli, ["verify", str(export_dir), "--data", str(DIGITS)])
+    assert res.exit_code == 1
+    last = res.output.strip().splitlines()[-1]
+    assert "no exported model to verify" in last
+    assert "model.pt skipped: pass --trust-torchscript" in last
