@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from edgetransfer.errors import (
     ParityError,
     first_line,
 )
+from edgetransfer.fileio import USER_ERRNOS, atomic_write_text
 from edgetransfer.manifest import CODE_FILES, untrusted_skip
 
 # fp32 tolerance on logits: |a - b| <= ATOL + RTOL * |b|, b the eager reference.
@@ -167,6 +169,7 @@ class ParityReport:
     eager_top1: float | None = None  # accuracy against the folder labels, when they match
     recorded: RecordedCheck | None = None
     skipped: list[str] = field(default_factory=list)  # files not loaded: they can run code
+    written: Path | None = None  # parity.json, once written
 
     @property
     def passed(self) -> bool:
@@ -335,7 +338,6 @@ def verify(
     from edgetransfer.adapt import load_run
     from edgetransfer.backbones import outputs as split_outputs
     from edgetransfer.data import eval_transform, load_image, scan
-    from edgetransfer.fileio import atomic_write_text
     from edgetransfer.runtime import resize_crop
 
     export_dir = Path(export_dir)
@@ -456,5 +458,24 @@ def verify(
         report.eager_top1 = float((ref.argmax(1) == truth).mean())
     report.recorded = recorded_check(manifest, dataset, report.eager_top1, len(kept), split_images)
     if write:
-        atomic_write_text(export_dir / PARITY_NAME, json.dumps(report.to_dict(), indent=2) + "\n")
+        report.written = _write_parity(report)
     return report
+
+
+def _write_parity(report: ParityReport) -> Path | None:
+    """Write parity.json; on a folder that cannot be written (read-only, full, forbidden) the
+    comparison still stands: one warning, and None."""
+    path = report.export_dir / PARITY_NAME
+    try:
+        atomic_write_text(path, json.dumps(report.to_dict(), indent=2) + "\n")
+    except OSError as e:
+        if e.errno not in USER_ERRNOS:
+            raise
+        warnings.warn(
+            f"{path} not written ({os.strerror(e.errno)}); the results below stand: verify a "
+            "writable copy of the folder to keep parity.json",
+            EdgeTransferWarning,
+            stacklevel=3,
+        )
+        return None
+    return path
