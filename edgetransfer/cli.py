@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 
 from edgetransfer import __version__
-from edgetransfer.errors import EdgeTransferError, EdgeTransferWarning, printable
+from edgetransfer.errors import EdgeTransferError, EdgeTransferWarning, Terminated, printable
 
 # OSErrors a user can fix; anything else is a bug and keeps its traceback.
 _OS_ADVICE = {
@@ -34,13 +34,8 @@ _OS_ADVICE = {
 _OUTPUT_PARAMS = {"out": "--out", "report_dir": "--report", "out_dir": "OUT_DIR"}
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is, so temp files and folders are cleaned up on the
-    way out as after Ctrl-C (adapt's training loop handles it itself: train.Stop)."""
-
-
 def _on_sigterm(signum, frame) -> None:
-    raise _Terminated
+    raise Terminated  # (adapt's training loop handles SIGTERM itself: train.Stop)
 
 
 class _Group(click.Group):
@@ -57,7 +52,11 @@ class _Group(click.Group):
             with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
                 stream.reconfigure(errors="surrogateescape")
         main = threading.current_thread() is threading.main_thread()
-        old_sigterm = signal.signal(signal.SIGTERM, _on_sigterm) if main else None
+        old_sigterm = signal.getsignal(signal.SIGTERM) if main else None
+        # a process started with SIGTERM ignored (nohup-like launchers) keeps ignoring it
+        ours = main and old_sigterm is not signal.SIG_IGN
+        if ours:
+            signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("always", EdgeTransferWarning)  # _show_warning dedupes
@@ -77,14 +76,14 @@ class _Group(click.Group):
             err = click.ClickException(printable(str(e)))
             err.exit_code = getattr(e, "exit_code", 1)  # 130/143 after an interrupted adapt
             raise err from None
-        except _Terminated:
+        except Terminated:
             click.echo("Terminated (SIGTERM); nothing was written.", err=True)
             sys.exit(128 + signal.SIGTERM)
         except KeyboardInterrupt:
             click.echo("Interrupted; nothing was written.", err=True)
             sys.exit(130)
         finally:
-            if main:
+            if ours:
                 signal.signal(signal.SIGTERM, old_sigterm or signal.SIG_DFL)
 
 

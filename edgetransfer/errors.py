@@ -58,3 +58,9 @@ def printable(text: str) -> str:
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:  # surrogates that did not come from undecodable bytes
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so temp files and folders are cleaned up on the
+    way out as after Ctrl-C; the CLI ends it with exit 143 and one line. Here (not in cli.py)
+    so the training loop, which handles the first SIGTERM itself, can raise it on a second."""

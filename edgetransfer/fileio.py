@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -31,6 +32,13 @@ _BACKUP = "old-"  # .edgetransfer-tmp-<pid>-old-<name>: the previous <name> duri
 # later --force can tell it from a user's folder.
 MARKER = ".edgetransfer"
 MARKER_TEXT = "written by edgetransfer: --force may replace this folder\n"
+# A folder holding only these counts as empty: the marker, and what file managers drop in
+# every folder they show. (data.py has its own list for class folders; fileio imports nothing
+# of ours but errors and manifest.)
+IGNORABLE = frozenset({MARKER, ".DS_Store", "Thumbs.db", "desktop.ini"})
+# what every evaluation report's metrics.json has had (evaluate.EvalResult.to_dict)
+_METRICS_KEYS = frozenset({"model", "data_dir", "split", "images", "top1", "per_class"})
+_METRICS_MAX = 256 << 20  # a larger file is not one of our reports: never read it whole
 # errors the user fixes (space, quota, permissions), worth digging out of an exporter's wrapper
 USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
@@ -96,10 +104,12 @@ def check_can_write(
     """The one rule for writing an output folder; raises OutputExistsError when it is broken.
 
     `path` must not be one of the command's `inputs` (DATA_DIR, RUN_DIR, a model, a teacher...)
-    nor a folder containing one, symlinks resolved; a folder inside an input is fine (the
-    default `export RUN --out RUN/export`). An existing `path` needs `force`, and even then
-    must be an empty folder or one edgetransfer wrote (it holds edgetransfer.json or the
-    .edgetransfer marker): --force never deletes a user's folder.
+    nor a folder containing one, symlinks resolved and compared by identity (so a name that
+    differs only in case on a case-insensitive file system is caught); a folder inside an input
+    is fine (the default `export RUN --out RUN/export`). An existing folder that is empty, or
+    holds only our marker and OS litter (.DS_Store...), is written as if it were not there.
+    Anything else existing needs `force`, and even then must be a folder edgetransfer wrote
+    (see :func:`written_by_edgetransfer`): --force never deletes a user's folder.
     """
     path = Path(path).absolute()
     _check_not_an_input(path, inputs)
@@ -107,20 +117,55 @@ def check_can_write(
         st = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
         return  # (a parent that is a file: making the folder fails with the OS's own words)
+    names: list[str] = []
+    if stat.S_ISDIR(st.st_mode):
+        try:
+            names = os.listdir(path)
+        except FileNotFoundError:
+            return  # another run is swapping it; output_dir checks again before its own swap
+        if not [n for n in names if n not in IGNORABLE]:
+            return  # e.g. the marker alone, left by a demo that failed before writing anything
     if not force:
         raise OutputExistsError(f"{path} already exists; pass --force to replace it")
     if not stat.S_ISDIR(st.st_mode):
         raise OutputExistsError(f"{path} exists and is not a folder; choose another --out")
-    try:
-        names = os.listdir(path)
-    except FileNotFoundError:
-        return  # another run is swapping it; output_dir checks again before its own swap
-    if names and MANIFEST_NAME not in names and MARKER not in names:
+    if not written_by_edgetransfer(path, names):
         raise OutputExistsError(
             f"refusing to replace {path} with --force: it was not written by edgetransfer "
-            f"(no {MANIFEST_NAME} or {MARKER} in it); choose a new output folder or remove it "
-            "yourself"
+            f"(no {MANIFEST_NAME} or {MARKER} in it); choose a new output folder, or if an "
+            "older edgetransfer wrote it, delete it yourself"
         )
+
+
+def written_by_edgetransfer(folder: str | os.PathLike, names: Iterable[str] | None = None) -> bool:
+    """Whether `folder` is one edgetransfer wrote, so --force may replace it.
+
+    It holds our manifest or the marker; or it is what versions before the marker wrote: an
+    evaluation report (index.html and a metrics.json with our keys) or a demo folder (only run/
+    and export/, one of them with our manifest). `names`: os.listdir(folder), if already read.
+    """
+    folder = Path(folder)
+    names = set(os.listdir(folder) if names is None else names)
+    if MANIFEST_NAME in names or MARKER in names:
+        return True
+    if {"index.html", "metrics.json"} <= names and _our_metrics(folder / "metrics.json"):
+        return True
+    # (run.checkpoint: what an interrupted adapt of the demo leaves beside run/)
+    sub = names - IGNORABLE
+    return sub <= {"run", "export", "run.checkpoint"} and any(
+        (folder / n / MANIFEST_NAME).is_file() for n in sub & {"run", "export"}
+    )
+
+
+def _our_metrics(path: Path) -> bool:
+    """Whether `path` looks like the metrics.json of an evaluation report (EvalResult.to_dict)."""
+    try:
+        if not path.is_file() or path.stat().st_size > _METRICS_MAX:
+            return False
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and _METRICS_KEYS <= data.keys()
 
 
 def write_marker(folder: str | os.PathLike) -> None:
@@ -132,16 +177,32 @@ def write_marker(folder: str | os.PathLike) -> None:
 
 def _check_not_an_input(path: Path, inputs: Iterable[str | os.PathLike | None]) -> None:
     out = Path(os.path.realpath(path))
+    out_id = _file_id(path)
     for given in inputs:
         if given is None:
             continue
         real = Path(os.path.realpath(given))
-        if real == out or out in real.parents:
-            what = "is" if real == out else "contains"
+        found = real == out or out in real.parents
+        if not found and out_id is not None:
+            # realpath keeps the case it is given: on a case-insensitive file system `Data`
+            # and `data` are one folder with two names; their identity is what counts
+            found = any(_file_id(p) == out_id for p in (real, *real.parents))
+        if found:
+            same = real == out or (out_id is not None and _file_id(real) == out_id)
+            what = "is" if same else "contains"
             raise OutputExistsError(
                 f"refusing to write {path}: it {what} the input {os.fsdecode(given)}; "
                 "choose another output folder"
             )
+
+
+def _file_id(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of `path`, None when it does not exist or cannot be read."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
 
 
 def user_os_error(e: BaseException) -> OSError | None:

@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from edgetransfer.errors import EdgeTransferError
+from edgetransfer.errors import EdgeTransferError, Terminated
 
 
 @dataclass(frozen=True)
@@ -148,12 +148,15 @@ class Stop:
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
             self.restore()
-            raise KeyboardInterrupt
+            # ends as that signal ends elsewhere: SIGTERM with exit 143, Ctrl-C with 130
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
         self.signum = signum
 
     def __enter__(self) -> Stop:
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(s) is signal.SIG_IGN:
+                    continue  # started with it ignored (nohup, `cmd &`): it stays ignored
                 self._old[s] = signal.signal(s, self._handle)
         return self
 

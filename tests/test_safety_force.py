@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import importlib.util
 import io
+import json
 import os
 import shutil
 import signal
@@ -85,8 +86,8 @@ def test_force_refuses_a_users_folder_before_any_work(colors, tmp_path, monkeypa
     assert res.exit_code == 1
     assert res.output == (
         f"Error: refusing to replace {docs} with --force: it was not written by edgetransfer "
-        "(no edgetransfer.json or .edgetransfer in it); choose a new output folder or remove it "
-        "yourself\n"
+        "(no edgetransfer.json or .edgetransfer in it); choose a new output folder, or if an "
+        "older edgetransfer wrote it, delete it yourself\n"
     )
     assert snapshot(docs) == before and temps(tmp_path) == []
 
@@ -178,14 +179,151 @@ def test_what_force_may_replace(tmp_path):
         setup()
         fileio.check_can_write(out, force=True)
         shutil.rmtree(out)
-    # without --force, nothing existing
+    # without --force, nothing existing that holds something
     out.mkdir()
+    (out / fileio.MARKER).write_text("")
+    (out / "model.onnx").write_bytes(b"")
     with pytest.raises(OutputExistsError, match="already exists; pass --force"):
         fileio.check_can_write(out, force=False)
     # an output folder inside an input is fine; the input or a folder around it is not
     fileio.check_can_write(tmp_path / "data" / "run", force=True, inputs=[tmp_path / "data"])
     with pytest.raises(OutputExistsError, match="contains the input"):
         fileio.check_can_write(tmp_path, force=True, inputs=[None, tmp_path / "data"])
+
+
+def _old_report(folder: Path, metrics: dict) -> Path:
+    """An evaluation report as versions before the marker wrote it (report.write_eval_report)."""
+    (folder / "mistakes").mkdir(parents=True)
+    (folder / "index.html").write_text("<h1>Evaluation</h1>")
+    (folder / "confusion.png").write_bytes(b"\x89PNG")
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+OLD_METRICS = {"model": "m", "data_dir": "d", "split": "all", "images": 3, "top1": 1.0,
+               "top5": 1.0, "top5_k": 2, "macro_f1": 1.0, "per_class": {}, "skipped": [],
+               "confusion": {"labels": [], "matrix": []}, "mistakes": []}  # fmt: skip
+
+
+def _old_demo(folder: Path) -> Path:
+    """A demo folder as versions before the marker wrote it: run/ and export/, no marker."""
+    for sub in ("run", "export"):
+        (folder / sub).mkdir(parents=True)
+        (folder / sub / "edgetransfer.json").write_text("{}")
+    (folder / "export" / "model.onnx").write_bytes(b"onnx")
+    return folder
+
+
+def test_force_replaces_what_older_versions_wrote(tmp_path):
+    report = _old_report(tmp_path / "report", OLD_METRICS)
+    demo = _old_demo(tmp_path / "demo")
+    half = tmp_path / "half"  # an older demo interrupted while adapting
+    (half / "run").mkdir(parents=True)
+    (half / "run" / "edgetransfer.json").write_text("{}")
+    (half / "run.checkpoint").write_bytes(b"")
+    for folder in (report, demo, half):
+        fileio.check_can_write(folder, force=True)
+        with pytest.raises(OutputExistsError, match="already exists; pass --force"):
+            fileio.check_can_write(folder, force=False)
+    # but nothing that only looks a little like them
+    not_ours = {
+        "a metrics.json of other keys": _old_report(tmp_path / "r2", {"top1": 1.0}),
+        "a metrics.json that is a list": _old_report(tmp_path / "r3", [OLD_METRICS]),
+        "a run/ beside a user's file": _old_demo(tmp_path / "d2"),
+        "a run/ without a manifest": tmp_path / "d3",
+    }
+    (tmp_path / "d2" / "notes.txt").write_text("mine")
+    (tmp_path / "d3" / "run").mkdir(parents=True)
+    (tmp_path / "r4").mkdir()
+    (tmp_path / "r4" / "index.html").write_text("<p>my site</p>")
+    not_ours["an index.html alone"] = tmp_path / "r4"
+    for what, folder in not_ours.items():
+        with pytest.raises(OutputExistsError) as e:
+            fileio.check_can_write(folder, force=True)
+        assert str(e.value) == (
+            f"refusing to replace {folder} with --force: it was not written by edgetransfer "
+            "(no edgetransfer.json or .edgetransfer in it); choose a new output folder, or if "
+            "an older edgetransfer wrote it, delete it yourself"
+        ), what
+
+
+def test_evaluate_report_force_replaces_an_older_versions_report(digits_export, tmp_path):
+    out = _old_report(tmp_path / "rep", OLD_METRICS)
+    res = run("evaluate", digits_export, DIGITS, "--report", out, "--force", "--split", "val")
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "metrics.json").read_text())["model"] == str(digits_export)
+    assert (out / fileio.MARKER).is_file() and temps(tmp_path) == []
+
+
+class _Reached(Exception):
+    """Raised instead of adapting: the demo got past its output check."""
+
+
+def _demo_until_adapt(monkeypatch):
+    from edgetransfer import demo
+
+    def adapt(cfg):
+        raise _Reached(cfg.out)
+
+    monkeypatch.setattr("edgetransfer.adapt.adapt", adapt)
+    return demo
+
+
+def test_demo_force_reuses_an_older_versions_demo_folder(tmp_path, monkeypatch):
+    demo = _demo_until_adapt(monkeypatch)
+    out = _old_demo(tmp_path / "demo")
+    with pytest.raises(OutputExistsError, match="already exists; pass --force"):
+        demo.run_demo(out)
+    with pytest.raises(_Reached):
+        demo.run_demo(out, force=True)
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        [],
+        [".DS_Store"],
+        ["Thumbs.db", "desktop.ini"],
+        [fileio.MARKER],
+        [fileio.MARKER, ".DS_Store"],
+    ],
+)
+def test_a_folder_with_only_the_marker_or_os_litter_counts_as_empty(tmp_path, names):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in names:
+        (out / name).write_text("")
+    for force in (False, True):
+        fileio.check_can_write(out, force=force)
+    with fileio.output_dir(out, force=False) as tmp:
+        (tmp / "a.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == [fileio.MARKER, "a.txt"]
+
+
+def test_demo_after_a_demo_that_failed_early_needs_no_force(tmp_path, monkeypatch):
+    demo = _demo_until_adapt(monkeypatch)
+    out = tmp_path / "demo"
+    for _ in range(2):  # the first run writes the marker and fails; the second is let in
+        with pytest.raises(_Reached):
+            demo.run_demo(out)
+    assert [p.name for p in out.iterdir()] == [fileio.MARKER]
+
+
+def test_the_input_under_another_name_is_refused(colors, tmp_path, monkeypatch):
+    """On a case-insensitive file system `--out Colors` is the folder `colors`, and realpath
+    keeps the case it is given. Simulated here: a symlink realpath is told not to resolve."""
+    monkeypatch.setattr(fileio.os.path, "realpath", os.path.abspath)
+    alias = tmp_path / "Colors"
+    alias.symlink_to(colors, target_is_directory=True)
+    outer = tmp_path / "Outer"
+    outer.symlink_to(tmp_path, target_is_directory=True)
+    no_work(monkeypatch)
+    res = run(*adapt_args(colors, alias, "--force"))
+    assert res.exit_code == 1 and res.output == refused_input(alias, colors)
+    res = run(*adapt_args(colors, outer, "--force"))
+    assert res.exit_code == 1 and res.output == refused_input(outer, colors, "contains")
+    # a folder inside the input, reached by the other name, is still fine
+    fileio.check_can_write(alias / "run", force=True, inputs=[colors])
 
 
 def test_output_dir_marks_folders_without_a_manifest_so_force_can_replace_them(tmp_path):
@@ -216,12 +354,13 @@ def test_run_report_folder_is_replaced_with_its_run(digits_run, tmp_path):
 # "Also": two writers replacing one folder at the same time
 
 
-def _hammer(out: Path, tag: str, n: int, failures: list) -> None:
+def _hammer(out: Path, tag: str, n: int, failures: list, wins: list) -> None:
     for i in range(n):
         try:
             with fileio.output_dir(out, force=True) as tmp:
                 (tmp / "a.txt").write_text(f"{tag}{i}")
                 (tmp / "b.txt").write_text(f"{tag}{i}")
+            wins.append(tag)
         except EdgeTransferError as e:  # a clean one-line refusal is allowed
             if "\n" in str(e):
                 failures.append(e)
@@ -230,13 +369,14 @@ def _hammer(out: Path, tag: str, n: int, failures: list) -> None:
 
 
 def test_two_threads_replacing_one_folder(tmp_path):
-    out, failures = tmp_path / "out", []
-    threads = [threading.Thread(target=_hammer, args=(out, t, 200, failures)) for t in "xy"]
+    out, failures, wins = tmp_path / "out", [], []
+    threads = [threading.Thread(target=_hammer, args=(out, t, 200, failures, wins)) for t in "xy"]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert failures == []
+    assert min(wins.count("x"), wins.count("y")) >= 100, (wins.count("x"), wins.count("y"))
     assert (out / "a.txt").read_text() == (out / "b.txt").read_text()  # one writer's folder
     assert temps(tmp_path) == []
 
@@ -250,13 +390,16 @@ from edgetransfer.errors import EdgeTransferError
 out, tag = Path(sys.argv[1]), sys.argv[2]
 while not (out.parent / "go").exists():  # both start together
     time.sleep(0.001)
+wins = 0
 for i in range(int(sys.argv[3])):
     try:
         with fileio.output_dir(out, force=True) as tmp:
             (tmp / "a.txt").write_text(f"{tag}{i}")
             (tmp / "b.txt").write_text(f"{tag}{i}")
+        wins += 1
     except EdgeTransferError as e:
         assert "\\n" not in str(e), e
+print(wins)
 """
 
 
@@ -266,6 +409,7 @@ def test_two_processes_replacing_one_folder(tmp_path):
         subprocess.Popen(
             [sys.executable, "-c", _WRITER, str(out), tag, "200"],
             cwd=ROOT,
+            stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
@@ -273,8 +417,9 @@ def test_two_processes_replacing_one_folder(tmp_path):
     ]
     time.sleep(1.0)  # both imported
     (tmp_path / "go").write_text("")
-    errs = [p.communicate(timeout=300)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], errs
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert all(int(o) >= 100 for o, _ in outs), outs  # each wrote at least half of its 200
     assert (out / "a.txt").read_text() == (out / "b.txt").read_text()
     assert temps(tmp_path) == []
 
@@ -413,6 +558,47 @@ def test_sigterm_during_export_cleans_up(digits_run, tmp_path):
     assert err.splitlines()[-1] == "Terminated (SIGTERM); nothing was written.", err
     assert "Traceback" not in err
     assert temps(tmp_path) == [] and not out.exists()
+
+
+def test_second_sigterm_during_training_ends_as_sigterm(colors, tmp_path, monkeypatch):
+    import edgetransfer.adapt as adapt_mod
+
+    real = adapt_mod.AdaptConfig
+
+    def twice(epoch, step):  # the first asks to stop after the step, the second ends it now
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(adapt_mod, "AdaptConfig", lambda **kw: real(**kw, on_step=twice))
+    out = tmp_path / "run"
+    res = run(*adapt_args(colors, out, "--no-cache"))
+    assert res.exit_code == 128 + signal.SIGTERM, res.output
+    assert res.output == "Terminated (SIGTERM); nothing was written.\n"
+    assert not out.exists() and temps(tmp_path) == []
+
+
+def test_an_ignored_sigterm_stays_ignored(colors, monkeypatch):
+    """A process started with SIGTERM ignored (nohup-like launchers) keeps ignoring it."""
+    from edgetransfer.errors import DataError
+    from edgetransfer.train import Stop
+
+    seen = []
+
+    def scan(*a, **k):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        with Stop():
+            seen.append(signal.getsignal(signal.SIGTERM))
+        raise DataError("stop here")
+
+    monkeypatch.setattr("edgetransfer.data.scan", scan)
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        res = run(*adapt_args(colors, colors.parent / "run"))
+        after = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert res.exit_code == 1 and res.output == "Error: stop here\n"
+    assert seen == [signal.SIG_IGN, signal.SIG_IGN] and after is signal.SIG_IGN
 
 
 # ---------------------------------------------------------------------------------------------
