@@ -523,7 +523,8 @@ def verify(
     else:
         click.echo(f"{report.images} images, reference: eager PyTorch")
         click.echo(report.table())
-        click.echo(f"wrote {Path(export_dir) / v.PARITY_NAME}")
+        if report.written:
+            click.echo(f"wrote {report.written}")
     report.raise_for_failures()
     if not as_json:
         click.echo("parity: PASS")

@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from edgetransfer.errors import EdgeTransferError, Terminated
+from edgetransfer.errors import EdgeTransferError, Terminated, first_line
 
 
 @dataclass(frozen=True)
@@ -525,7 +525,7 @@ def _load_checkpoint(path: Path | None, fingerprint: str, model, opt, cfg: Train
         )
         torch.set_rng_state(state["rng"])
     except (EdgeTransferError, RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
-        raise damaged(_first_line(e)) from None
+        raise damaged(first_line(e)) from None
     return state
 
 
@@ -694,11 +694,6 @@ def _lbfgs_problem(per_param: dict, params: list, history_size: int) -> str | No
     if not all(_is_scalar(x) for x in ro) or not all(x is None or _is_scalar(x) for x in al):
         return "the L-BFGS history does not fit the model"
     return None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def remove_checkpoint(path: Path | None) -> None:

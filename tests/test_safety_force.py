@@ -610,11 +610,17 @@ def test_verify_on_a_read_only_folder_fits_the_command(digits_export, monkeypatc
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
     monkeypatch.setattr(fileio.os, "fsync", read_only)
-    res = run("verify", digits_export, "--data", DIGITS, "--limit", "5")
-    assert res.exit_code == 1
-    assert res.output == (
-        f"Error: read-only file system: cannot write {digits_export / 'parity.json'}\n"
-    )
+    res = run("verify", digits_export, "--data", DIGITS, "--limit", "5", "--trust-torchscript")
+    # the comparison stands: one warning naming the file, no advice about an --out it lacks
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    warned = [ln for ln in lines if ln.startswith("Warning:")]
+    assert warned == [
+        f"Warning: {digits_export / 'parity.json'} not written (Read-only file system); the "
+        "results below stand: verify a writable copy of the folder to keep parity.json"
+    ]
+    assert "--out" not in res.output and not any(ln.startswith("wrote") for ln in lines)
+    assert lines[-1] == "parity: PASS"
 
 
 # ---------------------------------------------------------------------------------------------
