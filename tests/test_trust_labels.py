@@ -23,7 +23,13 @@ from click.testing import CliRunner
 from edgetransfer.cli import cli
 from edgetransfer.data import list_images, load_image, scan
 from edgetransfer.errors import DataError, EdgeTransferWarning, ManifestError
-from edgetransfer.manifest import METADATA_KEY, Manifest, Preprocessing, read_manifest
+from edgetransfer.manifest import (
+    METADATA_KEY,
+    Manifest,
+    Preprocessing,
+    read_manifest,
+    untrusted_skip,
+)
 from edgetransfer.runtime import OnnxClassifier, TorchClassifier
 
 from .conftest import DIGITS, make_images
@@ -175,9 +181,7 @@ def test_bench_does_not_load_torchscript_unless_trusted(hostile_export):
     res = run("bench", folder, "--runs", "1", "--warmup", "0", "--batch-size", "1", "--json")
     assert res.exit_code == 0, res.output
     assert list(marks.iterdir()) == []
-    assert "Warning: model.pt not measured: loading it can run code; pass --trust-torchscript" in (
-        res.output
-    )
+    assert untrusted_skip("model.pt", "not measured") in res.output
     rows = json.loads(res.output[res.output.index("{") :])["runtimes"]
     assert list(rows) == ["ort-fp32"]
 
