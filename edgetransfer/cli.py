@@ -582,7 +582,8 @@ def predict(
     if not preds and len(skipped) == 1:
         raise EdgeTransferError(skipped[0][1])  # the one image named: its own error
     for path, reason in skipped:  # listed, as adapt and evaluate list theirs
-        why = reason.removeprefix(Path(path).name + ": ")
+        # the reason starts with the file's name as DataError prints it (printable)
+        why = reason.removeprefix(printable(Path(path).name) + ": ")
         click.echo(f"skipped unreadable {printable(path)}: {why}", err=True)
     if not preds:
         raise EdgeTransferError(f"none of the {len(paths)} images could be read")

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from edgetransfer.cli import cli
 from edgetransfer.data import list_images, load_image, scan
-from edgetransfer.errors import DataError, EdgeTransferWarning, ManifestError
+from edgetransfer.errors import DataError, EdgeTransferWarning, ManifestError, printable
 from edgetransfer.manifest import (
     METADATA_KEY,
     Manifest,
@@ -454,6 +454,19 @@ def test_predict_skips_and_lists_unreadable_files(digits_export, tmp_path):
     (folder / "c.png").write_bytes(b"")
     res = CliRunner().invoke(cli, ["predict", str(digits_export), str(folder)])
     assert res.exit_code == 1 and res.stderr.endswith("Error: none of the 3 images could be read\n")
+
+
+def test_predict_names_an_odd_unreadable_file_once(digits_export, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(DIGITS / "six" / "001.png", folder / "a.png")
+    odd = os.fsdecode(bytes(folder) + b"/b\xff.png")  # not valid UTF-8
+    Path(odd).write_bytes(b"not a png")
+    res = CliRunner().invoke(cli, ["predict", str(digits_export), str(folder)])
+    assert res.exit_code == 0, res.output
+    (line,) = res.stderr.splitlines()
+    # the name once, then the reason (not "name: name: not a readable image")
+    assert line.startswith(f"skipped unreadable {printable(odd)}: not a readable image ("), line
 
 
 def test_single_image_class_is_warned(tmp_path):
