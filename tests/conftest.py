@@ -7,12 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
+from edgetransfer.cli import cli
 from edgetransfer.demo import sample_data, source_model
 
 DIGITS = sample_data()
 SOURCE = source_model()
+
+
+def run(*args, **kw):
+    """The CLI in process: paths and numbers become strings, bytes (odd file names) stay bytes."""
+    return CliRunner().invoke(cli, [a if isinstance(a, bytes) else str(a) for a in args], **kw)
 
 
 @pytest.fixture(autouse=True, scope="session")

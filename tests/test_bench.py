@@ -5,15 +5,9 @@ No timing assertions: only that the numbers exist and are consistent with each o
 
 import json
 
-from click.testing import CliRunner
-
 from edgetransfer.bench import find_runtimes, measure
-from edgetransfer.cli import cli
 
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
+from .conftest import run
 
 FAST = ["--runs", "3", "--warmup", "1", "--batch-size", "2", "--threads", "1"]
 

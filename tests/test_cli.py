@@ -8,16 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from edgetransfer.backbones import ARCHS
 from edgetransfer.cli import cli
 
-from .conftest import DIGITS, SOURCE
-
-
-def run(*args, **kw):
-    return CliRunner().invoke(cli, [str(a) for a in args], **kw)
+from .conftest import DIGITS, SOURCE, run
 
 
 def _adapt_args(data, out, *extra):

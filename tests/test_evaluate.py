@@ -5,16 +5,10 @@ import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from edgetransfer.cli import cli
 from edgetransfer.evaluate import compute_metrics, confusion_matrix
 
-from .conftest import DIGITS, make_images
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+from .conftest import DIGITS, make_images, run
 
 
 def test_metrics_by_hand():

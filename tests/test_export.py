@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from edgetransfer import export as export_mod
 from edgetransfer.backbones import ARCHS
 from edgetransfer.cli import cli
-from edgetransfer.errors import ExportError
+from edgetransfer.errors import DataError, ExportError
 from edgetransfer.export import FILES, ExportConfig, export
 from edgetransfer.info import describe
 from edgetransfer.manifest import read_manifest
@@ -231,5 +231,5 @@ def test_export_data_with_other_classes_maps_by_name(digits_run, tmp_path):
     shutil.copytree(DIGITS / "six", bad / "six")
     (bad / "cat").mkdir()
     shutil.copy(next((DIGITS / "six").iterdir()), bad / "cat" / "x.png")
-    with pytest.raises(Exception, match="--data has classes the model does not know: cat"):
+    with pytest.raises(DataError, match="--data has classes the model does not know: cat"):
         export(ExportConfig(run_dir=digits_run, out=tmp_path / "f", data_dir=bad))

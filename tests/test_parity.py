@@ -11,6 +11,7 @@ from onnx import numpy_helper
 
 from edgetransfer.adapt import load_run
 from edgetransfer.cli import cli
+from edgetransfer.errors import ParityError
 from edgetransfer.export import ExportConfig, export
 from edgetransfer.runtime import OnnxClassifier
 from edgetransfer.verify import ATOL, RTOL, verify
@@ -79,5 +80,5 @@ def test_verify_fails_on_perturbed_torchscript(digits_run, digits_export, tmp_pa
     assert not report.passed
     failed = {r.runtime for r in report.runtimes if not r.passed}
     assert failed == {"torchscript"}
-    with pytest.raises(Exception, match="parity failed: torchscript: .* logits outside"):
+    with pytest.raises(ParityError, match="parity failed: torchscript: .* logits outside"):
         report.raise_for_failures()

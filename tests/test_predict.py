@@ -7,18 +7,13 @@ import sys
 import numpy as np
 import onnxruntime
 import pytest
-from click.testing import CliRunner
 
-from edgetransfer.cli import cli
 from edgetransfer.runtime import load_predictor
 
-from .conftest import DIGITS
+from .conftest import DIGITS, run
 
 SIXES = sorted((DIGITS / "six").glob("*.png"))[:4]
 
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def test_predict_table_is_aligned(digits_export):

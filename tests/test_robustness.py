@@ -20,13 +20,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from click.testing import CliRunner
 from onnx import TensorProto, helper
 from PIL import Image, ImageFile
 
 from edgetransfer import fileio
 from edgetransfer.backbones import SMALL, get_arch, read_state_dict
-from edgetransfer.cli import cli
 from edgetransfer.data import (
     DEFAULT_MAX_PIXELS,
     current_max_pixels,
@@ -40,17 +38,14 @@ from edgetransfer.errors import (
     EdgeTransferWarning,
     InputError,
     ManifestError,
+    OutputExistsError,
     WeightsError,
     printable,
 )
 from edgetransfer.manifest import METADATA_KEY, Manifest
 from edgetransfer.runtime import OnnxClassifier, preprocess
 
-from .conftest import DIGITS, make_images
-
-
-def run(*args, **kw):
-    return CliRunner().invoke(cli, [a if isinstance(a, bytes) else str(a) for a in args], **kw)
+from .conftest import DIGITS, make_images, run
 
 
 def adapt_args(data_dir, out, *extra):
@@ -693,7 +688,7 @@ def test_folder_caught_mid_swap_is_put_back(tmp_path):
     moved = tmp_path / f"{fileio.TMP_PREFIX}{dead}-old-run"  # killed between the two renames
     moved.mkdir()
     (moved / "model.safetensors").write_bytes(b"the only copy")
-    with pytest.raises(Exception, match="already exists; pass --force"):
+    with pytest.raises(OutputExistsError, match="already exists; pass --force"):
         with fileio.output_dir(tmp_path / "run", force=False):
             pass
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == b"the only copy"

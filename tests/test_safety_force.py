@@ -19,14 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from edgetransfer import fileio
 from edgetransfer.adapt import checkpoint_path
-from edgetransfer.cli import cli
 from edgetransfer.errors import EdgeTransferError, ExportError, OutputExistsError
 
-from .conftest import DIGITS
+from .conftest import DIGITS, run
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("et_fuzz_ckpt", ROOT / "tools" / "fuzz.py")
@@ -37,9 +35,6 @@ _spec.loader.exec_module(fuzz)
 # model.onnx only, by the faster TorchScript-based exporter: what is tested is the folder
 FAST_EXPORT = ("--onnx", "--exporter", "torchscript", "--golden", "0")
 
-
-def run(*args, **kw):
-    return CliRunner().invoke(cli, [str(a) for a in args], **kw)
 
 
 def adapt_args(data, out, *extra):

@@ -32,7 +32,7 @@ from edgetransfer.manifest import (
 )
 from edgetransfer.runtime import OnnxClassifier, TorchClassifier
 
-from .conftest import DIGITS, make_images
+from .conftest import DIGITS, make_images, run
 
 _spec = importlib.util.spec_from_file_location(
     "et_fuzz", Path(__file__).resolve().parents[1] / "tools" / "fuzz.py"
@@ -40,9 +40,6 @@ _spec = importlib.util.spec_from_file_location(
 fuzz = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fuzz)
 
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 # --------------------------------------------------------------------------- item 3: TorchScript
