@@ -183,6 +183,35 @@ def check_manifest(path: Path) -> str:
     return "decoded"
 
 
+class _Tally:
+    """One target's counts: inputs, decoded, rejected, crashes (a crash keeps its first
+    traceback, and its input when `crashes` is a folder), and the seconds taken."""
+
+    def __init__(self, crashes: Path | None, limit: int = 4) -> None:
+        self.counts = {"inputs": 0, "decoded": 0, "rejected": 0, "crashes": 0}
+        self.first_crash: str | None = None
+        self.crashes, self.limit, self.start = crashes, limit, time.perf_counter()
+
+    def run(self, data: bytes, name: str, check, *args, **kw) -> None:
+        """Count `check(*args, **kw)` ('decoded' or 'rejected'); any exception is a crash of
+        `data`, saved as `name`."""
+        self.counts["inputs"] += 1
+        try:
+            self.counts[check(*args, **kw)] += 1
+        except Exception as e:  # noqa: BLE001 - counting crashes is the point
+            self.counts["crashes"] += 1
+            if self.first_crash is None:
+                tb = traceback.format_exc(limit=self.limit)
+                self.first_crash = f"{type(e).__name__}: {e}\n{tb}"
+            if self.crashes is not None:
+                self.crashes.mkdir(parents=True, exist_ok=True)
+                (self.crashes / name).write_bytes(data)
+
+    def result(self) -> dict:
+        seconds = time.perf_counter() - self.start
+        return {**self.counts, "seconds": seconds, "first_crash": self.first_crash}
+
+
 def fuzz(target: str, n: int, seed: int, crashes: Path | None, work: Path) -> dict:
     if target == "labels":
         return fuzz_labels(n, seed, crashes, work)
@@ -194,9 +223,7 @@ def fuzz(target: str, n: int, seed: int, crashes: Path | None, work: Path) -> di
         seeds = manifest_seeds()
         check = check_manifest
     pool = [s for _, s in seeds]
-    counts = {"inputs": 0, "decoded": 0, "rejected": 0, "crashes": 0}
-    first_crash = None
-    start = time.perf_counter()
+    tally = _Tally(crashes)
     for i in range(n):
         suffix, base = rng.choice(seeds)
         if target == "manifest" and rng.random() < 0.3:
@@ -209,19 +236,8 @@ def fuzz(target: str, n: int, seed: int, crashes: Path | None, work: Path) -> di
             data = mutate(rng, base, pool)
         path = work / f"input{suffix}"
         path.write_bytes(data)
-        counts["inputs"] += 1
-        try:
-            counts[check(path)] += 1
-        except Exception as e:  # noqa: BLE001 - counting crashes is the point
-            counts["crashes"] += 1
-            if first_crash is None:
-                first_crash = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}"
-            if crashes is not None:
-                crashes.mkdir(parents=True, exist_ok=True)
-                (crashes / f"{target}-{seed}-{i}{suffix}").write_bytes(data)
-    counts["seconds"] = time.perf_counter() - start
-    counts["first_crash"] = first_crash
-    return counts
+        tally.run(data, f"{target}-{seed}-{i}{suffix}", check, path)
+    return tally.result()
 
 
 # ------------------------------------------------------------------- manifests against a model
@@ -374,31 +390,19 @@ def fuzz_labels(n: int, seed: int, crashes: Path | None, work: Path) -> dict:
     rng = random.Random(f"labels:{seed}")
     data = _labels_data(work)
     models = {dyn: labels_model(dyn) for dyn in (False, True)}
-    counts = {"inputs": 0, "decoded": 0, "rejected": 0, "crashes": 0}
-    first_crash = None
-    start = time.perf_counter()
+    tally = _Tally(crashes)
     for i in range(n):
         text = labels_manifest(rng)
         model = onnx.ModelProto()
         model.CopyFrom(models[rng.random() < 0.5])
         model.metadata_props.add(key=METADATA_KEY, value=text)
-        path = work / "model.onnx"
-        path.write_bytes(model.SerializeToString())
-        counts["inputs"] += 1
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", EdgeTransferWarning)  # case-only labels warn
-                counts[check_labels_case(path, data, cli=rng.random() < 0.05)] += 1
-        except Exception as e:  # noqa: BLE001 - counting crashes is the point
-            counts["crashes"] += 1
-            if first_crash is None:
-                first_crash = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}"
-            if crashes is not None:
-                crashes.mkdir(parents=True, exist_ok=True)
-                (crashes / f"labels-{seed}-{i}.onnx").write_bytes(path.read_bytes())
-    counts["seconds"] = time.perf_counter() - start
-    counts["first_crash"] = first_crash
-    return counts
+        path, blob = work / "model.onnx", model.SerializeToString()
+        path.write_bytes(blob)
+        cli = rng.random() < 0.05
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", EdgeTransferWarning)  # case-only labels warn
+            tally.run(blob, f"labels-{seed}-{i}.onnx", check_labels_case, path, data, cli=cli)
+    return tally.result()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,9 +590,7 @@ def fuzz_checkpoint(n: int, seed: int, crashes: Path | None, work: Path) -> dict
     seeds = checkpoint_seeds(work)
     states = [(solver, torch.load(_io.BytesIO(b), weights_only=True)) for solver, b in seeds]
     pool = [b for _, b in seeds]
-    counts = {"inputs": 0, "decoded": 0, "rejected": 0, "crashes": 0}
-    first_crash = None
-    start = time.perf_counter()
+    tally = _Tally(crashes, limit=6)
     path = work / "input.ckpt"
     for i in range(n):
         solver, state = rng.choice(states)
@@ -600,19 +602,8 @@ def fuzz_checkpoint(n: int, seed: int, crashes: Path | None, work: Path) -> dict
             torch.save(state if r < 0.17 else mutate_state(rng, state), buf)
             data = buf.getvalue()
         path.write_bytes(data)
-        counts["inputs"] += 1
-        try:
-            counts[check_checkpoint(path, solver)] += 1
-        except Exception as e:  # noqa: BLE001 - counting crashes is the point
-            counts["crashes"] += 1
-            if first_crash is None:
-                first_crash = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"
-            if crashes is not None:
-                crashes.mkdir(parents=True, exist_ok=True)
-                (crashes / f"checkpoint-{solver}-{seed}-{i}.ckpt").write_bytes(data)
-    counts["seconds"] = time.perf_counter() - start
-    counts["first_crash"] = first_crash
-    return counts
+        tally.run(data, f"checkpoint-{solver}-{seed}-{i}.ckpt", check_checkpoint, path, solver)
+    return tally.result()
 
 
 def main(argv: list[str] | None = None) -> int:
