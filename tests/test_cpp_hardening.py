@@ -7,6 +7,7 @@ not built, unless ET_REQUIRE_CPP=1 (CI).
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -29,6 +30,13 @@ from edgetransfer.runtime import OnnxClassifier
 
 from .conftest import DIGITS
 from .test_cpp_demo import PROGRAMS, json_lines, run
+
+_spec = importlib.util.spec_from_file_location(
+    "et_fuzz_cpp", Path(__file__).resolve().parents[1] / "tools" / "fuzz_cpp.py"
+)
+fuzz_cpp = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = fuzz_cpp  # its dataclasses look their module up
+_spec.loader.exec_module(fuzz_cpp)
 
 ROOT = Path(__file__).resolve().parent.parent
 ASAN_BUILD = ROOT / "cpp_demo" / "build-asan"
@@ -258,22 +266,10 @@ def manifest(digits_export) -> dict:
 def sequence_model(export: Path, where: str) -> onnx.ModelProto:
     """A valid model whose output (or input) is a sequence of tensors, not a tensor."""
     m = onnx.load(export / "model.onnx")
-    g = m.graph
     if where == "output":
-        out = g.output[0].name
-        for node in g.node:
-            node.output[:] = [f"{o}_t" if o == out else o for o in node.output]
-        g.node.append(helper.make_node("SequenceConstruct", [f"{out}_t"], [out]))
-        del g.output[:]
-        g.output.append(helper.make_tensor_sequence_value_info(out, TensorProto.FLOAT, None))
+        fuzz_cpp.wrap_output(m.graph, "SequenceConstruct")
     else:
-        inp = g.input[0].name
-        g.node.insert(0, helper.make_node("SequenceAt", [f"{inp}_seq", "zero"], [inp]))
-        g.initializer.append(helper.make_tensor("zero", TensorProto.INT64, [], [0]))
-        del g.input[:]
-        g.input.append(
-            helper.make_tensor_sequence_value_info(f"{inp}_seq", TensorProto.FLOAT, None)
-        )
+        fuzz_cpp.sequence_input(m.graph)
     return m
 
 

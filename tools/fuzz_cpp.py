@@ -111,6 +111,34 @@ def image_seeds(export: Path) -> list[tuple[str, bytes]]:
     ]
 
 
+def wrap_output(g, op_type: str) -> None:
+    """Make graph `g`'s first output a sequence ("SequenceConstruct") or an optional
+    ("Optional") of the tensor it was: a valid model whose output is not a tensor."""
+    from onnx import TensorProto, helper
+
+    out = g.output[0].name
+    for node in g.node:
+        node.output[:] = [f"{o}_t" if o == out else o for o in node.output]
+    g.node.append(helper.make_node(op_type, [f"{out}_t"], [out]))
+    del g.output[:]
+    if op_type == "Optional":
+        t = helper.make_tensor_type_proto(TensorProto.FLOAT, None)
+        g.output.append(helper.make_value_info(out, helper.make_optional_type_proto(t)))
+    else:
+        g.output.append(helper.make_tensor_sequence_value_info(out, TensorProto.FLOAT, None))
+
+
+def sequence_input(g) -> None:
+    """Make graph `g`'s first input a sequence whose first tensor the model then reads."""
+    from onnx import TensorProto, helper
+
+    inp = g.input[0].name
+    g.node.insert(0, helper.make_node("SequenceAt", [f"{inp}_seq", "zero"], [inp]))
+    g.initializer.append(helper.make_tensor("zero", TensorProto.INT64, [], [0]))
+    del g.input[:]
+    g.input.append(helper.make_tensor_sequence_value_info(f"{inp}_seq", TensorProto.FLOAT, None))
+
+
 def mutate_bytes(data: bytes, rnd: random.Random, seeds: list[bytes]) -> bytes:
     b = bytearray(data)
     for _ in range(rnd.choice([1, 1, 2, 3, 4, 8])):
@@ -288,7 +316,7 @@ class Maker:
         return path
 
     def onnx_model(self, rnd: random.Random, folder: Path) -> str:
-        from onnx import TensorProto, helper
+        from onnx import TensorProto
 
         path = folder / "model.onnx"
         if rnd.random() < 0.3:
@@ -299,28 +327,11 @@ class Maker:
         g = m.graph
         op = rnd.randrange(9)
         if op == 0:  # sequence output
-            out = g.output[0].name
-            for node in g.node:
-                node.output[:] = [f"{o}_t" if o == out else o for o in node.output]
-            g.node.append(helper.make_node("SequenceConstruct", [f"{out}_t"], [out]))
-            del g.output[:]
-            g.output.append(helper.make_tensor_sequence_value_info(out, TensorProto.FLOAT, None))
+            wrap_output(g, "SequenceConstruct")
         elif op == 1:  # sequence input
-            inp = g.input[0].name
-            g.node.insert(0, helper.make_node("SequenceAt", [f"{inp}_s", "zero"], [inp]))
-            g.initializer.append(helper.make_tensor("zero", TensorProto.INT64, [], [0]))
-            del g.input[:]
-            g.input.append(
-                helper.make_tensor_sequence_value_info(f"{inp}_s", TensorProto.FLOAT, None)
-            )
+            sequence_input(g)
         elif op == 2:  # optional output
-            out = g.output[0].name
-            for node in g.node:
-                node.output[:] = [f"{o}_t" if o == out else o for o in node.output]
-            g.node.append(helper.make_node("Optional", [f"{out}_t"], [out]))
-            t = helper.make_tensor_type_proto(TensorProto.FLOAT, None)
-            del g.output[:]
-            g.output.append(helper.make_value_info(out, helper.make_optional_type_proto(t)))
+            wrap_output(g, "Optional")
         elif op == 3:  # declared dims: wrong, zero, huge, symbolic
             vi = rnd.choice([*g.input, *g.output])
             dims = vi.type.tensor_type.shape.dim
