@@ -12,11 +12,39 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from edgetransfer import strategies
+from edgetransfer.backbones import (
+    Classifier,
+    block_modules,
+    check_truncate,
+    feature_dim,
+    get_arch,
+    load_source,
+    outputs,
+    split,
+    truncate,
+)
+from edgetransfer.data import eval_transform, load_image, scan
 from edgetransfer.errors import DataError, EdgeTransferError
-from edgetransfer.manifest import MANIFEST_NAME, METADATA_KEY, Manifest
+from edgetransfer.features import extract
+from edgetransfer.fileio import atomic_write_text, check_can_write, output_dir
+from edgetransfer.loaders import AUGMENT, ImageBatches, train_transform
+from edgetransfer.manifest import MANIFEST_NAME, Manifest, read_manifest, versions
+from edgetransfer.report import ReportUnavailable, write_run_report
+from edgetransfer.runs import RUN_INFO, checkpoint_path, load_run, save_model
+from edgetransfer.train import (
+    SOLVERS,
+    Standardize,
+    TensorBatches,
+    TrainConfig,
+    fit,
+    fold,
+    remove_checkpoint,
+)
 
 DEFAULT_ARCH = "mobilenet_v3_small"
-RUN_INFO = "run.json"
 MiB = 1024 * 1024
 # L2 penalty of the L-BFGS head on standardised features; test top-1 on the digits transfer
 # experiment moved by under a point between 1e-3 and 1e-1.
@@ -98,11 +126,6 @@ class AdaptResult:
     notes: list[str]
 
 
-def checkpoint_path(out: Path) -> Path:
-    """Where an interrupted adapt keeps its resumable state: beside RUN_DIR."""
-    out = Path(out).absolute()
-    return out.with_name(out.name + ".checkpoint")
-
 
 def adapt(cfg: AdaptConfig) -> AdaptResult:
     """Adapt a source model to DATA_DIR with the chosen strategy and write RUN_DIR."""
@@ -125,8 +148,6 @@ def _no_checkpoint_left_on_a_full_disk(cfg: AdaptConfig):
         yield
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT) and not cfg.resume:
-            from edgetransfer.train import remove_checkpoint
-
             remove_checkpoint(checkpoint_path(cfg.out))
         raise
 
@@ -153,24 +174,6 @@ def _heap_frozen():
 
 
 def _adapt(cfg: AdaptConfig) -> AdaptResult:
-    import torch
-
-    from edgetransfer import strategies
-    from edgetransfer.backbones import (
-        Classifier,
-        block_modules,
-        check_truncate,
-        feature_dim,
-        get_arch,
-        load_source,
-        split,
-        truncate,
-    )
-    from edgetransfer.data import scan
-    from edgetransfer.fileio import check_can_write
-    from edgetransfer.loaders import AUGMENT
-    from edgetransfer.train import SOLVERS
-
     spec = get_arch(cfg.arch)  # fail on a bad name before any work
     if cfg.truncate:
         check_truncate(spec, cfg.truncate)
@@ -306,8 +309,6 @@ def _adapt(cfg: AdaptConfig) -> AdaptResult:
     if cfg.lwf:
         adapt_info["lwf"] = cfg.lwf
     if cfg.teacher:
-        from edgetransfer.manifest import read_manifest
-
         tm = read_manifest(cfg.teacher)
         adapt_info["teacher"] = {
             "arch": tm.arch,
@@ -315,8 +316,6 @@ def _adapt(cfg: AdaptConfig) -> AdaptResult:
             "alpha": cfg.kd_alpha,
             "temperature": cfg.kd_temperature,
         }
-    from edgetransfer.manifest import versions
-
     io_names = {"input": "input", "output": "logits"}
     if cfg.keep_source_head:
         io_names["source_output"] = "source_logits"
@@ -338,8 +337,6 @@ def _adapt(cfg: AdaptConfig) -> AdaptResult:
         io=io_names,
     )
     notes += _write_run(cfg, model, manifest, result, bad, memory)
-    from edgetransfer.train import remove_checkpoint
-
     remove_checkpoint(checkpoint_path(cfg.out))
     return AdaptResult(Path(cfg.out), manifest, bad, memory, notes)
 
@@ -375,8 +372,6 @@ def _check_source_options(cfg: AdaptConfig, source) -> None:
 
 def _outputs_of(module, samples, pre, module_id: str, cfg: AdaptConfig):
     """`module` outputs on the un-augmented `samples`, through the feature cache."""
-    from edgetransfer.features import extract
-
     out = extract(
         module,
         samples,
@@ -393,10 +388,6 @@ def _outputs_of(module, samples, pre, module_id: str, cfg: AdaptConfig):
 
 def _source_top1(cfg: AdaptConfig, features, source_head, source, pre) -> float | None:
     """Top-1 of features + source head on --source-data (None without it)."""
-    import torch
-
-    from edgetransfer.data import scan
-
     if cfg.source_data is None:
         return None
     ds = scan(cfg.source_data, val_fraction=0.0)
@@ -424,11 +415,7 @@ def _check_images(cfg: AdaptConfig, dataset, features, pre, backbone_id: str):
     For ``head`` this pass is the feature extraction itself: returns the bad files and, for
     head, the clean feature vectors by path (None otherwise), so training reuses them.
     """
-    from edgetransfer.data import load_image
-
     if cfg.strategy == "head":
-        from edgetransfer.features import extract
-
         feats = extract(
             features,
             dataset.samples,
@@ -467,9 +454,6 @@ def _check_images(cfg: AdaptConfig, dataset, features, pre, backbone_id: str):
 def _fit_memory(cfg: AdaptConfig, model, plan, pre):
     """The training config, with the batch split into accumulation steps to fit max_memory,
     and the memory estimate (strategies.estimate_memory) at that batch."""
-    from edgetransfer import strategies
-    from edgetransfer.train import TrainConfig
-
     batch, accumulate = cfg.batch_size, cfg.accumulate
     # only the head on cached features can take L-BFGS (one fixed full-batch objective)
     solver = cfg.head_solver if cfg.strategy == "head" else "adamw"
@@ -500,11 +484,6 @@ def _fit_memory(cfg: AdaptConfig, model, plan, pre):
 
 def _teacher_logits(cfg: AdaptConfig, dataset, train_s):
     """The teacher's logits on the (un-augmented) training images, computed once and cached."""
-    import torch
-
-    from edgetransfer.backbones import outputs
-    from edgetransfer.features import extract
-
     teacher, tm = load_run(cfg.teacher)
     if tm.labels != dataset.classes:
         raise EdgeTransferError(
@@ -590,11 +569,6 @@ def _train(
     source=(None, None),
     clean=None,
 ):
-    import torch
-
-    from edgetransfer import strategies
-    from edgetransfer.train import Standardize, TensorBatches, fit, fold
-
     notes: list[str] = []
     y_train = torch.tensor([s.label for s in train_s])
     weights = None
@@ -618,8 +592,6 @@ def _train(
         on_step=cfg.on_step,
     )
     if cfg.strategy == "head":
-        from edgetransfer.features import extract
-
         def feats(samples, aug="none", view=0):
             if aug == "none" and clean is not None:  # extracted while checking the images
                 return torch.stack([clean[s.path] for s in samples])
@@ -658,9 +630,6 @@ def _train(
         result = fit(trainee, groups, train, val, base_loss, tcfg, threads=1, **common)
         fold(std, model.head)
         return result, notes
-
-    from edgetransfer.data import eval_transform
-    from edgetransfer.loaders import ImageBatches, train_transform
 
     train = ImageBatches(
         train_s,
@@ -714,8 +683,6 @@ def _train(
 
 
 def _write_run(cfg: AdaptConfig, model, manifest: Manifest, result, bad, memory) -> list[str]:
-    from edgetransfer.fileio import atomic_write_text, output_dir
-
     with output_dir(cfg.out, cfg.force, inputs(cfg)) as tmp:
         save_model(model, manifest, tmp / "model.safetensors")
         atomic_write_text(tmp / MANIFEST_NAME, manifest.to_json())
@@ -734,8 +701,6 @@ def _write_run(cfg: AdaptConfig, model, manifest: Manifest, result, bad, memory)
             )
         if not cfg.report:
             return []
-        from edgetransfer.report import ReportUnavailable, write_run_report
-
         try:  # report.html needs the optional matplotlib; the run is complete without it
             write_run_report(
                 tmp,
@@ -750,47 +715,4 @@ def _write_run(cfg: AdaptConfig, model, manifest: Manifest, result, bad, memory)
     return []
 
 
-def save_model(model, manifest: Manifest, path: Path) -> None:
-    """The Classifier's weights as safetensors, with the manifest in the header metadata."""
-    from safetensors.torch import save
 
-    from edgetransfer.fileio import atomic_write_bytes
-
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(path, save(state, metadata={METADATA_KEY: manifest.to_json()}))
-
-
-def load_run(run_dir: str | os.PathLike):
-    """The eager Classifier and its manifest from a RUN_DIR (or an EXPORT_DIR with weights)."""
-    from edgetransfer.backbones import build_classifier, load_strict, read_state_dict
-    from edgetransfer.errors import ManifestError
-    from edgetransfer.manifest import read_manifest
-
-    run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir)
-    weights = run_dir / "model.safetensors"
-    if not weights.is_file():
-        raise ManifestError(f"{run_dir} has no model.safetensors; is it a RUN_DIR from adapt?")
-    source_classes = (
-        len(manifest.source.get("labels") or []) if "source_output" in manifest.io else None
-    )
-    model = build_classifier(
-        manifest.arch,
-        len(manifest.labels),
-        manifest.adapt.get("truncate"),
-        manifest.preprocessing,
-        source_classes,
-    )
-    state, _ = read_state_dict(weights)
-    load_strict(model, state, weights.name)
-    return model.eval(), manifest
-
-
-def run_data_dir(run_dir: str | os.PathLike) -> Path | None:
-    """The DATA_DIR a RUN_DIR was adapted on, if recorded and still there."""
-    try:
-        info = json.loads((Path(run_dir) / RUN_INFO).read_text())
-        path = Path(info["data_dir"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return path if path.is_dir() else None

@@ -16,6 +16,7 @@ from torch import nn
 from edgetransfer.errors import ArchError, WeightsError
 from edgetransfer.fileio import sha256_file
 from edgetransfer.manifest import METADATA_KEY, Manifest, Preprocessing
+from edgetransfer.train import intra_op_threads
 
 IMAGENET = Preprocessing(
     input_size=(224, 224), resize=256, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
@@ -262,8 +263,6 @@ def block_modules(spec: ArchSpec, features: nn.Module, truncated: str | None) ->
 
 def feature_dim(features: nn.Module, p: Preprocessing) -> int:
     """Length of the feature vector `features` produces for one input at `p.input_size`."""
-    from edgetransfer.train import intra_op_threads
-
     was_training = features.training
     features.eval()
     try:

@@ -20,18 +20,20 @@ from typing import Any
 import numpy as np
 
 from edgetransfer.errors import EdgeTransferError, EdgeTransferWarning, ManifestError
-from edgetransfer.manifest import CODE_FILES, untrusted_skip
+from edgetransfer.manifest import ARTIFACTS, CODE_FILES, untrusted_skip
+from edgetransfer.onnxio import resolve_providers
+from edgetransfer.runtime import OnnxClassifier, TorchClassifier
 
 # runtime name -> (file in an EXPORT_DIR or RUN_DIR, backend); the order is the table's order.
 RUNTIMES = {
-    "eager": ("model.safetensors", "eager"),
-    "torchscript": ("model.pt", "torchscript"),
-    "pt2": ("model.pt2", "pt2"),
-    "ort-fp32": ("model.onnx", "onnx"),
-    "ort-raw": ("model.raw.onnx", "onnx"),
-    "ort-opt": ("model.opt.onnx", "onnx"),
-    "ort-int8": ("model.int8.onnx", "onnx"),
-    "ort-fp16": ("model.fp16.onnx", "onnx"),
+    "eager": (ARTIFACTS["weights"], "eager"),
+    "torchscript": (ARTIFACTS["torchscript"], "torchscript"),
+    "pt2": (ARTIFACTS["pt2"], "pt2"),
+    "ort-fp32": (ARTIFACTS["onnx"], "onnx"),
+    "ort-raw": (ARTIFACTS["raw"], "onnx"),
+    "ort-opt": (ARTIFACTS["optimized"], "onnx"),
+    "ort-int8": (ARTIFACTS["int8"], "onnx"),
+    "ort-fp16": (ARTIFACTS["fp16"], "onnx"),
 }
 # Ratios are against the first of these that was measured.
 BASELINES = ("ort-fp32", "eager")
@@ -176,8 +178,6 @@ def bench(cfg: BenchConfig, progress: bool = False) -> BenchReport:
 
     runtimes = find_runtimes(cfg.model, cfg.trust_torchscript)
     if cfg.provider != "cpu" and any(b == "onnx" for _, b in runtimes.values()):
-        from edgetransfer.runtime import resolve_providers
-
         resolve_providers(cfg.provider)  # fail before any subprocess starts
     report = BenchReport(cfg)
     bar = tqdm(runtimes.items(), desc="bench", disable=not progress, leave=False)
@@ -264,14 +264,10 @@ def measure(
         import onnx  # noqa: F401  both imported before the baseline RSS is taken
         import onnxruntime  # noqa: F401
 
-        from edgetransfer.runtime import OnnxClassifier
-
         def load():
             return OnnxClassifier(path, threads, provider=provider)
     else:
         import torch  # noqa: F401  imported before the baseline RSS is taken
-
-        from edgetransfer.runtime import TorchClassifier
 
         def load():
             return TorchClassifier(path, threads)

@@ -1,4 +1,5 @@
-"""Dataset scanning (folder per class, train/val), robust image decoding, transform presets."""
+"""Images in: dataset scanning (folder per class, train/val), robust decoding, and the numpy
+preprocessing (resize, crop, normalise) and softmax every runtime shares with torchvision's."""
 
 from __future__ import annotations
 
@@ -12,9 +13,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from edgetransfer.errors import DataError, EdgeTransferWarning, first_line, printable
+from edgetransfer.errors import (
+    DataError,
+    EdgeTransferError,
+    EdgeTransferWarning,
+    first_line,
+    printable,
+)
 from edgetransfer.manifest import Preprocessing, check_labels
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -403,8 +411,6 @@ def to_rgb(im: Image.Image) -> Image.Image:
     clipped, which would turn most 16-bit images white); NaN becomes the minimum.
     """
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        import numpy as np
-
         a = np.asarray(im, dtype=np.float64)
         finite = a[np.isfinite(a)]
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
@@ -434,3 +440,40 @@ def eval_transform(p: Preprocessing):
             v2.Normalize(list(p.mean), list(p.std)),
         ]
     )
+
+
+def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
+    """(width, height) after resizing the shorter side to `shorter`, as torchvision does."""
+    if width <= height:
+        return shorter, int(shorter * height / width)
+    return int(shorter * width / height), shorter
+
+
+def resize_crop(img: Image.Image, p: Preprocessing) -> Image.Image:
+    """Resize the shorter side to ``p.resize`` (bilinear) and centre-crop ``p.input_size``."""
+    w, h = resized_size(img.width, img.height, p.resize)
+    if (w, h) != img.size:
+        img = img.resize((w, h), Image.BILINEAR)
+    ch, cw = p.input_size
+    if w < cw or h < ch:  # torchvision pads before cropping; resize >= input_size prevents this
+        raise EdgeTransferError(f"image of {w}x{h} after resize is smaller than the crop {cw}x{ch}")
+    top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+    return img.crop((left, top, left + cw, top + ch))
+
+
+def normalize(pixels: np.ndarray, p: Preprocessing) -> np.ndarray:
+    """uint8 HWC RGB pixels -> float32 CHW, scaled to [0, 1] and normalised."""
+    a = pixels.astype(np.float32) / np.float32(255.0)
+    a = (a - np.asarray(p.mean, np.float32)) / np.asarray(p.std, np.float32)
+    return np.ascontiguousarray(a.transpose(2, 0, 1))
+
+
+def preprocess(img: Image.Image, p: Preprocessing) -> np.ndarray:
+    """An RGB PIL image -> float32 CHW array, exactly like data.eval_transform."""
+    return normalize(np.asarray(resize_crop(img, p)), p)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Probabilities along the last axis, shifted by the maximum so large logits do not overflow."""
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)

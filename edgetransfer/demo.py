@@ -5,7 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgetransfer.adapt import AdaptConfig, adapt
 from edgetransfer.errors import EdgeTransferError
+from edgetransfer.export import ExportConfig, export
+from edgetransfer.fileio import check_can_write, write_marker
+from edgetransfer.runtime import OnnxClassifier
+from edgetransfer.verify import verify
 
 SOURCE_MODEL = "digits04_simple_cnn.safetensors"
 PACKAGE = Path(__file__).resolve().parent
@@ -44,12 +49,6 @@ class DemoResult:
 
 def run_demo(out: Path, force: bool = False, progress: bool = False) -> DemoResult:
     """adapt -> export -> verify -> predict on the shipped data, all under `out`."""
-    from edgetransfer.adapt import AdaptConfig, adapt
-    from edgetransfer.export import ExportConfig, export
-    from edgetransfer.fileio import check_can_write, write_marker
-    from edgetransfer.runtime import OnnxClassifier
-    from edgetransfer.verify import verify
-
     out = Path(out)
     data = sample_data()
     check_can_write(out, force, (data, source_sample_data(), source_model()))

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
+from edgetransfer.data import load_image, softmax
 from edgetransfer.errors import DataError
+from edgetransfer.manifest import Manifest
+from edgetransfer.runs import run_split
+from edgetransfer.runtime import TorchClassifier, load_predictor
 
 SPLITS = ("all", "train", "val")
 TOPK = 5
@@ -185,9 +191,6 @@ def run_samples(
     """
     from tqdm import tqdm
 
-    from edgetransfer.data import load_image
-    from edgetransfer.runtime import softmax
-
     kept_paths: list[str] = []
     kept_truth: list[int] = []
     probs: list[np.ndarray] = []
@@ -243,14 +246,11 @@ def evaluate(
     Args:
         predictor: an already loaded runtime.Predictor for MODEL (skips loading it again).
     """
-    from edgetransfer.data import scan
-    from edgetransfer.runtime import load_predictor
-
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
     clf = predictor or load_predictor(model, provider=provider, threads=threads)
     m = clf.manifest
-    dataset = scan(data_dir, float(m.adapt.get("val_fraction", 0.2)), int(m.adapt.get("seed", 0)))
+    dataset = run_split(data_dir, m)
     index = label_indices(dataset.classes, m.labels)
     samples = dataset.samples if split == "all" else dataset.split(split)
     if not samples:
@@ -265,3 +265,63 @@ def evaluate(
         batch_size=batch_size,
         progress=progress,
     )
+
+
+def validation_result(
+    manifest: Manifest,
+    run_dir: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    val_logits: ArrayLike,
+    bad: Sequence[tuple[os.PathLike, str]] = (),
+) -> EvalResult | None:
+    """An evaluate.EvalResult for the validation split from logits computed during adapt.
+
+    The split is scanned again as evaluate scans it (the manifest's val_fraction and seed);
+    `val_logits` row i belongs to its i-th readable image. None when the counts differ (the
+    folder changed since): the caller then runs the model instead.
+    """
+    m = manifest
+    dataset = run_split(data_dir, m)
+    index = label_indices(dataset.classes, m.labels)
+    reasons = {Path(p): r for p, r in bad}
+    val = dataset.split("val")
+    kept = [s for s in val if s.path not in reasons]
+    logits = np.asarray(val_logits, dtype=np.float64)
+    if logits.ndim != 2 or len(logits) != len(kept) or not np.isfinite(logits).all():
+        return None
+    probs = softmax(logits)
+    truth = np.asarray([index[s.label] for s in kept], np.int64)
+    return EvalResult(
+        model=os.fsdecode(run_dir),
+        data_dir=os.fsdecode(data_dir),
+        split="val",
+        metrics=compute_metrics(probs, truth, m.labels),
+        paths=[os.fsdecode(s.path) for s in kept],
+        truth=truth,
+        probs=probs,
+        skipped=[(os.fsdecode(s.path), reasons[s.path]) for s in val if s.path in reasons],
+    )
+
+
+def run_validation(
+    run_dir: str | os.PathLike,
+    manifest: Manifest,
+    data_dir: str | os.PathLike,
+    *,
+    model=None,
+    val_logits: ArrayLike | None = None,
+    bad: Sequence[tuple[os.PathLike, str]] = (),
+    progress: bool = False,
+) -> EvalResult:
+    """The validation split's EvalResult for a RUN_DIR: from `val_logits` adapt already has
+    when they match the split, else by running the model (`model`, the eager Classifier in
+    memory, or the one in `run_dir`)."""
+    result = None
+    if val_logits is not None:
+        result = validation_result(manifest, run_dir, data_dir, val_logits, bad)
+    if result is None:
+        predictor = (
+            TorchClassifier.from_module(model, manifest, run_dir) if model is not None else None
+        )
+        result = evaluate(run_dir, data_dir, split="val", predictor=predictor, progress=progress)
+    return result

@@ -6,33 +6,33 @@ is written. Quantised variants and the latency/accuracy guard live in quantize.p
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import io
 import json
-import os
 import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgetransfer.errors import ExportError, first_line
-from edgetransfer.manifest import MANIFEST_NAME, METADATA_KEY, Manifest
+from edgetransfer import onnxio, quantize
+from edgetransfer.errors import DataError, ExportError, first_line
+from edgetransfer.fileio import (
+    atomic_write_bytes,
+    atomic_write_text,
+    check_can_write,
+    output_dir,
+    sha256_file,
+)
+from edgetransfer.golden import GOLDEN_DIR, write_golden
+from edgetransfer.manifest import ARTIFACTS, MANIFEST_NAME, Manifest
+from edgetransfer.parity import ATOL, RTOL
+from edgetransfer.runs import load_run, run_data_dir, run_split
+from edgetransfer.runtime import OnnxClassifier
 
 EXPORTERS = ("dynamo", "torchscript")
 DEFAULT_EXPORTER = "auto"  # dynamo first; the TorchScript exporter when dynamo fails its checks
 CHECK_BATCHES = (1, 2, 8)
 REPORT_NAME = "export.json"
-
-FILES = {
-    "onnx": "model.onnx",
-    "raw": "model.raw.onnx",
-    "torchscript": "model.pt",
-    "pt2": "model.pt2",
-    "int8": "model.int8.onnx",
-    "fp16": "model.fp16.onnx",
-    "optimized": "model.opt.onnx",
-}
-
 
 @dataclass(frozen=True)
 class ExportConfig:
@@ -78,9 +78,6 @@ def export(cfg: ExportConfig) -> ExportResult:
     """Write EXPORT_DIR. The weights are copied so `verify` can rebuild the eager reference."""
     import torch
 
-    from edgetransfer.adapt import load_run, run_data_dir
-    from edgetransfer.fileio import atomic_write_text, check_can_write, output_dir, sha256_file
-
     if cfg.exporter not in (*EXPORTERS, "auto"):
         raise ExportError(
             f"unknown exporter {cfg.exporter!r}; choose one of: auto, {', '.join(EXPORTERS)}"
@@ -106,31 +103,29 @@ def export(cfg: ExportConfig) -> ExportResult:
         exporter = cfg.exporter
         if need_onnx:
             exporter = export_onnx_checked(
-                model, manifest, example, tmp / FILES["onnx"], cfg.exporter, cfg.opset, notes
+                model, manifest, example, tmp / ARTIFACTS["onnx"], cfg.exporter, cfg.opset, notes
             )
             report["exporter"] = exporter
         if cfg.raw:
             _with_fallback(
                 exporter,
-                lambda name: export_raw(model, manifest, tmp / FILES["raw"], name, cfg.opset),
+                lambda name: export_raw(model, manifest, tmp / ARTIFACTS["raw"], name, cfg.opset),
                 manifest.arch,
                 notes,
             )
         if cfg.torchscript:
-            export_torchscript(model, manifest, example, tmp / FILES["torchscript"])
+            export_torchscript(model, manifest, example, tmp / ARTIFACTS["torchscript"])
         if cfg.pt2:
-            export_pt2(model, manifest, example, tmp / FILES["pt2"])
+            export_pt2(model, manifest, example, tmp / ARTIFACTS["pt2"])
         if cfg.int8 or cfg.fp16 or cfg.optimize:
-            from edgetransfer import quantize
-
             if cfg.optimize:
-                quantize.save_optimized(tmp / FILES["onnx"], tmp / FILES["optimized"], manifest)
+                quantize.save_optimized(tmp / ARTIFACTS["onnx"], tmp / ARTIFACTS["optimized"], manifest)
             if cfg.int8:
                 calib = _spread([s for s in dataset.samples if s.split == "train"],
                                 cfg.calib_size)
-                quantize.quantize_int8(tmp / FILES["onnx"], tmp / FILES["int8"], manifest, calib)
+                quantize.quantize_int8(tmp / ARTIFACTS["onnx"], tmp / ARTIFACTS["int8"], manifest, calib)
             if cfg.fp16:
-                quantize.convert_fp16(tmp / FILES["onnx"], tmp / FILES["fp16"], manifest)
+                quantize.convert_fp16(tmp / ARTIFACTS["onnx"], tmp / ARTIFACTS["fp16"], manifest)
             if dataset is None:
                 notes.append("no accuracy/latency guard: no images; pass --data DATA_DIR")
             else:
@@ -138,15 +133,14 @@ def export(cfg: ExportConfig) -> ExportResult:
                 guard = quantize.guard(tmp, manifest, val, cfg.max_drop, cfg.threads)
                 notes += guard.pop("notes")
                 report["guard"] = guard
-        shutil.copyfile(Path(cfg.run_dir) / "model.safetensors", tmp / "model.safetensors")
+        weights = ARTIFACTS["weights"]
+        shutil.copyfile(Path(cfg.run_dir) / weights, tmp / weights)
         atomic_write_text(tmp / "labels.txt", "".join(f"{label}\n" for label in manifest.labels))
         atomic_write_text(tmp / MANIFEST_NAME, manifest.to_json())
         if dataset is not None and cfg.golden > 0:
-            from edgetransfer.golden import GOLDEN_DIR, write_golden
-
             write_golden(model, manifest, dataset.samples, tmp / GOLDEN_DIR, cfg.golden)
-        for kind, name in FILES.items():
-            if (tmp / name).is_file():
+        for kind, name in ARTIFACTS.items():
+            if kind != "weights" and (tmp / name).is_file():
                 report["artifacts"][kind] = {
                     "file": name,
                     "bytes": (tmp / name).stat().st_size,
@@ -160,26 +154,17 @@ def export(cfg: ExportConfig) -> ExportResult:
 
 def _dataset(cfg: ExportConfig, manifest: Manifest):
     """The scanned DATA_DIR (split as in adapt), and a note when there is none."""
-    from edgetransfer.adapt import run_data_dir
-    from edgetransfer.data import scan
-
     data_dir = cfg.data_dir or run_data_dir(cfg.run_dir)
     if data_dir is None:
         if cfg.golden <= 0:
             return None, []
         return None, ["no golden/ written: the run's data folder is gone; pass --data DATA_DIR"]
-    seed = int(manifest.adapt.get("seed", 0))
-    ds = scan(data_dir, float(manifest.adapt.get("val_fraction", 0.2)), seed)
-    return _relabel(ds, manifest), []
+    return _relabel(run_split(data_dir, manifest), manifest), []
 
 
 def _relabel(ds, manifest: Manifest):
     """The dataset with labels as indices into the model's labels (matched by class name), so
     golden vectors, calibration and the guard agree with the model whatever folder is given."""
-    import dataclasses
-
-    from edgetransfer.errors import DataError
-
     unknown = [c for c in ds.classes if c not in manifest.labels]
     if unknown:
         raise DataError(f"--data has classes the model does not know: {', '.join(unknown)} "
@@ -202,71 +187,11 @@ def _spread(samples: list, n: int) -> list:
     return out
 
 
-def _torch_onnx_export(
-    module,
-    example,
-    path: Path,
-    exporter: str,
-    opset: int | None,
-    input_name: str,
-    output_names: list[str],
-) -> None:
-    """torch.onnx.export with the exporter chosen explicitly and a dynamic batch dimension."""
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            torch.onnx.export(
-                module,
-                (example,),
-                str(path),
-                dynamo=True,
-                external_data=False,
-                input_names=[input_name],
-                output_names=output_names,
-                opset_version=opset,
-                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
-                verbose=False,
-            )
-        else:
-            axes = {name: {0: "batch"} for name in [input_name, *output_names]}
-            torch.onnx.export(
-                module,
-                (example,),
-                str(path),
-                dynamo=False,
-                input_names=[input_name],
-                output_names=output_names,
-                opset_version=opset or 17,
-                dynamic_axes=axes,
-            )
-
-
-def _finish_onnx(tmp: Path, path: Path, manifest: Manifest, full_check: bool = True) -> None:
-    """Embed the manifest, run the ONNX checker, write atomically."""
-    import onnx
-
-    from edgetransfer.fileio import atomic_write_bytes
-
-    proto = onnx.load(str(tmp))
-    del proto.metadata_props[:]
-    onnx.helper.set_model_props(proto, {METADATA_KEY: manifest.to_json()})
-    proto.producer_name = "edgetransfer"
-    try:
-        onnx.checker.check_model(proto, full_check=full_check)
-    except onnx.checker.ValidationError as e:
-        raise ExportError(f"{path.name} fails onnx.checker: {first_line(e)}") from None
-    atomic_write_bytes(path, proto.SerializeToString())
-
-
 def check_batches(model, path: Path, shape: tuple[int, int], raw: bool = False) -> None:
     """Run `path` under onnxruntime at batch 1, 2 and 8 and compare with eager PyTorch."""
     import numpy as np
     import torch
 
-    from edgetransfer.runtime import OnnxClassifier
-    from edgetransfer.verify import ATOL, RTOL
 
     clf = OnnxClassifier(path)
     gen = torch.Generator().manual_seed(1)
@@ -339,42 +264,16 @@ def export_onnx_checked(
     return _with_fallback(exporter, run, manifest.arch, notes)
 
 
-@contextlib.contextmanager
-def onnx_step(what: str, *temps: Path, target: Path | None = None):
-    """One step that writes ONNX through temp files: any foreign failure becomes a one-line
-    ExportError naming `what`, and the temp files are removed whatever happens.
-
-    A full disk or a permission problem, even wrapped by the exporter, stays an OSError naming
-    the file (`target` when the error names none), so the CLI gives its usual advice."""
-    from edgetransfer.fileio import user_os_error
-
-    try:
-        yield
-    except ExportError:
-        raise
-    except Exception as e:  # exporters and converters fail in many types
-        found = user_os_error(e)
-        if found is not None:
-            name = found.filename
-            if target is not None and (name is None or Path(os.fsdecode(name)) in temps):
-                name = target  # the file the user asked for, not our temp beside it
-            raise type(found)(found.errno, found.strerror, name) from None
-        raise ExportError(f"{what} failed: {first_line(e)}") from None
-    finally:
-        for t in temps:
-            t.unlink(missing_ok=True)
-
-
 def export_onnx(
     model, manifest: Manifest, example, path: Path, exporter: str, opset: int | None = None
 ) -> None:
     """ONNX with a dynamic batch dimension, the manifest in metadata_props, fully checked."""
     tmp = path.with_name(path.name + ".tmp")
-    with onnx_step(f"ONNX export ({exporter}) of {manifest.arch}", tmp, target=path):
-        _torch_onnx_export(
+    with onnxio.onnx_step(f"ONNX export ({exporter}) of {manifest.arch}", tmp, target=path):
+        onnxio.torch_onnx_export(
             model, example, tmp, exporter, opset, manifest.io["input"], output_names(manifest)
         )
-        _finish_onnx(tmp, path, manifest)
+        onnxio.finish_onnx(tmp, path, manifest)
 
 
 class RawPixels:
@@ -419,8 +318,6 @@ def output_names(manifest: Manifest) -> list[str]:
 
 def raw_manifest(manifest: Manifest) -> Manifest:
     """The manifest a raw-pixel model carries: same labels/preprocessing, its own io."""
-    import dataclasses
-
     io_names = {
         "input": "image",
         "output": "logits",
@@ -444,11 +341,11 @@ def export_raw(
     example = torch.randint(0, 256, (2, h, w, 3), dtype=torch.uint8)
     rm = raw_manifest(manifest)
     tmp = path.with_name(path.name + ".tmp")
-    with onnx_step(f"raw-pixel export ({exporter})", tmp, target=path):
-        _torch_onnx_export(
+    with onnxio.onnx_step(f"raw-pixel export ({exporter})", tmp, target=path):
+        onnxio.torch_onnx_export(
             wrapped, example, tmp, exporter, opset, "image", ["probs", *output_names(rm)]
         )
-        _finish_onnx(tmp, path, rm)
+        onnxio.finish_onnx(tmp, path, rm)
     try:
         check_batches(wrapped, path, (h, w), raw=True)
     except ExportError:
@@ -459,8 +356,6 @@ def export_raw(
 def export_torchscript(model, manifest: Manifest, example, path: Path) -> None:
     """Trace the model, check the trace against eager, save with the manifest as an extra file."""
     import torch
-
-    from edgetransfer.fileio import atomic_write_bytes
 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -475,7 +370,6 @@ def _check_against_eager(module, model, example, what: str) -> None:
     """`module` must answer like eager `model` at batch 1, 2 and 8 (fp32 tolerance)."""
     import torch
 
-    from edgetransfer.verify import ATOL, RTOL
 
     gen = torch.Generator().manual_seed(2)
     for batch in CHECK_BATCHES:
@@ -490,8 +384,6 @@ def _check_against_eager(module, model, example, what: str) -> None:
 def export_pt2(model, manifest: Manifest, example, path: Path) -> None:
     """A torch.export ExportedProgram (.pt2) with a dynamic batch and the manifest inside."""
     import torch
-
-    from edgetransfer.fileio import atomic_write_bytes
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -25,10 +25,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgetransfer.data import Sample, load_image, pillow_warnings_off
+from edgetransfer import onnxio
+from edgetransfer.data import (
+    Sample,
+    current_max_pixels,
+    eval_transform,
+    load_image,
+    pillow_warnings_off,
+)
 from edgetransfer.errors import DataError, EdgeTransferError, EdgeTransferWarning, first_line
 from edgetransfer.fileio import TMP_PREFIX, atomic_write_bytes, sha256_file, user_os_error
+from edgetransfer.loaders import apply_seeded, train_transform
 from edgetransfer.manifest import Preprocessing
+from edgetransfer.onnxio import open_session
+from edgetransfer.parity import ATOL, RTOL
+from edgetransfer.train import intra_op_threads
 
 BACKENDS = ("auto", "torch", "onnxruntime")
 # Below this many images, "auto" stays on PyTorch unless the exported backbone is cached already:
@@ -164,8 +175,6 @@ def extract(
         workers: threads decoding images (None: chosen by :func:`decode_workers` from the
             image count and the cores; 0: decode in the calling thread).
     """
-    from edgetransfer.data import current_max_pixels
-
     if backend not in BACKENDS:
         raise EdgeTransferError(
             f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}"
@@ -464,12 +473,7 @@ def _split_transform(p: Preprocessing, augment: str, seed: int, view: int):
     """
     from torchvision.transforms import v2
 
-    from edgetransfer.data import eval_transform
-    from edgetransfer.train import intra_op_threads
-
     if augment != "none":
-        from edgetransfer.loaders import train_transform
-
         return _seeded(train_transform(p, augment), seed, view), None
     steps = eval_transform(p).transforms
     k = next(i for i, t in enumerate(steps) if isinstance(t, v2.ToImage))
@@ -592,8 +596,6 @@ def _seeded(transform, seed: int, view: int):
     decoding threads interleaving would swap each other's random numbers.
     """
 
-    from edgetransfer.loaders import apply_seeded
-
     def run(img, index: int):
         with _RNG:
             return apply_seeded(transform, img, seed, view, index)
@@ -606,8 +608,6 @@ def _seeded(transform, seed: int, view: int):
 
 
 def _eager(backbone: nn.Module, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
-    from edgetransfer.train import intra_op_threads
-
     with torch.inference_mode(), intra_op_threads(threads):
         return backbone(x).float()
 
@@ -697,8 +697,6 @@ class _Runner:
 
 def _difference(got: torch.Tensor, want: torch.Tensor, what: str) -> str | None:
     """None when `got` matches `want` within verify.py's fp32 tolerance, else what differs."""
-    from edgetransfer.verify import ATOL, RTOL
-
     if got.shape != want.shape:
         return f"{what} gives shape {tuple(got.shape)}, eager {tuple(want.shape)}"
     err = (got - want).abs()
@@ -779,8 +777,6 @@ def _onnx_session(backbone: nn.Module, p: Preprocessing, path: Path, failed: Pat
 
     A backbone that does not export is remembered (`failed`) so later runs do not try again.
     """
-    from edgetransfer.runtime import open_session
-
     if _is_file(path):
         try:
             sha = sha256_file(path)
@@ -812,8 +808,6 @@ def _onnx_session(backbone: nn.Module, p: Preprocessing, path: Path, failed: Pat
 def _export_session(backbone: nn.Module, p: Preprocessing, path: Path):
     """Export the backbone into a temp folder, open it, and cache it at `path` with its sha256
     beside it: (session, sha256). The session does not depend on the cache being writable."""
-    from edgetransfer.runtime import open_session
-
     with _scratch(path.parent) as tmp:
         out = Path(tmp) / "backbone.onnx"
         _export_backbone(backbone, p, out)
@@ -839,14 +833,12 @@ def _scratch(folder: Path) -> tempfile.TemporaryDirectory:
 def _export_backbone(backbone: nn.Module, p: Preprocessing, path: Path) -> None:
     """ONNX with a dynamic batch: the TorchScript exporter first (10x quicker to export than
     dynamo here, and its graph ran faster under onnxruntime), dynamo when that fails."""
-    from edgetransfer.export import _torch_onnx_export
-
     example = torch.randn(2, 3, *p.input_size, generator=torch.Generator().manual_seed(0))
     errors = []
     cause = None
     for exporter in ("torchscript", "dynamo"):
         try:
-            _torch_onnx_export(backbone, example, path, exporter, None, "input", ["features"])
+            onnxio.torch_onnx_export(backbone, example, path, exporter, None, "input", ["features"])
             return
         except Exception as e:  # exporter failures come in many types
             errors.append(f"{exporter}: {first_line(e)}")

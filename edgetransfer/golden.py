@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from edgetransfer.data import Sample, load_image
+from edgetransfer.backbones import outputs
+from edgetransfer.data import Sample, load_image, normalize, resize_crop
 from edgetransfer.errors import DataError
 from edgetransfer.fileio import atomic_write_bytes, atomic_write_text
 from edgetransfer.manifest import Manifest
-from edgetransfer.runtime import normalize, resize_crop
+from edgetransfer.parity import ATOL, RTOL
 
 GOLDEN_DIR = "golden"
 GOLDEN_INDEX = "golden.json"
@@ -44,9 +45,6 @@ def pick_cases(samples: list[Sample], n: int) -> list[Sample]:
 def write_golden(model, manifest: Manifest, samples: list[Sample], folder: Path, n: int = 5) -> int:
     """Write golden cases for `model` (eager) into `folder`; returns how many were written."""
     import torch
-
-    from edgetransfer.backbones import outputs
-    from edgetransfer.verify import ATOL, RTOL
 
     folder.mkdir(parents=True, exist_ok=True)
     p = manifest.preprocessing

@@ -8,15 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from edgetransfer.errors import ManifestError
+from edgetransfer.fileio import sha256_file
 from edgetransfer.manifest import read_manifest
+from edgetransfer.onnxio import check_external_data
 
 ARTIFACT_SUFFIXES = (".onnx", ".pt", ".pt2", ".safetensors")
 
 
 def _onnx_io(path: Path) -> dict[str, list[dict[str, Any]]]:
     import onnx
-
-    from edgetransfer.runtime import check_external_data
 
     check_external_data(path)
     graph = onnx.load(str(path), load_external_data=False).graph
@@ -38,8 +38,6 @@ def _onnx_io(path: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def _file(path: Path) -> dict[str, Any]:
-    from edgetransfer.fileio import sha256_file
-
     d: dict[str, Any] = {
         "file": path.name,
         "bytes": path.stat().st_size,

@@ -25,13 +25,25 @@ MAX_SIDE = 16384  # largest input_size / resize a manifest may declare
 STD_RANGE = (1e-4, 1e4)
 MAX_ABS_MEAN = 1e4
 MAX_MANIFEST = 1 << 20  # bytes; a manifest is a few KiB
+# The one table of artifact files in a RUN_DIR / EXPORT_DIR: kind -> file name. Every module
+# that writes, finds or loads an artifact names it through this table.
+ARTIFACTS = {
+    "weights": "model.safetensors",
+    "onnx": "model.onnx",
+    "raw": "model.raw.onnx",
+    "optimized": "model.opt.onnx",
+    "int8": "model.int8.onnx",
+    "fp16": "model.fp16.onnx",
+    "torchscript": "model.pt",
+    "pt2": "model.pt2",
+}
 # Artifacts whose loading can run code, and why: loaded from a folder only when the user says
 # the folder is trusted (--trust-torchscript). TorchScript archives carry code (their
 # __setstate__ runs at load); torch.export.load unpickles weights and constants stored with
 # use_pickle (torch.load(weights_only=False), pickle.loads).
 CODE_FILES = {
-    "model.pt": "TorchScript is code and runs when loaded",
-    "model.pt2": "torch.export's loader unpickles, which can run code",
+    ARTIFACTS["torchscript"]: "TorchScript is code and runs when loaded",
+    ARTIFACTS["pt2"]: "torch.export's loader unpickles, which can run code",
 }
 
 

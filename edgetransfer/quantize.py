@@ -8,32 +8,29 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetransfer.data import Sample, load_image
+from edgetransfer.data import Sample, load_image, preprocess
 from edgetransfer.errors import DataError, ExportError
-from edgetransfer.manifest import Manifest
+from edgetransfer.manifest import ARTIFACTS, Manifest
+from edgetransfer.onnxio import finish_onnx, onnx_step, open_session, session_options
 
 LATENCY_WARMUP = 5
 LATENCY_RUNS = 50
 MIN_SPEEDUP = 0.9  # a variant must take under 90% of the current pick's latency to replace it
 GUARDED = {
-    "fp32": "model.onnx",
-    "optimized": "model.opt.onnx",
-    "int8": "model.int8.onnx",
-    "fp16": "model.fp16.onnx",
+    "fp32": ARTIFACTS["onnx"],
+    "optimized": ARTIFACTS["optimized"],
+    "int8": ARTIFACTS["int8"],
+    "fp16": ARTIFACTS["fp16"],
 }
 
 
 def _set_manifest(src: Path, dst: Path, manifest: Manifest) -> None:
     """Copy `src` to `dst` with the manifest in metadata_props, checked and written atomically."""
-    from edgetransfer.export import _finish_onnx
-
     # QDQ and fp16 graphs pass the structural check; full shape inference is export's job
-    _finish_onnx(src, dst, manifest, full_check=False)
+    finish_onnx(src, dst, manifest, full_check=False)
 
 
 def _inputs(samples: list[Sample], manifest: Manifest) -> tuple[np.ndarray, list[Sample]]:
-    from edgetransfer.runtime import preprocess
-
     xs, kept = [], []
     for s in samples:
         try:
@@ -56,8 +53,6 @@ def quantize_int8(src: Path, dst: Path, manifest: Manifest, calib: list[Sample])
         quantize_static,
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from edgetransfer.export import onnx_step
 
     x, _ = _inputs(calib, manifest)
     name = manifest.io["input"]
@@ -94,8 +89,6 @@ def convert_fp16(src: Path, dst: Path, manifest: Manifest) -> None:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    from edgetransfer.export import onnx_step
-
     tmp = dst.with_name(dst.stem + ".tmp.onnx")
     with onnx_step("fp16 conversion", tmp):
         model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
@@ -107,8 +100,6 @@ def convert_fp16(src: Path, dst: Path, manifest: Manifest) -> None:
 def save_optimized(src: Path, dst: Path, manifest: Manifest) -> None:
     """onnxruntime's graph optimisations saved at the EXTENDED level (portable across CPUs)."""
     import onnxruntime as ort
-
-    from edgetransfer.runtime import session_options
 
     tmp = dst.with_name(dst.stem + ".tmp.onnx")
     opts = session_options(opt_level="extended")
@@ -181,8 +172,6 @@ def guard(
 ) -> dict:
     """Top-1 on `val` and batch-1 latency for every ONNX variant in `folder`; recommend the
     fastest whose top-1 is at most `max_drop` below fp32."""
-    from edgetransfer.runtime import open_session
-
     x, kept = _inputs(val, manifest)
     truth = np.array([s.label for s in kept])
     rows: dict[str, dict] = {}

@@ -12,17 +12,18 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-from edgetransfer.errors import EdgeTransferError
-
-if TYPE_CHECKING:
-    from edgetransfer.evaluate import EvalResult
-    from edgetransfer.manifest import Manifest
+from edgetransfer import __version__
+from edgetransfer.data import load_image, pillow_warnings_off
+from edgetransfer.errors import DataError, EdgeTransferError
+from edgetransfer.evaluate import run_validation
+from edgetransfer.fileio import atomic_write_text, output_dir
+from edgetransfer.manifest import read_manifest
+from edgetransfer.runs import run_data_dir
 
 REPORT_INDEX = "index.html"
 RUN_REPORT = "report.html"
@@ -141,8 +142,6 @@ def save_thumbnail(src: str | os.PathLike, dst: Path, size: int = THUMB) -> None
     Runs in threads: Pillow's warnings are silenced by the caller (data.pillow_warnings_off)."""
     from PIL import Image
 
-    from edgetransfer.data import load_image
-
     # a large JPEG decodes at a fraction of its size
     img = load_image(src, draft=(size, size), quiet=False)
     scale = size / max(img.size)
@@ -179,8 +178,6 @@ def _e(text: object) -> str:
 
 
 def _page(title: str, body: list[str]) -> str:
-    from edgetransfer import __version__
-
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
@@ -215,8 +212,6 @@ class _Thumbnails:
     def __init__(self, result, folder: Path, mistakes: int) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        from edgetransfer.data import pillow_warnings_off
-
         self.wrong = result.mistakes(mistakes)
         self.names = [f"mistakes/{i:03d}.png" for i in range(len(self.wrong))]
         self.pool = self.jobs = None
@@ -235,8 +230,6 @@ class _Thumbnails:
     def done(self) -> list[tuple[object, str]]:
         """(mistake, picture name) of the thumbnails made; a file that changed since it was
         evaluated is left out."""
-        from edgetransfer.errors import DataError
-
         if self.pool is None:
             return []
         made = []
@@ -326,8 +319,6 @@ def write_eval_report(
     Returns:
         The path of index.html.
     """
-    from edgetransfer.fileio import atomic_write_text, output_dir
-
     require_matplotlib()
     # never the evaluated model or data folder, nor a folder holding them
     with output_dir(out, force, (result.model, result.data_dir)) as tmp:
@@ -350,45 +341,6 @@ def write_eval_report(
         )
     return Path(out) / REPORT_INDEX
 
-
-def validation_result(
-    manifest: Manifest,
-    run_dir: str | os.PathLike,
-    data_dir: str | os.PathLike,
-    val_logits: ArrayLike,
-    bad: Sequence[tuple[os.PathLike, str]] = (),
-) -> EvalResult | None:
-    """An evaluate.EvalResult for the validation split from logits computed during adapt.
-
-    The split is scanned again as evaluate scans it (the manifest's val_fraction and seed);
-    `val_logits` row i belongs to its i-th readable image. None when the counts differ (the
-    folder changed since): the caller then runs the model instead.
-    """
-    from edgetransfer.data import scan
-    from edgetransfer.evaluate import EvalResult, compute_metrics, label_indices
-    from edgetransfer.runtime import softmax
-
-    m = manifest
-    dataset = scan(data_dir, float(m.adapt.get("val_fraction", 0.2)), int(m.adapt.get("seed", 0)))
-    index = label_indices(dataset.classes, m.labels)
-    reasons = {Path(p): r for p, r in bad}
-    val = dataset.split("val")
-    kept = [s for s in val if s.path not in reasons]
-    logits = np.asarray(val_logits, dtype=np.float64)
-    if logits.ndim != 2 or len(logits) != len(kept) or not np.isfinite(logits).all():
-        return None
-    probs = softmax(logits)
-    truth = np.asarray([index[s.label] for s in kept], np.int64)
-    return EvalResult(
-        model=os.fsdecode(run_dir),
-        data_dir=os.fsdecode(data_dir),
-        split="val",
-        metrics=compute_metrics(probs, truth, m.labels),
-        paths=[os.fsdecode(s.path) for s in kept],
-        truth=truth,
-        probs=probs,
-        skipped=[(os.fsdecode(s.path), reasons[s.path]) for s in val if s.path in reasons],
-    )
 
 
 def write_run_report(
@@ -423,10 +375,6 @@ def write_run_report(
     Raises:
         ReportUnavailable: matplotlib is not installed (nothing is written).
     """
-    from edgetransfer.adapt import run_data_dir
-    from edgetransfer.fileio import atomic_write_text, output_dir
-    from edgetransfer.manifest import read_manifest
-
     require_matplotlib()
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
@@ -449,20 +397,15 @@ def write_run_report(
     with output_dir(run_dir / RUN_REPORT_FILES, force=True) as tmp:
         result = thumbs = None
         if data_dir is not None and data_dir.is_dir():
-            if val_logits is not None:
-                result = validation_result(manifest, run_dir, data_dir, val_logits, bad)
-            if result is None:
-                from edgetransfer.evaluate import evaluate
-                from edgetransfer.runtime import TorchClassifier
-
-                predictor = (
-                    TorchClassifier.from_module(model, manifest, run_dir)
-                    if model is not None
-                    else None
-                )
-                result = evaluate(
-                    run_dir, data_dir, split="val", predictor=predictor, progress=progress
-                )
+            result = run_validation(
+                run_dir,
+                manifest,
+                data_dir,
+                model=model,
+                val_logits=val_logits,
+                bad=bad,
+                progress=progress,
+            )
             thumbs = _Thumbnails(result, tmp, mistakes)  # decoding while the curves are drawn
         body = []
         with thumbs or contextlib.nullcontext():

@@ -4,57 +4,24 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from edgetransfer.data import list_images, load_image, preprocess, resize_crop, softmax
 from edgetransfer.errors import DataError, EdgeTransferError, InputError, ManifestError, first_line
-from edgetransfer.manifest import METADATA_KEY, Manifest, Preprocessing
-
-
-def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
-    """(width, height) after resizing the shorter side to `shorter`, as torchvision does."""
-    if width <= height:
-        return shorter, int(shorter * height / width)
-    return int(shorter * width / height), shorter
-
-
-def resize_crop(img: Image.Image, p: Preprocessing) -> Image.Image:
-    """Resize the shorter side to ``p.resize`` (bilinear) and centre-crop ``p.input_size``."""
-    w, h = resized_size(img.width, img.height, p.resize)
-    if (w, h) != img.size:
-        img = img.resize((w, h), Image.BILINEAR)
-    ch, cw = p.input_size
-    if w < cw or h < ch:  # torchvision pads before cropping; resize >= input_size prevents this
-        raise EdgeTransferError(f"image of {w}x{h} after resize is smaller than the crop {cw}x{ch}")
-    top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
-    return img.crop((left, top, left + cw, top + ch))
-
-
-def normalize(pixels: np.ndarray, p: Preprocessing) -> np.ndarray:
-    """uint8 HWC RGB pixels -> float32 CHW, scaled to [0, 1] and normalised."""
-    a = pixels.astype(np.float32) / np.float32(255.0)
-    a = (a - np.asarray(p.mean, np.float32)) / np.asarray(p.std, np.float32)
-    return np.ascontiguousarray(a.transpose(2, 0, 1))
-
-
-def preprocess(img: Image.Image, p: Preprocessing) -> np.ndarray:
-    """An RGB PIL image -> float32 CHW array, exactly like data.eval_transform."""
-    return normalize(np.asarray(resize_crop(img, p)), p)
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+from edgetransfer.manifest import ARTIFACTS, CODE_FILES, METADATA_KEY, Manifest, read_manifest
+from edgetransfer.onnxio import open_session
 
 
 def resolve_onnx(path: str | os.PathLike) -> Path:
     """A .onnx file, or the model.onnx inside an EXPORT_DIR."""
     path = Path(path)
     if path.is_dir():
-        path = path / "model.onnx"
+        path = path / ARTIFACTS["onnx"]
         if not path.is_file():
             raise ManifestError(f"{path.parent} has no model.onnx; run `edgetransfer export` first")
     elif not path.is_file():
@@ -70,132 +37,6 @@ class Prediction:
     topk: list[tuple[str, float]]  # (label, probability), best first
     logits: list[float]
 
-
-OPT_LEVELS = ("disable", "basic", "extended", "all")
-
-
-def session_options(threads: int | None = None, opt_level: str = "all"):
-    """onnxruntime settings shared by predict, evaluate, bench, verify and export.
-
-    Args:
-        threads: intra-op threads (None: onnxruntime's default, one per core).
-        opt_level: graph optimisation level; "extended" is the highest portable one.
-    """
-    import onnxruntime as ort
-
-    levels = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = levels[opt_level]
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    # No busy-waiting between runs: on a shared laptop/Jetson spinning burns a core for nothing.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    opts.log_severity_level = 3
-    return opts
-
-
-# --provider name -> onnxruntime execution providers, preferred first. GPU providers keep the CPU
-# one last so operators they lack still run (onnxruntime's own fallback rule).
-PROVIDERS = {
-    "cpu": ("CPUExecutionProvider",),
-    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
-    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
-}
-
-
-def resolve_providers(provider: str = "cpu") -> list[str]:
-    """The onnxruntime providers for a --provider name, checked against this installation."""
-    import onnxruntime as ort
-
-    if provider not in PROVIDERS:
-        raise EdgeTransferError(
-            f"unknown provider {provider!r}; choose one of: {', '.join(PROVIDERS)}"
-        )
-    available = ort.get_available_providers()
-    wanted = PROVIDERS[provider][0]
-    if wanted not in available:
-        have = [name for name, ps in PROVIDERS.items() if ps[0] in available]
-        raise EdgeTransferError(
-            f"provider {provider} ({wanted}) is not available in this onnxruntime "
-            f"installation; available: {', '.join(have) or 'none'}"
-        )
-    return [p for p in PROVIDERS[provider] if p in available]
-
-
-def open_session(
-    path: str | os.PathLike,
-    threads: int | None = None,
-    opt_level: str = "all",
-    provider: str = "cpu",
-):
-    """An onnxruntime session; a file ORT cannot load becomes a one-line ManifestError."""
-    import onnxruntime as ort
-
-    path = Path(path)
-    providers = resolve_providers(provider)
-    check_external_data(path)
-    try:
-        return ort.InferenceSession(
-            str(path), session_options(threads, opt_level), providers=providers
-        )
-    except Exception as e:  # ORT raises its own exception types
-        first = first_line(e)
-        raise ManifestError(f"{path.name} is not a loadable ONNX model: {first}") from None
-
-
-def check_external_data(path: Path) -> None:
-    """Refuse an ONNX file whose external tensor data lies outside its own folder.
-
-    Checked on the protobuf alone, before any external file is opened: a model from elsewhere
-    must not make us read ``../secret.bin``, ``/etc/passwd`` or a symlink pointing out of the
-    folder. Every tensor counts, including Constant attributes and If/Loop sub-graphs.
-    """
-    import onnx
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf DecodeError and friends
-        raise ManifestError(f"{path.name} is not a readable ONNX model: {e}") from None
-    folder = path.parent.resolve()
-    for tensor in _all_tensors(model.graph):
-        if not uses_external_data(tensor):
-            continue
-        location = ExternalDataInfo(tensor).location
-        try:
-            target = (folder / location).resolve()
-            inside = folder in target.parents
-        except (OSError, ValueError, RuntimeError):  # NUL bytes, symlink loops
-            inside = False
-        if os.path.isabs(location) or ".." in Path(location).parts or not inside:
-            raise ManifestError(
-                f"{path.name} refers to external data outside its folder ({location!r}); "
-                "refusing to load it"
-            )
-
-
-def _all_tensors(graph):
-    """Every TensorProto of a graph: initializers, sparse ones, node attributes, sub-graphs."""
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _all_tensors(attr.g)
-            for g in attr.graphs:
-                yield from _all_tensors(g)
 
 
 class Predictor:
@@ -264,8 +105,6 @@ class Predictor:
                 when None, the first unreadable image raises DataError.
         """
         from tqdm import tqdm
-
-        from edgetransfer.data import load_image
 
         labels = self.manifest.labels
         k = max(1, min(topk, len(labels)))
@@ -394,11 +233,7 @@ class TorchClassifier(Predictor):
     """
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
-        import warnings
-
         import torch
-
-        from edgetransfer.manifest import read_manifest
 
         path = Path(path)
         if threads:
@@ -406,7 +241,7 @@ class TorchClassifier(Predictor):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit/export deprecation notes
             if path.is_dir():
-                from edgetransfer.adapt import load_run
+                from edgetransfer.runs import load_run  # imports torch: not on the ONNX path
 
                 self.model, self.manifest = load_run(path)
                 self.backend = "eager"
@@ -475,11 +310,11 @@ def load_predictor(
     if not path.exists():
         raise ManifestError(f"model {path} does not exist")
     if path.is_dir():
-        if (path / "model.onnx").is_file():
-            return OnnxClassifier(path / "model.onnx", threads, provider=provider)
-        if not (path / "model.safetensors").is_file():
+        if (path / ARTIFACTS["onnx"]).is_file():
+            return OnnxClassifier(path / ARTIFACTS["onnx"], threads, provider=provider)
+        if not (path / ARTIFACTS["weights"]).is_file():
             # Never model.pt/.pt2 implicitly: loading them can run code (name the file instead).
-            code = [f for f in ("model.pt", "model.pt2") if (path / f).is_file()]
+            code = [f for f in CODE_FILES if (path / f).is_file()]
             hint = (
                 f" ({code[0]} is not used from a folder: it can run code when loaded; name "
                 "the file itself to run it if you trust it)"
@@ -509,8 +344,6 @@ def load_predictor(
 def collect_images(inputs: list[str]) -> list[Path]:
     """Expand files, folders (recursively) and glob patterns into image paths."""
     import glob
-
-    from edgetransfer.data import list_images
 
     out: list[Path] = []
     for item in inputs:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from edgetransfer.errors import EdgeTransferError
+from edgetransfer.train import LBFGS_HISTORY
 
 STRATEGIES = ("head", "last-n", "bias", "full", "distill")
 # forward working set (3x the largest layer output) x 2 passes (training and validation)
@@ -139,8 +140,6 @@ def estimate_memory(
     WORKSPACE_FACTOR). With `cached` features (strategy head) only the head runs. Checked
     against measured peak RSS growth by tools/transfer_experiment.py --part memory.
     """
-    from edgetransfer.train import LBFGS_HISTORY
-
     optimizer_copies = 2 * LBFGS_HISTORY + 4 if solver == "lbfgs" else 2
     head_params = list(model.head.parameters())
     trainable = plan.trainable + head_params

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from edgetransfer.errors import EdgeTransferError, Terminated, first_line
+from edgetransfer.fileio import atomic_writer
 
 
 @dataclass(frozen=True)
@@ -292,8 +293,6 @@ def fit(
     def save(epoch: int, step: int) -> None:
         if checkpoint is None:
             return
-        from edgetransfer.fileio import atomic_writer
-
         state = {
             "fingerprint": fingerprint,
             "model": changing_state(model),

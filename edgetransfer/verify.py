@@ -1,292 +1,44 @@
-"""Parity across runtimes: eager PyTorch vs TorchScript, .pt2, onnxruntime (fp32, raw-pixel,
-optimised, int8, fp16) on real images, with every failure reported at once."""
+"""Verify: run every exported model in an EXPORT_DIR (TorchScript, .pt2, onnxruntime fp32,
+raw-pixel, optimised, int8, fp16) on real validation images, beside eager PyTorch, and hand the
+answers to parity, which judges them."""
 
 from __future__ import annotations
 
-import json
-import math
-import os
+import random
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import torch
 
-from edgetransfer.errors import (
-    DataError,
-    EdgeTransferWarning,
-    ManifestError,
-    ParityError,
-    first_line,
+from edgetransfer.backbones import outputs as split_outputs
+from edgetransfer.data import Dataset, eval_transform, load_image, resize_crop
+from edgetransfer.errors import DataError, EdgeTransferWarning, ManifestError, first_line
+from edgetransfer.manifest import ARTIFACTS, CODE_FILES, Manifest, untrusted_skip
+from edgetransfer.parity import (
+    ATOL,
+    RTOL,
+    Outputs,
+    ParityReport,
+    judge,
+    recorded_check,
+    write_parity,
 )
-from edgetransfer.fileio import USER_ERRNOS, atomic_write_text
-from edgetransfer.manifest import CODE_FILES, untrusted_skip
-
-# fp32 tolerance on logits: |a - b| <= ATOL + RTOL * |b|, b the eager reference.
-ATOL = 1e-4
-RTOL = 1e-3
-MIN_TOP1_AGREEMENT = 1.0
-# Raw-pixel model probabilities against the Python preprocessing path.
-PROBS_ATOL = 1e-4
-# Quantised/fp16 models are judged by accuracy: at most this drop in top-1 against eager.
-MAX_TOP1_DROP = 0.01
-PARITY_NAME = "parity.json"
-# Eager top-1 on the run's own validation split may differ from the val_top1 adapt recorded by
-# this much plus one image (adapt may decode JPEGs at a reduced scale and run the backbone on
-# onnxruntime, which can flip a borderline image), plus the sampling error of a --limit subset.
-MAX_RECORDED_GAP = 0.02
+from edgetransfer.runs import load_run, run_split
+from edgetransfer.runtime import OnnxClassifier, load_pt2
 
 # runtime name -> (file in EXPORT_DIR, kind); "exact" is judged elementwise, "reduced" by accuracy
 RUNTIMES = {
-    "torchscript": ("model.pt", "exact"),
-    "pt2": ("model.pt2", "exact"),
-    "onnxruntime": ("model.onnx", "exact"),
-    "raw": ("model.raw.onnx", "exact"),
-    "optimized": ("model.opt.onnx", "exact"),
-    "fp16": ("model.fp16.onnx", "reduced"),
-    "int8": ("model.int8.onnx", "reduced"),
+    "torchscript": (ARTIFACTS["torchscript"], "exact"),
+    "pt2": (ARTIFACTS["pt2"], "exact"),
+    "onnxruntime": (ARTIFACTS["onnx"], "exact"),
+    "raw": (ARTIFACTS["raw"], "exact"),
+    "optimized": (ARTIFACTS["optimized"], "exact"),
+    "fp16": (ARTIFACTS["fp16"], "reduced"),
+    "int8": (ARTIFACTS["int8"], "reduced"),
 }
 
-
-@dataclass
-class RuntimeParity:
-    """How one runtime's logits compare with the eager reference."""
-
-    runtime: str
-    kind: str  # "exact" or "reduced"
-    shape_ok: bool
-    max_abs: float
-    max_rel: float
-    violations: int  # logits outside the tolerance (judged for "exact" only)
-    top1_agreement: float
-    worst: str = ""  # where the largest difference is (image, class)
-    top1: float | None = None  # accuracy against the folder labels, when known
-    top1_drop: float | None = None
-    flips: dict[str, int] = field(default_factory=dict)  # eager class -> images that changed
-    probs_max_abs: float | None = None  # raw model: probabilities vs softmax(eager)
-
-    @property
-    def passed(self) -> bool:
-        if not self.shape_ok:
-            return False
-        if self.kind == "reduced":
-            if self.top1_drop is not None:
-                return self.top1_drop <= MAX_TOP1_DROP + 1e-9
-            return self.top1_agreement >= 1 - MAX_TOP1_DROP
-        probs_ok = self.probs_max_abs is None or self.probs_max_abs <= PROBS_ATOL
-        return self.violations == 0 and self.top1_agreement >= MIN_TOP1_AGREEMENT and probs_ok
-
-    def problem(self, atol: float, rtol: float) -> str:
-        if not self.shape_ok:
-            return f"{self.runtime}: output shape differs from eager ({self.worst})"
-        if self.kind == "reduced":
-            drop = f"top-1 drop {self.top1_drop:.1%}" if self.top1_drop is not None else ""
-            return (
-                f"{self.runtime}: {drop or 'agreement'} over the {MAX_TOP1_DROP:.0%} allowed "
-                f"(agreement {self.top1_agreement:.1%}, flips {self.flips})"
-            )
-        parts = []
-        if self.violations:
-            parts.append(
-                f"{self.violations} logits outside |a-b| <= {atol:g} + {rtol:g}*|b| "
-                f"(max abs {self.max_abs:.2e} at {self.worst})"
-            )
-        if self.top1_agreement < MIN_TOP1_AGREEMENT:
-            parts.append(f"top-1 agreement {self.top1_agreement:.1%}, flips {self.flips}")
-        if self.probs_max_abs is not None and self.probs_max_abs > PROBS_ATOL:
-            parts.append(f"probabilities differ by {self.probs_max_abs:.2e} > {PROBS_ATOL:g}")
-        return f"{self.runtime}: " + ", ".join(parts)
-
-
-@dataclass
-class RecordedCheck:
-    """Eager top-1 on the run's validation images against the val_top1 adapt recorded.
-
-    The other checks compare artifacts with the eager model rebuilt from the run's weights,
-    which agree with each other even when the head was trained on features that did not come
-    from this backbone (a tampered feature cache or cached ONNX backbone). This one compares
-    the model with the images themselves: such a head scores far below what adapt recorded.
-    """
-
-    checked: bool
-    reason: str = ""  # why it was not checked
-    recorded: float | None = None
-    eager: float | None = None
-    images: int = 0
-    allowed: float = 0.0
-
-    @property
-    def passed(self) -> bool:
-        if not self.checked or self.eager is None or self.recorded is None:
-            return True
-        return abs(self.eager - self.recorded) <= self.allowed + 1e-9
-
-    def problem(self) -> str:
-        return (
-            f"eager top-1 on the run's {self.images} validation images is {self.eager:.1%} but "
-            f"adapt recorded {self.recorded:.1%} (allowed +-{self.allowed:.1%}): the head was "
-            "trained on features this backbone does not produce (a damaged feature cache?); "
-            "adapt again with --no-cache"
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in vars(self).items() if v is not None and v != ""}
-        d["passed"] = self.passed
-        return d
-
-
-def recorded_check(
-    manifest, dataset, eager_top1: float | None, images: int, split_images: int
-) -> RecordedCheck:
-    """Judge `eager_top1` (on `images` of the `split_images` validation images) against the
-    val_top1 in `manifest`; checked only when `dataset` is the data the run was adapted on."""
-    recorded = manifest.metrics.get("val_top1")
-    if not isinstance(recorded, int | float) or isinstance(recorded, bool):
-        return RecordedCheck(False, "the manifest records no val_top1")
-    if not (math.isfinite(recorded) and 0 <= recorded <= 1):
-        return RecordedCheck(False, "the manifest's val_top1 is not a share between 0 and 1")
-    if eager_top1 is None:
-        return RecordedCheck(False, "the folder's class names are not the model's labels")
-    if dataset.fingerprint() != manifest.data.get("fingerprint"):
-        return RecordedCheck(
-            False, "not the run's data (its fingerprint differs): its split is not the run's"
-        )
-    n, total, p = images, max(split_images, images), float(recorded)
-    # a seeded subset (--limit) of the split: hypergeometric standard error, three of them
-    sampling = 3 * (p * (1 - p) / n * (total - n) / max(total - 1, 1)) ** 0.5
-    allowed = MAX_RECORDED_GAP + 1 / n + sampling
-    return RecordedCheck(True, "", p, eager_top1, n, round(allowed, 6))
-
-
-@dataclass
-class ParityReport:
-    export_dir: Path
-    images: int
-    atol: float
-    rtol: float
-    runtimes: list[RuntimeParity] = field(default_factory=list)
-    eager_top1: float | None = None  # accuracy against the folder labels, when they match
-    recorded: RecordedCheck | None = None
-    skipped: list[str] = field(default_factory=list)  # files not loaded: they can run code
-    written: Path | None = None  # parity.json, once written
-
-    @property
-    def passed(self) -> bool:
-        recorded_ok = self.recorded is None or self.recorded.passed
-        return bool(self.runtimes) and all(r.passed for r in self.runtimes) and recorded_ok
-
-    def to_dict(self) -> dict[str, Any]:
-        def row(r: RuntimeParity) -> dict[str, Any]:
-            d = {k: v for k, v in vars(r).items() if k != "runtime" and v is not None}
-            d["passed"] = r.passed
-            return d
-
-        return {
-            "passed": self.passed,
-            "images": self.images,
-            "reference": "eager",
-            "tolerance": {
-                "atol": self.atol,
-                "rtol": self.rtol,
-                "min_top1_agreement": MIN_TOP1_AGREEMENT,
-                "probs_atol": PROBS_ATOL,
-                "max_top1_drop_reduced": MAX_TOP1_DROP,
-            },
-            "eager_top1": self.eager_top1,
-            "recorded_val_top1": self.recorded.to_dict() if self.recorded else None,
-            "runtimes": {r.runtime: row(r) for r in self.runtimes},
-        }
-
-    def table(self) -> str:
-        head = (
-            f"{'runtime':<12} {'max_abs':>9} {'max_rel':>9} {'outside':>7} {'agree':>7} "
-            f"{'top1':>6}  result"
-        )
-        rows = [head]
-        for r in self.runtimes:
-            top1 = f"{r.top1:.1%}" if r.top1 is not None else "-"
-            rows.append(
-                f"{r.runtime:<12} {r.max_abs:>9.2e} {r.max_rel:>9.2e} "
-                f"{r.violations if r.kind == 'exact' else '-':>7} "
-                f"{r.top1_agreement:>7.1%} {top1:>6}  {'ok' if r.passed else 'FAIL'}"
-            )
-        c = self.recorded
-        if c is not None and c.checked:
-            rows.append(
-                f"eager top-1 {c.eager:.1%} on {c.images} validation images, adapt recorded "
-                f"{c.recorded:.1%}  {'ok' if c.passed else 'FAIL'}"
-            )
-        return "\n".join(rows)
-
-    def raise_for_failures(self) -> None:
-        """Raise one ParityError naming every failing runtime."""
-        if not self.runtimes:
-            why = (
-                f"; {', '.join(self.skipped)} skipped: pass --trust-torchscript if you trust "
-                "this folder"
-                if self.skipped
-                else ""
-            )
-            raise ParityError(f"no exported model to verify (model.onnx / model.pt / ...){why}")
-        failed = [r.problem(self.atol, self.rtol) for r in self.runtimes if not r.passed]
-        if self.recorded is not None and not self.recorded.passed:
-            failed.append(self.recorded.problem())
-        if failed:
-            raise ParityError("parity failed: " + "; ".join(failed))
-
-
-def compare(
-    runtime: str,
-    got: np.ndarray,
-    ref: np.ndarray,
-    names: list[str],
-    atol: float = ATOL,
-    rtol: float = RTOL,
-    kind: str = "exact",
-    labels: list[str] | None = None,
-    truth: np.ndarray | None = None,
-) -> RuntimeParity:
-    """Shapes first, then values, then top-1 agreement (and accuracy when `truth` is known)."""
-    if got.shape != ref.shape:
-        return RuntimeParity(
-            runtime,
-            kind,
-            False,
-            float("inf"),
-            float("inf"),
-            int(ref.size),
-            0.0,
-            f"shape {got.shape} vs {ref.shape}",
-        )
-    diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
-    rel = diff / np.maximum(np.abs(ref), 1e-12)
-    i, j = np.unravel_index(int(diff.argmax()), diff.shape)
-    g, r = got.argmax(1), ref.argmax(1)
-    flips: dict[str, int] = {}
-    for k in np.flatnonzero(g != r):
-        name = labels[r[k]] if labels else str(r[k])
-        flips[name] = flips.get(name, 0) + 1
-    res = RuntimeParity(
-        runtime=runtime,
-        kind=kind,
-        shape_ok=True,
-        max_abs=float(diff.max()),
-        max_rel=float(rel.max()),
-        violations=int((diff > atol + rtol * np.abs(ref)).sum()),
-        top1_agreement=float((g == r).mean()),
-        worst=f"{names[i]} class {j}",
-        flips=flips,
-    )
-    if truth is not None:
-        res.top1 = float((g == truth).mean())
-        res.top1_drop = round(float((r == truth).mean()) - res.top1, 6)
-    return res
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def _run_code_model(runtime: str, path: Path, run):
@@ -300,8 +52,6 @@ def _run_code_model(runtime: str, path: Path, run):
             if runtime == "torchscript":
                 m = torch.jit.load(str(path), map_location="cpu").eval()
             else:
-                from edgetransfer.runtime import load_pt2
-
                 m = load_pt2(path)
         except Exception as e:  # torch raises many types for a damaged archive
             raise ManifestError(f"{path.name} is not loadable: {first_line(e)}") from None
@@ -328,29 +78,59 @@ def verify(
     The images go through the Python (torchvision) preprocessing once; the same tensors go to
     every float runtime in batches of `batch_size` (so the dynamic batch dimension is
     exercised), and the raw-pixel model gets the same images as uint8 pixels. Each runtime is
-    compared with eager PyTorch. Writes parity.json into `export_dir` when `write` is set.
+    judged against eager PyTorch by parity. Writes parity.json into `export_dir` when `write`
+    is set.
 
     model.pt and model.pt2 can run code when loaded (manifest.CODE_FILES): they are skipped with an
     EdgeTransferWarning unless `trust_torchscript` is set.
     """
-    import torch
-
-    from edgetransfer.adapt import load_run
-    from edgetransfer.backbones import outputs as split_outputs
-    from edgetransfer.data import eval_transform, load_image, scan
-    from edgetransfer.runtime import resize_crop
-
     export_dir = Path(export_dir)
     model, manifest = load_run(export_dir)
-    p = manifest.preprocessing
-    dataset = scan(
-        data_dir, float(manifest.adapt.get("val_fraction", 0.2)), int(manifest.adapt.get("seed", 0))
+    dataset = run_split(data_dir, manifest)
+    images = _images(dataset, manifest, limit, data_dir)
+    with torch.inference_mode():
+        ref = _batched(_torch_runner(model), images.tensors, batch_size)
+    outputs, skipped = _run_exports(
+        export_dir,
+        images,
+        manifest.io.get("source_output"),
+        batch_size=batch_size,
+        threads=threads,
+        trust_torchscript=trust_torchscript,
     )
+    report = ParityReport(export_dir, len(images.names), atol, rtol, skipped=skipped)
+    for runtime, got in outputs.items():
+        kind = RUNTIMES[runtime][1]
+        report.runtimes.append(
+            judge(runtime, kind, got, ref, images.names, manifest.labels, images.truth, atol, rtol)
+        )
+    if images.truth is not None:
+        report.eager_top1 = float((ref.logits.argmax(1) == images.truth).mean())
+    report.recorded = recorded_check(
+        manifest, dataset, report.eager_top1, len(images.names), images.split_images
+    )
+    if write:
+        report.written = write_parity(report)
+    return report
+
+
+@dataclass
+class Images:
+    """The verify images, prepared once for every runtime."""
+
+    tensors: torch.Tensor  # normalised NCHW through torchvision's preprocessing
+    pixels: np.ndarray  # uint8 NHWC at input_size, for the raw-pixel model
+    names: list[str]
+    truth: np.ndarray | None  # each image's class as an index into the model's labels
+    split_images: int  # validation images in the folder (before --limit)
+
+
+def _images(dataset: Dataset, manifest: Manifest, limit: int | None, data_dir) -> Images:
+    """The validation split (a seeded subset with `limit`), decoded; unreadable files left out."""
+    p = manifest.preprocessing
     samples = dataset.split("val") or dataset.samples
     split_images = len(samples)
     if limit and limit < len(samples):  # a seeded sample across classes, not the first class
-        import random
-
         samples = sorted(random.Random(0).sample(samples, limit), key=lambda s: str(s.path))
     tf = eval_transform(p)
     tensors, pixels, kept = [], [], []
@@ -364,118 +144,80 @@ def verify(
         kept.append(s)
     if not tensors:
         raise DataError(f"no readable validation images in {data_dir}")
-    x = torch.stack(tensors)
-    raw_x = np.stack(pixels)
-    names = [s.path.name for s in kept]
     truth = None
     if set(dataset.classes) <= set(manifest.labels):  # a folder may hold some of the classes
         by_name = {c: i for i, c in enumerate(manifest.labels)}
         idx = [by_name.get(dataset.classes[s.label]) for s in kept]
         if all(i is not None for i in idx):
             truth = np.array(idx)
+    return Images(
+        torch.stack(tensors), np.stack(pixels), [s.path.name for s in kept], truth, split_images
+    )
 
-    def batched(fn, inputs) -> tuple[np.ndarray, np.ndarray | None]:
-        """Run `fn` (batch -> (logits, source logits or None)) over `inputs` in batches."""
-        parts = [fn(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
-        src = [p[1] for p in parts]
-        return (
-            np.concatenate([p[0] for p in parts]),
-            None if src[0] is None else np.concatenate(src),
-        )
 
-    def torch_fn(m):
-        def run(b):
-            logits, src = split_outputs(m(b))
-            return logits.numpy(), None if src is None else src.numpy()
+def _batched(fn, inputs, batch_size: int) -> Outputs:
+    """Run `fn` (batch -> Outputs) over `inputs` in batches and join the answers."""
+    parts = [fn(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
 
-        return run
+    def join(field: str) -> np.ndarray | None:
+        arrays = [getattr(part, field) for part in parts]
+        return None if arrays[0] is None else np.concatenate(arrays)
 
-    source_name = manifest.io.get("source_output")
-    with torch.inference_mode():
-        ref, ref_src = batched(torch_fn(model), x)
-    outputs: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    return Outputs(join("logits"), join("source"), join("probs"))
+
+
+def _torch_runner(model):
+    """batch -> Outputs for an eager, TorchScript or .pt2 model."""
+
+    def run(batch) -> Outputs:
+        logits, src = split_outputs(model(batch))
+        return Outputs(logits.numpy(), None if src is None else src.numpy())
+
+    return run
+
+
+def _run_exports(
+    export_dir: Path,
+    images: Images,
+    source_name: str | None,
+    *,
+    batch_size: int,
+    threads: int | None,
+    trust_torchscript: bool,
+) -> tuple[dict[str, Outputs], list[str]]:
+    """Every runtime's Outputs on `images`, and the code-carrying files skipped untrusted."""
+    outputs: dict[str, Outputs] = {}
     skipped: list[str] = []
-    probs: dict[str, np.ndarray] = {}
     for runtime, (fname, _) in RUNTIMES.items():
         path = export_dir / fname
         if not path.is_file():
             continue
         if fname.endswith(".onnx"):
-            from edgetransfer.runtime import OnnxClassifier
-
-            clf = OnnxClassifier(path, threads=threads)
-            have = {o.name for o in clf.session.get_outputs()}
-            names_out = [clf.manifest.io["output"]] + ([source_name] if source_name in have else [])
-
-            def ort_fn(b, clf=clf, names_out=names_out):
-                feed = {clf.input_name: b}
-                res = clf.session.run(names_out, feed)
-                return res[0], res[1] if len(res) > 1 else None
-
-            if clf.raw:
-                outputs[runtime] = batched(ort_fn, raw_x)
-                sess = clf.session
-                probs[runtime] = batched(
-                    lambda b, s=sess: (s.run(["probs"], {"image": b})[0], None), raw_x
-                )[0]
-            else:
-                outputs[runtime] = batched(ort_fn, x.numpy())
-            continue
-        if not trust_torchscript and fname in CODE_FILES:
-            warnings.warn(untrusted_skip(fname, "not verified"), EdgeTransferWarning, stacklevel=2)
+            outputs[runtime] = _onnx_outputs(path, images, source_name, batch_size, threads)
+        elif not trust_torchscript and fname in CODE_FILES:
+            warnings.warn(untrusted_skip(fname, "not verified"), EdgeTransferWarning, stacklevel=3)
             skipped.append(fname)
-            continue
-        outputs[runtime] = _run_code_model(runtime, path, lambda m: batched(torch_fn(m), x))
-
-    report = ParityReport(export_dir, len(kept), atol, rtol, skipped=skipped)
-    for runtime, (out, out_src) in outputs.items():
-        kind = RUNTIMES[runtime][1]
-        row = compare(runtime, out, ref, names, atol, rtol, kind, manifest.labels, truth)
-        if ref_src is not None and row.shape_ok:
-            # The kept source head must answer like eager too (judged like the logits).
-            src_row = compare(
-                runtime,
-                out_src if out_src is not None else np.zeros((0,)),
-                ref_src,
-                names,
-                atol,
-                rtol,
-                kind,
+        else:
+            outputs[runtime] = _run_code_model(
+                runtime, path, lambda m: _batched(_torch_runner(m), images.tensors, batch_size)
             )
-            if not src_row.shape_ok:
-                row.shape_ok, row.worst = False, f"source_logits: {src_row.worst}"
-            elif kind == "exact":
-                row.violations += src_row.violations
-                if src_row.max_abs > row.max_abs:
-                    row.max_abs, row.worst = src_row.max_abs, f"source_logits {src_row.worst}"
-                row.max_rel = max(row.max_rel, src_row.max_rel)
-        if runtime in probs and row.shape_ok:
-            row.probs_max_abs = float(
-                np.abs(probs[runtime] - _softmax(ref.astype(np.float64))).max()
-            )
-        report.runtimes.append(row)
-    if truth is not None:
-        report.eager_top1 = float((ref.argmax(1) == truth).mean())
-    report.recorded = recorded_check(manifest, dataset, report.eager_top1, len(kept), split_images)
-    if write:
-        report.written = _write_parity(report)
-    return report
+    return outputs, skipped
 
 
-def _write_parity(report: ParityReport) -> Path | None:
-    """Write parity.json; on a folder that cannot be written (read-only, full, forbidden) the
-    comparison still stands: one warning, and None."""
-    path = report.export_dir / PARITY_NAME
-    try:
-        atomic_write_text(path, json.dumps(report.to_dict(), indent=2) + "\n")
-    except OSError as e:
-        if e.errno not in USER_ERRNOS:
-            raise
-        warnings.warn(
-            f"{path} not written ({os.strerror(e.errno)}); the results below stand: verify a "
-            "writable copy of the folder to keep parity.json",
-            EdgeTransferWarning,
-            stacklevel=3,
-        )
-        return None
-    return path
+def _onnx_outputs(
+    path: Path, images: Images, source_name: str | None, batch_size: int, threads: int | None
+) -> Outputs:
+    """An ONNX model's Outputs: normalised tensors in, or uint8 pixels for the raw model (whose
+    probabilities are judged too)."""
+    clf = OnnxClassifier(path, threads=threads)
+    have = {o.name for o in clf.session.get_outputs()}
+    names = [clf.manifest.io["output"]] + ([source_name] if source_name in have else [])
+    if clf.raw:
+        names = ["probs", *names]
+
+    def run(batch) -> Outputs:
+        res = clf.session.run(names, {clf.input_name: batch})
+        probs = res.pop(0) if clf.raw else None
+        return Outputs(res[0], res[1] if len(res) > 1 else None, probs)
+
+    return _batched(run, images.pixels if clf.raw else images.tensors.numpy(), batch_size)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,22 @@ SOURCE = source_model()
 def run(*args, **kw):
     """The CLI in process: paths and numbers become strings, bytes (odd file names) stay bytes."""
     return CliRunner().invoke(cli, [a if isinstance(a, bytes) else str(a) for a in args], **kw)
+
+
+def patch_everywhere(monkeypatch, target: str, replacement) -> None:
+    """Replace `target` ("edgetransfer.data.scan") in its module and in every edgetransfer
+    module that imported it by name, so the code under test meets the replacement wherever it
+    calls from; monkeypatch restores them all."""
+    import edgetransfer
+
+    for info in pkgutil.iter_modules(edgetransfer.__path__):
+        if info.name != "__main__":
+            importlib.import_module(f"edgetransfer.{info.name}")
+    module, _, name = target.rpartition(".")
+    original = getattr(sys.modules[module], name)
+    for mod_name, mod in list(sys.modules.items()):
+        if mod_name.startswith("edgetransfer") and getattr(mod, name, None) is original:
+            monkeypatch.setattr(mod, name, replacement)
 
 
 @pytest.fixture(autouse=True, scope="session")

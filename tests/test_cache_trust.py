@@ -29,9 +29,10 @@ from edgetransfer.data import scan
 from edgetransfer.errors import EdgeTransferWarning
 from edgetransfer.export import ExportConfig, export
 from edgetransfer.fileio import sha256_file
-from edgetransfer.verify import ATOL, RTOL, verify
+from edgetransfer.parity import ATOL, RTOL
+from edgetransfer.verify import verify
 
-from .conftest import DIGITS, SOURCE
+from .conftest import DIGITS, SOURCE, patch_everywhere
 
 
 @pytest.fixture(autouse=True)
@@ -255,7 +256,7 @@ def _lying_extract(monkeypatch):
         out.vectors = out.vectors[:, perm]
         return out
 
-    monkeypatch.setattr(features, "extract", lying)
+    patch_everywhere(monkeypatch, "edgetransfer.features.extract", lying)
 
 
 def test_verify_fails_a_model_trained_on_features_its_backbone_does_not_make(
@@ -328,12 +329,12 @@ def test_entries_of_drafted_jpegs_and_augmented_views_pass_their_own_check(augme
 def test_a_full_disk_while_exporting_the_backbone_is_not_remembered_as_its_fault(
     cache, monkeypatch
 ):
-    import edgetransfer.export as export_mod
+    import edgetransfer.onnxio as onnxio
 
     src = load_source("simple_cnn", str(SOURCE))
     backbone, _ = split(get_arch("simple_cnn"), src.model)
     pre, samples = src.preprocessing, scan(DIGITS).samples
-    real = export_mod._torch_onnx_export
+    real = onnxio.torch_onnx_export
 
     def full(*a, **kw):  # an exporter wraps the OSError in its own type, as torch.onnx does
         try:
@@ -341,19 +342,19 @@ def test_a_full_disk_while_exporting_the_backbone_is_not_remembered_as_its_fault
         except OSError as e:
             raise RuntimeError("export failed while writing") from e
 
-    monkeypatch.setattr(export_mod, "_torch_onnx_export", full)
+    monkeypatch.setattr(onnxio, "torch_onnx_export", full)
     kw = dict(backbone_id="full-disk", use_cache=False, backend="auto")
     with pytest.warns(EdgeTransferWarning):
         assert features.extract(backbone, samples, pre, **kw).backend == "torch"
     assert not list((cache / "backbones").glob("*.failed"))  # the disk, not the backbone
-    monkeypatch.setattr(export_mod, "_torch_onnx_export", real)
+    monkeypatch.setattr(onnxio, "torch_onnx_export", real)
     assert features.extract(backbone, samples, pre, **kw).backend == "onnxruntime"
 
 
 @pytest.mark.parametrize("recorded", [5, 82.5, -0.1, True, float("nan"), "0.9"])
 def test_a_recorded_val_top1_that_is_not_a_share_is_not_checked(digits_run, recorded):
     from edgetransfer.manifest import read_manifest
-    from edgetransfer.verify import recorded_check
+    from edgetransfer.parity import recorded_check
 
     m = read_manifest(digits_run)
     m.metrics["val_top1"] = recorded

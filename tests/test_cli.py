@@ -12,7 +12,7 @@ import pytest
 from edgetransfer.backbones import ARCHS
 from edgetransfer.cli import cli
 
-from .conftest import DIGITS, SOURCE, run
+from .conftest import DIGITS, SOURCE, patch_everywhere, run
 
 
 def _adapt_args(data, out, *extra):
@@ -69,12 +69,11 @@ def test_adapt_is_reproducible(colors, tmp_path):
 
 def test_feature_cache_is_reused(colors, tmp_path, monkeypatch):
     assert run(*_adapt_args(colors, tmp_path / "a")).exit_code == 0
-    import edgetransfer.data as data
 
     def fail(*a, **k):
         raise AssertionError("decoded although cached")
 
-    monkeypatch.setattr(data, "eval_transform", fail)
+    patch_everywhere(monkeypatch, "edgetransfer.data.eval_transform", fail)
     res = run(*_adapt_args(colors, tmp_path / "b"))
     assert res.exit_code == 0, res.output
 

@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgetransfer.data import eval_transform, load_image, scan
+from edgetransfer.data import eval_transform, load_image, preprocess, scan
 from edgetransfer.errors import DataError
 from edgetransfer.manifest import Preprocessing
-from edgetransfer.runtime import preprocess
 
 from .conftest import make_images
 

@@ -12,10 +12,11 @@ from edgetransfer import export as export_mod
 from edgetransfer.backbones import ARCHS
 from edgetransfer.cli import cli
 from edgetransfer.errors import DataError, ExportError
-from edgetransfer.export import FILES, ExportConfig, export
+from edgetransfer.export import ExportConfig, export
 from edgetransfer.info import describe
-from edgetransfer.manifest import read_manifest
-from edgetransfer.verify import MAX_TOP1_DROP, PROBS_ATOL, verify
+from edgetransfer.manifest import ARTIFACTS, read_manifest
+from edgetransfer.parity import MAX_TOP1_DROP, PROBS_ATOL
+from edgetransfer.verify import verify
 
 from .conftest import DIGITS, make_images
 
@@ -31,14 +32,14 @@ def full_export(digits_run, tmp_path_factory):
 
 def test_every_artifact_is_written_and_carries_the_manifest(full_export):
     out, res = full_export
-    for name in FILES.values():
+    for name in ARTIFACTS.values():
         assert (out / name).is_file(), name
         m = read_manifest(out / name)
         assert m.labels == ["eight", "five", "nine", "seven", "six"]
     assert read_manifest(out / "model.raw.onnx").io["input"] == "image"
     report = json.loads((out / "export.json").read_text())
     assert report["exporter"] == "dynamo"
-    assert set(report["artifacts"]) == set(FILES)
+    assert set(report["artifacts"]) == set(ARTIFACTS) - {"weights"}
     assert len(report["artifacts"]["int8"]["sha256"]) == 64
 
 

@@ -1,9 +1,10 @@
 import numpy as np
 
+from edgetransfer.data import normalize
 from edgetransfer.golden import load_golden
 from edgetransfer.manifest import read_manifest
-from edgetransfer.runtime import OnnxClassifier, normalize
-from edgetransfer.verify import ATOL, RTOL
+from edgetransfer.parity import ATOL, RTOL
+from edgetransfer.runtime import OnnxClassifier
 
 
 def test_golden_vectors_are_self_consistent(digits_export):

@@ -9,12 +9,13 @@ import torch
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-from edgetransfer.adapt import load_run
 from edgetransfer.cli import cli
 from edgetransfer.errors import ParityError
 from edgetransfer.export import ExportConfig, export
+from edgetransfer.parity import ATOL, RTOL
+from edgetransfer.runs import load_run
 from edgetransfer.runtime import OnnxClassifier
-from edgetransfer.verify import ATOL, RTOL, verify
+from edgetransfer.verify import verify
 
 from .conftest import DIGITS
 

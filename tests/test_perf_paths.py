@@ -16,7 +16,7 @@ from edgetransfer.backbones import get_arch, load_source, split
 from edgetransfer.data import Sample, eval_transform, load_image, scan
 from edgetransfer.errors import EdgeTransferError, EdgeTransferWarning
 from edgetransfer.features import DRAFT_MAX_DIFF, extract
-from edgetransfer.verify import ATOL, RTOL
+from edgetransfer.parity import ATOL, RTOL
 
 from .conftest import DIGITS, SOURCE
 

@@ -31,6 +31,7 @@ from edgetransfer.data import (
     list_images,
     load_image,
     pixel_limit,
+    preprocess,
     scan,
 )
 from edgetransfer.errors import (
@@ -43,7 +44,7 @@ from edgetransfer.errors import (
     printable,
 )
 from edgetransfer.manifest import METADATA_KEY, Manifest
-from edgetransfer.runtime import OnnxClassifier, preprocess
+from edgetransfer.runtime import OnnxClassifier
 
 from .conftest import DIGITS, make_images, run
 
@@ -577,7 +578,7 @@ def test_external_data_inside_folder_still_works(tmp_path):
 
 
 def test_external_data_in_a_constant_node_is_checked(tmp_path):
-    from edgetransfer.runtime import check_external_data
+    from edgetransfer.onnxio import check_external_data
 
     path = _external_model(tmp_path / "exp", None)
     model = onnx.load(str(path), load_external_data=False)

@@ -21,10 +21,10 @@ import pytest
 import torch
 
 from edgetransfer import fileio
-from edgetransfer.adapt import checkpoint_path
 from edgetransfer.errors import EdgeTransferError, ExportError, OutputExistsError
+from edgetransfer.runs import checkpoint_path
 
-from .conftest import DIGITS, run
+from .conftest import DIGITS, patch_everywhere, run
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("et_fuzz_ckpt", ROOT / "tools" / "fuzz.py")
@@ -63,7 +63,7 @@ def no_work(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the command started working before refusing")
 
-    monkeypatch.setattr("edgetransfer.data.scan", boom)
+    patch_everywhere(monkeypatch, "edgetransfer.data.scan", boom)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +260,7 @@ def _demo_until_adapt(monkeypatch):
     def adapt(cfg):
         raise _Reached(cfg.out)
 
-    monkeypatch.setattr("edgetransfer.adapt.adapt", adapt)
+    patch_everywhere(monkeypatch, "edgetransfer.adapt.adapt", adapt)
     return demo
 
 
@@ -478,7 +478,7 @@ def test_export_full_disk_wrapped_by_the_exporter(digits_run, tmp_path, monkeypa
         except OSError:
             raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos") from None
 
-    monkeypatch.setattr("edgetransfer.export._torch_onnx_export", exporter)
+    monkeypatch.setattr("edgetransfer.onnxio.torch_onnx_export", exporter)
     res = run("export", digits_run, "--out", out, *FAST_EXPORT)
     assert res.exit_code == 1
     assert res.output == (
@@ -585,7 +585,7 @@ def test_an_ignored_sigterm_stays_ignored(colors, monkeypatch):
             seen.append(signal.getsignal(signal.SIGTERM))
         raise DataError("stop here")
 
-    monkeypatch.setattr("edgetransfer.data.scan", scan)
+    patch_everywhere(monkeypatch, "edgetransfer.data.scan", scan)
     before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         res = run(*adapt_args(colors, colors.parent / "run"))

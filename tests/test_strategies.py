@@ -8,11 +8,12 @@ import torch
 from click.testing import CliRunner
 
 from edgetransfer import strategies
-from edgetransfer.adapt import AdaptConfig, adapt, checkpoint_path, load_run
+from edgetransfer.adapt import AdaptConfig, adapt
 from edgetransfer.backbones import block_modules, get_arch, split
 from edgetransfer.cli import cli
 from edgetransfer.errors import ArchError, EdgeTransferError
 from edgetransfer.export import ExportConfig, export
+from edgetransfer.runs import checkpoint_path, load_run
 from edgetransfer.train import Interrupted, NonFiniteLossError, TensorBatches, TrainConfig, fit
 from edgetransfer.verify import verify
 

@@ -309,7 +309,7 @@ def test_label_count_checked_on_first_output(tmp_path, count):
 
 
 def test_torch_backend_checks_label_count_on_first_output(digits_run):
-    from edgetransfer.adapt import load_run
+    from edgetransfer.runs import load_run
 
     model, manifest = load_run(digits_run)
     fewer = Manifest.from_dict({**manifest.to_dict(), "labels": manifest.labels[:4]})

@@ -421,7 +421,7 @@ def bench_backend(tmp: Path, quick: bool) -> None:
 
     from edgetransfer.backbones import get_arch, load_source, split
     from edgetransfer.features import _runner, onnx_backbone_path
-    from edgetransfer.runtime import session_options
+    from edgetransfer.onnxio import session_options
 
     os.environ["EDGETRANSFER_CACHE"] = str(tmp / "cache")
     reps = 7 if quick else 11

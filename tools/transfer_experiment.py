@@ -36,9 +36,9 @@ THREADS = 2  # torch threads of each accuracy run (the memory part uses 1)
 def test_top1(run_dir: Path, test_dir: Path) -> float:
     import torch
 
-    from edgetransfer.adapt import load_run
     from edgetransfer.backbones import outputs
     from edgetransfer.data import eval_transform, load_image, scan
+    from edgetransfer.runs import load_run
 
     model, manifest = load_run(run_dir)
     ds = scan(test_dir, val_fraction=0.0)
