@@ -15,11 +15,12 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgetransfer import config
 from edgetransfer.errors import ExportError, first_line
 from edgetransfer.manifest import MANIFEST_NAME, METADATA_KEY, Manifest
 
-EXPORTERS = ("dynamo", "torchscript")
-DEFAULT_EXPORTER = "auto"  # dynamo first; the TorchScript exporter when dynamo fails its checks
+EXPORTERS = config.EXPORTERS
+DEFAULT_EXPORTER = config.EXPORTER
 CHECK_BATCHES = (1, 2, 8)
 REPORT_NAME = "export.json"
 
@@ -59,9 +60,9 @@ class ExportConfig:
     opset: int | None = None
     force: bool = False
     data_dir: Path | None = None
-    golden: int = 5
-    calib_size: int = 64
-    max_drop: float = 0.01
+    golden: int = config.GOLDEN
+    calib_size: int = config.CALIB_SIZE
+    max_drop: float = config.MAX_DROP
     threads: int | None = None
 
 
@@ -81,9 +82,10 @@ def export(cfg: ExportConfig) -> ExportResult:
     from edgetransfer.adapt import load_run, run_data_dir
     from edgetransfer.fileio import atomic_write_text, check_can_write, output_dir, sha256_file
 
-    if cfg.exporter not in (*EXPORTERS, "auto"):
+    if cfg.exporter not in config.EXPORTER_CHOICES:
         raise ExportError(
-            f"unknown exporter {cfg.exporter!r}; choose one of: auto, {', '.join(EXPORTERS)}"
+            f"unknown exporter {cfg.exporter!r}; "
+            f"choose one of: {', '.join(config.EXPORTER_CHOICES)}"
         )
     if not (cfg.onnx or cfg.torchscript or cfg.raw or cfg.pt2 or cfg.int8 or cfg.fp16
             or cfg.optimize):

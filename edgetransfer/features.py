@@ -25,12 +25,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgetransfer import config
 from edgetransfer.data import Sample, load_image, pillow_warnings_off
 from edgetransfer.errors import DataError, EdgeTransferError, EdgeTransferWarning, first_line
 from edgetransfer.fileio import TMP_PREFIX, atomic_write_bytes, sha256_file, user_os_error
 from edgetransfer.manifest import Preprocessing
 
-BACKENDS = ("auto", "torch", "onnxruntime")
+BACKENDS = config.BACKENDS
 # Below this many images, "auto" stays on PyTorch unless the exported backbone is cached already:
 # exporting and checking it (~0.5 s for mobilenet_v3_small) would cost more than it saves.
 AUTO_MIN_IMAGES = 64

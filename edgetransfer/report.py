@@ -18,6 +18,7 @@ from urllib.parse import quote
 import numpy as np
 from numpy.typing import ArrayLike
 
+from edgetransfer import config
 from edgetransfer.errors import EdgeTransferError
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 REPORT_INDEX = "index.html"
 RUN_REPORT = "report.html"
 RUN_REPORT_FILES = "report"  # the run report's pictures, beside report.html
-MISTAKES = 24
+MISTAKES = config.MISTAKES
 THUMB = 128  # thumbnail's longer side in pixels
 INSTALL_HINT = "pip install 'edgetransfer[report]'"
 

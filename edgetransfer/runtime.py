@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from edgetransfer import config
 from edgetransfer.errors import DataError, EdgeTransferError, InputError, ManifestError, first_line
 from edgetransfer.manifest import METADATA_KEY, Manifest, Preprocessing
 
@@ -110,7 +111,7 @@ PROVIDERS = {
 }
 
 
-def resolve_providers(provider: str = "cpu") -> list[str]:
+def resolve_providers(provider: str = config.PROVIDER) -> list[str]:
     """The onnxruntime providers for a --provider name, checked against this installation."""
     import onnxruntime as ort
 
@@ -133,7 +134,7 @@ def open_session(
     path: str | os.PathLike,
     threads: int | None = None,
     opt_level: str = "all",
-    provider: str = "cpu",
+    provider: str = config.PROVIDER,
 ):
     """An onnxruntime session; a file ORT cannot load becomes a one-line ManifestError."""
     import onnxruntime as ort
@@ -252,7 +253,7 @@ class Predictor:
         self,
         paths: list[Path],
         topk: int = 5,
-        batch_size: int = 16,
+        batch_size: int = config.INFER_BATCH_SIZE,
         progress: bool = False,
         skipped: list[tuple[str, str]] | None = None,
     ) -> list[Prediction]:
@@ -336,7 +337,7 @@ class OnnxClassifier(Predictor):
         path: str | os.PathLike,
         threads: int | None = None,
         opt_level: str = "all",
-        provider: str = "cpu",
+        provider: str = config.PROVIDER,
     ) -> None:
         self.path = resolve_onnx(path)
         self.session = open_session(self.path, threads, opt_level, provider)
@@ -464,7 +465,7 @@ class TorchClassifier(Predictor):
 
 
 def load_predictor(
-    model: str | os.PathLike, provider: str = "cpu", threads: int | None = None
+    model: str | os.PathLike, provider: str = config.PROVIDER, threads: int | None = None
 ) -> Predictor:
     """The right backend for MODEL: .onnx -> onnxruntime, .pt -> TorchScript, .pt2 -> torch.export,
     an EXPORT_DIR -> its model.onnx, a RUN_DIR -> the eager model from model.safetensors.

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from edgetransfer import config
 from edgetransfer.errors import (
     DataError,
     EdgeTransferWarning,
@@ -24,8 +25,8 @@ from edgetransfer.fileio import USER_ERRNOS, atomic_write_text
 from edgetransfer.manifest import CODE_FILES, untrusted_skip
 
 # fp32 tolerance on logits: |a - b| <= ATOL + RTOL * |b|, b the eager reference.
-ATOL = 1e-4
-RTOL = 1e-3
+ATOL = config.ATOL
+RTOL = config.RTOL
 MIN_TOP1_AGREEMENT = 1.0
 # Raw-pixel model probabilities against the Python preprocessing path.
 PROBS_ATOL = 1e-4
@@ -316,7 +317,7 @@ def verify(
     data_dir: str | Path,
     *,
     limit: int | None = None,
-    batch_size: int = 8,
+    batch_size: int = config.VERIFY_BATCH_SIZE,
     atol: float = ATOL,
     rtol: float = RTOL,
     write: bool = True,
