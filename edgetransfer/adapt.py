@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from edgetransfer import strategies
+from edgetransfer import config, strategies
 from edgetransfer.backbones import (
     Classifier,
     block_modules,
@@ -30,12 +30,11 @@ from edgetransfer.data import eval_transform, load_image, scan
 from edgetransfer.errors import DataError, EdgeTransferError
 from edgetransfer.features import extract
 from edgetransfer.fileio import atomic_write_text, check_can_write, output_dir
-from edgetransfer.loaders import AUGMENT, ImageBatches, train_transform
+from edgetransfer.loaders import ImageBatches, train_transform
 from edgetransfer.manifest import MANIFEST_NAME, Manifest, read_manifest, versions
 from edgetransfer.report import ReportUnavailable, write_run_report
 from edgetransfer.runs import RUN_INFO, checkpoint_path, load_run, save_model
 from edgetransfer.train import (
-    SOLVERS,
     Standardize,
     TensorBatches,
     TrainConfig,
@@ -44,7 +43,7 @@ from edgetransfer.train import (
     remove_checkpoint,
 )
 
-DEFAULT_ARCH = "mobilenet_v3_small"
+DEFAULT_ARCH = config.ARCH
 MiB = 1024 * 1024
 # L2 penalty of the L-BFGS head on standardised features; test top-1 on the digits transfer
 # experiment moved by under a point between 1e-3 and 1e-1.
@@ -79,36 +78,36 @@ class AdaptConfig:
     data_dir: Path
     out: Path
     arch: str = DEFAULT_ARCH
-    weights: str = "imagenet"
-    strategy: str = "head"
-    epochs: int = 30
-    batch_size: int = 8
-    accumulate: int = 1
-    lr: float = 1e-2
-    backbone_lr_mult: float = 0.1
-    unfreeze: int = 2
+    weights: str = config.WEIGHTS
+    strategy: str = config.STRATEGY
+    epochs: int = config.EPOCHS
+    batch_size: int = config.BATCH_SIZE
+    accumulate: int = config.ACCUMULATE
+    lr: float = config.LR
+    backbone_lr_mult: float = config.BACKBONE_LR_MULT
+    unfreeze: int = config.UNFREEZE
     train_bn: bool = False
-    l2sp: float = 0.0
+    l2sp: float = config.L2SP
     teacher: Path | None = None
-    kd_alpha: float = 0.5
-    kd_temperature: float = 4.0
+    kd_alpha: float = config.KD_ALPHA
+    kd_temperature: float = config.KD_TEMPERATURE
     truncate: str | None = None
     keep_source_head: bool = False
     source_data: Path | None = None
-    lwf: float = 0.0
+    lwf: float = config.LWF
     augment: str | None = None
-    views: int = 1
+    views: int = config.VIEWS
     balance: bool = False
-    patience: int = 10
-    head_solver: str = "lbfgs"
+    patience: int = config.PATIENCE
+    head_solver: str = config.HEAD_SOLVER
     image_size: int | None = None
-    val_fraction: float = 0.2
-    seed: int = 0
-    max_bad: float = 0.1
+    val_fraction: float = config.VAL_FRACTION
+    seed: int = config.SEED
+    max_bad: float = config.MAX_BAD
     max_pixels: int | None = None
     max_memory: float | None = None
-    workers: int = 0
-    backend: str = "auto"
+    workers: int = config.WORKERS
+    backend: str = config.BACKEND
     force: bool = False
     resume: bool = False
     use_cache: bool = True
@@ -184,14 +183,14 @@ def _adapt(cfg: AdaptConfig) -> AdaptResult:
         1.0 if cfg.weights == "none" else cfg.backbone_lr_mult,
     )
     strategies.check(scfg)
-    if cfg.head_solver not in SOLVERS:
+    if cfg.head_solver not in config.SOLVERS:
         raise EdgeTransferError(
-            f"unknown --head-solver {cfg.head_solver!r}; choose one of: {', '.join(SOLVERS)}"
+            f"unknown --head-solver {cfg.head_solver!r}; choose one of: {', '.join(config.SOLVERS)}"
         )
     augment = cfg.augment or ("none" if cfg.strategy == "head" else "light")
-    if augment not in AUGMENT:
+    if augment not in config.AUGMENTS:
         raise EdgeTransferError(
-            f"unknown --augment {augment!r}; choose one of: {', '.join(AUGMENT)}"
+            f"unknown --augment {augment!r}; choose one of: {', '.join(config.AUGMENTS)}"
         )
     if cfg.strategy == "distill" and cfg.teacher is None:
         raise EdgeTransferError("--strategy distill needs --teacher RUN_DIR (an adapted model)")

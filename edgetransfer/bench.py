@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from edgetransfer import config
 from edgetransfer.errors import EdgeTransferError, EdgeTransferWarning, ManifestError
 from edgetransfer.manifest import ARTIFACTS, CODE_FILES, untrusted_skip
 from edgetransfer.onnxio import resolve_providers
@@ -48,11 +49,11 @@ class BenchConfig:
     """What to measure and how often."""
 
     model: Path
-    runs: int = 50  # timed runs at batch 1, and again at batch_size
-    warmup: int = 5
-    batch_size: int = 8
+    runs: int = config.BENCH_RUNS  # timed runs at batch 1, and again at batch_size
+    warmup: int = config.BENCH_WARMUP
+    batch_size: int = config.BENCH_BATCH_SIZE
     threads: int | None = None
-    provider: str = "cpu"  # onnxruntime provider for the ORT runtimes
+    provider: str = config.PROVIDER  # onnxruntime provider for the ORT runtimes
     trust_torchscript: bool = False  # also load model.pt / model.pt2 from a folder
 
 
@@ -252,11 +253,11 @@ def measure(
     path: str | os.PathLike,
     backend: str,
     *,
-    runs: int = 50,
-    warmup: int = 5,
-    batch_size: int = 8,
+    runs: int = config.BENCH_RUNS,
+    warmup: int = config.BENCH_WARMUP,
+    batch_size: int = config.BENCH_BATCH_SIZE,
     threads: int | None = None,
-    provider: str = "cpu",
+    provider: str = config.PROVIDER,
 ) -> dict[str, Any]:
     """Load one runtime and time it in this process: batch-1 latency percentiles after a
     warm-up, then throughput at `batch_size`. Inputs are random tensors of the model's shape."""

@@ -15,11 +15,12 @@ import signal
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
-from edgetransfer import __version__
+from edgetransfer import __version__, config
 from edgetransfer.errors import EdgeTransferError, EdgeTransferWarning, Terminated, printable
 
 # OSErrors a user can fix; anything else is a bug and keeps its traceback.
@@ -114,6 +115,45 @@ def _emit_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
+# Options that several commands take, each written once (as sqlite-utils' output_options) and
+# stacked on the commands. A factory's argument is the one thing that differs between commands.
+
+
+def _json_option(help: str) -> Callable:
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+def _force_option(what: str) -> Callable:
+    """--force for a command that refuses to overwrite `what` without it."""
+    return click.option("--force", is_flag=True, help=f"Replace an existing {what}.")
+
+
+def _batch_size_option(default: int, help: str | None = None) -> Callable:
+    return click.option(
+        "--batch-size", type=click.IntRange(min=1), default=default, show_default=True, help=help
+    )
+
+
+def _threads_option(help: str = "Threads [default: all cores].") -> Callable:
+    return click.option("--threads", type=click.IntRange(min=1), default=None, help=help)
+
+
+_quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+_provider_option = click.option(
+    "--provider",
+    type=click.Choice(config.PROVIDERS),
+    default=config.PROVIDER,
+    show_default=True,
+    help="onnxruntime execution provider for ONNX models.",
+)
+_trust_torchscript_option = click.option(
+    "--trust-torchscript",
+    is_flag=True,
+    help="Also load model.pt (TorchScript) and model.pt2 (torch.export) from the folder. Both "
+    "can run code when loaded: only for folders you exported or trust.",
+)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgetransfer")
 @click.option(
@@ -122,7 +162,8 @@ def _emit_json(obj) -> None:
     default=None,
     envvar="EDGETRANSFER_MAX_PIXELS",
     help="Refuse images with more pixels than this, for every command (a decompression-bomb "
-    "guard, checked before decoding) [default: 64000000; env EDGETRANSFER_MAX_PIXELS].",
+    f"guard, checked before decoding) [default: {config.MAX_PIXELS}; env "
+    "EDGETRANSFER_MAX_PIXELS].",
 )
 @click.pass_context
 def cli(ctx: click.Context, max_pixels: int | None) -> None:
@@ -145,22 +186,22 @@ def cli(ctx: click.Context, max_pixels: int | None) -> None:
 @click.argument("data_dir", type=click.Path(path_type=Path))
 @click.option(
     "--arch",
-    default="mobilenet_v3_small",
+    default=config.ARCH,
     show_default=True,
     help="Backbone architecture (see `edgetransfer archs`).",
 )
 @click.option(
     "--weights",
-    default="imagenet",
+    default=config.WEIGHTS,
     show_default=True,
     help="Source weights: imagenet, none, or a .safetensors / .pth state_dict file.",
 )
-@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=config.EPOCHS, show_default=True)
+@_batch_size_option(config.BATCH_SIZE)
 @click.option(
     "--lr",
     type=click.FloatRange(min=0, min_open=True),
-    default=1e-2,
+    default=config.LR,
     show_default=True,
     help="Learning rate of the new head.",
 )
@@ -173,7 +214,7 @@ def cli(ctx: click.Context, max_pixels: int | None) -> None:
 @click.option(
     "--val-fraction",
     type=click.FloatRange(0, 0.9),
-    default=0.2,
+    default=config.VAL_FRACTION,
     show_default=True,
     help="Share of each class held out for validation when there is no val/ folder.",
 )
@@ -184,11 +225,11 @@ def cli(ctx: click.Context, max_pixels: int | None) -> None:
     default=None,
     help="RUN_DIR to write [default: runs/<DATA_DIR name>].",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=config.SEED, show_default=True)
 @click.option(
     "--max-bad",
     type=click.FloatRange(0, 1),
-    default=0.1,
+    default=config.MAX_BAD,
     show_default=True,
     help="Fail when more than this share of images cannot be read.",
 )
@@ -200,53 +241,60 @@ def cli(ctx: click.Context, max_pixels: int | None) -> None:
 )
 @click.option(
     "--strategy",
-    type=click.Choice(["head", "last-n", "bias", "full", "distill"]),
-    default="head",
+    type=click.Choice(config.STRATEGIES),
+    default=config.STRATEGY,
     show_default=True,
     help="What trains: the head on cached features; also the last N blocks; biases only; "
     "everything; or everything guided by --teacher.",
 )
-@click.option("--unfreeze", type=click.IntRange(min=1), default=2, show_default=True,
+@click.option("--unfreeze", type=click.IntRange(min=1), default=config.UNFREEZE,
+              show_default=True,
               help="Blocks that train with --strategy last-n.")
 @click.option("--train-bn", is_flag=True,
               help="Let BatchNorm layers that train update statistics and affine weights.")
-@click.option("--backbone-lr", "backbone_lr_mult", type=click.FloatRange(0, 1), default=0.1,
-              show_default=True, help="Backbone learning rate as a fraction of --lr.")
-@click.option("--l2sp", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--backbone-lr", "backbone_lr_mult", type=click.FloatRange(0, 1),
+              default=config.BACKBONE_LR_MULT, show_default=True,
+              help="Backbone learning rate as a fraction of --lr.")
+@click.option("--l2sp", type=click.FloatRange(min=0), default=config.L2SP, show_default=True,
               help="L2-SP weight: pull trained backbone weights toward the source weights.")
 @click.option("--teacher", type=click.Path(path_type=Path), default=None,
               help="RUN_DIR of an adapted teacher whose soft labels guide training.")
-@click.option("--kd-alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+@click.option("--kd-alpha", type=click.FloatRange(0, 1), default=config.KD_ALPHA,
+              show_default=True,
               help="Weight of the distillation loss against cross-entropy.")
-@click.option("--kd-temperature", type=click.FloatRange(min=0, min_open=True), default=4.0,
-              show_default=True, help="Softmax temperature for distillation.")
+@click.option("--kd-temperature", type=click.FloatRange(min=0, min_open=True),
+              default=config.KD_TEMPERATURE, show_default=True,
+              help="Softmax temperature for distillation.")
 @click.option("--truncate", default=None, metavar="BLOCK",
               help="Cut the backbone after BLOCK (e.g. features.8) for a smaller model.")
 @click.option("--keep-source-head", is_flag=True,
               help="Keep the source head: the model also outputs source_logits.")
 @click.option("--source-data", type=click.Path(path_type=Path), default=None,
               help="Source-task images (class folders); source top-1 is measured before/after.")
-@click.option("--lwf", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--lwf", type=click.FloatRange(min=0), default=config.LWF, show_default=True,
               help="Learning-without-Forgetting weight protecting the source task.")
-@click.option("--augment", type=click.Choice(["none", "light", "standard"]), default=None,
+@click.option("--augment", type=click.Choice(config.AUGMENTS), default=None,
               help="Augmentation [default: none for head, light otherwise].")
-@click.option("--views", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--views", type=click.IntRange(min=1), default=config.VIEWS, show_default=True,
               help="Augmented views cached per image with --strategy head.")
-@click.option("--accumulate", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--accumulate", type=click.IntRange(min=1), default=config.ACCUMULATE,
+              show_default=True,
               help="Micro-batches per optimizer step (gradient accumulation).")
-@click.option("--patience", type=click.IntRange(min=0), default=10, show_default=True,
+@click.option("--patience", type=click.IntRange(min=0), default=config.PATIENCE,
+              show_default=True,
               help="Stop after N epochs without a better validation result (0: never).")
-@click.option("--head-solver", type=click.Choice(["lbfgs", "adamw"]), default="lbfgs",
+@click.option("--head-solver", type=click.Choice(config.SOLVERS), default=config.HEAD_SOLVER,
               show_default=True,
               help="--strategy head: full-batch L-BFGS (the linear-probe optimum; --lr unused) "
               "or mini-batch AdamW at --lr.")
 @click.option("--balance", is_flag=True, help="Class-weighted loss for imbalanced folders.")
 @click.option("--max-memory", type=click.FloatRange(min=1), default=None, metavar="MB",
               help="Training memory budget; the batch is split (accumulation) to fit.")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--workers", type=click.IntRange(min=0), default=config.WORKERS,
+              show_default=True,
               help="Workers decoding images: threads for feature extraction [0: automatic], "
               "processes for strategies that train the backbone [0: none].")
-@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto",
+@click.option("--backend", type=click.Choice(config.BACKENDS), default=config.BACKEND,
               show_default=True,
               help="What runs the frozen backbone for --strategy head (auto: onnxruntime when "
               "the exported backbone matches PyTorch).")
@@ -254,9 +302,9 @@ def cli(ctx: click.Context, max_pixels: int | None) -> None:
 @click.option("--no-cache", is_flag=True, help="Do not read or write the feature cache.")
 @click.option("--no-report", is_flag=True,
               help="Do not write RUN_DIR/report.html (saves matplotlib's ~0.5 s per run).")
-@click.option("--force", is_flag=True, help="Replace an existing RUN_DIR.")
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@_force_option("RUN_DIR")
+@_json_option("Print the manifest as JSON.")
+@_quiet_option
 def adapt(data_dir: Path, arch: str, weights: str, epochs: int, batch_size: int, lr: float,
           image_size: int | None, val_fraction: float, out: Path | None, seed: int,
           max_bad: float, max_pixels: int | None, strategy: str, unfreeze: int, train_bn: bool,
@@ -335,8 +383,8 @@ def adapt(data_dir: Path, arch: str, weights: str, epochs: int, batch_size: int,
 @click.option("--optimize", is_flag=True, help="model.opt.onnx (ORT EXTENDED optimisations).")
 @click.option(
     "--exporter",
-    type=click.Choice(["auto", "dynamo", "torchscript"]),
-    default="auto",
+    type=click.Choice(config.EXPORTER_CHOICES),
+    default=config.EXPORTER,
     show_default=True,
     help="torch.onnx exporter; auto tries dynamo, then torchscript if dynamo fails its checks.",
 )
@@ -357,32 +405,27 @@ def adapt(data_dir: Path, arch: str, weights: str, epochs: int, batch_size: int,
 @click.option(
     "--golden",
     type=click.IntRange(min=0),
-    default=5,
+    default=config.GOLDEN,
     show_default=True,
     help="How many golden test vectors to write (0: none).",
 )
 @click.option(
     "--calib-size",
     type=click.IntRange(min=1),
-    default=64,
+    default=config.CALIB_SIZE,
     show_default=True,
     help="Training images used to calibrate int8.",
 )
 @click.option(
     "--max-drop",
     type=click.FloatRange(0, 100),
-    default=1.0,
+    default=config.MAX_DROP * 100,  # shown in points, passed on as a fraction
     show_default=True,
     help="Top-1 points a quantised model may lose and still be recommended.",
 )
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    default=None,
-    help="onnxruntime threads for the latency guard [default: all cores].",
-)
-@click.option("--force", is_flag=True, help="Replace an existing EXPORT_DIR.")
-@click.option("--json", "as_json", is_flag=True)
+@_threads_option("onnxruntime threads for the latency guard [default: all cores].")
+@_force_option("EXPORT_DIR")
+@_json_option("Print the files written and the export report as JSON.")
 def export(
     run_dir: Path,
     want_onnx: bool,
@@ -459,14 +502,6 @@ def export(
         click.echo(note, err=True)
 
 
-_trust_torchscript_option = click.option(
-    "--trust-torchscript",
-    is_flag=True,
-    help="Also load model.pt (TorchScript) and model.pt2 (torch.export) from the folder. Both "
-    "can run code when loaded: only for folders you exported or trust.",
-)
-
-
 @cli.command()
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @click.option(
@@ -477,19 +512,23 @@ _trust_torchscript_option = click.option(
     help="DATA_DIR with real images (its validation split is used).",
 )
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N images.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--atol", type=float, default=None, help="Absolute tolerance [default: 1e-4].")
-@click.option("--rtol", type=float, default=None, help="Relative tolerance [default: 1e-3].")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime threads.")
-@click.option("--json", "as_json", is_flag=True, help="Print parity.json to stdout.")
+@_batch_size_option(config.VERIFY_BATCH_SIZE)
+@click.option(
+    "--atol", type=float, default=config.ATOL, show_default=True, help="Absolute tolerance."
+)
+@click.option(
+    "--rtol", type=float, default=config.RTOL, show_default=True, help="Relative tolerance."
+)
+@_threads_option("onnxruntime threads [default: all cores].")
+@_json_option("Print parity.json to stdout.")
 @_trust_torchscript_option
 def verify(
     export_dir: Path,
     data_dir: Path,
     limit: int | None,
     batch_size: int,
-    atol: float | None,
-    rtol: float | None,
+    atol: float,
+    rtol: float,
     threads: int | None,
     as_json: bool,
     trust_torchscript: bool,
@@ -513,8 +552,8 @@ def verify(
         data_dir,
         limit=limit,
         batch_size=batch_size,
-        atol=v.ATOL if atol is None else atol,
-        rtol=v.RTOL if rtol is None else rtol,
+        atol=atol,
+        rtol=rtol,
         threads=threads,
         trust_torchscript=trust_torchscript,
     )
@@ -530,27 +569,15 @@ def verify(
         click.echo("parity: PASS")
 
 
-_provider_option = click.option(
-    "--provider",
-    type=click.Choice(["cpu", "cuda", "tensorrt"]),
-    default="cpu",
-    show_default=True,
-    help="onnxruntime execution provider for ONNX models.",
-)
-_threads_option = click.option(
-    "--threads", type=click.IntRange(min=1), default=None, help="Threads [default: all cores]."
-)
-
-
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True)
 @click.option("--topk", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per image (JSON Lines).")
+@_json_option("One JSON object per image (JSON Lines).")
 @_provider_option
-@_threads_option
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_threads_option()
+@_batch_size_option(config.INFER_BATCH_SIZE)
+@_quiet_option
 def predict(
     model: Path,
     images: tuple[str, ...],
@@ -604,8 +631,8 @@ def predict(
 @click.argument("data_dir", type=click.Path(path_type=Path))
 @click.option(
     "--split",
-    type=click.Choice(["all", "train", "val"]),
-    default="all",
+    type=click.Choice(config.SPLITS),
+    default=config.SPLIT,
     show_default=True,
     help="Which images of DATA_DIR, split as adapt split them.",
 )
@@ -616,19 +643,19 @@ def predict(
     default=None,
     help="Write an HTML report (confusion matrix, per-class table, mistakes) into this folder.",
 )
-@click.option("--force", is_flag=True, help="Replace an existing --report folder.")
+@_force_option("--report folder")
 @click.option(
     "--mistakes",
     type=click.IntRange(min=0),
-    default=24,
+    default=config.MISTAKES,
     show_default=True,
     help="Most confident mistakes to list in --json and show in the report.",
 )
 @_provider_option
-@_threads_option
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_threads_option()
+@_batch_size_option(config.INFER_BATCH_SIZE)
+@_json_option("Print the metrics as JSON.")
+@_quiet_option
 def evaluate(
     model: Path,
     data_dir: Path,
@@ -699,23 +726,28 @@ def evaluate(
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option(
-    "--runs", type=click.IntRange(min=1), default=50, show_default=True, help="Timed runs."
-)
-@click.option(
-    "--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs."
-)
-@click.option(
-    "--batch-size",
+    "--runs",
     type=click.IntRange(min=1),
-    default=8,
+    default=config.BENCH_RUNS,
     show_default=True,
+    help="Timed runs.",
+)
+@click.option(
+    "--warmup",
+    type=click.IntRange(min=0),
+    default=config.BENCH_WARMUP,
+    show_default=True,
+    help="Untimed runs.",
+)
+@_batch_size_option(
+    config.BENCH_BATCH_SIZE,
     help="Batch size for the throughput measurement (latency is at batch 1).",
 )
-@_threads_option
+@_threads_option()
 @_provider_option
 @_trust_torchscript_option
-@click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_json_option("Print the measurements as JSON.")
+@_quiet_option
 def bench(
     model: Path,
     runs: int,
@@ -763,7 +795,7 @@ def bench(
 
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True)
+@_json_option("Print the description as JSON.")
 def info(path: Path, as_json: bool) -> None:
     """Describe an artifact or folder: manifest, inputs/outputs, size, sha256, parity.
 
@@ -823,8 +855,8 @@ def archs() -> None:
 
 @cli.command()
 @click.argument("out_dir", type=click.Path(path_type=Path), default="edgetransfer-demo")
-@click.option("--force", is_flag=True, help="Replace an existing OUT_DIR.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@_force_option("OUT_DIR")
+@_quiet_option
 def demo(out_dir: Path, force: bool, quiet: bool) -> None:
     """Run adapt -> export -> verify -> predict on the shipped digits, offline.
 

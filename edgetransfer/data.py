@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from edgetransfer import config
 from edgetransfer.errors import (
     DataError,
     EdgeTransferError,
@@ -27,7 +28,7 @@ from edgetransfer.manifest import Preprocessing, check_labels
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 IGNORED_NAMES = frozenset({"Thumbs.db", "desktop.ini", "__MACOSX"})
-DEFAULT_MAX_PIXELS = 64_000_000
+DEFAULT_MAX_PIXELS = config.MAX_PIXELS
 # Resizing the shorter side of a 1x60000 strip to 256 would need ~4 G pixels: past this ratio an
 # image is refused, which bounds the memory of the resize to ~1000x the square crop.
 MAX_ASPECT = 1000

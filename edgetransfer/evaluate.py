@@ -11,13 +11,14 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from edgetransfer import config
 from edgetransfer.data import load_image, softmax
 from edgetransfer.errors import DataError
 from edgetransfer.manifest import Manifest
 from edgetransfer.runs import run_split
 from edgetransfer.runtime import TorchClassifier, load_predictor
 
-SPLITS = ("all", "train", "val")
+SPLITS = config.SPLITS
 TOPK = 5
 
 
@@ -150,7 +151,7 @@ class EvalResult:
             for i in order[:limit]
         ]
 
-    def to_dict(self, mistakes: int = 20) -> dict[str, Any]:
+    def to_dict(self, mistakes: int = config.MISTAKES) -> dict[str, Any]:
         return {
             "model": self.model,
             "data_dir": self.data_dir,
@@ -181,7 +182,7 @@ def run_samples(
     model: str,
     data_dir: str,
     split: str,
-    batch_size: int = 16,
+    batch_size: int = config.INFER_BATCH_SIZE,
     progress: bool = False,
 ) -> EvalResult:
     """Run `predictor` (a runtime.Predictor) over images with known label indices.
@@ -231,10 +232,10 @@ def evaluate(
     model: str | os.PathLike,
     data_dir: str | os.PathLike,
     *,
-    split: str = "all",
-    batch_size: int = 16,
+    split: str = config.SPLIT,
+    batch_size: int = config.INFER_BATCH_SIZE,
     threads: int | None = None,
-    provider: str = "cpu",
+    provider: str = config.PROVIDER,
     progress: bool = False,
     predictor=None,
 ) -> EvalResult:

@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgetransfer import onnxio, quantize
+from edgetransfer import config, onnxio, quantize
 from edgetransfer.errors import DataError, ExportError, first_line
 from edgetransfer.fileio import (
     atomic_write_bytes,
@@ -29,8 +29,8 @@ from edgetransfer.parity import ATOL, RTOL
 from edgetransfer.runs import load_run, run_data_dir, run_split
 from edgetransfer.runtime import OnnxClassifier
 
-EXPORTERS = ("dynamo", "torchscript")
-DEFAULT_EXPORTER = "auto"  # dynamo first; the TorchScript exporter when dynamo fails its checks
+EXPORTERS = config.EXPORTERS
+DEFAULT_EXPORTER = config.EXPORTER
 CHECK_BATCHES = (1, 2, 8)
 REPORT_NAME = "export.json"
 
@@ -59,9 +59,9 @@ class ExportConfig:
     opset: int | None = None
     force: bool = False
     data_dir: Path | None = None
-    golden: int = 5
-    calib_size: int = 64
-    max_drop: float = 0.01
+    golden: int = config.GOLDEN
+    calib_size: int = config.CALIB_SIZE
+    max_drop: float = config.MAX_DROP
     threads: int | None = None
 
 
@@ -78,9 +78,10 @@ def export(cfg: ExportConfig) -> ExportResult:
     """Write EXPORT_DIR. The weights are copied so `verify` can rebuild the eager reference."""
     import torch
 
-    if cfg.exporter not in (*EXPORTERS, "auto"):
+    if cfg.exporter not in config.EXPORTER_CHOICES:
         raise ExportError(
-            f"unknown exporter {cfg.exporter!r}; choose one of: auto, {', '.join(EXPORTERS)}"
+            f"unknown exporter {cfg.exporter!r}; "
+            f"choose one of: {', '.join(config.EXPORTER_CHOICES)}"
         )
     if not (cfg.onnx or cfg.torchscript or cfg.raw or cfg.pt2 or cfg.int8 or cfg.fp16
             or cfg.optimize):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgetransfer import onnxio
+from edgetransfer import config, onnxio
 from edgetransfer.data import (
     Sample,
     current_max_pixels,
@@ -41,7 +41,7 @@ from edgetransfer.onnxio import open_session
 from edgetransfer.parity import ATOL, RTOL
 from edgetransfer.train import intra_op_threads
 
-BACKENDS = ("auto", "torch", "onnxruntime")
+BACKENDS = config.BACKENDS
 # Below this many images, "auto" stays on PyTorch unless the exported backbone is cached already:
 # exporting and checking it (~0.5 s for mobilenet_v3_small) would cost more than it saves.
 AUTO_MIN_IMAGES = 64

@@ -8,11 +8,12 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
+from edgetransfer import config
 from edgetransfer.data import Sample, eval_transform, load_image
 from edgetransfer.manifest import Preprocessing
 from edgetransfer.train import epoch_generator
 
-AUGMENT = ("none", "light", "standard")
+AUGMENT = config.AUGMENTS  # each one is a preset of train_transform() (tested)
 
 
 def train_transform(p: Preprocessing, preset: str):

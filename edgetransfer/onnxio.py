@@ -12,6 +12,7 @@ import os
 import warnings
 from pathlib import Path
 
+from edgetransfer import config
 from edgetransfer.errors import EdgeTransferError, ExportError, ManifestError, first_line
 from edgetransfer.fileio import atomic_write_bytes, user_os_error
 from edgetransfer.manifest import METADATA_KEY, Manifest
@@ -55,7 +56,7 @@ PROVIDERS = {
 }
 
 
-def resolve_providers(provider: str = "cpu") -> list[str]:
+def resolve_providers(provider: str = config.PROVIDER) -> list[str]:
     """The onnxruntime providers for a --provider name, checked against this installation."""
     import onnxruntime as ort
 
@@ -78,7 +79,7 @@ def open_session(
     path: str | os.PathLike,
     threads: int | None = None,
     opt_level: str = "all",
-    provider: str = "cpu",
+    provider: str = config.PROVIDER,
 ):
     """An onnxruntime session; a file ORT cannot load becomes a one-line ManifestError."""
     import onnxruntime as ort

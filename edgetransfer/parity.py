@@ -16,22 +16,23 @@ from typing import Any
 
 import numpy as np
 
+from edgetransfer import config
 from edgetransfer.data import softmax
 from edgetransfer.errors import EdgeTransferWarning, ParityError
 from edgetransfer.fileio import USER_ERRNOS, atomic_write_text
 
 # fp32 tolerance on logits: |a - b| <= ATOL + RTOL * |b|, b the eager reference.
-ATOL = 1e-4
+ATOL = config.ATOL
 
 
-RTOL = 1e-3
+RTOL = config.RTOL
 
 
 MIN_TOP1_AGREEMENT = 1.0
 
 
 # Raw-pixel model probabilities against the Python preprocessing path.
-PROBS_ATOL = 1e-4
+PROBS_ATOL = config.ATOL
 
 
 # Quantised/fp16 models are judged by accuracy: at most this drop in top-1 against eager.

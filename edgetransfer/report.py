@@ -17,7 +17,7 @@ from urllib.parse import quote
 import numpy as np
 from numpy.typing import ArrayLike
 
-from edgetransfer import __version__
+from edgetransfer import __version__, config
 from edgetransfer.data import load_image, pillow_warnings_off
 from edgetransfer.errors import DataError, EdgeTransferError
 from edgetransfer.evaluate import run_validation
@@ -28,7 +28,7 @@ from edgetransfer.runs import run_data_dir
 REPORT_INDEX = "index.html"
 RUN_REPORT = "report.html"
 RUN_REPORT_FILES = "report"  # the run report's pictures, beside report.html
-MISTAKES = 24
+MISTAKES = config.MISTAKES
 THUMB = 128  # thumbnail's longer side in pixels
 INSTALL_HINT = "pip install 'edgetransfer[report]'"
 

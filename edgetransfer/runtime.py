@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from edgetransfer import config
 from edgetransfer.data import list_images, load_image, preprocess, resize_crop, softmax
 from edgetransfer.errors import DataError, EdgeTransferError, InputError, ManifestError, first_line
 from edgetransfer.manifest import ARTIFACTS, CODE_FILES, METADATA_KEY, Manifest, read_manifest
@@ -93,7 +94,7 @@ class Predictor:
         self,
         paths: list[Path],
         topk: int = 5,
-        batch_size: int = 16,
+        batch_size: int = config.INFER_BATCH_SIZE,
         progress: bool = False,
         skipped: list[tuple[str, str]] | None = None,
     ) -> list[Prediction]:
@@ -175,7 +176,7 @@ class OnnxClassifier(Predictor):
         path: str | os.PathLike,
         threads: int | None = None,
         opt_level: str = "all",
-        provider: str = "cpu",
+        provider: str = config.PROVIDER,
     ) -> None:
         self.path = resolve_onnx(path)
         self.session = open_session(self.path, threads, opt_level, provider)
@@ -299,7 +300,7 @@ class TorchClassifier(Predictor):
 
 
 def load_predictor(
-    model: str | os.PathLike, provider: str = "cpu", threads: int | None = None
+    model: str | os.PathLike, provider: str = config.PROVIDER, threads: int | None = None
 ) -> Predictor:
     """The right backend for MODEL: .onnx -> onnxruntime, .pt -> TorchScript, .pt2 -> torch.export,
     an EXPORT_DIR -> its model.onnx, a RUN_DIR -> the eager model from model.safetensors.

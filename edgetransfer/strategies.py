@@ -7,10 +7,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from edgetransfer import config
 from edgetransfer.errors import EdgeTransferError
 from edgetransfer.train import LBFGS_HISTORY
 
-STRATEGIES = ("head", "last-n", "bias", "full", "distill")
+STRATEGIES = config.STRATEGIES  # each one is a branch of apply() (tested)
 # forward working set (3x the largest layer output) x 2 passes (training and validation)
 WORKSPACE_FACTOR = 6
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm)
@@ -29,10 +30,10 @@ class StrategyConfig:
             ``last-n``, ``bias``, ``distill``).
     """
 
-    strategy: str = "head"
-    unfreeze: int = 2
+    strategy: str = config.STRATEGY
+    unfreeze: int = config.UNFREEZE
     train_bn: bool = False
-    backbone_lr_mult: float = 0.1
+    backbone_lr_mult: float = config.BACKBONE_LR_MULT
 
 
 @dataclass

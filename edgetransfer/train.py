@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from edgetransfer import config
 from edgetransfer.errors import EdgeTransferError, Terminated, first_line
 from edgetransfer.fileio import atomic_writer
 
@@ -34,17 +35,17 @@ class TrainConfig:
             from the optimum (67% vs 91.5% test top-1 on the digits' 4096-d conv features).
     """
 
-    epochs: int = 30
-    batch_size: int = 8
-    lr: float = 1e-2
-    weight_decay: float = 1e-4
-    seed: int = 0
-    accumulate: int = 1
-    patience: int = 10
+    epochs: int = config.EPOCHS
+    batch_size: int = config.BATCH_SIZE
+    lr: float = config.LR
+    weight_decay: float = config.WEIGHT_DECAY
+    seed: int = config.SEED
+    accumulate: int = config.ACCUMULATE
+    patience: int = config.PATIENCE
     solver: str = "adamw"
 
 
-SOLVERS = ("adamw", "lbfgs")
+SOLVERS = config.SOLVERS
 LBFGS_HISTORY = 10  # (step, gradient change) pairs kept
 LBFGS_ITERATIONS = 20  # per epoch; L-BFGS stops sooner once the gradient vanishes
 # converged when no gradient entry exceeds this: further epochs would not move the weights

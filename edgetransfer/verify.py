@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgetransfer import config
 from edgetransfer.backbones import outputs as split_outputs
 from edgetransfer.data import Dataset, eval_transform, load_image, resize_crop
 from edgetransfer.errors import DataError, EdgeTransferWarning, ManifestError, first_line
@@ -66,7 +67,7 @@ def verify(
     data_dir: str | Path,
     *,
     limit: int | None = None,
-    batch_size: int = 8,
+    batch_size: int = config.VERIFY_BATCH_SIZE,
     atol: float = ATOL,
     rtol: float = RTOL,
     write: bool = True,
