@@ -104,7 +104,13 @@ def export(cfg: ExportConfig) -> ExportResult:
         exporter = cfg.exporter
         if need_onnx:
             exporter = export_onnx_checked(
-                model, manifest, example, tmp / ARTIFACTS["onnx"], cfg.exporter, cfg.opset, notes
+                model,
+                manifest,
+                example,
+                tmp / ARTIFACTS["onnx"],
+                exporter=cfg.exporter,
+                opset=cfg.opset,
+                notes=notes,
             )
             report["exporter"] = exporter
         if cfg.raw:
@@ -248,6 +254,7 @@ def export_onnx_checked(
     manifest: Manifest,
     example,
     path: Path,
+    *,
     exporter: str,
     opset: int | None,
     notes: list[str],
@@ -272,7 +279,13 @@ def export_onnx(
     tmp = path.with_name(path.name + ".tmp")
     with onnxio.onnx_step(f"ONNX export ({exporter}) of {manifest.arch}", tmp, target=path):
         onnxio.torch_onnx_export(
-            model, example, tmp, exporter, opset, manifest.io["input"], output_names(manifest)
+            model,
+            example,
+            tmp,
+            exporter=exporter,
+            opset=opset,
+            input_name=manifest.io["input"],
+            output_names=output_names(manifest),
         )
         onnxio.finish_onnx(tmp, path, manifest)
 
@@ -344,7 +357,13 @@ def export_raw(
     tmp = path.with_name(path.name + ".tmp")
     with onnxio.onnx_step(f"raw-pixel export ({exporter})", tmp, target=path):
         onnxio.torch_onnx_export(
-            wrapped, example, tmp, exporter, opset, "image", ["probs", *output_names(rm)]
+            wrapped,
+            example,
+            tmp,
+            exporter=exporter,
+            opset=opset,
+            input_name="image",
+            output_names=["probs", *output_names(rm)],
         )
         onnxio.finish_onnx(tmp, path, rm)
     try:

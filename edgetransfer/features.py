@@ -838,7 +838,15 @@ def _export_backbone(backbone: nn.Module, p: Preprocessing, path: Path) -> None:
     cause = None
     for exporter in ("torchscript", "dynamo"):
         try:
-            onnxio.torch_onnx_export(backbone, example, path, exporter, None, "input", ["features"])
+            onnxio.torch_onnx_export(
+                backbone,
+                example,
+                path,
+                exporter=exporter,
+                opset=None,
+                input_name="input",
+                output_names=["features"],
+            )
             return
         except Exception as e:  # exporter failures come in many types
             errors.append(f"{exporter}: {first_line(e)}")

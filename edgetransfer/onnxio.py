@@ -148,6 +148,7 @@ def torch_onnx_export(
     module,
     example,
     path: Path,
+    *,
     exporter: str,
     opset: int | None,
     input_name: str,

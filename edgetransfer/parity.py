@@ -240,6 +240,7 @@ def compare(
     got: np.ndarray,
     ref: np.ndarray,
     names: list[str],
+    *,
     atol: float = ATOL,
     rtol: float = RTOL,
     kind: str = "exact",
@@ -249,14 +250,14 @@ def compare(
     """Shapes first, then values, then top-1 agreement (and accuracy when `truth` is known)."""
     if got.shape != ref.shape:
         return RuntimeParity(
-            runtime,
-            kind,
-            False,
-            float("inf"),
-            float("inf"),
-            int(ref.size),
-            0.0,
-            f"shape {got.shape} vs {ref.shape}",
+            runtime=runtime,
+            kind=kind,
+            shape_ok=False,
+            max_abs=float("inf"),
+            max_rel=float("inf"),
+            violations=int(ref.size),
+            top1_agreement=0.0,
+            worst=f"shape {got.shape} vs {ref.shape}",
         )
     diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
     rel = diff / np.maximum(np.abs(ref), 1e-12)
@@ -294,10 +295,11 @@ class Outputs:
 
 def judge(
     runtime: str,
-    kind: str,
     got: Outputs,
     ref: Outputs,
     names: list[str],
+    *,
+    kind: str,
     labels: list[str],
     truth: np.ndarray | None = None,
     atol: float = ATOL,
@@ -305,10 +307,20 @@ def judge(
 ) -> RuntimeParity:
     """`got` against the eager reference `ref`: the logits, the kept source head's logits
     (judged like the logits), and a raw-pixel model's probabilities against softmax(eager)."""
-    row = compare(runtime, got.logits, ref.logits, names, atol, rtol, kind, labels, truth)
+    row = compare(
+        runtime,
+        got.logits,
+        ref.logits,
+        names,
+        atol=atol,
+        rtol=rtol,
+        kind=kind,
+        labels=labels,
+        truth=truth,
+    )
     if ref.source is not None and row.shape_ok:
         src = got.source if got.source is not None else np.zeros((0,))
-        src_row = compare(runtime, src, ref.source, names, atol, rtol, kind)
+        src_row = compare(runtime, src, ref.source, names, atol=atol, rtol=rtol, kind=kind)
         if not src_row.shape_ok:
             row.shape_ok, row.worst = False, f"source_logits: {src_row.worst}"
         elif kind == "exact":

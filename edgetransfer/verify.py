@@ -101,10 +101,18 @@ def verify(
     )
     report = ParityReport(export_dir, len(images.names), atol, rtol, skipped=skipped)
     for runtime, got in outputs.items():
-        kind = RUNTIMES[runtime][1]
-        report.runtimes.append(
-            judge(runtime, kind, got, ref, images.names, manifest.labels, images.truth, atol, rtol)
+        row = judge(
+            runtime,
+            got,
+            ref,
+            images.names,
+            kind=RUNTIMES[runtime][1],
+            labels=manifest.labels,
+            truth=images.truth,
+            atol=atol,
+            rtol=rtol,
         )
+        report.runtimes.append(row)
     if images.truth is not None:
         report.eager_top1 = float((ref.logits.argmax(1) == images.truth).mean())
     report.recorded = recorded_check(
