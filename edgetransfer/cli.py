@@ -61,9 +61,7 @@ class _Group(click.Group):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("always", EdgeTransferWarning)  # _show_warning dedupes
-                warnings.showwarning = functools.partial(
-                    _show_warning, warnings.showwarning, set()
-                )
+                warnings.showwarning = functools.partial(_show_warning, warnings.showwarning, set())
                 return super().invoke(ctx)
         except OSError as e:
             if e.errno not in _OS_ADVICE:
@@ -247,73 +245,187 @@ def cli(ctx: click.Context, max_pixels: int | None) -> None:
     help="What trains: the head on cached features; also the last N blocks; biases only; "
     "everything; or everything guided by --teacher.",
 )
-@click.option("--unfreeze", type=click.IntRange(min=1), default=config.UNFREEZE,
-              show_default=True,
-              help="Blocks that train with --strategy last-n.")
-@click.option("--train-bn", is_flag=True,
-              help="Let BatchNorm layers that train update statistics and affine weights.")
-@click.option("--backbone-lr", "backbone_lr_mult", type=click.FloatRange(0, 1),
-              default=config.BACKBONE_LR_MULT, show_default=True,
-              help="Backbone learning rate as a fraction of --lr.")
-@click.option("--l2sp", type=click.FloatRange(min=0), default=config.L2SP, show_default=True,
-              help="L2-SP weight: pull trained backbone weights toward the source weights.")
-@click.option("--teacher", type=click.Path(path_type=Path), default=None,
-              help="RUN_DIR of an adapted teacher whose soft labels guide training.")
-@click.option("--kd-alpha", type=click.FloatRange(0, 1), default=config.KD_ALPHA,
-              show_default=True,
-              help="Weight of the distillation loss against cross-entropy.")
-@click.option("--kd-temperature", type=click.FloatRange(min=0, min_open=True),
-              default=config.KD_TEMPERATURE, show_default=True,
-              help="Softmax temperature for distillation.")
-@click.option("--truncate", default=None, metavar="BLOCK",
-              help="Cut the backbone after BLOCK (e.g. features.8) for a smaller model.")
-@click.option("--keep-source-head", is_flag=True,
-              help="Keep the source head: the model also outputs source_logits.")
-@click.option("--source-data", type=click.Path(path_type=Path), default=None,
-              help="Source-task images (class folders); source top-1 is measured before/after.")
-@click.option("--lwf", type=click.FloatRange(min=0), default=config.LWF, show_default=True,
-              help="Learning-without-Forgetting weight protecting the source task.")
-@click.option("--augment", type=click.Choice(config.AUGMENTS), default=None,
-              help="Augmentation [default: none for head, light otherwise].")
-@click.option("--views", type=click.IntRange(min=1), default=config.VIEWS, show_default=True,
-              help="Augmented views cached per image with --strategy head.")
-@click.option("--accumulate", type=click.IntRange(min=1), default=config.ACCUMULATE,
-              show_default=True,
-              help="Micro-batches per optimizer step (gradient accumulation).")
-@click.option("--patience", type=click.IntRange(min=0), default=config.PATIENCE,
-              show_default=True,
-              help="Stop after N epochs without a better validation result (0: never).")
-@click.option("--head-solver", type=click.Choice(config.SOLVERS), default=config.HEAD_SOLVER,
-              show_default=True,
-              help="--strategy head: full-batch L-BFGS (the linear-probe optimum; --lr unused) "
-              "or mini-batch AdamW at --lr.")
+@click.option(
+    "--unfreeze",
+    type=click.IntRange(min=1),
+    default=config.UNFREEZE,
+    show_default=True,
+    help="Blocks that train with --strategy last-n.",
+)
+@click.option(
+    "--train-bn",
+    is_flag=True,
+    help="Let BatchNorm layers that train update statistics and affine weights.",
+)
+@click.option(
+    "--backbone-lr",
+    "backbone_lr_mult",
+    type=click.FloatRange(0, 1),
+    default=config.BACKBONE_LR_MULT,
+    show_default=True,
+    help="Backbone learning rate as a fraction of --lr.",
+)
+@click.option(
+    "--l2sp",
+    type=click.FloatRange(min=0),
+    default=config.L2SP,
+    show_default=True,
+    help="L2-SP weight: pull trained backbone weights toward the source weights.",
+)
+@click.option(
+    "--teacher",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="RUN_DIR of an adapted teacher whose soft labels guide training.",
+)
+@click.option(
+    "--kd-alpha",
+    type=click.FloatRange(0, 1),
+    default=config.KD_ALPHA,
+    show_default=True,
+    help="Weight of the distillation loss against cross-entropy.",
+)
+@click.option(
+    "--kd-temperature",
+    type=click.FloatRange(min=0, min_open=True),
+    default=config.KD_TEMPERATURE,
+    show_default=True,
+    help="Softmax temperature for distillation.",
+)
+@click.option(
+    "--truncate",
+    default=None,
+    metavar="BLOCK",
+    help="Cut the backbone after BLOCK (e.g. features.8) for a smaller model.",
+)
+@click.option(
+    "--keep-source-head",
+    is_flag=True,
+    help="Keep the source head: the model also outputs source_logits.",
+)
+@click.option(
+    "--source-data",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Source-task images (class folders); source top-1 is measured before/after.",
+)
+@click.option(
+    "--lwf",
+    type=click.FloatRange(min=0),
+    default=config.LWF,
+    show_default=True,
+    help="Learning-without-Forgetting weight protecting the source task.",
+)
+@click.option(
+    "--augment",
+    type=click.Choice(config.AUGMENTS),
+    default=None,
+    help="Augmentation [default: none for head, light otherwise].",
+)
+@click.option(
+    "--views",
+    type=click.IntRange(min=1),
+    default=config.VIEWS,
+    show_default=True,
+    help="Augmented views cached per image with --strategy head.",
+)
+@click.option(
+    "--accumulate",
+    type=click.IntRange(min=1),
+    default=config.ACCUMULATE,
+    show_default=True,
+    help="Micro-batches per optimizer step (gradient accumulation).",
+)
+@click.option(
+    "--patience",
+    type=click.IntRange(min=0),
+    default=config.PATIENCE,
+    show_default=True,
+    help="Stop after N epochs without a better validation result (0: never).",
+)
+@click.option(
+    "--head-solver",
+    type=click.Choice(config.SOLVERS),
+    default=config.HEAD_SOLVER,
+    show_default=True,
+    help="--strategy head: full-batch L-BFGS (the linear-probe optimum; --lr unused) "
+    "or mini-batch AdamW at --lr.",
+)
 @click.option("--balance", is_flag=True, help="Class-weighted loss for imbalanced folders.")
-@click.option("--max-memory", type=click.FloatRange(min=1), default=None, metavar="MB",
-              help="Training memory budget; the batch is split (accumulation) to fit.")
-@click.option("--workers", type=click.IntRange(min=0), default=config.WORKERS,
-              show_default=True,
-              help="Workers decoding images: threads for feature extraction [0: automatic], "
-              "processes for strategies that train the backbone [0: none].")
-@click.option("--backend", type=click.Choice(config.BACKENDS), default=config.BACKEND,
-              show_default=True,
-              help="What runs the frozen backbone for --strategy head (auto: onnxruntime when "
-              "the exported backbone matches PyTorch).")
+@click.option(
+    "--max-memory",
+    type=click.FloatRange(min=1),
+    default=None,
+    metavar="MB",
+    help="Training memory budget; the batch is split (accumulation) to fit.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=config.WORKERS,
+    show_default=True,
+    help="Workers decoding images: threads for feature extraction [0: automatic], "
+    "processes for strategies that train the backbone [0: none].",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(config.BACKENDS),
+    default=config.BACKEND,
+    show_default=True,
+    help="What runs the frozen backbone for --strategy head (auto: onnxruntime when "
+    "the exported backbone matches PyTorch).",
+)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (same command).")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the feature cache.")
-@click.option("--no-report", is_flag=True,
-              help="Do not write RUN_DIR/report.html (saves matplotlib's ~0.5 s per run).")
+@click.option(
+    "--no-report",
+    is_flag=True,
+    help="Do not write RUN_DIR/report.html (saves matplotlib's ~0.5 s per run).",
+)
 @_force_option("RUN_DIR")
 @_json_option("Print the manifest as JSON.")
 @_quiet_option
-def adapt(data_dir: Path, arch: str, weights: str, epochs: int, batch_size: int, lr: float,
-          image_size: int | None, val_fraction: float, out: Path | None, seed: int,
-          max_bad: float, max_pixels: int | None, strategy: str, unfreeze: int, train_bn: bool,
-          backbone_lr_mult: float, l2sp: float, teacher: Path | None, kd_alpha: float,
-          kd_temperature: float, truncate: str | None, keep_source_head: bool,
-          source_data: Path | None, lwf: float, augment: str | None, views: int,
-          accumulate: int, patience: int, head_solver: str, balance: bool, max_memory: float | None,
-          workers: int, backend: str, resume: bool, no_cache: bool, no_report: bool, force: bool,
-          as_json: bool, quiet: bool) -> None:
+def adapt(
+    data_dir: Path,
+    arch: str,
+    weights: str,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    image_size: int | None,
+    val_fraction: float,
+    out: Path | None,
+    seed: int,
+    max_bad: float,
+    max_pixels: int | None,
+    strategy: str,
+    unfreeze: int,
+    train_bn: bool,
+    backbone_lr_mult: float,
+    l2sp: float,
+    teacher: Path | None,
+    kd_alpha: float,
+    kd_temperature: float,
+    truncate: str | None,
+    keep_source_head: bool,
+    source_data: Path | None,
+    lwf: float,
+    augment: str | None,
+    views: int,
+    accumulate: int,
+    patience: int,
+    head_solver: str,
+    balance: bool,
+    max_memory: float | None,
+    workers: int,
+    backend: str,
+    resume: bool,
+    no_cache: bool,
+    no_report: bool,
+    force: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
     """Adapt a pretrained backbone to DATA_DIR (one sub-folder of images per class).
 
     By default the backbone is frozen, its features are computed once and cached, and a new
@@ -331,36 +443,71 @@ def adapt(data_dir: Path, arch: str, weights: str, epochs: int, batch_size: int,
     from edgetransfer.adapt import adapt as run_adapt
 
     out = out or Path("runs") / (Path(data_dir).resolve().name or "run")
-    res = run_adapt(AdaptConfig(
-        data_dir=data_dir, out=out, arch=arch, weights=weights, strategy=strategy,
-        epochs=epochs, batch_size=batch_size, accumulate=accumulate, lr=lr,
-        backbone_lr_mult=backbone_lr_mult, unfreeze=unfreeze, train_bn=train_bn, l2sp=l2sp,
-        teacher=teacher, kd_alpha=kd_alpha, kd_temperature=kd_temperature, truncate=truncate,
-        keep_source_head=keep_source_head, source_data=source_data, lwf=lwf,
-        augment=augment, views=views, balance=balance, patience=patience,
-        head_solver=head_solver,
-        image_size=image_size, val_fraction=val_fraction, seed=seed, max_bad=max_bad,
-        max_pixels=max_pixels,
-        max_memory=max_memory, workers=workers, backend=backend, force=force, resume=resume,
-        use_cache=not no_cache, progress=_progress(quiet or as_json), report=not no_report,
-    ))
+    res = run_adapt(
+        AdaptConfig(
+            data_dir=data_dir,
+            out=out,
+            arch=arch,
+            weights=weights,
+            strategy=strategy,
+            epochs=epochs,
+            batch_size=batch_size,
+            accumulate=accumulate,
+            lr=lr,
+            backbone_lr_mult=backbone_lr_mult,
+            unfreeze=unfreeze,
+            train_bn=train_bn,
+            l2sp=l2sp,
+            teacher=teacher,
+            kd_alpha=kd_alpha,
+            kd_temperature=kd_temperature,
+            truncate=truncate,
+            keep_source_head=keep_source_head,
+            source_data=source_data,
+            lwf=lwf,
+            augment=augment,
+            views=views,
+            balance=balance,
+            patience=patience,
+            head_solver=head_solver,
+            image_size=image_size,
+            val_fraction=val_fraction,
+            seed=seed,
+            max_bad=max_bad,
+            max_pixels=max_pixels,
+            max_memory=max_memory,
+            workers=workers,
+            backend=backend,
+            force=force,
+            resume=resume,
+            use_cache=not no_cache,
+            progress=_progress(quiet or as_json),
+            report=not no_report,
+        )
+    )
     if as_json:
         _emit_json(res.manifest.to_dict())
         return
     m = res.manifest
-    click.echo(f"adapted {m.arch} ({m.adapt['strategy']}) to {len(m.labels)} classes "
-               f"({', '.join(m.labels)})")
-    click.echo(f"memory estimate {res.memory['total_mib']:.0f} MiB at batch "
-               f"{m.adapt['batch_size']} x {m.adapt['accumulate']}; "
-               f"{m.adapt['trainable_params']:,} trainable parameters")
+    click.echo(
+        f"adapted {m.arch} ({m.adapt['strategy']}) to {len(m.labels)} classes "
+        f"({', '.join(m.labels)})"
+    )
+    click.echo(
+        f"memory estimate {res.memory['total_mib']:.0f} MiB at batch "
+        f"{m.adapt['batch_size']} x {m.adapt['accumulate']}; "
+        f"{m.adapt['trainable_params']:,} trainable parameters"
+    )
     click.echo(
         f"train {m.data['train']} / val {m.data['val']} images, best epoch "
         f"{m.adapt['best_epoch']} of {m.adapt['epochs_run']}: val top-1 "
         f"{m.metrics['val_top1']:.1%}"
     )
     if "source_top1_before" in m.metrics:
-        click.echo(f"source task top-1: {m.metrics['source_top1_before']:.1%} before, "
-                   f"{m.metrics['source_top1_after']:.1%} after")
+        click.echo(
+            f"source task top-1: {m.metrics['source_top1_before']:.1%} before, "
+            f"{m.metrics['source_top1_after']:.1%} after"
+        )
     if res.bad_files:
         click.echo(
             f"skipped {len(res.bad_files)} unreadable image(s), listed in "
@@ -709,9 +856,7 @@ def evaluate(
     w = max(5, *(len(lb) for lb in m.labels))
     click.echo(f"{'class':<{w}} {'images':>6} {'precision':>9} {'recall':>7} {'F1':>7}")
     for label, c in m.per_class.items():
-        click.echo(
-            f"{label:<{w}} {c.support:>6} {c.precision:>9.1%} {c.recall:>7.1%} {c.f1:>7.1%}"
-        )
+        click.echo(f"{label:<{w}} {c.support:>6} {c.precision:>9.1%} {c.recall:>7.1%} {c.f1:>7.1%}")
     click.echo("confusion matrix (rows: true, columns: predicted)")
     cw = max(4, *(len(lb) for lb in m.labels), len(str(int(m.confusion.max()))))
     click.echo(" " * w + "".join(f" {lb:>{cw}}" for lb in m.labels))
@@ -874,8 +1019,10 @@ def demo(out_dir: Path, force: bool, quiet: bool) -> None:
     click.echo(f"adapted: val top-1 {res.val_top1:.1%}   run: {res.run_dir}")
     before, after = res.source_top1
     click.echo(f"source task (digits 0-4) top-1: {before:.1%} before, {after:.1%} after")
-    click.echo(f"exported: {res.export_dir} (model.onnx, model.raw.onnx, model.pt, golden/, "
-               "labels.txt, edgetransfer.json)")
+    click.echo(
+        f"exported: {res.export_dir} (model.onnx, model.raw.onnx, model.pt, golden/, "
+        "labels.txt, edgetransfer.json)"
+    )
     click.echo(res.parity_table)
     for p in res.predictions:
         click.echo(

@@ -34,6 +34,7 @@ DEFAULT_EXPORTER = config.EXPORTER
 CHECK_BATCHES = (1, 2, 8)
 REPORT_NAME = "export.json"
 
+
 @dataclass(frozen=True)
 class ExportConfig:
     """What to export and how.
@@ -83,10 +84,13 @@ def export(cfg: ExportConfig) -> ExportResult:
             f"unknown exporter {cfg.exporter!r}; "
             f"choose one of: {', '.join(config.EXPORTER_CHOICES)}"
         )
-    if not (cfg.onnx or cfg.torchscript or cfg.raw or cfg.pt2 or cfg.int8 or cfg.fp16
-            or cfg.optimize):
-        raise ExportError("nothing to export; pass --onnx, --torchscript, --raw, --pt2, --int8, "
-                          "--fp16 or --optimize")
+    if not (
+        cfg.onnx or cfg.torchscript or cfg.raw or cfg.pt2 or cfg.int8 or cfg.fp16 or cfg.optimize
+    ):
+        raise ExportError(
+            "nothing to export; pass --onnx, --torchscript, --raw, --pt2, --int8, "
+            "--fp16 or --optimize"
+        )
     inputs = [cfg.run_dir, cfg.data_dir or run_data_dir(cfg.run_dir)]
     check_can_write(cfg.out, cfg.force, inputs)
     model, manifest = load_run(cfg.run_dir)
@@ -126,11 +130,14 @@ def export(cfg: ExportConfig) -> ExportResult:
             export_pt2(model, manifest, example, tmp / ARTIFACTS["pt2"])
         if cfg.int8 or cfg.fp16 or cfg.optimize:
             if cfg.optimize:
-                quantize.save_optimized(tmp / ARTIFACTS["onnx"], tmp / ARTIFACTS["optimized"], manifest)
+                quantize.save_optimized(
+                    tmp / ARTIFACTS["onnx"], tmp / ARTIFACTS["optimized"], manifest
+                )
             if cfg.int8:
-                calib = _spread([s for s in dataset.samples if s.split == "train"],
-                                cfg.calib_size)
-                quantize.quantize_int8(tmp / ARTIFACTS["onnx"], tmp / ARTIFACTS["int8"], manifest, calib)
+                calib = _spread([s for s in dataset.samples if s.split == "train"], cfg.calib_size)
+                quantize.quantize_int8(
+                    tmp / ARTIFACTS["onnx"], tmp / ARTIFACTS["int8"], manifest, calib
+                )
             if cfg.fp16:
                 quantize.convert_fp16(tmp / ARTIFACTS["onnx"], tmp / ARTIFACTS["fp16"], manifest)
             if dataset is None:
@@ -174,8 +181,10 @@ def _relabel(ds, manifest: Manifest):
     golden vectors, calibration and the guard agree with the model whatever folder is given."""
     unknown = [c for c in ds.classes if c not in manifest.labels]
     if unknown:
-        raise DataError(f"--data has classes the model does not know: {', '.join(unknown)} "
-                        f"(it knows {', '.join(manifest.labels)})")
+        raise DataError(
+            f"--data has classes the model does not know: {', '.join(unknown)} "
+            f"(it knows {', '.join(manifest.labels)})"
+        )
     index = [manifest.labels.index(c) for c in ds.classes]
     samples = [dataclasses.replace(s, label=index[s.label]) for s in ds.samples]
     return dataclasses.replace(ds, classes=list(manifest.labels), samples=samples)
@@ -198,7 +207,6 @@ def check_batches(model, path: Path, shape: tuple[int, int], raw: bool = False) 
     """Run `path` under onnxruntime at batch 1, 2 and 8 and compare with eager PyTorch."""
     import numpy as np
     import torch
-
 
     clf = OnnxClassifier(path)
     gen = torch.Generator().manual_seed(1)
@@ -390,15 +398,15 @@ def _check_against_eager(module, model, example, what: str) -> None:
     """`module` must answer like eager `model` at batch 1, 2 and 8 (fp32 tolerance)."""
     import torch
 
-
     gen = torch.Generator().manual_seed(2)
     for batch in CHECK_BATCHES:
         x = torch.randn(batch, *example.shape[1:], generator=gen)
         try:
             torch.testing.assert_close(module(x), model(x), rtol=RTOL, atol=ATOL)
         except AssertionError as e:
-            raise ExportError(f"{what} differs from eager at batch {batch}: {first_line(e)}") \
-                from None
+            raise ExportError(
+                f"{what} differs from eager at batch {batch}: {first_line(e)}"
+            ) from None
 
 
 def export_pt2(model, manifest: Manifest, example, path: Path) -> None:

@@ -342,7 +342,6 @@ def write_eval_report(
     return Path(out) / REPORT_INDEX
 
 
-
 def write_run_report(
     run_dir: str | os.PathLike,
     *,

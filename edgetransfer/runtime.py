@@ -39,7 +39,6 @@ class Prediction:
     logits: list[float]
 
 
-
 class Predictor:
     """What predict/evaluate/bench need from a backend: the manifest, input preparation, logits.
 

@@ -41,7 +41,6 @@ RUNTIMES = {
 }
 
 
-
 def _run_code_model(runtime: str, path: Path, run):
     """Load model.pt / model.pt2 (trusted by the caller) and `run` it; a file that does not
     load or run is one line naming it, not torch's traceback."""

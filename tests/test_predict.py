@@ -15,7 +15,6 @@ from .conftest import DIGITS, run
 SIXES = sorted((DIGITS / "six").glob("*.png"))[:4]
 
 
-
 def test_predict_table_is_aligned(digits_export):
     res = run("predict", digits_export / "model.onnx", *SIXES[:2], "--topk", "2")
     assert res.exit_code == 0, res.output

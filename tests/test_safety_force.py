@@ -36,7 +36,6 @@ _spec.loader.exec_module(fuzz)
 FAST_EXPORT = ("--onnx", "--exporter", "torchscript", "--golden", "0")
 
 
-
 def adapt_args(data, out, *extra):
     return ["adapt", data, "--arch", "tiny_test", "--weights", "none", "--epochs", "2",
             "--out", out, "-q", *extra]  # fmt: skip

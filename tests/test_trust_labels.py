@@ -41,7 +41,6 @@ fuzz = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fuzz)
 
 
-
 # --------------------------------------------------------------------------- item 3: TorchScript
 
 
