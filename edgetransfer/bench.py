@@ -203,7 +203,7 @@ def bench(cfg: BenchConfig, progress: bool = False) -> BenchReport:
         except (ValueError, IndexError):
             lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
             row = {"error": lines[-1][:300] if lines else f"exit code {proc.returncode}"}
-        fname = "model.safetensors" if backend == "eager" else Path(path).name
+        fname = ARTIFACTS["weights"] if backend == "eager" else Path(path).name
         report.rows[name] = {"file": fname, **row}
     return report
 

@@ -9,6 +9,7 @@ from edgetransfer.adapt import AdaptConfig, adapt
 from edgetransfer.errors import EdgeTransferError
 from edgetransfer.export import ExportConfig, export
 from edgetransfer.fileio import check_can_write, write_marker
+from edgetransfer.manifest import ARTIFACTS
 from edgetransfer.runtime import OnnxClassifier
 from edgetransfer.verify import verify
 
@@ -68,7 +69,7 @@ def run_demo(out: Path, force: bool = False, progress: bool = False) -> DemoResu
     export(ExportConfig(run_dir=run_dir, out=export_dir, force=True))
     report = verify(export_dir, data, trust_torchscript=True)  # exported just above
     images = [sorted((data / label).iterdir())[0] for label in res.manifest.labels]
-    preds = OnnxClassifier(export_dir / "model.onnx").predict(images, topk=3)
+    preds = OnnxClassifier(export_dir / ARTIFACTS["onnx"]).predict(images, topk=3)
     return DemoResult(
         run_dir,
         export_dir,

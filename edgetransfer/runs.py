@@ -12,10 +12,11 @@ import json
 import os
 from pathlib import Path
 
+from edgetransfer import config
 from edgetransfer.data import Dataset, scan
 from edgetransfer.errors import ManifestError
 from edgetransfer.fileio import atomic_write_bytes
-from edgetransfer.manifest import METADATA_KEY, Manifest, read_manifest
+from edgetransfer.manifest import ARTIFACTS, METADATA_KEY, Manifest, read_manifest
 
 RUN_INFO = "run.json"
 
@@ -40,7 +41,7 @@ def load_run(run_dir: str | os.PathLike):
 
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
-    weights = run_dir / "model.safetensors"
+    weights = run_dir / ARTIFACTS["weights"]
     if not weights.is_file():
         raise ManifestError(f"{run_dir} has no model.safetensors; is it a RUN_DIR from adapt?")
     source_classes = (
@@ -72,6 +73,6 @@ def run_split(data_dir: str | os.PathLike, manifest: Manifest) -> Dataset:
     """`data_dir` scanned and split as adapt split it: the manifest's val_fraction and seed."""
     return scan(
         data_dir,
-        float(manifest.adapt.get("val_fraction", 0.2)),
-        int(manifest.adapt.get("seed", 0)),
+        float(manifest.adapt.get("val_fraction", config.VAL_FRACTION)),
+        int(manifest.adapt.get("seed", config.SEED)),
     )
