@@ -66,6 +66,22 @@ class Features:
     backend: str = field(default="torch", compare=False)
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """How each image becomes the backbone's input; all of it is part of the feature cache key."""
+
+    p: Preprocessing
+    augment: str = "none"  # augmentation preset ("none": the eval pipeline)
+    view: int = 0  # which augmented copy: with `seed`, it seeds each image's augmentation
+    seed: int = 0
+    limit: int | None = None  # decoding limit in pixels (None: data.current_max_pixels())
+
+    @property
+    def draft(self) -> tuple[int, int] | None:
+        """Only as large as the first resize needs: the shorter side at least `resize`."""
+        return (self.p.resize, self.p.resize) if self.augment in _DRAFT_SAFE else None
+
+
 def _stamps(samples: list[Sample]) -> list[str]:
     """One line per sample that changes when its file changes (path, size, mtime)."""
     out = []
@@ -178,7 +194,7 @@ def extract(
     stamps = _stamps(samples)
     key = _key(prefix, stamps)
     path = cache_dir() / "features" / f"{key}.safetensors"
-    pipeline = _Pipeline(samples, p, augment, view, seed, limit)
+    pipeline = _Pipeline(samples, Decoding(p, augment, view, seed, limit))
     backbone.eval()
     if use_cache:
         if augment == "none" and (hit := _from_recent(prefix, samples, stamps)) is not None:
@@ -201,7 +217,7 @@ def extract(
     # batch of 32 (onnxruntime's output arrays, and heap fragmentation around them): peak RSS
     # then grew with the dataset (1.9 GiB at 2,000 images against 1.1 GiB this way).
     vectors = None
-    batches = _decoded(samples, p, augment, view, seed, limit, batch_size, workers, progress)
+    batches = _decoded(pipeline, batch_size=batch_size, workers=workers, progress=progress)
     # closing(): on an error the decoding threads stop before the warning filters come back.
     with pillow_warnings_off(), contextlib.closing(batches):
         for indices, x, unreadable in batches:
@@ -421,9 +437,9 @@ class _Decode:
     """Decodes sample i. Pillow's warnings are silenced by the caller around the whole pass
     (data.pillow_warnings_off): threads cannot each change the process-wide filters."""
 
-    def __init__(self, samples, transform, augment, max_pixels, draft) -> None:
-        self.samples, self.transform, self.augment = samples, transform, augment
-        self.max_pixels, self.draft = max_pixels, draft
+    def __init__(self, samples: list[Sample], transform, d: Decoding) -> None:
+        self.samples, self.transform, self.augment = samples, transform, d.augment
+        self.max_pixels, self.draft = d.limit, d.draft
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -453,7 +469,7 @@ def decode_workers(samples: list[Sample], workers: int | None) -> int:
     return min(AUTO_MAX_WORKERS, os.cpu_count() or 1)
 
 
-def _split_transform(p: Preprocessing, augment: str, seed: int, view: int):
+def _split_transform(d: Decoding):
     """(per image, per batch) parts of the pipeline.
 
     For the eval pipeline, decoding threads only resize and crop (Pillow, which releases the
@@ -467,11 +483,11 @@ def _split_transform(p: Preprocessing, augment: str, seed: int, view: int):
     from edgetransfer.data import eval_transform
     from edgetransfer.train import intra_op_threads
 
-    if augment != "none":
+    if d.augment != "none":
         from edgetransfer.loaders import train_transform
 
-        return _seeded(train_transform(p, augment), seed, view), None
-    steps = eval_transform(p).transforms
+        return _seeded(train_transform(d.p, d.augment), d.seed, d.view), None
+    steps = eval_transform(d.p).transforms
     k = next(i for i, t in enumerate(steps) if isinstance(t, v2.ToImage))
     pil_steps, tensor_steps = v2.Compose(steps[:k]), v2.Compose(steps[k + 1 :])
 
@@ -488,14 +504,52 @@ def _split_transform(p: Preprocessing, augment: str, seed: int, view: int):
     return per_image, per_batch
 
 
-def _decoded(samples, p, augment, view, seed, limit, batch_size, workers, progress):
-    """Batches in sample order: (indices of the decoded samples, their [B, C, H, W] inputs or
-    None, [(index, reason)] of the unreadable ones)."""
+@dataclass
+class _Pipeline:
+    """The samples and how they decode: extraction's batches (:func:`_decoded`) and the few
+    images of the checks against eager PyTorch (:meth:`decode`) come out of the same transform,
+    draft decoding and per-image augmentation seeds."""
+
+    samples: list[Sample]
+    decoding: Decoding
+
+    def decode(
+        self, order: list[int], stop: int = CHECK_IMAGES
+    ) -> tuple[list[int], torch.Tensor | None, list[int]]:
+        """(decoded indices, their batch or None, indices that failed), in `order` until
+        `stop` images decoded."""
+        per_image, per_batch = _split_transform(self.decoding)
+        data = _Decode(self.samples, per_image, self.decoding)
+        good, xs, failed = [], [], []
+        with pillow_warnings_off():
+            for i in order:
+                _, x, _ = data[i]
+                if x is None:
+                    failed.append(i)
+                    continue
+                good.append(i)
+                xs.append(x)
+                if len(xs) == stop:
+                    break
+        if not xs:
+            return good, None, failed
+        return good, per_batch(xs) if per_batch else torch.stack(xs), failed
+
+
+def _decoded(pipeline: _Pipeline, *, batch_size: int, workers: int | None, progress: bool):
+    """The pipeline's samples in batches, in sample order: (indices of the decoded samples, their
+    [B, C, H, W] inputs or None, [(index, reason)] of the unreadable ones).
+
+    Args:
+        workers: decoding threads (see :func:`decode_workers`).
+        progress: show a progress bar on stderr.
+    """
     from tqdm import tqdm
 
-    per_image, per_batch = _split_transform(p, augment, seed, view)
+    samples = pipeline.samples
+    per_image, per_batch = _split_transform(pipeline.decoding)
     n = decode_workers(samples, workers)
-    data = _Decode(samples, per_image, augment, limit, _draft(p, augment))
+    data = _Decode(samples, per_image, pipeline.decoding)
     # Two batches in flight: the next one decodes while the backbone runs on this one.
     items = _threaded(data, n, 2 * batch_size) if n else map(data.__getitem__, range(len(data)))
     bar = tqdm(total=len(samples), desc="features", unit="img", disable=not progress, leave=False)
@@ -517,48 +571,6 @@ def _decoded(samples, p, augment, view, seed, limit, batch_size, workers, progre
                 pending = []
         if pending:
             yield batch(pending)
-
-
-def _draft(p: Preprocessing, augment: str) -> tuple[int, int] | None:
-    """Only as large as the first resize needs: the shorter side at least `resize`."""
-    return (p.resize, p.resize) if augment in _DRAFT_SAFE else None
-
-
-@dataclass
-class _Pipeline:
-    """Decodes chosen samples exactly as extract's batches do (same transform, draft decoding
-    and per-image augmentation seeds), for the checks against eager PyTorch."""
-
-    samples: list[Sample]
-    p: Preprocessing
-    augment: str
-    view: int
-    seed: int
-    limit: int
-
-    def decode(
-        self, order: list[int], stop: int = CHECK_IMAGES
-    ) -> tuple[list[int], torch.Tensor | None, list[int]]:
-        """(decoded indices, their batch or None, indices that failed), in `order` until
-        `stop` images decoded."""
-        per_image, per_batch = _split_transform(self.p, self.augment, self.seed, self.view)
-        data = _Decode(
-            self.samples, per_image, self.augment, self.limit, _draft(self.p, self.augment)
-        )
-        good, xs, failed = [], [], []
-        with pillow_warnings_off():
-            for i in order:
-                _, x, _ = data[i]
-                if x is None:
-                    failed.append(i)
-                    continue
-                good.append(i)
-                xs.append(x)
-                if len(xs) == stop:
-                    break
-        if not xs:
-            return good, None, failed
-        return good, per_batch(xs) if per_batch else torch.stack(xs), failed
 
 
 def _threaded(data: _Decode, n: int, ahead: int):
