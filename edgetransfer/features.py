@@ -9,6 +9,7 @@ preprocessing only needs a smaller image.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -82,68 +83,6 @@ class Decoding:
         return (self.p.resize, self.p.resize) if self.augment in _DRAFT_SAFE else None
 
 
-def _stamps(samples: list[Sample]) -> list[str]:
-    """One line per sample that changes when its file changes (path, size, mtime)."""
-    out = []
-    for s in samples:
-        try:
-            st = s.path.stat()
-            stamp = f"{st.st_size}:{st.st_mtime_ns}"
-        except OSError:
-            stamp = "missing"
-        out.append(f"{s.path.absolute()}\t{stamp}\n")
-    return out
-
-
-def cache_key(backbone_id: str, p: Preprocessing, samples: list[Sample]) -> str:
-    """Changes when the backbone weights, preprocessing or any image file changes."""
-    return _key(_prefix(backbone_id, p), _stamps(samples))
-
-
-def _prefix(backbone_id: str, p: Preprocessing) -> str:
-    return backbone_id + "\n" + json.dumps(p.to_dict(), sort_keys=True)
-
-
-def _key(prefix: str, stamps: list[str]) -> str:
-    h = hashlib.sha256(prefix.encode())
-    for line in stamps:
-        h.update(line.encode("utf-8", "surrogateescape"))
-    return h.hexdigest()[:32]
-
-
-# The clean (un-augmented) rows of the last extraction, by sample stamp: adapt extracts the whole
-# dataset to find unreadable images, then asks again for the train and val splits; those are
-# served from here instead of running the backbone twice. Only with use_cache (same contract as
-# the disk cache: one backbone_id, one set of weights).
-_recent: dict[str, dict[str, torch.Tensor | str]] = {}
-
-
-def _from_recent(prefix: str, samples: list[Sample], stamps: list[str]) -> Features | None:
-    rows = _recent.get(prefix)
-    if rows is None or not all(s in rows for s in stamps):
-        return None
-    good, vecs, bad = [], [], []
-    for sample, stamp in zip(samples, stamps, strict=True):
-        row = rows[stamp]
-        if isinstance(row, str):
-            bad.append((sample.path, row))
-        else:
-            good.append(sample)
-            vecs.append(row)
-    vectors = torch.stack(vecs) if vecs else torch.zeros(0, 0)
-    return Features(good, vectors, bad, "cache")
-
-
-def _remember(prefix: str, samples: list[Sample], stamps: list[str], f: Features) -> None:
-    reasons = {b: r for b, r in f.bad}
-    rows: dict[str, torch.Tensor | str] = {}
-    it = iter(f.vectors)
-    for sample, stamp in zip(samples, stamps, strict=True):
-        rows[stamp] = reasons[sample.path] if sample.path in reasons else next(it)
-    _recent.clear()
-    _recent[prefix] = rows
-
-
 def extract(
     backbone: nn.Module,
     samples: list[Sample],
@@ -163,7 +102,7 @@ def extract(
     """Feature vectors for `samples` through `backbone` in eval mode, from cache when possible.
 
     A cache entry is used only when it passes its content checks and CHECK_IMAGES of its rows,
-    recomputed with `backbone`, match (see :func:`_read_entry`); otherwise it is recomputed
+    recomputed with `backbone`, match (see :class:`FeatureCache`); otherwise it is recomputed
     with one EdgeTransferWarning. A cache folder that cannot be written is warned about once
     and the run goes on without it.
 
@@ -188,27 +127,16 @@ def extract(
         )
     # The pixel limit decides which images are bad: a cache entry is only good for its limit.
     limit = max_pixels or current_max_pixels()
-    prefix = _prefix(
-        f"{backbone_id}|{limit}|{augment}|{view}|{seed if augment != 'none' else 0}", p
-    )
-    stamps = _stamps(samples)
-    key = _key(prefix, stamps)
-    path = cache_dir() / "features" / f"{key}.safetensors"
     pipeline = _Pipeline(samples, Decoding(p, augment, view, seed, limit))
+    cache = FeatureCache(backbone, backbone_id, pipeline)
     backbone.eval()
-    if use_cache:
-        if augment == "none" and (hit := _from_recent(prefix, samples, stamps)) is not None:
-            return hit
-        weights = module_sha256(backbone)
-        if (hit := _cached(path, key, stamps, weights, backbone, pipeline)) is not None:
-            if augment == "none":
-                _remember(prefix, samples, stamps, hit)
-            return hit
+    if use_cache and (hit := cache.read()) is not None:
+        return hit
 
     def probe() -> torch.Tensor | None:
         # Images from anywhere in the dataset, not the first batch (often a single class);
         # seeded by the key, so the same run makes the same engine choice every time.
-        order = random.Random(key).sample(range(len(samples)), len(samples))
+        order = random.Random(cache.key).sample(range(len(samples)), len(samples))
         return pipeline.decode(order)[1]
 
     run = _runner(backbone, p, backend, backbone_id, len(samples), probe)
@@ -237,9 +165,7 @@ def extract(
         engine = {"engine": run.name}
         if run.session is not None:
             engine["onnx_sha256"] = run.onnx_sha256
-        _write_entry(path, key, stamps, weights, samples, out, engine)
-        if augment == "none":
-            _remember(prefix, samples, stamps, out)
+        cache.write(out, engine)
     return out
 
 
@@ -277,104 +203,195 @@ def _stamps_sha256(stamps: list[str]) -> str:
     return hashlib.sha256("".join(stamps).encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def _write_entry(path, key, stamps, weights, samples, f: Features, engine: dict) -> None:
-    """Save `f` with the metadata :func:`_read_entry` checks."""
-    from safetensors.torch import save
-
-    good_set = set(f.samples)
-    keep = torch.tensor([s in good_set for s in samples], dtype=torch.uint8)
-    bad_json = json.dumps([(str(b), r) for b, r in f.bad]).encode()
-    vectors = f.vectors.contiguous()
-    meta = {
-        "format": _FORMAT,
-        "key": key,
-        "stamps_sha256": _stamps_sha256(stamps),
-        "backbone_sha256": weights,
-        "shape": json.dumps(list(vectors.shape)),
-        "dtype": "float32",
-        "vectors_sha256": _vectors_sha256(vectors),
-        **engine,
-    }
-    blob = save(
-        {"vectors": vectors, "keep": keep, "bad": torch.tensor(list(bad_json), dtype=torch.uint8)},
-        metadata=meta,
-    )
-    _cache_write(path, blob)
+def _stamps(samples: list[Sample]) -> list[str]:
+    """One line per sample that changes when its file changes (path, size, mtime)."""
+    out = []
+    for s in samples:
+        try:
+            st = s.path.stat()
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        out.append(f"{s.path.absolute()}\t{stamp}\n")
+    return out
 
 
-def _cached(path, key, stamps, weights, backbone, pipeline) -> Features | None:
-    """The entry at `path` when it passes every check; None on a miss or (with one warning)
-    when it does not."""
-    try:
-        blob = path.read_bytes()
-    except OSError:  # no entry (or an unreadable cache folder): a miss
-        return None
-    try:
-        return _read_entry(blob, key, stamps, weights, backbone, pipeline)
-    except _Untrusted as e:
-        warnings.warn(
-            f"feature cache entry {path} not used ({e}); recomputing it",
-            EdgeTransferWarning,
-            stacklevel=3,
-        )
-        return None
+def _prefix(backbone_id: str, p: Preprocessing) -> str:
+    return backbone_id + "\n" + json.dumps(p.to_dict(), sort_keys=True)
 
 
-def _read_entry(blob: bytes, key, stamps, weights, backbone, pipeline) -> Features:
-    """The entry's features, or _Untrusted naming the first check that failed.
+def _key(prefix: str, stamps: list[str]) -> str:
+    h = hashlib.sha256(prefix.encode())
+    for line in stamps:
+        h.update(line.encode("utf-8", "surrogateescape"))
+    return h.hexdigest()[:32]
 
-    The metadata binds the entry to its key, samples and backbone weights, and the vectors to
-    their shape, dtype and sha256: that catches damage (truncation, a half-written or edited
-    file, an entry copied from elsewhere). It cannot catch a deliberate edit, since whoever can
-    rewrite the vectors can rewrite their hash in the same folder, and so can rewrite a
-    sidecar. What it cannot fake is the backbone: CHECK_IMAGES rows, chosen afresh at random
-    on every read, are recomputed with the eager backbone and must match. Zeroed, shuffled or
-    foreign vectors (such as ones a lying ONNX backbone produced) fail it for any row they
-    touch; a few tampered rows out of many can slip through one read, which is why verify
-    also checks the trained model's top-1 against the images themselves.
+
+# The clean (un-augmented) rows of the last extraction, by sample stamp: adapt extracts the whole
+# dataset to find unreadable images, then asks again for the train and val splits; those are
+# served from here instead of running the backbone twice. Only with use_cache (same contract as
+# the disk cache: one backbone_id, one set of weights).
+_recent: dict[str, dict[str, torch.Tensor | str]] = {}
+
+
+class FeatureCache:
+    """One extraction's entry in the feature cache: its key, and its features read back only
+    when they pass their checks, written atomically.
+
+    The key changes with the backbone id, the decoding (pixel limit, augmentation view and
+    seed, preprocessing) and any image file (path, size, mtime). The clean rows of the last
+    extraction are also kept in memory, so a subset of it is served without the disk.
     """
-    from safetensors.torch import load
 
-    samples = pipeline.samples
-    meta = _metadata(blob)
-    if meta.get("format") != _FORMAT:
-        raise _Untrusted("no content checks: written by an older version or another tool")
-    if meta.get("key") != key or meta.get("stamps_sha256") != _stamps_sha256(stamps):
-        raise _Untrusted("written for other images")
-    if meta.get("backbone_sha256") != weights:
-        raise _Untrusted("made by other backbone weights")
-    try:
-        tensors = load(blob)
-        keep, vectors, bad_bytes = tensors["keep"], tensors["vectors"], tensors["bad"]
-    except Exception as e:  # safetensors raises its own types for a damaged file
-        raise _Untrusted(f"unreadable: {first_line(e)}") from None
-    if keep.dtype != torch.uint8 or keep.shape != (len(samples),) or bool((keep > 1).any()):
-        raise _Untrusted(f"its sample mask is not {len(samples)} zeros and ones")
-    rows = int(keep.sum())
-    if vectors.dtype != torch.float32:
-        raise _Untrusted(f"vectors are {str(vectors.dtype).removeprefix('torch.')}, not float32")
-    if vectors.dim() != 2 or len(vectors) != rows or (rows and vectors.shape[1] == 0):
-        raise _Untrusted(f"vectors have shape {tuple(vectors.shape)} for {rows} images")
-    if meta.get("shape") != json.dumps(list(vectors.shape)) or meta.get("dtype") != "float32":
-        raise _Untrusted("vectors differ from the recorded shape")
-    if not bool(torch.isfinite(vectors).all()):
-        raise _Untrusted("vectors are not all finite")
-    if _vectors_sha256(vectors) != meta.get("vectors_sha256"):
-        raise _Untrusted("vectors differ from their recorded sha256")
-    kept = [i for i, k in enumerate(keep.tolist()) if k]
-    bad = _bad_list(bad_bytes, [samples[i].path for i, k in enumerate(keep.tolist()) if not k])
-    if kept:
-        chosen = random.SystemRandom().sample(range(rows), min(CHECK_IMAGES, rows))
-        indices, x, failed = pipeline.decode([kept[j] for j in chosen], stop=len(chosen))
-        if failed:
-            raise _Untrusted(f"{samples[failed[0]].path.name} no longer decodes")
-        # One thread: for a check batch this small, two waiting on each other for a busy
-        # machine's cores took 90 ms where one took 4 (simple_cnn, 8 images).
-        want = _eager(backbone, x, threads=1)
-        problem = _difference(vectors[chosen], want, "cached vectors")
-        if problem:
-            raise _Untrusted(f"{problem} on {len(chosen)} rows recomputed now")
-    return Features([samples[i] for i in kept], vectors, bad, "cache")
+    def __init__(self, backbone: nn.Module, backbone_id: str, pipeline: _Pipeline) -> None:
+        d = pipeline.decoding
+        self.backbone, self.pipeline = backbone, pipeline
+        seed = d.seed if d.augment != "none" else 0
+        self.prefix = _prefix(f"{backbone_id}|{d.limit}|{d.augment}|{d.view}|{seed}", d.p)
+        self.stamps = _stamps(pipeline.samples)
+        self.key = _key(self.prefix, self.stamps)
+        self.path = cache_dir() / "features" / f"{self.key}.safetensors"
+        self.in_memory = d.augment == "none"  # an augmented view is asked for once per run
+
+    @functools.cached_property
+    def weights(self) -> str:
+        """The backbone's sha256 (see module_sha256): an entry is bound to the weights that
+        made it. Computed once per extraction, and only when the disk is used."""
+        return module_sha256(self.backbone)
+
+    def read(self) -> Features | None:
+        """The cached features when they pass every check; None on a miss or (with one
+        EdgeTransferWarning) when they do not."""
+        if self.in_memory and (hit := self._recall()) is not None:
+            return hit
+        try:
+            blob = self.path.read_bytes()
+        except OSError:  # no entry (or an unreadable cache folder): a miss
+            return None
+        try:
+            hit = self._checked(blob)
+        except _Untrusted as e:
+            warnings.warn(
+                f"feature cache entry {self.path} not used ({e}); recomputing it",
+                EdgeTransferWarning,
+                stacklevel=3,  # extract's caller
+            )
+            return None
+        if self.in_memory:
+            self._remember(hit)
+        return hit
+
+    def write(self, f: Features, engine: dict[str, str]) -> None:
+        """Save `f` with the metadata :meth:`read` checks; `engine` records what computed it."""
+        from safetensors.torch import save
+
+        good_set = set(f.samples)
+        keep = torch.tensor([s in good_set for s in self.pipeline.samples], dtype=torch.uint8)
+        bad_json = json.dumps([(str(b), r) for b, r in f.bad]).encode()
+        vectors = f.vectors.contiguous()
+        meta = {
+            "format": _FORMAT,
+            "key": self.key,
+            "stamps_sha256": _stamps_sha256(self.stamps),
+            "backbone_sha256": self.weights,
+            "shape": json.dumps(list(vectors.shape)),
+            "dtype": "float32",
+            "vectors_sha256": _vectors_sha256(vectors),
+            **engine,
+        }
+        blob = save(
+            {
+                "vectors": vectors,
+                "keep": keep,
+                "bad": torch.tensor(list(bad_json), dtype=torch.uint8),
+            },
+            metadata=meta,
+        )
+        _cache_write(self.path, blob)
+        if self.in_memory:
+            self._remember(f)
+
+    def _checked(self, blob: bytes) -> Features:
+        """The entry's features, or _Untrusted naming the first check that failed.
+
+        The metadata binds the entry to its key, samples and backbone weights, and the vectors to
+        their shape, dtype and sha256: that catches damage (truncation, a half-written or edited
+        file, an entry copied from elsewhere). It cannot catch a deliberate edit, since whoever can
+        rewrite the vectors can rewrite their hash in the same folder, and so can rewrite a
+        sidecar. What it cannot fake is the backbone: CHECK_IMAGES rows, chosen afresh at random
+        on every read, are recomputed with the eager backbone and must match. Zeroed, shuffled or
+        foreign vectors (such as ones a lying ONNX backbone produced) fail it for any row they
+        touch; a few tampered rows out of many can slip through one read, which is why verify
+        also checks the trained model's top-1 against the images themselves.
+        """
+        from safetensors.torch import load
+
+        samples = self.pipeline.samples
+        meta = _metadata(blob)
+        if meta.get("format") != _FORMAT:
+            raise _Untrusted("no content checks: written by an older version or another tool")
+        if meta.get("key") != self.key or meta.get("stamps_sha256") != _stamps_sha256(self.stamps):
+            raise _Untrusted("written for other images")
+        if meta.get("backbone_sha256") != self.weights:
+            raise _Untrusted("made by other backbone weights")
+        try:
+            tensors = load(blob)
+            keep, vectors, bad_bytes = tensors["keep"], tensors["vectors"], tensors["bad"]
+        except Exception as e:  # safetensors raises its own types for a damaged file
+            raise _Untrusted(f"unreadable: {first_line(e)}") from None
+        if keep.dtype != torch.uint8 or keep.shape != (len(samples),) or bool((keep > 1).any()):
+            raise _Untrusted(f"its sample mask is not {len(samples)} zeros and ones")
+        rows = int(keep.sum())
+        if vectors.dtype != torch.float32:
+            raise _Untrusted(
+                f"vectors are {str(vectors.dtype).removeprefix('torch.')}, not float32"
+            )
+        if vectors.dim() != 2 or len(vectors) != rows or (rows and vectors.shape[1] == 0):
+            raise _Untrusted(f"vectors have shape {tuple(vectors.shape)} for {rows} images")
+        if meta.get("shape") != json.dumps(list(vectors.shape)) or meta.get("dtype") != "float32":
+            raise _Untrusted("vectors differ from the recorded shape")
+        if not bool(torch.isfinite(vectors).all()):
+            raise _Untrusted("vectors are not all finite")
+        if _vectors_sha256(vectors) != meta.get("vectors_sha256"):
+            raise _Untrusted("vectors differ from their recorded sha256")
+        kept = [i for i, k in enumerate(keep.tolist()) if k]
+        bad = _bad_list(bad_bytes, [samples[i].path for i, k in enumerate(keep.tolist()) if not k])
+        if kept:
+            chosen = random.SystemRandom().sample(range(rows), min(CHECK_IMAGES, rows))
+            indices, x, failed = self.pipeline.decode([kept[j] for j in chosen], stop=len(chosen))
+            if failed:
+                raise _Untrusted(f"{samples[failed[0]].path.name} no longer decodes")
+            # One thread: for a check batch this small, two waiting on each other for a busy
+            # machine's cores took 90 ms where one took 4 (simple_cnn, 8 images).
+            want = _eager(self.backbone, x, threads=1)
+            problem = _difference(vectors[chosen], want, "cached vectors")
+            if problem:
+                raise _Untrusted(f"{problem} on {len(chosen)} rows recomputed now")
+        return Features([samples[i] for i in kept], vectors, bad, "cache")
+
+    def _recall(self) -> Features | None:
+        rows = _recent.get(self.prefix)
+        if rows is None or not all(s in rows for s in self.stamps):
+            return None
+        good, vecs, bad = [], [], []
+        for sample, stamp in zip(self.pipeline.samples, self.stamps, strict=True):
+            row = rows[stamp]
+            if isinstance(row, str):
+                bad.append((sample.path, row))
+            else:
+                good.append(sample)
+                vecs.append(row)
+        vectors = torch.stack(vecs) if vecs else torch.zeros(0, 0)
+        return Features(good, vectors, bad, "cache")
+
+    def _remember(self, f: Features) -> None:
+        reasons = {b: r for b, r in f.bad}
+        rows: dict[str, torch.Tensor | str] = {}
+        it = iter(f.vectors)
+        for sample, stamp in zip(self.pipeline.samples, self.stamps, strict=True):
+            rows[stamp] = reasons[sample.path] if sample.path in reasons else next(it)
+        _recent.clear()
+        _recent[self.prefix] = rows
 
 
 def _metadata(blob: bytes) -> dict:
