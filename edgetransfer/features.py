@@ -132,20 +132,62 @@ def extract(
     backbone.eval()
     if use_cache and (hit := cache.read()) is not None:
         return hit
+    options = ComputeOptions(backend, batch_size, workers, progress)
+    out, engine = _compute(
+        backbone, pipeline, backbone_id=backbone_id, options=options, probe_seed=cache.key
+    )
+    if use_cache:
+        cache.write(out, engine)
+    return out
+
+
+@dataclass(frozen=True)
+class ComputeOptions:
+    """How the backbone runs over the images. None of it changes the vectors beyond the
+    backends' agreement with eager PyTorch (see extract for each)."""
+
+    backend: str = "torch"
+    batch_size: int = 32
+    workers: int | None = None
+    progress: bool = False
+
+
+def _compute(
+    backbone: nn.Module,
+    pipeline: _Pipeline,
+    *,
+    backbone_id: str,
+    options: ComputeOptions,
+    probe_seed: str,
+) -> tuple[Features, dict[str, str]]:
+    """(features of the pipeline's samples, what computed them for the cache entry's record).
+
+    Images decode on threads while the backbone runs on the batch before.
+    """
+    samples = pipeline.samples
 
     def probe() -> torch.Tensor | None:
         # Images from anywhere in the dataset, not the first batch (often a single class);
-        # seeded by the key, so the same run makes the same engine choice every time.
-        order = random.Random(cache.key).sample(range(len(samples)), len(samples))
+        # seeded (by the cache key), so the same run makes the same engine choice every time.
+        order = random.Random(probe_seed).sample(range(len(samples)), len(samples))
         return pipeline.decode(order)[1]
 
-    run = _runner(backbone, p, backend, backbone_id, len(samples), probe)
+    run = _runner(
+        backbone,
+        pipeline.decoding.p,
+        options.backend,
+        backbone_id=backbone_id,
+        n=len(samples),
+        probe=probe,
+    )
     good, bad = [], []
     # One [N, D] buffer filled in place. Keeping each batch's output instead pinned ~15 MiB per
     # batch of 32 (onnxruntime's output arrays, and heap fragmentation around them): peak RSS
     # then grew with the dataset (1.9 GiB at 2,000 images against 1.1 GiB this way).
     vectors = None
-    batches = _decoded(pipeline, batch_size=batch_size, workers=workers, progress=progress)
+    batches = _decoded(
+        pipeline, batch_size=options.batch_size, workers=options.workers, progress=options.progress
+    )
     # closing(): on an error the decoding threads stop before the warning filters come back.
     with pillow_warnings_off(), contextlib.closing(batches):
         for indices, x, unreadable in batches:
@@ -160,13 +202,10 @@ def extract(
         vectors = torch.zeros(0, 0)
     elif len(good) < len(vectors):
         vectors = vectors[: len(good)].clone()
-    out = Features(good, vectors, bad, run.name)
-    if use_cache:
-        engine = {"engine": run.name}
-        if run.session is not None:
-            engine["onnx_sha256"] = run.onnx_sha256
-        cache.write(out, engine)
-    return out
+    engine = {"engine": run.name}
+    if run.session is not None:
+        engine["onnx_sha256"] = run.onnx_sha256
+    return Features(good, vectors, bad, run.name), engine
 
 
 # ---------------------------------------------------------------------------------------------
@@ -706,7 +745,7 @@ class _Runner:
                     f"the cached ONNX backbone {self.path} answered differently from eager "
                     f"PyTorch ({problem}); replaced it with a fresh export",
                     EdgeTransferWarning,
-                    stacklevel=4,
+                    stacklevel=5,
                 )
                 return
             problem = again
@@ -719,7 +758,7 @@ class _Runner:
         if self.strict:
             raise EdgeTransferError(f"backend onnxruntime: {problem}")
         warnings.warn(
-            f"feature extraction runs on PyTorch: {problem}", EdgeTransferWarning, stacklevel=4
+            f"feature extraction runs on PyTorch: {problem}", EdgeTransferWarning, stacklevel=5
         )
         self.session, self.name = None, "torch"
 
@@ -760,11 +799,8 @@ def _runner(
     if backend == "auto" and n < AUTO_MIN_IMAGES and not _is_file(path):
         return _Runner(backbone)
     try:
-        if _is_file(failed):
-            with contextlib.suppress(OSError):
-                lines = failed.read_text(errors="replace").strip().splitlines()
-                reason = (lines or ["the ONNX export failed"])[0][:300]
-                raise EdgeTransferError(f"{reason} (remembered from an earlier run)")
+        if (reason := _remembered_failure(failed)) is not None:
+            raise EdgeTransferError(f"{reason} (remembered from an earlier run)")
         session, cached, sha = _onnx_session(backbone, p, path, failed)
     except EdgeTransferError as e:
         runner = _Runner(backbone, strict=strict)
@@ -776,6 +812,12 @@ def _runner(
     if probe is not None:
         runner.check(probe())
     return runner
+
+
+# ---------------------------------------------------------------------------------------------
+# The exported backbone's cache: one ONNX file per backbone (id, structure, weights, input
+# size), reopened only when its sha256 is the one recorded at export; a backbone that does not
+# export is remembered (`.failed`) so later runs do not try again
 
 
 def onnx_backbone_path(backbone: nn.Module, p: Preprocessing, backbone_id: str) -> Path:
@@ -793,6 +835,18 @@ def _is_file(path: Path) -> bool:
         return path.is_file()
     except OSError:  # e.g. a cache folder we may not enter
         return False
+
+
+def _remembered_failure(failed: Path) -> str | None:
+    """Why an earlier run could not export or trust the backbone (first line of `failed`), or
+    None when nothing is remembered (or the record cannot be read: then it is tried again)."""
+    if not _is_file(failed):
+        return None
+    try:
+        lines = failed.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return None
+    return (lines or ["the ONNX export failed"])[0][:300]
 
 
 def _forget(path: Path) -> None:
@@ -826,7 +880,7 @@ def _onnx_session(backbone: nn.Module, p: Preprocessing, path: Path, failed: Pat
                 f"the cached ONNX backbone {path} changed after it was exported (its sha256 is "
                 "not the recorded one); exporting it again",
                 EdgeTransferWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
         _forget(path)
     try:
