@@ -9,6 +9,7 @@ preprocessing only needs a smaller image.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -77,66 +78,20 @@ class Features:
     backend: str = field(default="torch", compare=False)
 
 
-def _stamps(samples: list[Sample]) -> list[str]:
-    """One line per sample that changes when its file changes (path, size, mtime)."""
-    out = []
-    for s in samples:
-        try:
-            st = s.path.stat()
-            stamp = f"{st.st_size}:{st.st_mtime_ns}"
-        except OSError:
-            stamp = "missing"
-        out.append(f"{s.path.absolute()}\t{stamp}\n")
-    return out
+@dataclass(frozen=True)
+class Decoding:
+    """How each image becomes the backbone's input; all of it is part of the feature cache key."""
 
+    p: Preprocessing
+    augment: str = "none"  # augmentation preset ("none": the eval pipeline)
+    view: int = 0  # which augmented copy: with `seed`, it seeds each image's augmentation
+    seed: int = 0
+    limit: int | None = None  # decoding limit in pixels (None: data.current_max_pixels())
 
-def cache_key(backbone_id: str, p: Preprocessing, samples: list[Sample]) -> str:
-    """Changes when the backbone weights, preprocessing or any image file changes."""
-    return _key(_prefix(backbone_id, p), _stamps(samples))
-
-
-def _prefix(backbone_id: str, p: Preprocessing) -> str:
-    return backbone_id + "\n" + json.dumps(p.to_dict(), sort_keys=True)
-
-
-def _key(prefix: str, stamps: list[str]) -> str:
-    h = hashlib.sha256(prefix.encode())
-    for line in stamps:
-        h.update(line.encode("utf-8", "surrogateescape"))
-    return h.hexdigest()[:32]
-
-
-# The clean (un-augmented) rows of the last extraction, by sample stamp: adapt extracts the whole
-# dataset to find unreadable images, then asks again for the train and val splits; those are
-# served from here instead of running the backbone twice. Only with use_cache (same contract as
-# the disk cache: one backbone_id, one set of weights).
-_recent: dict[str, dict[str, torch.Tensor | str]] = {}
-
-
-def _from_recent(prefix: str, samples: list[Sample], stamps: list[str]) -> Features | None:
-    rows = _recent.get(prefix)
-    if rows is None or not all(s in rows for s in stamps):
-        return None
-    good, vecs, bad = [], [], []
-    for sample, stamp in zip(samples, stamps, strict=True):
-        row = rows[stamp]
-        if isinstance(row, str):
-            bad.append((sample.path, row))
-        else:
-            good.append(sample)
-            vecs.append(row)
-    vectors = torch.stack(vecs) if vecs else torch.zeros(0, 0)
-    return Features(good, vectors, bad, "cache")
-
-
-def _remember(prefix: str, samples: list[Sample], stamps: list[str], f: Features) -> None:
-    reasons = {b: r for b, r in f.bad}
-    rows: dict[str, torch.Tensor | str] = {}
-    it = iter(f.vectors)
-    for sample, stamp in zip(samples, stamps, strict=True):
-        rows[stamp] = reasons[sample.path] if sample.path in reasons else next(it)
-    _recent.clear()
-    _recent[prefix] = rows
+    @property
+    def draft(self) -> tuple[int, int] | None:
+        """Only as large as the first resize needs: the shorter side at least `resize`."""
+        return (self.p.resize, self.p.resize) if self.augment in _DRAFT_SAFE else None
 
 
 def extract(
@@ -158,7 +113,7 @@ def extract(
     """Feature vectors for `samples` through `backbone` in eval mode, from cache when possible.
 
     A cache entry is used only when it passes its content checks and CHECK_IMAGES of its rows,
-    recomputed with `backbone`, match (see :func:`_read_entry`); otherwise it is recomputed
+    recomputed with `backbone`, match (see :class:`FeatureCache`); otherwise it is recomputed
     with one EdgeTransferWarning. A cache folder that cannot be written is warned about once
     and the run goes on without it.
 
@@ -181,36 +136,67 @@ def extract(
         )
     # The pixel limit decides which images are bad: a cache entry is only good for its limit.
     limit = max_pixels or current_max_pixels()
-    prefix = _prefix(
-        f"{backbone_id}|{limit}|{augment}|{view}|{seed if augment != 'none' else 0}", p
-    )
-    stamps = _stamps(samples)
-    key = _key(prefix, stamps)
-    path = cache_dir() / "features" / f"{key}.safetensors"
-    pipeline = _Pipeline(samples, p, augment, view, seed, limit)
+    pipeline = _Pipeline(samples, Decoding(p, augment, view, seed, limit))
+    cache = FeatureCache(backbone, backbone_id, pipeline)
     backbone.eval()
+    if use_cache and (hit := cache.read()) is not None:
+        return hit
+    options = ComputeOptions(backend, batch_size, workers, progress)
+    out, engine = _compute(
+        backbone, pipeline, backbone_id=backbone_id, options=options, probe_seed=cache.key
+    )
     if use_cache:
-        if augment == "none" and (hit := _from_recent(prefix, samples, stamps)) is not None:
-            return hit
-        weights = module_sha256(backbone)
-        if (hit := _cached(path, key, stamps, weights, backbone, pipeline)) is not None:
-            if augment == "none":
-                _remember(prefix, samples, stamps, hit)
-            return hit
+        cache.write(out, engine)
+    return out
+
+
+@dataclass(frozen=True)
+class ComputeOptions:
+    """How the backbone runs over the images. None of it changes the vectors beyond the
+    backends' agreement with eager PyTorch (see extract for each)."""
+
+    backend: str = "torch"
+    batch_size: int = 32
+    workers: int | None = None
+    progress: bool = False
+
+
+def _compute(
+    backbone: nn.Module,
+    pipeline: _Pipeline,
+    *,
+    backbone_id: str,
+    options: ComputeOptions,
+    probe_seed: str,
+) -> tuple[Features, dict[str, str]]:
+    """(features of the pipeline's samples, what computed them for the cache entry's record).
+
+    Images decode on threads while the backbone runs on the batch before.
+    """
+    samples = pipeline.samples
 
     def probe() -> torch.Tensor | None:
         # Images from anywhere in the dataset, not the first batch (often a single class);
-        # seeded by the key, so the same run makes the same engine choice every time.
-        order = random.Random(key).sample(range(len(samples)), len(samples))
+        # seeded (by the cache key), so the same run makes the same engine choice every time.
+        order = random.Random(probe_seed).sample(range(len(samples)), len(samples))
         return pipeline.decode(order)[1]
 
-    run = _runner(backbone, p, backend, backbone_id, len(samples), probe)
+    run = _runner(
+        backbone,
+        pipeline.decoding.p,
+        options.backend,
+        backbone_id=backbone_id,
+        n=len(samples),
+        probe=probe,
+    )
     good, bad = [], []
     # One [N, D] buffer filled in place. Keeping each batch's output instead pinned ~15 MiB per
     # batch of 32 (onnxruntime's output arrays, and heap fragmentation around them): peak RSS
     # then grew with the dataset (1.9 GiB at 2,000 images against 1.1 GiB this way).
     vectors = None
-    batches = _decoded(samples, p, augment, view, seed, limit, batch_size, workers, progress)
+    batches = _decoded(
+        pipeline, batch_size=options.batch_size, workers=options.workers, progress=options.progress
+    )
     # closing(): on an error the decoding threads stop before the warning filters come back.
     with pillow_warnings_off(), contextlib.closing(batches):
         for indices, x, unreadable in batches:
@@ -225,15 +211,10 @@ def extract(
         vectors = torch.zeros(0, 0)
     elif len(good) < len(vectors):
         vectors = vectors[: len(good)].clone()
-    out = Features(good, vectors, bad, run.name)
-    if use_cache:
-        engine = {"engine": run.name}
-        if run.session is not None:
-            engine["onnx_sha256"] = run.onnx_sha256
-        _write_entry(path, key, stamps, weights, samples, out, engine)
-        if augment == "none":
-            _remember(prefix, samples, stamps, out)
-    return out
+    engine = {"engine": run.name}
+    if run.session is not None:
+        engine["onnx_sha256"] = run.onnx_sha256
+    return Features(good, vectors, bad, run.name), engine
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,104 +251,195 @@ def _stamps_sha256(stamps: list[str]) -> str:
     return hashlib.sha256("".join(stamps).encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def _write_entry(path, key, stamps, weights, samples, f: Features, engine: dict) -> None:
-    """Save `f` with the metadata :func:`_read_entry` checks."""
-    from safetensors.torch import save
-
-    good_set = set(f.samples)
-    keep = torch.tensor([s in good_set for s in samples], dtype=torch.uint8)
-    bad_json = json.dumps([(str(b), r) for b, r in f.bad]).encode()
-    vectors = f.vectors.contiguous()
-    meta = {
-        "format": _FORMAT,
-        "key": key,
-        "stamps_sha256": _stamps_sha256(stamps),
-        "backbone_sha256": weights,
-        "shape": json.dumps(list(vectors.shape)),
-        "dtype": "float32",
-        "vectors_sha256": _vectors_sha256(vectors),
-        **engine,
-    }
-    blob = save(
-        {"vectors": vectors, "keep": keep, "bad": torch.tensor(list(bad_json), dtype=torch.uint8)},
-        metadata=meta,
-    )
-    _cache_write(path, blob)
+def _stamps(samples: list[Sample]) -> list[str]:
+    """One line per sample that changes when its file changes (path, size, mtime)."""
+    out = []
+    for s in samples:
+        try:
+            st = s.path.stat()
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        out.append(f"{s.path.absolute()}\t{stamp}\n")
+    return out
 
 
-def _cached(path, key, stamps, weights, backbone, pipeline) -> Features | None:
-    """The entry at `path` when it passes every check; None on a miss or (with one warning)
-    when it does not."""
-    try:
-        blob = path.read_bytes()
-    except OSError:  # no entry (or an unreadable cache folder): a miss
-        return None
-    try:
-        return _read_entry(blob, key, stamps, weights, backbone, pipeline)
-    except _Untrusted as e:
-        warnings.warn(
-            f"feature cache entry {path} not used ({e}); recomputing it",
-            EdgeTransferWarning,
-            stacklevel=3,
-        )
-        return None
+def _prefix(backbone_id: str, p: Preprocessing) -> str:
+    return backbone_id + "\n" + json.dumps(p.to_dict(), sort_keys=True)
 
 
-def _read_entry(blob: bytes, key, stamps, weights, backbone, pipeline) -> Features:
-    """The entry's features, or _Untrusted naming the first check that failed.
+def _key(prefix: str, stamps: list[str]) -> str:
+    h = hashlib.sha256(prefix.encode())
+    for line in stamps:
+        h.update(line.encode("utf-8", "surrogateescape"))
+    return h.hexdigest()[:32]
 
-    The metadata binds the entry to its key, samples and backbone weights, and the vectors to
-    their shape, dtype and sha256: that catches damage (truncation, a half-written or edited
-    file, an entry copied from elsewhere). It cannot catch a deliberate edit, since whoever can
-    rewrite the vectors can rewrite their hash in the same folder, and so can rewrite a
-    sidecar. What it cannot fake is the backbone: CHECK_IMAGES rows, chosen afresh at random
-    on every read, are recomputed with the eager backbone and must match. Zeroed, shuffled or
-    foreign vectors (such as ones a lying ONNX backbone produced) fail it for any row they
-    touch; a few tampered rows out of many can slip through one read, which is why verify
-    also checks the trained model's top-1 against the images themselves.
+
+# The clean (un-augmented) rows of the last extraction, by sample stamp: adapt extracts the whole
+# dataset to find unreadable images, then asks again for the train and val splits; those are
+# served from here instead of running the backbone twice. Only with use_cache (same contract as
+# the disk cache: one backbone_id, one set of weights).
+_recent: dict[str, dict[str, torch.Tensor | str]] = {}
+
+
+class FeatureCache:
+    """One extraction's entry in the feature cache: its key, and its features read back only
+    when they pass their checks, written atomically.
+
+    The key changes with the backbone id, the decoding (pixel limit, augmentation view and
+    seed, preprocessing) and any image file (path, size, mtime). The clean rows of the last
+    extraction are also kept in memory, so a subset of it is served without the disk.
     """
-    from safetensors.torch import load
 
-    samples = pipeline.samples
-    meta = _metadata(blob)
-    if meta.get("format") != _FORMAT:
-        raise _Untrusted("no content checks: written by an older version or another tool")
-    if meta.get("key") != key or meta.get("stamps_sha256") != _stamps_sha256(stamps):
-        raise _Untrusted("written for other images")
-    if meta.get("backbone_sha256") != weights:
-        raise _Untrusted("made by other backbone weights")
-    try:
-        tensors = load(blob)
-        keep, vectors, bad_bytes = tensors["keep"], tensors["vectors"], tensors["bad"]
-    except Exception as e:  # safetensors raises its own types for a damaged file
-        raise _Untrusted(f"unreadable: {first_line(e)}") from None
-    if keep.dtype != torch.uint8 or keep.shape != (len(samples),) or bool((keep > 1).any()):
-        raise _Untrusted(f"its sample mask is not {len(samples)} zeros and ones")
-    rows = int(keep.sum())
-    if vectors.dtype != torch.float32:
-        raise _Untrusted(f"vectors are {str(vectors.dtype).removeprefix('torch.')}, not float32")
-    if vectors.dim() != 2 or len(vectors) != rows or (rows and vectors.shape[1] == 0):
-        raise _Untrusted(f"vectors have shape {tuple(vectors.shape)} for {rows} images")
-    if meta.get("shape") != json.dumps(list(vectors.shape)) or meta.get("dtype") != "float32":
-        raise _Untrusted("vectors differ from the recorded shape")
-    if not bool(torch.isfinite(vectors).all()):
-        raise _Untrusted("vectors are not all finite")
-    if _vectors_sha256(vectors) != meta.get("vectors_sha256"):
-        raise _Untrusted("vectors differ from their recorded sha256")
-    kept = [i for i, k in enumerate(keep.tolist()) if k]
-    bad = _bad_list(bad_bytes, [samples[i].path for i, k in enumerate(keep.tolist()) if not k])
-    if kept:
-        chosen = random.SystemRandom().sample(range(rows), min(CHECK_IMAGES, rows))
-        indices, x, failed = pipeline.decode([kept[j] for j in chosen], stop=len(chosen))
-        if failed:
-            raise _Untrusted(f"{samples[failed[0]].path.name} no longer decodes")
-        # One thread: for a check batch this small, two waiting on each other for a busy
-        # machine's cores took 90 ms where one took 4 (simple_cnn, 8 images).
-        want = _eager(backbone, x, threads=1)
-        problem = _difference(vectors[chosen], want, "cached vectors")
-        if problem:
-            raise _Untrusted(f"{problem} on {len(chosen)} rows recomputed now")
-    return Features([samples[i] for i in kept], vectors, bad, "cache")
+    def __init__(self, backbone: nn.Module, backbone_id: str, pipeline: _Pipeline) -> None:
+        d = pipeline.decoding
+        self.backbone, self.pipeline = backbone, pipeline
+        seed = d.seed if d.augment != "none" else 0
+        self.prefix = _prefix(f"{backbone_id}|{d.limit}|{d.augment}|{d.view}|{seed}", d.p)
+        self.stamps = _stamps(pipeline.samples)
+        self.key = _key(self.prefix, self.stamps)
+        self.path = cache_dir() / "features" / f"{self.key}.safetensors"
+        self.in_memory = d.augment == "none"  # an augmented view is asked for once per run
+
+    @functools.cached_property
+    def weights(self) -> str:
+        """The backbone's sha256 (see module_sha256): an entry is bound to the weights that
+        made it. Computed once per extraction, and only when the disk is used."""
+        return module_sha256(self.backbone)
+
+    def read(self) -> Features | None:
+        """The cached features when they pass every check; None on a miss or (with one
+        EdgeTransferWarning) when they do not."""
+        if self.in_memory and (hit := self._recall()) is not None:
+            return hit
+        try:
+            blob = self.path.read_bytes()
+        except OSError:  # no entry (or an unreadable cache folder): a miss
+            return None
+        try:
+            hit = self._checked(blob)
+        except _Untrusted as e:
+            warnings.warn(
+                f"feature cache entry {self.path} not used ({e}); recomputing it",
+                EdgeTransferWarning,
+                stacklevel=3,  # extract's caller
+            )
+            return None
+        if self.in_memory:
+            self._remember(hit)
+        return hit
+
+    def write(self, f: Features, engine: dict[str, str]) -> None:
+        """Save `f` with the metadata :meth:`read` checks; `engine` records what computed it."""
+        from safetensors.torch import save
+
+        good_set = set(f.samples)
+        keep = torch.tensor([s in good_set for s in self.pipeline.samples], dtype=torch.uint8)
+        bad_json = json.dumps([(str(b), r) for b, r in f.bad]).encode()
+        vectors = f.vectors.contiguous()
+        meta = {
+            "format": _FORMAT,
+            "key": self.key,
+            "stamps_sha256": _stamps_sha256(self.stamps),
+            "backbone_sha256": self.weights,
+            "shape": json.dumps(list(vectors.shape)),
+            "dtype": "float32",
+            "vectors_sha256": _vectors_sha256(vectors),
+            **engine,
+        }
+        blob = save(
+            {
+                "vectors": vectors,
+                "keep": keep,
+                "bad": torch.tensor(list(bad_json), dtype=torch.uint8),
+            },
+            metadata=meta,
+        )
+        _cache_write(self.path, blob)
+        if self.in_memory:
+            self._remember(f)
+
+    def _checked(self, blob: bytes) -> Features:
+        """The entry's features, or _Untrusted naming the first check that failed.
+
+        The metadata binds the entry to its key, samples and backbone weights, and the vectors to
+        their shape, dtype and sha256: that catches damage (truncation, a half-written or edited
+        file, an entry copied from elsewhere). It cannot catch a deliberate edit, since whoever can
+        rewrite the vectors can rewrite their hash in the same folder, and so can rewrite a
+        sidecar. What it cannot fake is the backbone: CHECK_IMAGES rows, chosen afresh at random
+        on every read, are recomputed with the eager backbone and must match. Zeroed, shuffled or
+        foreign vectors (such as ones a lying ONNX backbone produced) fail it for any row they
+        touch; a few tampered rows out of many can slip through one read, which is why verify
+        also checks the trained model's top-1 against the images themselves.
+        """
+        from safetensors.torch import load
+
+        samples = self.pipeline.samples
+        meta = _metadata(blob)
+        if meta.get("format") != _FORMAT:
+            raise _Untrusted("no content checks: written by an older version or another tool")
+        if meta.get("key") != self.key or meta.get("stamps_sha256") != _stamps_sha256(self.stamps):
+            raise _Untrusted("written for other images")
+        if meta.get("backbone_sha256") != self.weights:
+            raise _Untrusted("made by other backbone weights")
+        try:
+            tensors = load(blob)
+            keep, vectors, bad_bytes = tensors["keep"], tensors["vectors"], tensors["bad"]
+        except Exception as e:  # safetensors raises its own types for a damaged file
+            raise _Untrusted(f"unreadable: {first_line(e)}") from None
+        if keep.dtype != torch.uint8 or keep.shape != (len(samples),) or bool((keep > 1).any()):
+            raise _Untrusted(f"its sample mask is not {len(samples)} zeros and ones")
+        rows = int(keep.sum())
+        if vectors.dtype != torch.float32:
+            raise _Untrusted(
+                f"vectors are {str(vectors.dtype).removeprefix('torch.')}, not float32"
+            )
+        if vectors.dim() != 2 or len(vectors) != rows or (rows and vectors.shape[1] == 0):
+            raise _Untrusted(f"vectors have shape {tuple(vectors.shape)} for {rows} images")
+        if meta.get("shape") != json.dumps(list(vectors.shape)) or meta.get("dtype") != "float32":
+            raise _Untrusted("vectors differ from the recorded shape")
+        if not bool(torch.isfinite(vectors).all()):
+            raise _Untrusted("vectors are not all finite")
+        if _vectors_sha256(vectors) != meta.get("vectors_sha256"):
+            raise _Untrusted("vectors differ from their recorded sha256")
+        kept = [i for i, k in enumerate(keep.tolist()) if k]
+        bad = _bad_list(bad_bytes, [samples[i].path for i, k in enumerate(keep.tolist()) if not k])
+        if kept:
+            chosen = random.SystemRandom().sample(range(rows), min(CHECK_IMAGES, rows))
+            indices, x, failed = self.pipeline.decode([kept[j] for j in chosen], stop=len(chosen))
+            if failed:
+                raise _Untrusted(f"{samples[failed[0]].path.name} no longer decodes")
+            # One thread: for a check batch this small, two waiting on each other for a busy
+            # machine's cores took 90 ms where one took 4 (simple_cnn, 8 images).
+            want = _eager(self.backbone, x, threads=1)
+            problem = _difference(vectors[chosen], want, "cached vectors")
+            if problem:
+                raise _Untrusted(f"{problem} on {len(chosen)} rows recomputed now")
+        return Features([samples[i] for i in kept], vectors, bad, "cache")
+
+    def _recall(self) -> Features | None:
+        rows = _recent.get(self.prefix)
+        if rows is None or not all(s in rows for s in self.stamps):
+            return None
+        good, vecs, bad = [], [], []
+        for sample, stamp in zip(self.pipeline.samples, self.stamps, strict=True):
+            row = rows[stamp]
+            if isinstance(row, str):
+                bad.append((sample.path, row))
+            else:
+                good.append(sample)
+                vecs.append(row)
+        vectors = torch.stack(vecs) if vecs else torch.zeros(0, 0)
+        return Features(good, vectors, bad, "cache")
+
+    def _remember(self, f: Features) -> None:
+        reasons = {b: r for b, r in f.bad}
+        rows: dict[str, torch.Tensor | str] = {}
+        it = iter(f.vectors)
+        for sample, stamp in zip(self.pipeline.samples, self.stamps, strict=True):
+            rows[stamp] = reasons[sample.path] if sample.path in reasons else next(it)
+        _recent.clear()
+        _recent[self.prefix] = rows
 
 
 def _metadata(blob: bytes) -> dict:
@@ -430,9 +502,9 @@ class _Decode:
     """Decodes sample i. Pillow's warnings are silenced by the caller around the whole pass
     (data.pillow_warnings_off): threads cannot each change the process-wide filters."""
 
-    def __init__(self, samples, transform, augment, max_pixels, draft) -> None:
-        self.samples, self.transform, self.augment = samples, transform, augment
-        self.max_pixels, self.draft = max_pixels, draft
+    def __init__(self, samples: list[Sample], transform, d: Decoding) -> None:
+        self.samples, self.transform, self.augment = samples, transform, d.augment
+        self.max_pixels, self.draft = d.limit, d.draft
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -462,7 +534,7 @@ def decode_workers(samples: list[Sample], workers: int | None) -> int:
     return min(AUTO_MAX_WORKERS, os.cpu_count() or 1)
 
 
-def _split_transform(p: Preprocessing, augment: str, seed: int, view: int):
+def _split_transform(d: Decoding):
     """(per image, per batch) parts of the pipeline.
 
     For the eval pipeline, decoding threads only resize and crop (Pillow, which releases the
@@ -473,9 +545,9 @@ def _split_transform(p: Preprocessing, augment: str, seed: int, view: int):
     """
     from torchvision.transforms import v2
 
-    if augment != "none":
-        return _seeded(train_transform(p, augment), seed, view), None
-    steps = eval_transform(p).transforms
+    if d.augment != "none":
+        return _seeded(train_transform(d.p, d.augment), d.seed, d.view), None
+    steps = eval_transform(d.p).transforms
     k = next(i for i, t in enumerate(steps) if isinstance(t, v2.ToImage))
     pil_steps, tensor_steps = v2.Compose(steps[:k]), v2.Compose(steps[k + 1 :])
 
@@ -492,14 +564,52 @@ def _split_transform(p: Preprocessing, augment: str, seed: int, view: int):
     return per_image, per_batch
 
 
-def _decoded(samples, p, augment, view, seed, limit, batch_size, workers, progress):
-    """Batches in sample order: (indices of the decoded samples, their [B, C, H, W] inputs or
-    None, [(index, reason)] of the unreadable ones)."""
+@dataclass
+class _Pipeline:
+    """The samples and how they decode: extraction's batches (:func:`_decoded`) and the few
+    images of the checks against eager PyTorch (:meth:`decode`) come out of the same transform,
+    draft decoding and per-image augmentation seeds."""
+
+    samples: list[Sample]
+    decoding: Decoding
+
+    def decode(
+        self, order: list[int], stop: int = CHECK_IMAGES
+    ) -> tuple[list[int], torch.Tensor | None, list[int]]:
+        """(decoded indices, their batch or None, indices that failed), in `order` until
+        `stop` images decoded."""
+        per_image, per_batch = _split_transform(self.decoding)
+        data = _Decode(self.samples, per_image, self.decoding)
+        good, xs, failed = [], [], []
+        with pillow_warnings_off():
+            for i in order:
+                _, x, _ = data[i]
+                if x is None:
+                    failed.append(i)
+                    continue
+                good.append(i)
+                xs.append(x)
+                if len(xs) == stop:
+                    break
+        if not xs:
+            return good, None, failed
+        return good, per_batch(xs) if per_batch else torch.stack(xs), failed
+
+
+def _decoded(pipeline: _Pipeline, *, batch_size: int, workers: int | None, progress: bool):
+    """The pipeline's samples in batches, in sample order: (indices of the decoded samples, their
+    [B, C, H, W] inputs or None, [(index, reason)] of the unreadable ones).
+
+    Args:
+        workers: decoding threads (see :func:`decode_workers`).
+        progress: show a progress bar on stderr.
+    """
     from tqdm import tqdm
 
-    per_image, per_batch = _split_transform(p, augment, seed, view)
+    samples = pipeline.samples
+    per_image, per_batch = _split_transform(pipeline.decoding)
     n = decode_workers(samples, workers)
-    data = _Decode(samples, per_image, augment, limit, _draft(p, augment))
+    data = _Decode(samples, per_image, pipeline.decoding)
     # Two batches in flight: the next one decodes while the backbone runs on this one.
     items = _threaded(data, n, 2 * batch_size) if n else map(data.__getitem__, range(len(data)))
     bar = tqdm(total=len(samples), desc="features", unit="img", disable=not progress, leave=False)
@@ -521,48 +631,6 @@ def _decoded(samples, p, augment, view, seed, limit, batch_size, workers, progre
                 pending = []
         if pending:
             yield batch(pending)
-
-
-def _draft(p: Preprocessing, augment: str) -> tuple[int, int] | None:
-    """Only as large as the first resize needs: the shorter side at least `resize`."""
-    return (p.resize, p.resize) if augment in _DRAFT_SAFE else None
-
-
-@dataclass
-class _Pipeline:
-    """Decodes chosen samples exactly as extract's batches do (same transform, draft decoding
-    and per-image augmentation seeds), for the checks against eager PyTorch."""
-
-    samples: list[Sample]
-    p: Preprocessing
-    augment: str
-    view: int
-    seed: int
-    limit: int
-
-    def decode(
-        self, order: list[int], stop: int = CHECK_IMAGES
-    ) -> tuple[list[int], torch.Tensor | None, list[int]]:
-        """(decoded indices, their batch or None, indices that failed), in `order` until
-        `stop` images decoded."""
-        per_image, per_batch = _split_transform(self.p, self.augment, self.seed, self.view)
-        data = _Decode(
-            self.samples, per_image, self.augment, self.limit, _draft(self.p, self.augment)
-        )
-        good, xs, failed = [], [], []
-        with pillow_warnings_off():
-            for i in order:
-                _, x, _ = data[i]
-                if x is None:
-                    failed.append(i)
-                    continue
-                good.append(i)
-                xs.append(x)
-                if len(xs) == stop:
-                    break
-        if not xs:
-            return good, None, failed
-        return good, per_batch(xs) if per_batch else torch.stack(xs), failed
 
 
 def _threaded(data: _Decode, n: int, ahead: int):
@@ -677,7 +745,7 @@ class _Runner:
                     f"the cached ONNX backbone {self.path} answered differently from eager "
                     f"PyTorch ({problem}); replaced it with a fresh export",
                     EdgeTransferWarning,
-                    stacklevel=4,
+                    stacklevel=5,
                 )
                 return
             problem = again
@@ -690,7 +758,7 @@ class _Runner:
         if self.strict:
             raise EdgeTransferError(f"backend onnxruntime: {problem}")
         warnings.warn(
-            f"feature extraction runs on PyTorch: {problem}", EdgeTransferWarning, stacklevel=4
+            f"feature extraction runs on PyTorch: {problem}", EdgeTransferWarning, stacklevel=5
         )
         self.session, self.name = None, "torch"
 
@@ -729,11 +797,8 @@ def _runner(
     if backend == "auto" and n < AUTO_MIN_IMAGES and not _is_file(path):
         return _Runner(backbone)
     try:
-        if _is_file(failed):
-            with contextlib.suppress(OSError):
-                lines = failed.read_text(errors="replace").strip().splitlines()
-                reason = (lines or ["the ONNX export failed"])[0][:300]
-                raise EdgeTransferError(f"{reason} (remembered from an earlier run)")
+        if (reason := _remembered_failure(failed)) is not None:
+            raise EdgeTransferError(f"{reason} (remembered from an earlier run)")
         session, cached, sha = _onnx_session(backbone, p, path, failed)
     except EdgeTransferError as e:
         runner = _Runner(backbone, strict=strict)
@@ -745,6 +810,12 @@ def _runner(
     if probe is not None:
         runner.check(probe())
     return runner
+
+
+# ---------------------------------------------------------------------------------------------
+# The exported backbone's cache: one ONNX file per backbone (id, structure, weights, input
+# size), reopened only when its sha256 is the one recorded at export; a backbone that does not
+# export is remembered (`.failed`) so later runs do not try again
 
 
 def onnx_backbone_path(backbone: nn.Module, p: Preprocessing, backbone_id: str) -> Path:
@@ -762,6 +833,18 @@ def _is_file(path: Path) -> bool:
         return path.is_file()
     except OSError:  # e.g. a cache folder we may not enter
         return False
+
+
+def _remembered_failure(failed: Path) -> str | None:
+    """Why an earlier run could not export or trust the backbone (first line of `failed`), or
+    None when nothing is remembered (or the record cannot be read: then it is tried again)."""
+    if not _is_file(failed):
+        return None
+    try:
+        lines = failed.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return None
+    return (lines or ["the ONNX export failed"])[0][:300]
 
 
 def _forget(path: Path) -> None:
@@ -793,7 +876,7 @@ def _onnx_session(backbone: nn.Module, p: Preprocessing, path: Path, failed: Pat
                 f"the cached ONNX backbone {path} changed after it was exported (its sha256 is "
                 "not the recorded one); exporting it again",
                 EdgeTransferWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
         _forget(path)
     try:

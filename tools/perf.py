@@ -488,7 +488,7 @@ def bench_decode(tmp: Path, quick: bool) -> None:
     from edgetransfer.backbones import IMAGENET, get_arch, load_source
     from edgetransfer.data import Sample, eval_transform, load_image, scan
     from edgetransfer.demo import sample_data, source_model
-    from edgetransfer.features import _decoded, decode_workers
+    from edgetransfer.features import Decoding, _decoded, _Pipeline, decode_workers
 
     n = 8 if quick else 16
     rng = np.random.default_rng(1)
@@ -515,7 +515,9 @@ def bench_decode(tmp: Path, quick: bool) -> None:
     def fast():
         return [
             x
-            for _, xb, _ in _decoded(samples, p, "none", 0, 0, None, 8, workers, False)
+            for _, xb, _ in _decoded(
+                _Pipeline(samples, Decoding(p)), batch_size=8, workers=workers, progress=False
+            )
             for x in xb
         ]
 
