@@ -593,7 +593,7 @@ def _train(
     import torch
 
     from edgetransfer import strategies
-    from edgetransfer.train import Standardize, TensorBatches, fit, fold
+    from edgetransfer.train import Checkpoint, Standardize, TensorBatches, fit, fold
 
     notes: list[str] = []
     y_train = torch.tensor([s.label for s in train_s])
@@ -609,11 +609,9 @@ def _train(
             loss = (1 - cfg.kd_alpha) * loss + cfg.kd_alpha * kd
         return loss
 
-    ckpt = checkpoint_path(cfg.out)
     common = dict(
-        checkpoint=ckpt,
+        checkpoint=Checkpoint(checkpoint_path(cfg.out), fingerprint),
         resume=cfg.resume,
-        fingerprint=fingerprint,
         progress=cfg.progress,
         on_step=cfg.on_step,
     )
