@@ -246,11 +246,11 @@ def _adapt(cfg: AdaptConfig) -> AdaptResult:
 
     result, notes = _train(
         cfg,
-        tcfg,
-        scfg,
-        model,
-        plan,
-        pre,
+        tcfg=tcfg,
+        scfg=scfg,
+        model=model,
+        plan=plan,
+        pre=pre,
         augment=augment,
         train_s=train_s,
         val_s=val_s,
@@ -574,12 +574,12 @@ def _run_fingerprint(cfg: AdaptConfig, dataset, backbone_id: str = "") -> str:
 
 def _train(
     cfg,
+    *,
     tcfg,
     scfg,
     model,
     plan,
     pre,
-    *,
     augment,
     train_s,
     val_s,
@@ -653,7 +653,16 @@ def _train(
         )
         groups = [{"params": list(model.head.parameters()), "lr": cfg.lr}]
         # one thread: a head's tensors are too small to share out (see fit's `threads`)
-        result = fit(trainee, groups, train, val, base_loss, tcfg, threads=1, **common)
+        result = fit(
+            trainee,
+            param_groups=groups,
+            train=train,
+            val=val,
+            loss_fn=base_loss,
+            cfg=tcfg,
+            threads=1,
+            **common,
+        )
         fold(std, model.head)
         return result, notes
 
@@ -706,7 +715,15 @@ def _train(
         strategies.set_train_mode(model.features, plan)
 
     result = fit(
-        model, groups, train, val, loss_fn, tcfg, forward=forward, train_mode=train_mode, **common
+        model,
+        param_groups=groups,
+        train=train,
+        val=val,
+        loss_fn=loss_fn,
+        cfg=tcfg,
+        forward=forward,
+        train_mode=train_mode,
+        **common,
     )
     return result, notes
 
