@@ -35,6 +35,7 @@ from edgetransfer.manifest import MANIFEST_NAME, Manifest, read_manifest, versio
 from edgetransfer.report import ReportUnavailable, write_run_report
 from edgetransfer.runs import RUN_INFO, checkpoint_path, load_run, save_model
 from edgetransfer.train import (
+    Checkpoint,
     Standardize,
     TensorBatches,
     TrainConfig,
@@ -123,7 +124,6 @@ class AdaptResult:
     bad_files: list[tuple[Path, str]]
     memory: dict[str, float]
     notes: list[str]
-
 
 
 def adapt(cfg: AdaptConfig) -> AdaptResult:
@@ -248,11 +248,11 @@ def _adapt(cfg: AdaptConfig) -> AdaptResult:
 
     result, notes = _train(
         cfg,
-        tcfg,
-        scfg,
-        model,
-        plan,
-        pre,
+        tcfg=tcfg,
+        scfg=scfg,
+        model=model,
+        plan=plan,
+        pre=pre,
         augment=augment,
         train_s=train_s,
         val_s=val_s,
@@ -552,12 +552,12 @@ def _run_fingerprint(cfg: AdaptConfig, dataset, backbone_id: str = "") -> str:
 
 def _train(
     cfg,
+    *,
     tcfg,
     scfg,
     model,
     plan,
     pre,
-    *,
     augment,
     train_s,
     val_s,
@@ -582,15 +582,14 @@ def _train(
             loss = (1 - cfg.kd_alpha) * loss + cfg.kd_alpha * kd
         return loss
 
-    ckpt = checkpoint_path(cfg.out)
     common = dict(
-        checkpoint=ckpt,
+        checkpoint=Checkpoint(checkpoint_path(cfg.out), fingerprint),
         resume=cfg.resume,
-        fingerprint=fingerprint,
         progress=cfg.progress,
         on_step=cfg.on_step,
     )
     if cfg.strategy == "head":
+
         def feats(samples, aug="none", view=0):
             if aug == "none" and clean is not None:  # extracted while checking the images
                 return torch.stack([clean[s.path] for s in samples])
@@ -626,7 +625,16 @@ def _train(
         )
         groups = [{"params": list(model.head.parameters()), "lr": cfg.lr}]
         # one thread: a head's tensors are too small to share out (see fit's `threads`)
-        result = fit(trainee, groups, train, val, base_loss, tcfg, threads=1, **common)
+        result = fit(
+            trainee,
+            param_groups=groups,
+            train=train,
+            val=val,
+            loss_fn=base_loss,
+            cfg=tcfg,
+            threads=1,
+            **common,
+        )
         fold(std, model.head)
         return result, notes
 
@@ -676,7 +684,15 @@ def _train(
         strategies.set_train_mode(model.features, plan)
 
     result = fit(
-        model, groups, train, val, loss_fn, tcfg, forward=forward, train_mode=train_mode, **common
+        model,
+        param_groups=groups,
+        train=train,
+        val=val,
+        loss_fn=loss_fn,
+        cfg=tcfg,
+        forward=forward,
+        train_mode=train_mode,
+        **common,
     )
     return result, notes
 
@@ -712,6 +728,3 @@ def _write_run(cfg: AdaptConfig, model, manifest: Manifest, result, bad, memory)
         except ReportUnavailable as e:
             return [f"no report.html: {e}"]
     return []
-
-
-

@@ -214,6 +214,203 @@ def intra_op_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def make_optimizer(param_groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer of `cfg.solver`: AdamW over `param_groups` at their learning rates, or
+    L-BFGS over all their tensors as one vector (lr 1: its line search sets the step)."""
+    if cfg.solver not in SOLVERS:
+        raise ValueError(f"unknown solver {cfg.solver!r}; choose one of {SOLVERS}")
+    if cfg.solver == "lbfgs":
+        return torch.optim.LBFGS(
+            [t for g in param_groups for t in g["params"]],
+            lr=1.0,
+            max_iter=LBFGS_ITERATIONS,
+            history_size=LBFGS_HISTORY,
+            line_search_fn="strong_wolfe",
+            tolerance_grad=LBFGS_TOLERANCE,
+        )
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _call(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x)
+
+
+@dataclass(frozen=True)
+class _Trainee:
+    """What trains and how it is scored: the model, how it turns a batch into logits, and the
+    loss of (logits, labels, sample indices)."""
+
+    model: nn.Module
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] = _call
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
+        """(logits, loss) of one batch."""
+        logits = self.forward(self.model, x)
+        return logits, self.loss_fn(logits, y, idx)
+
+
+def _new_tally() -> dict:
+    return {"total": 0.0, "correct": 0, "seen": 0}
+
+
+@dataclass
+class LoopState:
+    """Where training stands, besides the weights and the optimizer: what a checkpoint adds.
+
+    Attributes:
+        epoch: the epoch under way (or the next one, between epochs).
+        step: optimizer steps of `epoch` made so far (a resumed run skips them).
+        stale: epochs since the best one.
+        run: this epoch's running training metrics (total loss, correct, seen).
+        converged: L-BFGS: the last step did not move the weights.
+    """
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: TrainResult | None = None
+    epoch: int = 1
+    step: int = 0
+    stale: int = 0
+    run: dict = field(default_factory=_new_tally)
+    converged: bool = False
+
+    def finished(self, cfg: TrainConfig) -> bool:
+        """Patience ran out, or L-BFGS converged: another epoch would change nothing."""
+        return bool(cfg.patience and self.stale >= cfg.patience) or (
+            cfg.solver == "lbfgs" and self.converged
+        )
+
+    def end_epoch(self, model: nn.Module, val: tuple[float, float, torch.Tensor | None]) -> None:
+        """Record epoch `epoch` given its validation (loss, top-1, logits): a history row, and
+        the weights if they are the best so far (by top-1, then loss); move to the next."""
+        val_loss, val_acc, val_logits = val
+        seen = max(self.run["seen"], 1)
+        self.history.append(
+            {
+                "epoch": self.epoch,
+                "train_loss": self.run["total"] / seen,
+                "train_top1": self.run["correct"] / seen,
+                "val_loss": val_loss,
+                "val_top1": val_acc,
+            }
+        )
+        best = self.best
+        if best is None or (val_acc, -val_loss) > (best.val_top1, -best.val_loss):
+            self.best = TrainResult(
+                changing_state(model), self.epoch, val_acc, val_loss, val_logits=val_logits
+            )
+            self.stale = 0
+        else:
+            self.stale += 1
+        self.epoch, self.step = self.epoch + 1, 0
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The resumable training state in one file: written after every epoch and on a signal,
+    read to resume, removed once the run's result is safely written.
+
+    Attributes:
+        path: the file.
+        fingerprint: identifies the run (data, strategy, settings); resuming refuses a
+            checkpoint with another one.
+    """
+
+    path: Path
+    fingerprint: str = ""
+
+    def save(self, model: nn.Module, opt: torch.optim.Optimizer, state: LoopState) -> None:
+        """Write `state`, `model`'s changing weights, `opt`'s state and torch's RNG, atomically."""
+        best = state.best
+        data = {
+            "fingerprint": self.fingerprint,
+            "model": changing_state(model),
+            "opt": opt.state_dict(),
+            "epoch": state.epoch,
+            "step": state.step,
+            "stale": state.stale,
+            "history": state.history,
+            "best": best.state if best else None,
+            "best_epoch": best.best_epoch if best else 0,
+            "best_top1": best.val_top1 if best else 0.0,
+            "best_loss": best.val_loss if best else 0.0,
+            "best_logits": best.val_logits if best else None,
+            "rng": torch.get_rng_state(),
+            "run": state.run,
+            "converged": state.converged,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_writer(self.path) as f:  # streamed: no second copy of the state in memory
+            torch.save(data, f)
+
+    def resume(self, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig) -> LoopState:
+        """The saved state, checked against this run and loaded into `model`, `opt` and torch's
+        RNG; anything malformed is one line saying the file is damaged."""
+        path = self.path
+        if not path.is_file():
+            raise EdgeTransferError(
+                f"nothing to resume: no checkpoint at {path}; run without --resume"
+            )
+
+        def damaged(reason: str) -> EdgeTransferError:
+            return EdgeTransferError(
+                f"checkpoint {path} is damaged ({reason}); delete it or run without --resume"
+            )
+
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a damaged checkpoint must not be half-used
+            # not str(e): torch's advice to load with weights_only=False must not reach users
+            raise damaged(f"not a readable checkpoint: {type(e).__name__}") from None
+        mark = state.get("fingerprint") if isinstance(state, dict) else None
+        if isinstance(mark, str) and mark != self.fingerprint:
+            raise EdgeTransferError(
+                f"checkpoint {path} belongs to a different run (data, strategy or settings "
+                "changed); run without --resume"
+            )
+        problem = checkpoint_problem(state, model, opt, cfg)
+        if problem:
+            raise damaged(problem)
+        try:
+            restore_state(model, state["model"])
+            saved_groups = state["opt"]["param_groups"]
+            opt.load_state_dict(
+                {
+                    "state": state["opt"]["state"],
+                    # this run's settings (the fingerprint says they are the checkpoint's)
+                    "param_groups": [
+                        {**{k: v for k, v in g.items() if k != "params"}, "params": s["params"]}
+                        for g, s in zip(opt.param_groups, saved_groups, strict=True)
+                    ],
+                }
+            )
+            torch.set_rng_state(state["rng"])
+        except (EdgeTransferError, RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
+            raise damaged(first_line(e)) from None
+        best = None
+        if state["best"] is not None:
+            best = TrainResult(
+                state["best"],
+                best_epoch=state["best_epoch"],
+                val_top1=state["best_top1"],
+                val_loss=state["best_loss"],
+                val_logits=state.get("best_logits"),
+            )
+        return LoopState(
+            history=state["history"],
+            best=best,
+            epoch=state["epoch"],
+            step=state["step"],
+            stale=state["stale"],
+            run=state["run"],
+            converged=state.get("converged", False),
+        )
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
 def fit(
     model: nn.Module,
     param_groups: list[dict],
@@ -222,11 +419,10 @@ def fit(
     loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     cfg: TrainConfig,
     *,
-    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lambda m, x: m(x),
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] = _call,
     train_mode: Callable[[], None] | None = None,
-    checkpoint: Path | None = None,
+    checkpoint: Checkpoint | Path | None = None,
     resume: bool = False,
-    fingerprint: str = "",
     progress: bool = False,
     on_step: Callable[[int, int], None] | None = None,
     threads: int | None = None,
@@ -239,8 +435,9 @@ def fit(
             looked up by index.
         forward: how the model turns a batch into logits.
         train_mode: puts the model into training mode (frozen BatchNorm stays in eval).
-        checkpoint: where to write the resumable state (each epoch and on a signal).
-        resume: continue from `checkpoint`; it must come from the same run (`fingerprint`).
+        checkpoint: where to write the resumable state (each epoch and on a signal); a bare
+            path is a checkpoint without a run fingerprint.
+        resume: continue from `checkpoint`; it must come from the same run (its fingerprint).
         on_step: called after every optimizer step with (epoch, step), e.g. for tests.
         threads: PyTorch intra-op threads while training (None: as they are). 1 suits a tiny
             model such as a head on cached features: its tensors are too small to split, and
@@ -249,165 +446,154 @@ def fit(
     """
     from tqdm import tqdm
 
-    if cfg.solver not in SOLVERS:
-        raise ValueError(f"unknown solver {cfg.solver!r}; choose one of {SOLVERS}")
+    opt = make_optimizer(param_groups, cfg)
+    everything = None  # L-BFGS: the whole training set as one batch
     if cfg.solver == "lbfgs":
         if not isinstance(train, TensorBatches):
             raise TypeError("solver lbfgs trains on cached tensors (TensorBatches)")
         everything = train.everything()
-        params = [t for g in param_groups for t in g["params"]]
-        closure = functools.partial(
-            _full_batch_loss, model, params, everything, forward, loss_fn, cfg.weight_decay
-        )
-        opt = torch.optim.LBFGS(
-            params,
-            lr=1.0,
-            max_iter=LBFGS_ITERATIONS,
-            history_size=LBFGS_HISTORY,
-            line_search_fn="strong_wolfe",
-            tolerance_grad=LBFGS_TOLERANCE,
-        )
-    else:
-        opt = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    history: list[dict[str, float]] = []
-    best: TrainResult | None = None
-    start_epoch, skip_steps, stale = 1, 0, 0
-    converged = False  # L-BFGS: the last step did not move the weights
-    run = {"total": 0.0, "correct": 0, "seen": 0}  # this epoch's running training metrics
+    if isinstance(checkpoint, Path):
+        checkpoint = Checkpoint(checkpoint)
     if resume:
-        state = _load_checkpoint(checkpoint, fingerprint, model, opt, cfg)
-        history = state["history"]
-        if state["best"] is not None:
-            best = TrainResult(
-                state["best"],
-                state["best_epoch"],
-                state["best_top1"],
-                state["best_loss"],
-                val_logits=state.get("best_logits"),
-            )
-        start_epoch, skip_steps, stale = state["epoch"], state["step"], state["stale"]
-        run = state["run"]
-        converged = state.get("converged", False)
-    else:
-        torch.manual_seed(cfg.seed)
-
-    def save(epoch: int, step: int) -> None:
         if checkpoint is None:
-            return
-        state = {
-            "fingerprint": fingerprint,
-            "model": changing_state(model),
-            "opt": opt.state_dict(),
-            "epoch": epoch,
-            "step": step,
-            "stale": stale,
-            "history": history,
-            "best": best.state if best else None,
-            "best_epoch": best.best_epoch if best else 0,
-            "best_top1": best.val_top1 if best else 0.0,
-            "best_loss": best.val_loss if best else 0.0,
-            "best_logits": best.val_logits if best else None,
-            "rng": torch.get_rng_state(),
-            "run": run,
-            "converged": converged,
-        }
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_writer(checkpoint) as f:  # streamed: no second copy of the state in memory
-            torch.save(state, f)
-
-    micro = max(1, cfg.accumulate)
-
-    def finished() -> bool:
-        """Patience ran out, or L-BFGS converged: another epoch would change nothing."""
-        return bool(cfg.patience and stale >= cfg.patience) or (cfg.solver == "lbfgs" and converged)
-
+            raise EdgeTransferError("nothing to resume: no checkpoint given; run without --resume")
+        state = checkpoint.resume(model, opt, cfg)
+    else:
+        state = LoopState()
+        torch.manual_seed(cfg.seed)
+    trainee = _Trainee(model, loss_fn, forward)
     # a checkpoint written at the end of the last epoch: the run is over, only the result remains
-    stopped_early = not skip_steps and finished()
-
-    def after_step(epoch: int, step: int) -> None:
-        if on_step:
-            on_step(epoch, step)
-        if stop.signum is not None:
-            save(epoch, step)
-            name = signal.Signals(stop.signum).name
-            raise Interrupted(
-                f"{name}: stopped in epoch {epoch} after step {step}; checkpoint "
-                f"{checkpoint}; run the same command with --resume to continue",
-                stop.signum,
-            )
+    stopped_early = not state.step and state.finished(cfg)
 
     with intra_op_threads(threads), Stop() as stop:
+        steps = _AfterStep(
+            model=model, opt=opt, state=state, checkpoint=checkpoint, stop=stop, on_step=on_step
+        )
         bar = tqdm(
-            range(start_epoch, cfg.epochs + 1) if not stopped_early else range(0),
+            range(state.epoch, cfg.epochs + 1) if not stopped_early else range(0),
             desc="epochs",
             disable=not progress,
             leave=False,
-            initial=start_epoch - 1,
+            initial=state.epoch - 1,
             total=cfg.epochs,
         )
         for epoch in bar:
             (train_mode or model.train)()
-            if not skip_steps:
-                run = {"total": 0.0, "correct": 0, "seen": 0}
+            state.epoch, skip = epoch, state.step  # steps made before an interruption
+            if not skip:
+                state.run = _new_tally()
             opt.zero_grad(set_to_none=True)
-            if cfg.solver == "lbfgs":
-                if not skip_steps:  # one step per epoch, unless done before an interruption
-                    before = [t.detach().clone() for t in params]
-                    opt.step(closure)
-                    converged = all(torch.equal(a, t) for a, t in zip(before, params, strict=True))
-                    # metrics where the step ended (the closure's last call may be a rejected
-                    # trial point)
-                    x, y, idx = everything
-                    with torch.no_grad():
-                        logits = forward(model, x)
-                        loss = loss_fn(logits, y, idx)
-                    _check_finite(loss, epoch, "try --head-solver adamw with a small --lr")
-                    _tally(run, loss, logits, y)
-                    after_step(epoch, 1)
+            if everything is not None:
+                if not skip:  # one step per epoch, unless made before an interruption
+                    _lbfgs_epoch(
+                        trainee, opt, everything, state, l2=cfg.weight_decay, after_step=steps
+                    )
             else:
-                for i, (x, y, idx) in enumerate(train.epoch(epoch)):
-                    if i // micro < skip_steps:
-                        continue  # already done before the interruption
-                    logits = forward(model, x)
-                    loss = loss_fn(logits, y, idx)
-                    _check_finite(loss, epoch)
-                    # the last group may hold fewer micro-batches: average over those it has
-                    group = min(micro, len(train) - (i // micro) * micro)
-                    (loss / group).backward()
-                    _tally(run, loss, logits, y)
-                    if (i + 1) % micro == 0 or i + 1 == len(train):
-                        opt.step()
-                        opt.zero_grad(set_to_none=True)
-                        after_step(epoch, i // micro + 1)
-            skip_steps = 0
-            model.eval()
-            val_loss, val_acc, val_logits = _evaluate(model, val, forward)
-            seen = max(run["seen"], 1)
-            row = {
-                "epoch": epoch,
-                "train_loss": run["total"] / seen,
-                "train_top1": run["correct"] / seen,
-                "val_loss": val_loss,
-                "val_top1": val_acc,
-            }
-            history.append(row)
-            bar.set_postfix(val_top1=f"{val_acc:.3f}")
-            if best is None or (val_acc, -val_loss) > (best.val_top1, -best.val_loss):
-                best = TrainResult(
-                    changing_state(model), epoch, val_acc, val_loss, val_logits=val_logits
+                _minibatch_epoch(
+                    trainee,
+                    opt,
+                    train,
+                    state,
+                    accumulate=cfg.accumulate,
+                    skip=skip,
+                    after_step=steps,
                 )
-                stale = 0
-            else:
-                stale += 1
-            save(epoch + 1, 0)
-            if finished():
+            model.eval()
+            state.end_epoch(model, _evaluate(model, val, forward))
+            bar.set_postfix(val_top1=f"{state.history[-1]['val_top1']:.3f}")
+            steps.save()
+            if state.finished(cfg):
                 stopped_early = True
                 break
+    best = state.best
     assert best is not None, "epochs must be >= 1"
     restore_state(model, best.state)
-    best.history = history
+    best.history = state.history
     best.stopped_early = stopped_early
     return best
+
+
+@dataclass
+class _AfterStep:
+    """Called after every optimizer step with (epoch, step): `on_step`, then, once a signal
+    came, a checkpoint and Interrupted."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    state: LoopState
+    checkpoint: Checkpoint | None
+    stop: Stop
+    on_step: Callable[[int, int], None] | None
+
+    def __call__(self, epoch: int, step: int) -> None:
+        self.state.step = step
+        if self.on_step:
+            self.on_step(epoch, step)
+        if self.stop.signum is not None:
+            self.save()
+            name = signal.Signals(self.stop.signum).name
+            where = self.checkpoint.path if self.checkpoint else None
+            raise Interrupted(
+                f"{name}: stopped in epoch {epoch} after step {step}; checkpoint "
+                f"{where}; run the same command with --resume to continue",
+                self.stop.signum,
+            )
+
+    def save(self) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint.save(self.model, self.opt, self.state)
+
+
+def _minibatch_epoch(
+    trainee: _Trainee,
+    opt: torch.optim.Optimizer,
+    batches: Batches,
+    state: LoopState,
+    *,
+    accumulate: int,
+    skip: int,
+    after_step: Callable[[int, int], None],
+) -> None:
+    """One epoch of mini-batch steps (AdamW): the gradients of `accumulate` micro-batches add
+    up to one step; the first `skip` steps (made before an interruption) are passed over."""
+    epoch, micro = state.epoch, max(1, accumulate)
+    for i, (x, y, idx) in enumerate(batches.epoch(epoch)):
+        if i // micro < skip:
+            continue  # already done before the interruption
+        logits, loss = trainee.loss(x, y, idx)
+        _check_finite(loss, epoch)
+        # the last group may hold fewer micro-batches: average over those it has
+        group = min(micro, len(batches) - (i // micro) * micro)
+        (loss / group).backward()
+        _tally(state.run, loss, logits, y)
+        if (i + 1) % micro == 0 or i + 1 == len(batches):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            after_step(epoch, i // micro + 1)
+
+
+def _lbfgs_epoch(
+    trainee: _Trainee,
+    opt: torch.optim.Optimizer,
+    everything: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    state: LoopState,
+    *,
+    l2: float,
+    after_step: Callable[[int, int], None],
+) -> None:
+    """One full-batch L-BFGS step (up to LBFGS_ITERATIONS iterations) on `everything`
+    (TensorBatches.everything) with an L2 penalty `l2`; sets `state.converged`."""
+    params = opt.param_groups[0]["params"]
+    before = [p.detach().clone() for p in params]
+    opt.step(functools.partial(_full_batch_loss, trainee, params, everything, l2=l2))
+    state.converged = all(torch.equal(a, p) for a, p in zip(before, params, strict=True))
+    # metrics where the step ended (the closure's last call may be a rejected trial point)
+    x, y, idx = everything
+    with torch.no_grad():
+        logits, loss = trainee.loss(x, y, idx)
+    _check_finite(loss, state.epoch, "try --head-solver adamw with a small --lr")
+    _tally(state.run, loss, logits, y)
+    after_step(state.epoch, 1)
 
 
 def _tally(run: dict, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
@@ -425,7 +611,7 @@ def _check_finite(loss: torch.Tensor, epoch: int, hint: str = "lower the learnin
         )
 
 
-def _full_batch_loss(model, params, batch, forward, loss_fn, l2: float) -> torch.Tensor:
+def _full_batch_loss(trainee: _Trainee, params: list, batch, *, l2: float) -> torch.Tensor:
     """L-BFGS closure: the loss on `batch` (every training vector, TensorBatches.everything)
     plus (l2/2)·|θ|², gradients set. A non-finite loss returns inf, which the strong-Wolfe line
     search rejects (a shorter step is tried) instead of leaving the weights at a trial point.
@@ -436,8 +622,7 @@ def _full_batch_loss(model, params, batch, forward, loss_fn, l2: float) -> torch
     x, y, idx = batch
     for t in params:
         t.grad = None
-    logits = forward(model, x)
-    loss = loss_fn(logits, y, idx)
+    logits, loss = trainee.loss(x, y, idx)
     if not math.isfinite(loss.item()):
         for t in params:
             t.grad = torch.zeros_like(t)
@@ -484,49 +669,6 @@ def _changing(model: nn.Module) -> dict[str, torch.Tensor]:
         for n, t in model.state_dict(keep_vars=True).items()
         if not (isinstance(t, nn.Parameter) and not t.requires_grad)
     }
-
-
-def _load_checkpoint(path: Path | None, fingerprint: str, model, opt, cfg: TrainConfig) -> dict:
-    """The checkpoint's state, checked against this run and loaded into `model`, `opt` and
-    torch's RNG; anything malformed is one line saying the file is damaged."""
-    if path is None or not path.is_file():
-        raise EdgeTransferError(f"nothing to resume: no checkpoint at {path}; run without --resume")
-
-    def damaged(reason: str) -> EdgeTransferError:
-        return EdgeTransferError(
-            f"checkpoint {path} is damaged ({reason}); delete it or run without --resume"
-        )
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a damaged checkpoint must not be half-used
-        # not str(e): torch's advice to load with weights_only=False must not reach users
-        raise damaged(f"not a readable checkpoint: {type(e).__name__}") from None
-    mark = state.get("fingerprint") if isinstance(state, dict) else None
-    if isinstance(mark, str) and mark != fingerprint:
-        raise EdgeTransferError(
-            f"checkpoint {path} belongs to a different run (data, strategy or settings changed); "
-            "run without --resume"
-        )
-    problem = checkpoint_problem(state, model, opt, cfg)
-    if problem:
-        raise damaged(problem)
-    try:
-        restore_state(model, state["model"])
-        opt.load_state_dict(
-            {
-                "state": state["opt"]["state"],
-                # this run's settings (the fingerprint says they are the checkpoint's)
-                "param_groups": [
-                    {**{k: v for k, v in g.items() if k != "params"}, "params": saved["params"]}
-                    for g, saved in zip(opt.param_groups, state["opt"]["param_groups"], strict=True)
-                ],
-            }
-        )
-        torch.set_rng_state(state["rng"])
-    except (EdgeTransferError, RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
-        raise damaged(first_line(e)) from None
-    return state
 
 
 _CHECKPOINT_KEYS = ("fingerprint", "model", "opt", "epoch", "step", "stale", "history", "best",
@@ -697,9 +839,9 @@ def _lbfgs_problem(per_param: dict, params: list, history_size: int) -> str | No
 
 
 def remove_checkpoint(path: Path | None) -> None:
+    """Delete the checkpoint at `path` if there is one."""
     if path is not None:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        Checkpoint(path).remove()
 
 
 class Standardize(nn.Module):

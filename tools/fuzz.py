@@ -428,7 +428,7 @@ def _ckpt_problem():
 def _ckpt_fit(solver: str, path: Path, epochs: int, resume: bool, on_step=None):
     import torch
 
-    from edgetransfer.train import TrainConfig, fit
+    from edgetransfer.train import Checkpoint, TrainConfig, fit
 
     train, val = _ckpt_problem()
     torch.manual_seed(0)
@@ -441,9 +441,8 @@ def _ckpt_fit(solver: str, path: Path, epochs: int, resume: bool, on_step=None):
         val,
         lambda logits, y, idx: torch.nn.functional.cross_entropy(logits, y),
         cfg,
-        checkpoint=path,
+        checkpoint=Checkpoint(path, CHECKPOINT_FINGERPRINT),
         resume=resume,
-        fingerprint=CHECKPOINT_FINGERPRINT,
         on_step=on_step,
     )
 
