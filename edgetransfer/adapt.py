@@ -8,7 +8,8 @@ import errno
 import hashlib
 import json
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from edgetransfer import config, strategies
 from edgetransfer.backbones import (
     Classifier,
+    SourceModel,
     block_modules,
     check_truncate,
     feature_dim,
@@ -26,12 +28,12 @@ from edgetransfer.backbones import (
     split,
     truncate,
 )
-from edgetransfer.data import eval_transform, load_image, scan
+from edgetransfer.data import Dataset, Sample, eval_transform, load_image, scan
 from edgetransfer.errors import DataError, EdgeTransferError
 from edgetransfer.features import extract
 from edgetransfer.fileio import atomic_write_text, check_can_write, output_dir
 from edgetransfer.loaders import ImageBatches, train_transform
-from edgetransfer.manifest import MANIFEST_NAME, Manifest, read_manifest, versions
+from edgetransfer.manifest import MANIFEST_NAME, Manifest, Preprocessing, read_manifest, versions
 from edgetransfer.report import ReportUnavailable, write_run_report
 from edgetransfer.runs import RUN_INFO, checkpoint_path, load_run, save_model
 from edgetransfer.train import (
@@ -74,6 +76,8 @@ class AdaptConfig:
             --lr, like the other strategies).
         report: write RUN_DIR/report.html (needs matplotlib, ~0.5 s); off for batch runs.
         on_step: called after each optimizer step with (epoch, step) (tests, progress).
+        on_phase: called with a phase's name as it starts (see AdaptResult.timings): the seam
+            benchmarks measure through, e.g. memory when training starts.
     """
 
     data_dir: Path
@@ -115,15 +119,45 @@ class AdaptConfig:
     progress: bool = False
     report: bool = True
     on_step: Callable[[int, int], None] | None = None
+    on_phase: Callable[[str], None] | None = None
 
 
 @dataclass(frozen=True)
 class AdaptResult:
+    """What adapt made.
+
+    Attributes:
+        timings: wall-clock seconds per phase: ``prepare`` (options, scan, the model built),
+            ``images`` (every image decoded once; for ``head`` that is the feature extraction),
+            ``train`` (training, with any augmented views' features) and within it ``fit`` (the
+            optimizer alone), ``write`` (RUN_DIR) and within it ``report`` (report.html).
+    """
+
     run_dir: Path
     manifest: Manifest
     bad_files: list[tuple[Path, str]]
     memory: dict[str, float]
     notes: list[str]
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+class Phases:
+    """Times the phases of one adapt run (AdaptResult.timings), telling `on_phase` as each
+    starts."""
+
+    def __init__(self, on_phase: Callable[[str], None] | None = None) -> None:
+        self.seconds: dict[str, float] = {}
+        self.on_phase = on_phase
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if self.on_phase:
+            self.on_phase(name)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 def adapt(cfg: AdaptConfig) -> AdaptResult:
@@ -173,6 +207,69 @@ def _heap_frozen():
 
 
 def _adapt(cfg: AdaptConfig) -> AdaptResult:
+    phase = Phases(cfg.on_phase)
+    with phase("prepare"):
+        scfg, augment = _check_options(cfg)
+        check_can_write(cfg.out, cfg.force, inputs(cfg))
+        dataset = scan(cfg.data_dir, cfg.val_fraction, cfg.seed)
+        built = _build(cfg, scfg, len(dataset.classes))
+        source_before = _source_top1(cfg, built)
+    with phase("images"):
+        bad, clean = _check_images(cfg, dataset, built)
+        dataset = dataset.without([p for p, _ in bad])
+        train_s, val_s = _splits(dataset)
+    tcfg, memory = _fit_memory(cfg, built.model, built.plan, built.pre)
+    with phase("train"):
+        teacher_logits = _teacher_logits(cfg, dataset, train_s) if cfg.teacher else None
+        lwf_logits = None
+        if cfg.lwf:
+            lwf_logits = _outputs_of(
+                torch.nn.Sequential(built.features, built.source_head),
+                train_s,
+                built.pre,
+                built.backbone_id + "|source-head",
+                cfg,
+            )
+        run = _Training(
+            tcfg=tcfg,
+            scfg=scfg,
+            augment=augment,
+            train_s=train_s,
+            val_s=val_s,
+            fingerprint=_run_fingerprint(cfg, dataset, built.backbone_id),
+            teacher_logits=teacher_logits,
+            lwf_logits=lwf_logits,
+            clean=clean,
+        )
+        result = _train(cfg, built, run, phase)
+    metrics = {"val_top1": round(result.val_top1, 6), "val_loss": round(result.val_loss, 6)}
+    if source_before is not None:
+        metrics["source_top1_before"] = round(source_before, 6)
+        metrics["source_top1_after"] = round(_source_top1(cfg, built), 6)
+    manifest = _manifest(
+        cfg,
+        built,
+        dataset=dataset,
+        counts={"train": len(train_s), "val": len(val_s), "bad": len(bad)},
+        adapt_info=_adapt_info(cfg, built, run, result),
+        metrics=metrics,
+    )
+    with phase("write"):
+        notes = _write_run(cfg, built.model, manifest, result, bad=bad, memory=memory, phase=phase)
+    remove_checkpoint(checkpoint_path(cfg.out))
+    return AdaptResult(
+        run_dir=Path(cfg.out),
+        manifest=manifest,
+        bad_files=bad,
+        memory=memory,
+        notes=notes,
+        timings=dict(phase.seconds),
+    )
+
+
+def _check_options(cfg: AdaptConfig) -> tuple[strategies.StrategyConfig, str]:
+    """Every option checked before any work: the strategy's settings and the augmentation
+    preset in effect."""
     spec = get_arch(cfg.arch)  # fail on a bad name before any work
     if cfg.truncate:
         check_truncate(spec, cfg.truncate)
@@ -201,14 +298,32 @@ def _adapt(cfg: AdaptConfig) -> AdaptResult:
             f"--augment {augment} needs --views K (K > 1) with --strategy head: features are "
             "computed once per cached view"
         )
-    check_can_write(cfg.out, cfg.force, inputs(cfg))
-    dataset = scan(cfg.data_dir, cfg.val_fraction, cfg.seed)
+    return scfg, augment
+
+
+@dataclass(frozen=True)
+class _Built:
+    """The model adapt trains: the source split into backbone and source head, a new head."""
+
+    source: SourceModel  # the loaded model, its preprocessing, labels and provenance
+    pre: Preprocessing
+    features: torch.nn.Module
+    source_head: torch.nn.Linear
+    head: torch.nn.Linear
+    model: Classifier
+    plan: strategies.Plan
+    backbone_id: str  # pins the backbone's exact weights (feature cache keys)
+
+
+def _build(cfg: AdaptConfig, scfg: strategies.StrategyConfig, classes: int) -> _Built:
+    """Load the source model, split off its head, apply truncation and the strategy's plan,
+    and put a new head for `classes` classes on the backbone."""
+    spec = get_arch(cfg.arch)
     torch.manual_seed(cfg.seed)  # before building: --weights none must be reproducible
     source = load_source(cfg.arch, cfg.weights)
     pre = source.preprocessing or spec.preprocessing
     if cfg.image_size:
         pre = pre.with_size(cfg.image_size)
-
     features, source_head = split(spec, source.model)
     _check_source_options(cfg, source)
     if cfg.truncate:
@@ -217,65 +332,38 @@ def _adapt(cfg: AdaptConfig) -> AdaptResult:
     source_head.requires_grad_(False)  # the source task's classifier is kept as it is
     blocks = block_modules(spec, features, cfg.truncate)
     plan = strategies.apply(scfg, features, blocks)
-    head = torch.nn.Linear(feature_dim(features, pre), len(dataset.classes))
+    head = torch.nn.Linear(feature_dim(features, pre), classes)
     model = Classifier(features, head, source_head if cfg.keep_source_head else None)
-    source_before = _source_top1(cfg, features, source_head, source, pre)
-
-    # Pins the exact backbone weights: a file's sha256, or a hash of the random init.
+    # a file's sha256, or a hash of the random init
     weights_id = source.provenance.get("sha256") or _state_hash(features)
     backbone_id = "|".join([cfg.arch, weights_id, cfg.truncate or ""])
-    bad, clean = _check_images(cfg, dataset, features, pre, backbone_id)
-    dataset = dataset.without([p for p, _ in bad])
+    return _Built(
+        source=source,
+        pre=pre,
+        features=features,
+        source_head=source_head,
+        head=head,
+        model=model,
+        plan=plan,
+        backbone_id=backbone_id,
+    )
+
+
+def _splits(dataset: Dataset) -> tuple[list[Sample], list[Sample]]:
+    """The readable training and validation samples; every class must have training images."""
     train_s, val_s = dataset.split("train"), dataset.split("val")
     missing = [c for i, c in enumerate(dataset.classes) if not any(s.label == i for s in train_s)]
     if missing:
         raise DataError(f"no readable training images for class(es): {', '.join(missing)}")
     if not val_s:
         raise DataError("no validation images; put at least 2 images in each class folder")
+    return train_s, val_s
 
-    tcfg, memory = _fit_memory(cfg, model, plan, pre)
-    teacher_logits = _teacher_logits(cfg, dataset, train_s) if cfg.teacher else None
-    lwf_logits = None
-    if cfg.lwf:
-        lwf_logits = _outputs_of(
-            torch.nn.Sequential(features, source_head),
-            train_s,
-            pre,
-            backbone_id + "|source-head",
-            cfg,
-        )
-    fingerprint = _run_fingerprint(cfg, dataset, backbone_id)
 
-    result, notes = _train(
-        cfg,
-        tcfg=tcfg,
-        scfg=scfg,
-        model=model,
-        plan=plan,
-        pre=pre,
-        augment=augment,
-        train_s=train_s,
-        val_s=val_s,
-        teacher_logits=teacher_logits,
-        backbone_id=backbone_id,
-        fingerprint=fingerprint,
-        num_classes=len(dataset.classes),
-        source=(source_head, lwf_logits),
-        clean=clean,
-    )
-    metrics = {"val_top1": round(result.val_top1, 6), "val_loss": round(result.val_loss, 6)}
-    if source_before is not None:
-        metrics["source_top1_before"] = round(source_before, 6)
-        metrics["source_top1_after"] = round(
-            _source_top1(cfg, features, source_head, source, pre), 6
-        )
-
-    src = dict(source.provenance)
-    if source.labels is not None:
-        src["labels"] = source.labels
-    elif cfg.keep_source_head:
-        src["labels"] = [f"source_{i}" for i in range(source_head.out_features)]
-    adapt_info = {
+def _adapt_info(cfg: AdaptConfig, built: _Built, run: _Training, result) -> dict:
+    """The manifest's ``adapt`` section: how this run trained."""
+    tcfg = run.tcfg
+    info = {
         "strategy": cfg.strategy,
         "epochs": cfg.epochs,
         "best_epoch": result.best_epoch,
@@ -287,57 +375,64 @@ def _adapt(cfg: AdaptConfig) -> AdaptResult:
         **({"l2": tcfg.weight_decay} if tcfg.solver == "lbfgs" else {}),
         "seed": cfg.seed,
         "val_fraction": cfg.val_fraction,
-        "augment": augment,
+        "augment": run.augment,
         "views": cfg.views,
-        "trainable_params": sum(p.numel() for p in plan.trainable)
-        + sum(p.numel() for p in head.parameters()),
+        "trainable_params": sum(p.numel() for p in built.plan.trainable)
+        + sum(p.numel() for p in built.head.parameters()),
     }
     if cfg.strategy == "last-n":
-        adapt_info["unfreeze"] = cfg.unfreeze
+        info["unfreeze"] = cfg.unfreeze
     if cfg.strategy != "head":
-        adapt_info["backbone_lr_mult"] = scfg.backbone_lr_mult
-        adapt_info["train_bn"] = cfg.train_bn
-    if cfg.l2sp:
-        adapt_info["l2sp"] = cfg.l2sp
-    if cfg.balance:
-        adapt_info["balance"] = "class-weighted loss"
-    if cfg.truncate:
-        adapt_info["truncate"] = cfg.truncate
-    if cfg.keep_source_head:
-        adapt_info["keep_source_head"] = True
-    if cfg.lwf:
-        adapt_info["lwf"] = cfg.lwf
+        info["backbone_lr_mult"] = run.scfg.backbone_lr_mult
+        info["train_bn"] = cfg.train_bn
+    optional = {
+        "l2sp": cfg.l2sp,
+        "balance": "class-weighted loss" if cfg.balance else None,
+        "truncate": cfg.truncate,
+        "keep_source_head": True if cfg.keep_source_head else None,
+        "lwf": cfg.lwf,
+    }
+    info.update({k: v for k, v in optional.items() if v})
     if cfg.teacher:
         tm = read_manifest(cfg.teacher)
-        adapt_info["teacher"] = {
+        info["teacher"] = {
             "arch": tm.arch,
             "val_top1": tm.metrics.get("val_top1"),
             "alpha": cfg.kd_alpha,
             "temperature": cfg.kd_temperature,
         }
+    return info
+
+
+def _manifest(
+    cfg: AdaptConfig,
+    built: _Built,
+    *,
+    dataset: Dataset,
+    counts: dict[str, int],
+    adapt_info: dict,
+    metrics: dict,
+) -> Manifest:
+    """The run's manifest: labels, preprocessing, source provenance, how it trained, results."""
+    src = dict(built.source.provenance)
+    if built.source.labels is not None:
+        src["labels"] = built.source.labels
+    elif cfg.keep_source_head:
+        src["labels"] = [f"source_{i}" for i in range(built.source_head.out_features)]
     io_names = {"input": "input", "output": "logits"}
     if cfg.keep_source_head:
         io_names["source_output"] = "source_logits"
-    manifest = Manifest(
+    return Manifest(
         arch=cfg.arch,
         labels=list(dataset.classes),
-        preprocessing=pre,
+        preprocessing=built.pre,
         source=src,
         adapt=adapt_info,
-        data={
-            "fingerprint": dataset.fingerprint(),
-            "classes": len(dataset.classes),
-            "train": len(train_s),
-            "val": len(val_s),
-            "bad": len(bad),
-        },
+        data={"fingerprint": dataset.fingerprint(), "classes": len(dataset.classes), **counts},
         metrics=metrics,
         versions=versions(),
         io=io_names,
     )
-    notes += _write_run(cfg, model, manifest, result, bad, memory)
-    remove_checkpoint(checkpoint_path(cfg.out))
-    return AdaptResult(Path(cfg.out), manifest, bad, memory, notes)
 
 
 def _check_source_options(cfg: AdaptConfig, source) -> None:
@@ -385,12 +480,12 @@ def _outputs_of(module, samples, pre, module_id: str, cfg: AdaptConfig):
     return out.vectors
 
 
-def _source_top1(cfg: AdaptConfig, features, source_head, source, pre) -> float | None:
-    """Top-1 of features + source head on --source-data (None without it)."""
+def _source_top1(cfg: AdaptConfig, built: _Built) -> float | None:
+    """Top-1 of the backbone + source head on --source-data (None without it)."""
     if cfg.source_data is None:
         return None
     ds = scan(cfg.source_data, val_fraction=0.0)
-    labels = source.labels or [f"source_{i}" for i in range(source_head.out_features)]
+    labels = built.source.labels or [f"source_{i}" for i in range(built.source_head.out_features)]
     unknown = [c for c in ds.classes if c not in labels]
     if unknown:
         raise DataError(
@@ -399,16 +494,16 @@ def _source_top1(cfg: AdaptConfig, features, source_head, source, pre) -> float 
         )
     truth = torch.tensor([labels.index(ds.classes[s.label]) for s in ds.samples])
     logits = _outputs_of(
-        torch.nn.Sequential(features, source_head),
+        torch.nn.Sequential(built.features, built.source_head),
         ds.samples,
-        pre,
+        built.pre,
         "source-eval",
         dataclasses.replace(cfg, use_cache=False),
     )
     return float((logits.argmax(1) == truth).float().mean())
 
 
-def _check_images(cfg: AdaptConfig, dataset, features, pre, backbone_id: str):
+def _check_images(cfg: AdaptConfig, dataset: Dataset, built: _Built):
     """Decode every image once; unreadable ones are dropped (and fail the run past max_bad).
 
     For ``head`` this pass is the feature extraction itself: returns the bad files and, for
@@ -416,10 +511,10 @@ def _check_images(cfg: AdaptConfig, dataset, features, pre, backbone_id: str):
     """
     if cfg.strategy == "head":
         feats = extract(
-            features,
+            built.features,
             dataset.samples,
-            pre,
-            backbone_id=backbone_id,
+            built.pre,
+            backbone_id=built.backbone_id,
             use_cache=cfg.use_cache,
             max_pixels=cfg.max_pixels,
             progress=cfg.progress,
@@ -533,6 +628,7 @@ def _run_fingerprint(cfg: AdaptConfig, dataset, backbone_id: str = "") -> str:
             "resume",
             "progress",
             "on_step",
+            "on_phase",
             "use_cache",
             "workers",
             "backend",
@@ -550,132 +646,141 @@ def _run_fingerprint(cfg: AdaptConfig, dataset, backbone_id: str = "") -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _train(
-    cfg,
-    *,
-    tcfg,
-    scfg,
-    model,
-    plan,
-    pre,
-    augment,
-    train_s,
-    val_s,
-    teacher_logits,
-    backbone_id,
-    fingerprint,
-    num_classes,
-    source=(None, None),
-    clean=None,
-):
-    notes: list[str] = []
-    y_train = torch.tensor([s.label for s in train_s])
-    weights = None
-    if cfg.balance:
-        counts = torch.bincount(y_train, minlength=num_classes).float()
-        weights = counts.sum() / (num_classes * counts.clamp_min(1))
+@dataclass(frozen=True)
+class _Training:
+    """What one training run uses beside the model: its config, samples and extra targets."""
 
-    def base_loss(logits, y, idx):
-        loss = torch.nn.functional.cross_entropy(logits, y, weight=weights)
-        if teacher_logits is not None:
-            kd = strategies.kd_loss(logits, teacher_logits[idx], cfg.kd_temperature)
-            loss = (1 - cfg.kd_alpha) * loss + cfg.kd_alpha * kd
-        return loss
+    tcfg: TrainConfig
+    scfg: strategies.StrategyConfig
+    augment: str
+    train_s: list[Sample]
+    val_s: list[Sample]
+    fingerprint: str  # identifies the run for --resume
+    teacher_logits: torch.Tensor | None = None  # distillation targets per training image
+    lwf_logits: torch.Tensor | None = None  # the source head's outputs, for LwF
+    clean: dict | None = None  # head: features extracted while checking the images, by path
 
-    common = dict(
-        checkpoint=Checkpoint(checkpoint_path(cfg.out), fingerprint),
+
+def _train(cfg: AdaptConfig, built: _Built, run: _Training, phase: Phases):
+    """Train with the strategy's loss and batches; the optimizer runs in phase "fit"."""
+    loss = _base_loss(cfg, run, classes=built.head.out_features)
+    fit_options = dict(
+        checkpoint=Checkpoint(checkpoint_path(cfg.out), run.fingerprint),
         resume=cfg.resume,
         progress=cfg.progress,
         on_step=cfg.on_step,
+        cfg=run.tcfg,
     )
     if cfg.strategy == "head":
+        return _train_head(cfg, built, run, loss, fit_options, phase)
+    return _train_backbone(cfg, built, run, loss, fit_options, phase)
 
-        def feats(samples, aug="none", view=0):
-            if aug == "none" and clean is not None:  # extracted while checking the images
-                return torch.stack([clean[s.path] for s in samples])
-            out = extract(
-                model.features,
-                samples,
-                pre,
-                backbone_id=backbone_id,
-                use_cache=cfg.use_cache,
-                max_pixels=cfg.max_pixels,
-                progress=cfg.progress,
-                augment=aug,
-                view=view,
-                seed=cfg.seed,
-                backend=cfg.backend,
-                workers=cfg.workers or None,
-            )
-            if out.bad:
-                raise DataError(f"{out.bad[0][0]}: {out.bad[0][1]}")
-            return out.vectors
 
-        x_train = feats(train_s)
-        if cfg.views > 1:  # view 0 is the clean image, the others augmented copies
-            x_train = torch.stack(
-                [x_train] + [feats(train_s, augment, v) for v in range(1, cfg.views)]
-            )
-        x_val = feats(val_s)
-        std = Standardize(x_train[0] if cfg.views > 1 else x_train)
-        trainee = torch.nn.Sequential(std, model.head)
-        train = TensorBatches(x_train, y_train, tcfg.batch_size, cfg.seed, views=cfg.views)
-        val = TensorBatches(
-            x_val, torch.tensor([s.label for s in val_s]), 256, cfg.seed, shuffle=False
+def _base_loss(cfg: AdaptConfig, run: _Training, classes: int):
+    """Cross-entropy (class-weighted with --balance), mixed with the teacher's soft labels when
+    distilling."""
+    weights = None
+    if cfg.balance:
+        counts = torch.bincount(_labels(run.train_s), minlength=classes).float()
+        weights = counts.sum() / (classes * counts.clamp_min(1))
+    teacher = run.teacher_logits
+
+    def base_loss(logits, y, idx):
+        loss = torch.nn.functional.cross_entropy(logits, y, weight=weights)
+        if teacher is not None:
+            kd = strategies.kd_loss(logits, teacher[idx], cfg.kd_temperature)
+            loss = (1 - cfg.kd_alpha) * loss + cfg.kd_alpha * kd
+        return loss
+
+    return base_loss
+
+
+def _labels(samples: list[Sample]) -> torch.Tensor:
+    return torch.tensor([s.label for s in samples])
+
+
+def _train_head(cfg: AdaptConfig, built: _Built, run: _Training, loss, fit_options, phase):
+    """A new head on cached features (and augmented views), standardised, then folded back."""
+
+    def feats(samples, aug="none", view=0):
+        if aug == "none" and run.clean is not None:  # extracted while checking the images
+            return torch.stack([run.clean[s.path] for s in samples])
+        out = extract(
+            built.features,
+            samples,
+            built.pre,
+            backbone_id=built.backbone_id,
+            use_cache=cfg.use_cache,
+            max_pixels=cfg.max_pixels,
+            progress=cfg.progress,
+            augment=aug,
+            view=view,
+            seed=cfg.seed,
+            backend=cfg.backend,
+            workers=cfg.workers or None,
         )
-        groups = [{"params": list(model.head.parameters()), "lr": cfg.lr}]
-        # one thread: a head's tensors are too small to share out (see fit's `threads`)
+        if out.bad:
+            raise DataError(f"{out.bad[0][0]}: {out.bad[0][1]}")
+        return out.vectors
+
+    x_train = feats(run.train_s)
+    if cfg.views > 1:  # view 0 is the clean image, the others augmented copies
+        x_train = torch.stack(
+            [x_train] + [feats(run.train_s, run.augment, v) for v in range(1, cfg.views)]
+        )
+    x_val = feats(run.val_s)
+    std = Standardize(x_train[0] if cfg.views > 1 else x_train)
+    y_train = _labels(run.train_s)
+    train = TensorBatches(x_train, y_train, run.tcfg.batch_size, cfg.seed, views=cfg.views)
+    val = TensorBatches(x_val, _labels(run.val_s), 256, cfg.seed, shuffle=False)
+    groups = [{"params": list(built.head.parameters()), "lr": cfg.lr}]
+    # one thread: a head's tensors are too small to share out (see fit's `threads`)
+    with phase("fit"):
         result = fit(
-            trainee,
+            torch.nn.Sequential(std, built.head),
             param_groups=groups,
             train=train,
             val=val,
-            loss_fn=base_loss,
-            cfg=tcfg,
+            loss_fn=loss,
             threads=1,
-            **common,
+            **fit_options,
         )
-        fold(std, model.head)
-        return result, notes
+    fold(std, built.head)
+    return result
 
+
+def _train_backbone(cfg: AdaptConfig, built: _Built, run: _Training, loss, fit_options, phase):
+    """Backbone and head on decoded image batches, with L2-SP and LwF when asked."""
+    model, plan, pre = built.model, built.plan, built.pre
+    batches = dict(workers=cfg.workers, max_pixels=cfg.max_pixels)
     train = ImageBatches(
-        train_s,
-        train_transform(pre, augment),
-        tcfg.batch_size,
-        cfg.seed,
-        workers=cfg.workers,
-        max_pixels=cfg.max_pixels,
+        run.train_s, train_transform(pre, run.augment), run.tcfg.batch_size, cfg.seed, **batches
     )
+    # evaluation at the training batch keeps the memory plan true
     val = ImageBatches(
-        val_s,
-        eval_transform(pre),
-        tcfg.batch_size,  # evaluation at the training batch keeps the memory plan true
-        cfg.seed,
-        shuffle=False,
-        workers=cfg.workers,
-        max_pixels=cfg.max_pixels,
+        run.val_s, eval_transform(pre), run.tcfg.batch_size, cfg.seed, shuffle=False, **batches
     )
     source_weights = [p.detach().clone() for p in plan.trainable]
-    source_head, lwf_logits = source
+    lwf_logits = run.lwf_logits
     stash: dict = {}
 
     def forward(m, x):
         # The new head's logits drive training; the source head's (for LwF) are kept aside.
         f = m.features(x)
         if lwf_logits is not None:
-            stash["source"] = source_head(f)
+            stash["source"] = built.source_head(f)
         return m.head(f)
 
     def loss_fn(logits, y, idx):
-        loss = base_loss(logits, y, idx)
+        total = loss(logits, y, idx)
         if cfg.l2sp:
-            loss = loss + cfg.l2sp * strategies.l2sp_penalty(plan.trainable, source_weights)
+            total = total + cfg.l2sp * strategies.l2sp_penalty(plan.trainable, source_weights)
         if lwf_logits is not None:
-            loss = loss + cfg.lwf * strategies.kd_loss(stash["source"], lwf_logits[idx], 2.0)
-        return loss
+            total = total + cfg.lwf * strategies.kd_loss(stash["source"], lwf_logits[idx], 2.0)
+        return total
 
     groups = [
-        {"params": plan.trainable, "lr": cfg.lr * scfg.backbone_lr_mult},
+        {"params": plan.trainable, "lr": cfg.lr * run.scfg.backbone_lr_mult},
         {"params": list(model.head.parameters()), "lr": cfg.lr},
     ]
 
@@ -683,21 +788,23 @@ def _train(
         model.train()
         strategies.set_train_mode(model.features, plan)
 
-    result = fit(
-        model,
-        param_groups=groups,
-        train=train,
-        val=val,
-        loss_fn=loss_fn,
-        cfg=tcfg,
-        forward=forward,
-        train_mode=train_mode,
-        **common,
-    )
-    return result, notes
+    with phase("fit"):
+        return fit(
+            model,
+            param_groups=groups,
+            train=train,
+            val=val,
+            loss_fn=loss_fn,
+            forward=forward,
+            train_mode=train_mode,
+            **fit_options,
+        )
 
 
-def _write_run(cfg: AdaptConfig, model, manifest: Manifest, result, bad, memory) -> list[str]:
+def _write_run(
+    cfg: AdaptConfig, model, manifest: Manifest, result, *, bad, memory, phase: Phases
+) -> list[str]:
+    """RUN_DIR, replaced only when complete; returns notes (a report that could not be made)."""
     with output_dir(cfg.out, cfg.force, inputs(cfg)) as tmp:
         save_model(model, manifest, tmp / "model.safetensors")
         atomic_write_text(tmp / MANIFEST_NAME, manifest.to_json())
@@ -717,14 +824,15 @@ def _write_run(cfg: AdaptConfig, model, manifest: Manifest, result, bad, memory)
         if not cfg.report:
             return []
         try:  # report.html needs the optional matplotlib; the run is complete without it
-            write_run_report(
-                tmp,
-                model=model,
-                data_dir=cfg.data_dir,
-                progress=cfg.progress,
-                val_logits=result.val_logits,
-                bad=bad,
-            )
+            with phase("report"):
+                write_run_report(
+                    tmp,
+                    model=model,
+                    data_dir=cfg.data_dir,
+                    progress=cfg.progress,
+                    val_logits=result.val_logits,
+                    bad=bad,
+                )
         except ReportUnavailable as e:
             return [f"no report.html: {e}"]
     return []

@@ -28,21 +28,18 @@ def status_mib(field):  # Linux: VmRSS now, VmHWM the peak of this process
 import torch
 if sys.argv[2] != "-":
     torch.set_num_threads(int(sys.argv[2]))
-import edgetransfer.train as train_mod
 from edgetransfer.adapt import AdaptConfig, adapt
 kw = json.loads(sys.argv[1])
 for k in ("data_dir", "out", "teacher", "source_data"):
     if kw.get(k):
         kw[k] = Path(kw[k])
-real_fit = train_mod.fit
 marks = {}
-def fit(*a, **k):  # RSS when training starts: what training adds is measured from here
-    marks["before_fit"] = status_mib("VmRSS")
-    return real_fit(*a, **k)
-train_mod.fit = fit
+def on_phase(name):  # RSS when training starts: what training adds is measured from here
+    if name == "fit":
+        marks["before_fit"] = status_mib("VmRSS")
 start_rss = status_mib("VmRSS")
 start = time.perf_counter()
-res = adapt(AdaptConfig(**kw))
+res = adapt(AdaptConfig(**kw, on_phase=on_phase))
 print(json.dumps({"time_s": time.perf_counter() - start, "start_mib": start_rss,
     "before_fit_mib": marks.get("before_fit", 0.0), "peak_mib": status_mib("VmHWM"),
     "memory": res.memory, "metrics": res.manifest.metrics,
