@@ -352,9 +352,10 @@ void check_image(const std::string& path) {
   decode(path, true);
 }
 
-// One axis of Pillow's bilinear resampling (libImaging/Resample.c): a triangle filter whose
-// support widens by the scale factor when shrinking (antialiasing), coefficients normalised and
-// stored in 22-bit fixed point. Matching it makes our pixels equal Python's, not merely close.
+// One axis of Pillow's bilinear or bicubic resampling (libImaging/Resample.c): a triangle or
+// Keys cubic (a = -0.5) filter whose support widens by the scale factor when shrinking
+// (antialiasing), coefficients normalised and stored in 22-bit fixed point. Matching it makes our
+// pixels equal Python's, not merely close.
 constexpr int kPrecisionBits = 32 - 8 - 2;
 
 struct Coeffs {
@@ -365,10 +366,24 @@ struct Coeffs {
 
 // The coefficients of outputs [first, first + count) of a resize from in_size to out_size: the
 // same numbers Pillow computes for those outputs of the whole resize.
-Coeffs bilinear_coeffs(int in_size, int out_size, int first, int count) {
+double bilinear_filter(double x) {
+  x = std::abs(x);
+  return x < 1.0 ? 1.0 - x : 0.0;
+}
+
+double bicubic_filter(double x) {
+  constexpr double a = -0.5;
+  x = std::abs(x);
+  if (x < 1.0) return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0;
+  if (x < 2.0) return (((x - 5.0) * x + 8.0) * x - 4.0) * a;
+  return 0.0;
+}
+
+Coeffs resample_coeffs(int in_size, int out_size, int first, int count, bool bicubic) {
+  double (*filter)(double) = bicubic ? bicubic_filter : bilinear_filter;
   const double scale = double(in_size) / out_size;
   const double filterscale = std::max(scale, 1.0);
-  const double support = 1.0 * filterscale;
+  const double support = (bicubic ? 2.0 : 1.0) * filterscale;
   Coeffs c;
   c.ksize = int(std::ceil(support)) * 2 + 1;
   c.bounds.resize(size_t(count) * 2);
@@ -381,8 +396,7 @@ Coeffs bilinear_coeffs(int in_size, int out_size, int first, int count) {
     const int xmax = std::min(int(center + support + 0.5), in_size) - xmin;
     double ww = 0.0;
     for (int x = 0; x < xmax; ++x) {
-      const double t = std::abs((x + xmin - center + 0.5) * ss);
-      w[x] = t < 1.0 ? 1.0 - t : 0.0;
+      w[x] = filter((x + xmin - center + 0.5) * ss);
       ww += w[x];
     }
     for (int x = 0; x < xmax; ++x) {
@@ -595,13 +609,19 @@ Manifest parse_manifest(const std::string& text, const std::string& source) {
       m.pre.std[c] = float(stds[c]);
     }
     for (const auto& [key, want] :
-         {std::pair{"crop", "center"}, {"interpolation", "bilinear"}, {"color", "RGB"}, {"layout", "NCHW"}}) {
+         {std::pair{"crop", "center"}, {"color", "RGB"}, {"layout", "NCHW"}}) {
       const json* got = member(p, key);
       if (got && *got != want) {
         throw InputError(source + ": preprocessing " + key + "=" + dump(got) + " is not supported (only " +
                          want + ")");
       }
     }
+    const json* interpolation = member(p, "interpolation");
+    if (interpolation && *interpolation != "bilinear" && *interpolation != "bicubic") {
+      throw InputError(source + ": preprocessing interpolation=" + dump(interpolation) +
+                       " is not supported (only bilinear or bicubic)");
+    }
+    m.pre.bicubic = interpolation && *interpolation == "bicubic";
     const json* io = member(j, "io");
     const json* input = io ? member(*io, "input") : nullptr;
     const json* output = io ? member(*io, "output") : nullptr;
@@ -623,7 +643,7 @@ std::string describe(const Manifest& m) {
   std::ostringstream s;
   s << "arch " << printable(m.arch) << ", " << m.labels.size() << " labels [" << printable(join(m.labels))
     << "], input " << p.height << "x" << p.width << " (shorter side resized to " << p.resize
-    << ", centre crop), mean [" << p.mean[0] << ", " << p.mean[1] << ", " << p.mean[2] << "], std ["
+    << (p.bicubic ? " bicubic" : "") << ", centre crop), mean [" << p.mean[0] << ", " << p.mean[1] << ", " << p.mean[2] << "], std ["
     << p.std[0] << ", " << p.std[1] << ", " << p.std[2] << "]";
   return s.str();
 }
@@ -680,7 +700,7 @@ Image resize_crop(const Image& img, const Preprocessing& p) {
   Coeffs vert;
   int row0 = top, rows = p.height;
   if (h != img.height) {
-    vert = bilinear_coeffs(img.height, h, top, p.height);
+    vert = resample_coeffs(img.height, h, top, p.height, p.bicubic);
     int end = 0;
     row0 = img.height;
     for (int o = 0; o < p.height; ++o) {
@@ -691,7 +711,7 @@ Image resize_crop(const Image& img, const Preprocessing& p) {
   }
   Image r;
   if (w != img.width) {
-    r = resample(img, bilinear_coeffs(img.width, w, left, p.width), true, row0, rows);
+    r = resample(img, resample_coeffs(img.width, w, left, p.width, p.bicubic), true, row0, rows);
   } else {
     r = Image{p.width, rows, std::vector<uint8_t>(size_t(p.width) * rows * 3)};
     for (int y = 0; y < rows; ++y) {

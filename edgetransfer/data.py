@@ -427,6 +427,9 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+_PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
 def eval_transform(p: Preprocessing):
     """Resize shorter side, centre crop, to float, normalise: torchvision.transforms.v2."""
     import torch
@@ -434,13 +437,20 @@ def eval_transform(p: Preprocessing):
 
     return v2.Compose(
         [
-            v2.Resize(p.resize, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
+            v2.Resize(p.resize, interpolation=interpolation_mode(p), antialias=True),
             v2.CenterCrop(list(p.input_size)),
             v2.ToImage(),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(list(p.mean), list(p.std)),
         ]
     )
+
+
+def interpolation_mode(p: Preprocessing):
+    """torchvision's mode for `p.interpolation` (on PIL images, Pillow's own filter)."""
+    from torchvision.transforms import v2
+
+    return v2.InterpolationMode(p.interpolation)
 
 
 def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
@@ -451,10 +461,11 @@ def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
 
 
 def resize_crop(img: Image.Image, p: Preprocessing) -> Image.Image:
-    """Resize the shorter side to ``p.resize`` (bilinear) and centre-crop ``p.input_size``."""
+    """Resize the shorter side to ``p.resize`` (``p.interpolation``) and centre-crop
+    ``p.input_size``."""
     w, h = resized_size(img.width, img.height, p.resize)
     if (w, h) != img.size:
-        img = img.resize((w, h), Image.BILINEAR)
+        img = img.resize((w, h), _PIL_FILTERS[p.interpolation])
     ch, cw = p.input_size
     if w < cw or h < ch:  # torchvision pads before cropping; resize >= input_size prevents this
         raise EdgeTransferError(f"image of {w}x{h} after resize is smaller than the crop {cw}x{ch}")

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from edgetransfer import config
-from edgetransfer.data import Sample, eval_transform, load_image
+from edgetransfer.data import Sample, eval_transform, interpolation_mode, load_image
 from edgetransfer.manifest import Preprocessing
 from edgetransfer.train import epoch_generator
 
@@ -33,15 +33,18 @@ def train_transform(p: Preprocessing, preset: str):
         v2.Normalize(list(p.mean), list(p.std)),
     ]
     size = list(p.input_size)
+    mode = interpolation_mode(p)  # the weights' own filter, as at evaluation
     if preset == "light":
         head = [
-            v2.Resize(p.resize, antialias=True),
-            v2.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),
+            v2.Resize(p.resize, interpolation=mode, antialias=True),
+            v2.RandomResizedCrop(
+                size, scale=(0.8, 1.0), ratio=(0.9, 1.1), interpolation=mode, antialias=True
+            ),
             v2.ColorJitter(brightness=0.1, contrast=0.1),
         ]
     elif preset == "standard":
         head = [
-            v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True),
+            v2.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=mode, antialias=True),
             v2.RandomHorizontalFlip(),
             v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3),
         ]

@@ -24,6 +24,10 @@ MAX_SIDE = 16384  # largest input_size / resize a manifest may declare
 # these; past them inputs overflow float32 (std 1e-45) or mean nothing. cpp_demo checks the same.
 STD_RANGE = (1e-4, 1e4)
 MAX_ABS_MEAN = 1e4
+# Pillow's antialiased filters, which data.resize_crop, torchvision on PIL images and the C++
+# demo (cpp_demo/common.cpp) all reproduce pixel for pixel; bicubic is what some pretrained
+# weights were evaluated with (timm's tf_efficientnet_lite0)
+INTERPOLATIONS = ("bilinear", "bicubic")
 MAX_MANIFEST = 1 << 20  # bytes; a manifest is a few KiB
 # The one table of artifact files in a RUN_DIR / EXPORT_DIR: kind -> file name. Every module
 # that writes, finds or loads an artifact names it through this table.
@@ -136,8 +140,9 @@ def check_labels(
 class Preprocessing:
     """How a decoded RGB image becomes the model's input tensor.
 
-    Resize the shorter side to `resize` (keeping aspect ratio), crop `input_size` from the
-    centre, scale to [0, 1], subtract `mean`, divide by `std`; NCHW float32.
+    Resize the shorter side to `resize` (keeping aspect ratio; `interpolation` is Pillow's
+    antialiased bilinear or bicubic), crop `input_size` from the centre, scale to [0, 1],
+    subtract `mean`, divide by `std`; NCHW float32.
     """
 
     input_size: tuple[int, int]
@@ -181,10 +186,11 @@ class Preprocessing:
             )
         if max(p.resize, *p.input_size) > MAX_SIDE:  # a hostile file must not size our buffers
             raise ManifestError(f"invalid preprocessing in manifest: sizes above {MAX_SIDE} pixels")
-        if p.crop != "center" or p.interpolation != "bilinear" or p.color != "RGB":
+        if p.crop != "center" or p.interpolation not in INTERPOLATIONS or p.color != "RGB":
             raise ManifestError(
                 f"unsupported preprocessing (crop={p.crop}, interpolation={p.interpolation}, "
-                f"color={p.color}); this version supports center/bilinear/RGB"
+                f"color={p.color}); this version supports center, "
+                f"{'/'.join(INTERPOLATIONS)}, RGB"
             )
         if min(p.input_size) < 1 or p.resize < max(p.input_size):
             raise ManifestError("invalid preprocessing in manifest: resize smaller than input_size")
