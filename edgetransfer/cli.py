@@ -660,6 +660,15 @@ def export(
     for f in res.files:
         size = sum(p.stat().st_size for p in f.rglob("*")) if f.is_dir() else f.stat().st_size
         click.echo(f"wrote {f} ({size / 1024:.0f} KiB)")
+    et = res.report.get("executorch")
+    if et:
+        low, high = et["batch"]
+        click.echo(
+            f"model.pte: XNNPACK runs {et['delegated_nodes']} of "
+            f"{et['delegated_nodes'] + et['outside_nodes']} nodes "
+            f"({', '.join(et['outside_ops']) or 'none'} outside); batch "
+            + (f"{low}..{high}" if low != high else f"fixed at {low}")
+        )
     guard = res.report.get("guard")
     if guard:
         click.echo(f"{'artifact':<18} {'top1':>7} {'drop':>6} {'p50 ms':>8}")

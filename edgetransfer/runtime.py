@@ -263,7 +263,8 @@ class PteProgram:
         if threads:
             from executorch.extension.pybindings import portable_lib
 
-            portable_lib._unsafe_reset_threadpool(int(threads))  # XNNPACK's threads
+            with _runtime_log():
+                portable_lib._unsafe_reset_threadpool(int(threads))  # XNNPACK's threads
         self.name = name
         with _runtime_log() as log:
             try:

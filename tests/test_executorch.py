@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from edgetransfer import config
-from edgetransfer.export import ExportConfig, export
+from edgetransfer.errors import ExportError
 from edgetransfer.manifest import PTE_MANIFEST_METHOD, read_manifest
 from edgetransfer.pte import export_pte
 from edgetransfer.ptefile import read_pte
@@ -26,14 +26,13 @@ from .conftest import DIGITS, run
 @pytest.fixture(scope="session")
 def pte_export(digits_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("pte") / "export"
-    res = export(
-        ExportConfig(run_dir=digits_run, out=out, torchscript=False, raw=False, executorch=True)
-    )
-    return out, res
+    res = run("export", digits_run, "--onnx", "--executorch", "--out", out)
+    assert res.exit_code == 0, res.output
+    return out, res.output
 
 
 def test_export_writes_a_delegated_pte_and_reports_it(pte_export):
-    out, res = pte_export
+    out, output = pte_export
     assert (out / "model.pte").is_file() and (out / "model.onnx").is_file()
     report = json.loads((out / "export.json").read_text())
     et = report["executorch"]
@@ -42,7 +41,11 @@ def test_export_writes_a_delegated_pte_and_reports_it(pte_export):
     assert et["outside_ops"] == ["aten.view_copy.default"] and et["outside_nodes"] == 1
     assert et["delegated_nodes"] >= 8 and et["delegated_share"] >= 0.8
     assert len(report["artifacts"]["pte"]["sha256"]) == 64
-    assert res.notes == []
+    assert report["notes"] == []
+    assert (
+        "model.pte: XNNPACK runs 9 of 10 nodes (aten.view_copy.default outside); batch 1..16"
+        in output.splitlines()
+    )
 
 
 def test_manifest_travels_inside_the_pte(pte_export):
@@ -129,12 +132,42 @@ def test_perturbed_pte_fails_verify(pte_export, tmp_path):
     with torch.no_grad():
         weight = next(p for n, p in model.named_parameters() if n.endswith("weight"))
         weight.view(-1)[0] += 0.5
-    export_pte(model, manifest, broken / "model.pte", 4, [])
+    assert export_pte(model, manifest, broken / "model.pte", 4, [])["batch"] == [1, 4]
     res = run("verify", broken, "--data", DIGITS)
     assert res.exit_code == 1
     rows = {ln.split()[0]: ln for ln in res.output.splitlines() if ln[:1].isalpha()}
     assert rows["onnxruntime"].endswith("ok") and not rows["executorch"].endswith("ok")
     assert "executorch" in res.output.splitlines()[-1]
+
+
+def test_fixed_batch_when_the_dynamic_one_fails(pte_export, tmp_path, monkeypatch):
+    """When the dynamic batch fails, model.pte gets a fixed batch of 1, said in a note, and
+    the runtime feeds it one image at a time."""
+    from edgetransfer import pte
+
+    out, _ = pte_export
+    model, manifest = load_run(out)
+    real = pte._lower
+
+    def no_dynamic(model, manifest, shape, low, high):
+        if high > low:
+            raise ExportError("torch.export failed: data-dependent batch")
+        return real(model, manifest, shape, low, high)
+
+    monkeypatch.setattr(pte, "_lower", no_dynamic)
+    notes: list[str] = []
+    report = export_pte(model, manifest, tmp_path / "model.pte", 16, notes)
+    assert report["batch"] == [1, 1] and not report["dynamic_batch"]
+    assert notes == [
+        "model.pte has a fixed batch of 1: batch 1..16: torch.export failed: data-dependent batch"
+    ]
+    batch = np.random.default_rng(1).standard_normal((3, 3, 32, 32), dtype=np.float32)
+    np.testing.assert_allclose(
+        PteClassifier(tmp_path / "model.pte").logits(batch),
+        OnnxClassifier(out / "model.onnx").logits(batch),
+        rtol=config.RTOL,
+        atol=config.ATOL,
+    )
 
 
 def _damaged(out, tmp_path):
