@@ -698,7 +698,7 @@ def export(
 @click.option(
     "--rtol", type=float, default=config.RTOL, show_default=True, help="Relative tolerance."
 )
-@_threads_option("onnxruntime threads [default: all cores].")
+@_threads_option("onnxruntime and ExecuTorch threads [default: all cores].")
 @_json_option("Print parity.json to stdout.")
 @_trust_torchscript_option
 def verify(
@@ -714,11 +714,12 @@ def verify(
 ) -> None:
     """Prove that every exported file answers like eager PyTorch on real images.
 
-    fp32 runtimes (TorchScript, .pt2, ONNX, raw-pixel, optimised) are compared elementwise
-    (|a-b| <= atol + rtol*|b|) with 100% top-1 agreement; int8/fp16 by their top-1 drop
-    (at most 1 point). Writes EXPORT_DIR/parity.json and exits with 1 when anything fails.
-    model.pt (TorchScript) and model.pt2 can run code when loaded: they are skipped unless
-    --trust-torchscript is given, which is for folders you exported or trust.
+    fp32 runtimes (TorchScript, .pt2, ONNX, raw-pixel, optimised, ExecuTorch .pte) are
+    compared elementwise (|a-b| <= atol + rtol*|b|) with 100% top-1 agreement; int8/fp16 by
+    their top-1 drop (at most 1 point). Writes EXPORT_DIR/parity.json and exits with 1 when
+    anything fails. model.pt (TorchScript) and model.pt2 can run code when loaded: they are
+    skipped unless --trust-torchscript is given, which is for folders you exported or trust.
+    model.pte holds no code and is always run.
 
     \b
     Example:
