@@ -203,6 +203,16 @@ def test_damaged_pte_is_a_one_line_error(pte_export, tmp_path, kind, message):
     assert "Traceback" not in res.output
 
 
+def test_pte_runs_on_the_cpu_only(pte_export):
+    out, _ = pte_export
+    res = run("predict", out / "model.pte", DIGITS / "five", "--provider", "cuda")
+    assert res.exit_code == 1
+    assert res.output == (
+        "Error: --provider cuda applies to ONNX models; .pte model runs on ExecuTorch "
+        "(CPU, XNNPACK)\n"
+    )
+
+
 def test_info_on_garbage_pte_is_one_line(tmp_path):
     bad = tmp_path / "x.pte"
     bad.write_bytes(b"\x00" * 64)
