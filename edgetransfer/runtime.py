@@ -269,6 +269,8 @@ class PteProgram:
         with _runtime_log() as log:
             try:
                 program = rt.load_program(source)
+                # the method lives in the program's memory: keep the program with it
+                self._program = program
                 self.method = program.load_method("forward")
                 low = high = None
                 if PTE_BATCH_METHOD in program.method_names:
@@ -287,6 +289,8 @@ class PteProgram:
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
         """Every output of forward for a float32 NCHW batch."""
         torch = self._torch
+        if len(batch) == 0:
+            raise InputError(f"{self.name}: an empty batch has no answers; pass 1 image or more")
         parts: list[list[np.ndarray]] = []
         for i in range(0, len(batch), self.max_batch):
             piece = np.ascontiguousarray(batch[i : i + self.max_batch], np.float32)

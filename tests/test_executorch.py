@@ -7,13 +7,16 @@ import importlib.util
 import json
 import random
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from edgetransfer import config
-from edgetransfer.errors import ExportError
+from edgetransfer.errors import ExportError, InputError
 from edgetransfer.manifest import PTE_MANIFEST_METHOD, read_manifest
 from edgetransfer.pte import export_pte
 from edgetransfer.ptefile import read_pte
@@ -73,11 +76,40 @@ def test_batch_bound_is_the_documented_one(pte_export):
     assert program.method.execute([x[:high]])[0].shape == (high, 5)
     with pytest.raises(RuntimeError):
         program.method.execute([x])
+    with pytest.raises(InputError, match="model.pte: an empty batch has no answers"):
+        program.run(np.zeros((0, 3, 32, 32), np.float32))
     # PteClassifier runs 37 images as 16 + 16 + 5 and answers like onnxruntime
     batch = np.random.default_rng(0).standard_normal((37, 3, 32, 32), dtype=np.float32)
     got = PteClassifier(out / "model.pte").logits(batch)
     want = OnnxClassifier(out / "model.onnx").logits(batch)
     np.testing.assert_allclose(got, want, rtol=config.RTOL, atol=config.ATOL)
+
+
+def test_a_loaded_program_outlives_its_bytes(pte_export):
+    """The forward method lives in the program's memory: PteProgram keeps the program, so
+    running it after the bytes it was loaded from are gone does not crash (a subprocess: a
+    use-after-free is a segfault)."""
+    out, _ = pte_export
+    code = (
+        "import gc, sys\n"
+        "import numpy as np\n"
+        "from edgetransfer.runtime import PteProgram\n"
+        "programs = [PteProgram(open(sys.argv[1], 'rb').read(), 'model.pte') for _ in range(2)]\n"
+        "gc.collect()\n"
+        "x = np.zeros((2, 3, 32, 32), np.float32)\n"
+        "for _ in range(20):\n"
+        "    for p in programs:\n"
+        "        assert p.run(x)[0].shape == (2, 5)\n"
+        "print('ok')\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(out / "model.pte")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-500:]
 
 
 def test_verify_runs_the_pte(pte_export):
