@@ -529,6 +529,16 @@ def adapt(
 @click.option("--fp16", "want_fp16", is_flag=True, help="model.fp16.onnx (fp16 weights).")
 @click.option("--optimize", is_flag=True, help="model.opt.onnx (ORT EXTENDED optimisations).")
 @click.option(
+    "--executorch", is_flag=True, help="model.pte (ExecuTorch program, XNNPACK-delegated)."
+)
+@click.option(
+    "--pte-max-batch",
+    type=click.IntRange(min=1),
+    default=config.PTE_MAX_BATCH,
+    show_default=True,
+    help="Largest batch model.pte accepts; its memory is planned for it when it loads.",
+)
+@click.option(
     "--exporter",
     type=click.Choice(config.EXPORTER_CHOICES),
     default=config.EXPORTER,
@@ -582,6 +592,8 @@ def export(
     want_int8: bool,
     want_fp16: bool,
     optimize: bool,
+    executorch: bool,
+    pte_max_batch: int,
     exporter: str,
     opset: int | None,
     out: Path | None,
@@ -598,17 +610,26 @@ def export(
     With no format flag, model.onnx, model.pt and model.raw.onnx are written. Every ONNX file
     is checked against eager PyTorch at batch 1, 2 and 8. With --int8/--fp16/--optimize, top-1
     and batch-1 latency of each ONNX variant are measured on this machine and the fastest one
-    within --max-drop is recommended (export.json).
+    within --max-drop is recommended (export.json). --executorch lowers the model to an
+    XNNPACK-delegated ExecuTorch program, checked at batch 1, 2 and --pte-max-batch.
 
     \b
     Example:
       edgetransfer export run --onnx --torchscript --int8 --out deploy
+      edgetransfer export run --onnx --executorch
     """
     from edgetransfer.export import ExportConfig
     from edgetransfer.export import export as run_export
 
     default = not (
-        want_onnx or want_ts or want_raw or want_pt2 or want_int8 or want_fp16 or optimize
+        want_onnx
+        or want_ts
+        or want_raw
+        or want_pt2
+        or want_int8
+        or want_fp16
+        or optimize
+        or executorch
     )
     res = run_export(
         ExportConfig(
@@ -621,6 +642,8 @@ def export(
             int8=want_int8,
             fp16=want_fp16,
             optimize=optimize,
+            executorch=executorch,
+            pte_max_batch=pte_max_batch,
             exporter=exporter,
             opset=opset,
             force=force,
@@ -637,6 +660,15 @@ def export(
     for f in res.files:
         size = sum(p.stat().st_size for p in f.rglob("*")) if f.is_dir() else f.stat().st_size
         click.echo(f"wrote {f} ({size / 1024:.0f} KiB)")
+    et = res.report.get("executorch")
+    if et:
+        low, high = et["batch"]
+        click.echo(
+            f"model.pte: XNNPACK runs {et['delegated_nodes']} of "
+            f"{et['delegated_nodes'] + et['outside_nodes']} nodes "
+            f"({', '.join(et['outside_ops']) or 'none'} outside); batch "
+            + (f"{low}..{high}" if low != high else f"fixed at {low}")
+        )
     guard = res.report.get("guard")
     if guard:
         click.echo(f"{'artifact':<18} {'top1':>7} {'drop':>6} {'p50 ms':>8}")
@@ -666,7 +698,7 @@ def export(
 @click.option(
     "--rtol", type=float, default=config.RTOL, show_default=True, help="Relative tolerance."
 )
-@_threads_option("onnxruntime threads [default: all cores].")
+@_threads_option("onnxruntime and ExecuTorch threads [default: all cores].")
 @_json_option("Print parity.json to stdout.")
 @_trust_torchscript_option
 def verify(
@@ -682,11 +714,12 @@ def verify(
 ) -> None:
     """Prove that every exported file answers like eager PyTorch on real images.
 
-    fp32 runtimes (TorchScript, .pt2, ONNX, raw-pixel, optimised) are compared elementwise
-    (|a-b| <= atol + rtol*|b|) with 100% top-1 agreement; int8/fp16 by their top-1 drop
-    (at most 1 point). Writes EXPORT_DIR/parity.json and exits with 1 when anything fails.
-    model.pt (TorchScript) and model.pt2 can run code when loaded: they are skipped unless
-    --trust-torchscript is given, which is for folders you exported or trust.
+    fp32 runtimes (TorchScript, .pt2, ONNX, raw-pixel, optimised, ExecuTorch .pte) are
+    compared elementwise (|a-b| <= atol + rtol*|b|) with 100% top-1 agreement; int8/fp16 by
+    their top-1 drop (at most 1 point). Writes EXPORT_DIR/parity.json and exits with 1 when
+    anything fails. model.pt (TorchScript) and model.pt2 can run code when loaded: they are
+    skipped unless --trust-torchscript is given, which is for folders you exported or trust.
+    model.pte holds no code and is always run.
 
     \b
     Example:
@@ -737,9 +770,10 @@ def predict(
 ) -> None:
     """Classify IMAGES (files, folders or globs) with MODEL.
 
-    MODEL is a .onnx file (onnxruntime), a .pt (TorchScript) or .pt2 file, an EXPORT_DIR (its
-    model.onnx) or a RUN_DIR (the eager PyTorch model). Labels and preprocessing come from the
-    model itself. TorchScript files are code: run only models you exported or trust.
+    MODEL is a .onnx file (onnxruntime), a .pte file (ExecuTorch), a .pt (TorchScript) or .pt2
+    file, an EXPORT_DIR (its model.onnx) or a RUN_DIR (the eager PyTorch model). Labels and
+    preprocessing come from the model itself. TorchScript files are code: run only models you
+    exported or trust.
 
     \b
     Example:
@@ -944,8 +978,9 @@ def bench(
 def info(path: Path, as_json: bool) -> None:
     """Describe an artifact or folder: manifest, inputs/outputs, size, sha256, parity.
 
-    PATH is a .onnx, .pt, .pt2 or .safetensors file, a RUN_DIR or an EXPORT_DIR. TorchScript
-    and .pt2 files are read as archives: no model code is loaded.
+    PATH is a .onnx, .pte, .pt, .pt2 or .safetensors file, a RUN_DIR or an EXPORT_DIR.
+    TorchScript and .pt2 files are read as archives and .pte programs as flatbuffers: no model
+    code is loaded.
 
     \b
     Example:
@@ -972,6 +1007,15 @@ def info(path: Path, as_json: bool) -> None:
         for io_kind in ("inputs", "outputs"):
             for t in f.get(io_kind, []):
                 click.echo(f"    {io_kind[:-1]:<6} {t['name']:<8} {t['dtype']:<8} {t['shape']}")
+        if f.get("batch"):
+            low, high = f["batch"]
+            click.echo(f"    batch  {low}..{high}" if low != high else f"    batch  fixed at {low}")
+        if "delegated_share" in f:
+            outside = ", ".join(f["kernel_ops"]) or "-"
+            click.echo(
+                f"    XNNPACK runs {f['delegate_calls']} delegate call(s); "
+                f"{f['kernel_calls']} kernel call(s) outside it ({outside})"
+            )
     if "parity" in d:
         status = "PASS" if d["parity"]["passed"] else "FAIL"
         click.echo(

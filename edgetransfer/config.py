@@ -57,6 +57,9 @@ EXPORTER_CHOICES = ("auto", *EXPORTERS)
 EXPORTER = "auto"  # dynamo first; the TorchScript exporter when dynamo fails its checks
 GOLDEN = 5  # enough cases for a runtime self-test, few enough to keep EXPORT_DIR small
 CALIB_SIZE = 64  # a few dozen images cover the activation ranges; each one costs a forward pass
+# model.pte (ExecuTorch): batches 1..PTE_MAX_BATCH. The runtime plans memory for the largest
+# batch when the program loads, so this stays at predict's batch rather than export's 4096.
+PTE_MAX_BATCH = 16
 # a quantised model may lose one top-1 point and still be recommended (a fraction; the CLI
 # shows points)
 MAX_DROP = 0.01

@@ -1,4 +1,5 @@
-"""Export a RUN_DIR for deployment: ONNX (normalised and raw-pixel), TorchScript, .pt2.
+"""Export a RUN_DIR for deployment: ONNX (normalised and raw-pixel), TorchScript, .pt2, and
+ExecuTorch .pte (lowered in pte.py).
 
 Every artifact carries the manifest; every artifact is checked against eager PyTorch before it
 is written. Quantised variants and the latency/accuracy guard live in quantize.py.
@@ -14,7 +15,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgetransfer import config, onnxio, quantize
+from edgetransfer import config, onnxio, pte, quantize
 from edgetransfer.errors import DataError, ExportError, first_line
 from edgetransfer.fileio import (
     atomic_write_bytes,
@@ -45,6 +46,8 @@ class ExportConfig:
             default: the DATA_DIR the run was adapted on.
         calib_size: training images used to calibrate int8.
         max_drop: largest top-1 drop (fraction) a quantised model may have to be recommended.
+        executorch: also write model.pte (ExecuTorch, XNNPACK-delegated).
+        pte_max_batch: the largest batch model.pte accepts (its memory is planned for it).
     """
 
     run_dir: Path
@@ -64,6 +67,8 @@ class ExportConfig:
     calib_size: int = config.CALIB_SIZE
     max_drop: float = config.MAX_DROP
     threads: int | None = None
+    executorch: bool = False
+    pte_max_batch: int = config.PTE_MAX_BATCH
 
 
 @dataclass(frozen=True)
@@ -85,12 +90,23 @@ def export(cfg: ExportConfig) -> ExportResult:
             f"choose one of: {', '.join(config.EXPORTER_CHOICES)}"
         )
     if not (
-        cfg.onnx or cfg.torchscript or cfg.raw or cfg.pt2 or cfg.int8 or cfg.fp16 or cfg.optimize
+        cfg.onnx
+        or cfg.torchscript
+        or cfg.raw
+        or cfg.pt2
+        or cfg.int8
+        or cfg.fp16
+        or cfg.optimize
+        or cfg.executorch
     ):
         raise ExportError(
             "nothing to export; pass --onnx, --torchscript, --raw, --pt2, --int8, "
-            "--fp16 or --optimize"
+            "--fp16, --optimize or --executorch"
         )
+    if cfg.executorch:  # before any work: a missing extra is one line, not a late failure
+        pte.require_executorch()
+        if cfg.pte_max_batch < 1:
+            raise ExportError(f"--pte-max-batch must be at least 1 (got {cfg.pte_max_batch})")
     inputs = [cfg.run_dir, cfg.data_dir or run_data_dir(cfg.run_dir)]
     check_can_write(cfg.out, cfg.force, inputs)
     model, manifest = load_run(cfg.run_dir)
@@ -128,6 +144,10 @@ def export(cfg: ExportConfig) -> ExportResult:
             export_torchscript(model, manifest, example, tmp / ARTIFACTS["torchscript"])
         if cfg.pt2:
             export_pt2(model, manifest, example, tmp / ARTIFACTS["pt2"])
+        if cfg.executorch:
+            report["executorch"] = pte.export_pte(
+                model, manifest, tmp / ARTIFACTS["pte"], cfg.pte_max_batch, notes
+            )
         if cfg.int8 or cfg.fp16 or cfg.optimize:
             if cfg.optimize:
                 quantize.save_optimized(

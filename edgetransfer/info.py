@@ -1,4 +1,5 @@
-"""Describe artifacts: manifest, ONNX inputs/outputs, size, sha256, parity and recommendation."""
+"""Describe artifacts: manifest, ONNX and .pte inputs/outputs, size, sha256, parity and
+recommendation."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from typing import Any
 
 from edgetransfer.errors import ManifestError
 from edgetransfer.fileio import sha256_file
-from edgetransfer.manifest import read_manifest
+from edgetransfer.manifest import PTE_BATCH_METHOD, read_manifest
 from edgetransfer.onnxio import check_external_data
+from edgetransfer.ptefile import read_pte
 
-ARTIFACT_SUFFIXES = (".onnx", ".pt", ".pt2", ".safetensors")
+ARTIFACT_SUFFIXES = (".onnx", ".pte", ".pt", ".pt2", ".safetensors")
 
 
 def _onnx_io(path: Path) -> dict[str, list[dict[str, Any]]]:
@@ -37,6 +39,40 @@ def _onnx_io(path: Path) -> dict[str, list[dict[str, Any]]]:
     }
 
 
+def _pte_io(path: Path) -> dict[str, Any]:
+    """What info shows about a .pte beyond the manifest: io (named as in the manifest; the
+    batch dimension is "N" when it is dynamic), the batch range, the delegated share."""
+    info = read_pte(path)
+    io = read_manifest(path).io
+    names = [[io.get("input", "input")], [io.get("output", "logits")]]
+    if "source_output" in io:
+        names[1].append(io["source_output"])
+    batch = info.methods.get(PTE_BATCH_METHOD)
+    batch = batch if batch and len(batch) == 2 else None
+    dynamic = batch is not None and batch[0] != batch[1]
+
+    def describe(tensors, kind_names) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": kind_names[i] if i < len(kind_names) else f"output{i}",
+                "dtype": t.dtype,
+                "shape": (["N"] if dynamic else []) + t.shape[1 if dynamic else 0 :],
+            }
+            for i, t in enumerate(tensors)
+        ]
+
+    calls = info.delegate_calls + info.kernel_calls
+    return {
+        "inputs": describe(info.inputs, names[0]),
+        "outputs": describe(info.outputs, names[1]),
+        "batch": batch,
+        "delegate_calls": info.delegate_calls,
+        "kernel_calls": info.kernel_calls,
+        "kernel_ops": info.operators,
+        "delegated_share": round(info.delegate_calls / calls, 4) if calls else 0.0,
+    }
+
+
 def _file(path: Path) -> dict[str, Any]:
     d: dict[str, Any] = {
         "file": path.name,
@@ -45,6 +81,8 @@ def _file(path: Path) -> dict[str, Any]:
     }
     if path.suffix == ".onnx":
         d.update(_onnx_io(path))
+    elif path.suffix == ".pte":
+        d.update(_pte_io(path))
     return d
 
 

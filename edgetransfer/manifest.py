@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetransfer.errors import EdgeTransferError, EdgeTransferWarning, ManifestError
+from edgetransfer.ptefile import read_pte
 
 SCHEMA = 1
 MANIFEST_NAME = "edgetransfer.json"
@@ -40,7 +41,12 @@ ARTIFACTS = {
     "fp16": "model.fp16.onnx",
     "torchscript": "model.pt",
     "pt2": "model.pt2",
+    "pte": "model.pte",
 }
+# ExecuTorch constant methods a .pte carries: the manifest JSON, and [min, max] batch the
+# forward method accepts (memory is planned for max), so a C++ app needs no sidecar file.
+PTE_MANIFEST_METHOD = "edgetransfer_manifest"
+PTE_BATCH_METHOD = "edgetransfer_batch"
 # Artifacts whose loading can run code, and why: loaded from a folder only when the user says
 # the folder is trusted (--trust-torchscript). TorchScript archives carry code (their
 # __setstate__ runs at load); torch.export.load unpickles weights and constants stored with
@@ -289,9 +295,11 @@ class Manifest:
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:
-    """Read the manifest from a RUN_DIR/EXPORT_DIR, a .json, .onnx, .pt or .safetensors file.
+    """Read the manifest from a RUN_DIR/EXPORT_DIR, a .json, .onnx, .pt, .pt2, .pte or
+    .safetensors file.
 
-    TorchScript files are read as zip archives, so no model code is loaded or run.
+    TorchScript files are read as zip archives and .pte programs as flatbuffers, so no model
+    code is loaded or run.
     """
     path = Path(path)
     if not path.exists():
@@ -310,10 +318,24 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         return Manifest.from_json(_zip_extra(path))
     if suffix == ".safetensors":
         return Manifest.from_json(_safetensors_metadata(path))
+    if suffix == ".pte":
+        return Manifest.from_json(pte_manifest_json(path))
     raise ManifestError(
-        f"cannot read a manifest from {path.name}: expected a folder, .onnx, .pt, "
+        f"cannot read a manifest from {path.name}: expected a folder, .onnx, .pt, .pt2, .pte, "
         ".safetensors or .json"
     )
+
+
+def pte_manifest_json(path: Path) -> str:
+    """The manifest JSON an ExecuTorch program returns from its constant method."""
+    value = read_pte(path).methods.get(PTE_MANIFEST_METHOD)
+    if not value or not isinstance(value[0], str):
+        raise ManifestError(
+            f"{Path(path).name} carries no edgetransfer metadata; export it with edgetransfer"
+        )
+    if len(value[0]) > MAX_MANIFEST:
+        raise ManifestError(f"{Path(path).name}: its manifest is implausibly large")
+    return value[0]
 
 
 def _onnx_metadata(path: Path) -> str:

@@ -1,10 +1,14 @@
 """Model backends for predict / evaluate / bench: onnxruntime sessions with numpy preprocessing
-(no torch import on that path), plus TorchScript and eager RUN_DIR backends behind the same API."""
+(no torch import on that path), plus ExecuTorch (.pte), TorchScript and eager RUN_DIR backends
+behind the same API."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +18,14 @@ from PIL import Image
 from edgetransfer import config
 from edgetransfer.data import list_images, load_image, preprocess, resize_crop, softmax
 from edgetransfer.errors import DataError, EdgeTransferError, InputError, ManifestError, first_line
-from edgetransfer.manifest import ARTIFACTS, CODE_FILES, METADATA_KEY, Manifest, read_manifest
+from edgetransfer.manifest import (
+    ARTIFACTS,
+    CODE_FILES,
+    METADATA_KEY,
+    PTE_BATCH_METHOD,
+    Manifest,
+    read_manifest,
+)
 from edgetransfer.onnxio import open_session
 
 
@@ -209,6 +220,127 @@ class OnnxClassifier(Predictor):
         return out
 
 
+EXECUTORCH_EXTRA = "pip install 'edgetransfer[executorch]'"
+
+
+def executorch_runtime():
+    """The ExecuTorch runtime singleton, or a one-line error naming the extra to install."""
+    try:
+        from executorch.runtime import Runtime
+    except ImportError:
+        raise EdgeTransferError(
+            f"ExecuTorch is not installed; {EXECUTORCH_EXTRA} to export or run .pte programs"
+        ) from None
+    return Runtime.get()
+
+
+@contextlib.contextmanager
+def _runtime_log() -> Iterator[io.StringIO]:
+    """Hold what the ExecuTorch runtime logs through sys.stderr (CPU probing on every load, the
+    reason when a load or run fails) off the terminal; errors quote its last line."""
+    log = io.StringIO()
+    with contextlib.redirect_stderr(log):
+        yield log
+
+
+def _reason(e: BaseException, log: io.StringIO) -> str:
+    """The runtime's own last log line (why), then its exception (the error code)."""
+    lines = [ln.split("] ", 1)[-1] for ln in log.getvalue().splitlines() if ln.strip()]
+    return f"{lines[-1]} ({first_line(e)})" if lines else first_line(e)
+
+
+class PteProgram:
+    """A .pte program's forward method under the ExecuTorch runtime, fed numpy batches.
+
+    Batches larger than the program's largest (memory is planned for it when the program loads)
+    are run in pieces; a fixed-batch program gets its last piece padded.
+    """
+
+    def __init__(self, source: Path | bytes, name: str, threads: int | None = None) -> None:
+        import torch
+
+        rt = executorch_runtime()
+        if threads:
+            from executorch.extension.pybindings import portable_lib
+
+            with _runtime_log():
+                portable_lib._unsafe_reset_threadpool(int(threads))  # XNNPACK's threads
+        self.name = name
+        with _runtime_log() as log:
+            try:
+                program = rt.load_program(source)
+                # the method lives in the program's memory: keep the program with it
+                self._program = program
+                self.method = program.load_method("forward")
+                low = high = None
+                if PTE_BATCH_METHOD in program.method_names:
+                    low, high = (int(v) for v in program.load_method(PTE_BATCH_METHOD).execute([]))
+            except Exception as e:  # the runtime raises RuntimeError/ValueError for a bad program
+                raise ManifestError(
+                    f"{name} is not a loadable ExecuTorch program: {_reason(e, log)}"
+                ) from None
+        meta = self.method.metadata
+        planned = list(meta.input_tensor_meta(0).sizes())
+        self.shape = planned[1:]
+        self.max_batch = high or planned[0]
+        self.min_batch = low or planned[0]
+        self._torch = torch
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Every output of forward for a float32 NCHW batch."""
+        torch = self._torch
+        if len(batch) == 0:
+            raise InputError(f"{self.name}: an empty batch has no answers; pass 1 image or more")
+        parts: list[list[np.ndarray]] = []
+        for i in range(0, len(batch), self.max_batch):
+            piece = np.ascontiguousarray(batch[i : i + self.max_batch], np.float32)
+            n = len(piece)
+            if n < self.min_batch:  # a fixed-batch program: pad, then drop the padding
+                pad = np.zeros((self.min_batch - n, *piece.shape[1:]), np.float32)
+                piece = np.concatenate([piece, pad])
+            with _runtime_log() as log:
+                try:
+                    out = self.method.execute([torch.from_numpy(piece)])
+                except Exception as e:  # RuntimeError with the runtime's error code
+                    raise InputError(
+                        f"ExecuTorch could not run {self.name}: {_reason(e, log)}"
+                    ) from None
+            parts.append([o.detach().numpy()[:n] for o in out])
+        return [np.concatenate(col) for col in zip(*parts, strict=True)]
+
+
+class PteClassifier(Predictor):
+    """An ExecuTorch program (model.pte), with labels and preprocessing read from the program.
+
+    A .pte holds operator names, delegate data and weights, not code: loading it runs only the
+    kernels and delegates built into the runtime (docs/security.md).
+    """
+
+    backend = "executorch"
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)  # parsed in Python first: a clear error early
+        self.program = PteProgram(self.path, self.path.name, threads)
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        h, w = self.manifest.preprocessing.input_size
+        shape = getattr(batch, "shape", ())
+        if (
+            not isinstance(batch, np.ndarray)
+            or not np.issubdtype(batch.dtype, np.floating)
+            or tuple(shape[1:]) != (3, h, w)
+        ):
+            got = getattr(batch, "dtype", type(batch).__name__)
+            raise InputError(
+                f"{self.path.name} expects input 'input' as float32 [N, 3, {h}, {w}] "
+                f"(normalised NCHW RGB); got {got} {tuple(shape)}"
+            )
+        logits = self.program.run(batch)[0]
+        self.check_outputs(logits.shape)
+        return logits
+
+
 def load_pt2(path: Path):
     """torch.export.load(path).module(), with torch's logged traceback for a damaged archive
     kept off the terminal (the caller turns the exception into one line)."""
@@ -301,8 +433,9 @@ class TorchClassifier(Predictor):
 def load_predictor(
     model: str | os.PathLike, provider: str = config.PROVIDER, threads: int | None = None
 ) -> Predictor:
-    """The right backend for MODEL: .onnx -> onnxruntime, .pt -> TorchScript, .pt2 -> torch.export,
-    an EXPORT_DIR -> its model.onnx, a RUN_DIR -> the eager model from model.safetensors.
+    """The right backend for MODEL: .onnx -> onnxruntime, .pte -> ExecuTorch, .pt -> TorchScript,
+    .pt2 -> torch.export, an EXPORT_DIR -> its model.onnx, a RUN_DIR -> the eager model from
+    model.safetensors.
 
     Only the onnxruntime path avoids importing torch.
     """
@@ -328,16 +461,20 @@ def load_predictor(
         kind = "a RUN_DIR"
     elif path.suffix.lower() == ".onnx":
         return OnnxClassifier(path, threads, provider=provider)
-    elif path.suffix.lower() in (".pt", ".pt2"):
+    elif path.suffix.lower() in (".pt", ".pt2", ".pte"):
         kind = path.suffix.lower() + " model"
     else:
         raise ManifestError(
-            f"{path.name} is not a model: expected .onnx, .pt, .pt2, an EXPORT_DIR or a RUN_DIR"
+            f"{path.name} is not a model: expected .onnx, .pte, .pt, .pt2, an EXPORT_DIR or a "
+            "RUN_DIR"
         )
     if provider != "cpu":
+        engine = "ExecuTorch (CPU, XNNPACK)" if kind == ".pte model" else "PyTorch (CPU)"
         raise EdgeTransferError(
-            f"--provider {provider} applies to ONNX models; {kind} runs on PyTorch (CPU)"
+            f"--provider {provider} applies to ONNX models; {kind} runs on {engine}"
         )
+    if kind == ".pte model":
+        return PteClassifier(path, threads)
     return TorchClassifier(path, threads)
 
 

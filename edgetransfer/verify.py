@@ -1,6 +1,6 @@
 """Verify: run every exported model in an EXPORT_DIR (TorchScript, .pt2, onnxruntime fp32,
-raw-pixel, optimised, int8, fp16) on real validation images, beside eager PyTorch, and hand the
-answers to parity, which judges them."""
+raw-pixel, optimised, int8, fp16, ExecuTorch) on real validation images, beside eager PyTorch,
+and hand the answers to parity, which judges them."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from edgetransfer.parity import (
     write_parity,
 )
 from edgetransfer.runs import load_run, run_split
-from edgetransfer.runtime import OnnxClassifier, load_pt2
+from edgetransfer.runtime import OnnxClassifier, PteClassifier, load_pt2
 
 # runtime name -> (file in EXPORT_DIR, kind); "exact" is judged elementwise, "reduced" by accuracy
 RUNTIMES = {
@@ -38,6 +38,7 @@ RUNTIMES = {
     "optimized": (ARTIFACTS["optimized"], "exact"),
     "fp16": (ARTIFACTS["fp16"], "reduced"),
     "int8": (ARTIFACTS["int8"], "reduced"),
+    "executorch": (ARTIFACTS["pte"], "exact"),
 }
 
 
@@ -202,6 +203,8 @@ def _run_exports(
             continue
         if fname.endswith(".onnx"):
             outputs[runtime] = _onnx_outputs(path, images, source_name, batch_size, threads)
+        elif fname.endswith(".pte"):  # a program, not code: no trust needed (docs/security.md)
+            outputs[runtime] = _pte_outputs(path, images, batch_size, threads)
         elif not trust_torchscript and fname in CODE_FILES:
             warnings.warn(untrusted_skip(fname, "not verified"), EdgeTransferWarning, stacklevel=3)
             skipped.append(fname)
@@ -210,6 +213,17 @@ def _run_exports(
                 runtime, path, lambda m: _batched(_torch_runner(m), images.tensors, batch_size)
             )
     return outputs, skipped
+
+
+def _pte_outputs(path: Path, images: Images, batch_size: int, threads: int | None) -> Outputs:
+    """An ExecuTorch program's Outputs: logits, and source logits when it has a second output."""
+    program = PteClassifier(path, threads=threads).program
+
+    def run(batch) -> Outputs:
+        res = program.run(batch)
+        return Outputs(res[0], res[1] if len(res) > 1 else None)
+
+    return _batched(run, images.tensors.numpy(), batch_size)
 
 
 def _onnx_outputs(

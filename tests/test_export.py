@@ -32,14 +32,16 @@ def full_export(digits_run, tmp_path_factory):
 
 def test_every_artifact_is_written_and_carries_the_manifest(full_export):
     out, res = full_export
-    for name in ARTIFACTS.values():
+    for kind, name in ARTIFACTS.items():
+        if kind == "pte":  # lowering takes a while: tests/test_executorch.py has its own export
+            continue
         assert (out / name).is_file(), name
         m = read_manifest(out / name)
         assert m.labels == ["eight", "five", "nine", "seven", "six"]
     assert read_manifest(out / "model.raw.onnx").io["input"] == "image"
     report = json.loads((out / "export.json").read_text())
     assert report["exporter"] == "dynamo"
-    assert set(report["artifacts"]) == set(ARTIFACTS) - {"weights"}
+    assert set(report["artifacts"]) == set(ARTIFACTS) - {"weights", "pte"}
     assert len(report["artifacts"]["int8"]["sha256"]) == 64
 
 

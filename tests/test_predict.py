@@ -75,7 +75,8 @@ def test_provider_needs_an_onnx_model(digits_run):
         ),
         (
             lambda d: (d / "m.txt").write_text("x") and d / "m.txt",
-            "Error: m.txt is not a model: expected .onnx, .pt, .pt2, an EXPORT_DIR or a RUN_DIR\n",
+            "Error: m.txt is not a model: expected .onnx, .pte, .pt, .pt2, an EXPORT_DIR or a "
+            "RUN_DIR\n",
         ),
         (
             lambda d: (d / "m.onnx").write_bytes(b"garbage") and d / "m.onnx",
