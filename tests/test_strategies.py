@@ -19,7 +19,12 @@ def test_every_strategy_runs_through_export_and_verify(strategy, digits_run, tmp
     res = adapt(digits_config(tmp_path / "run", strategy=strategy, **extra))
     assert res.manifest.adapt["strategy"] == strategy
     assert res.manifest.metrics["val_top1"] >= 0.6  # trained, not chance (0.2)
-    export(ExportConfig(run_dir=tmp_path / "run", out=tmp_path / "exp", raw=False))
+    # the TorchScript ONNX exporter: the graph is simple_cnn's for every strategy, and the
+    # dynamo export of it is covered by tests/test_export.py; here the trained weights matter
+    exp = ExportConfig(
+        run_dir=tmp_path / "run", out=tmp_path / "exp", raw=False, exporter="torchscript"
+    )
+    export(exp)
     report = verify(tmp_path / "exp", DIGITS, write=False, trust_torchscript=True)
     assert report.passed, report.table()
     assert not checkpoint_path(tmp_path / "run").exists()  # removed after success
@@ -88,7 +93,6 @@ def test_truncate_unknown_block_lists_valid_ones(tmp_path):
 
 
 def test_l2sp_keeps_backbone_near_source(tmp_path):
-    source, _ = backbone()
     from edgetransfer.backbones import load_source
 
     src = load_source("simple_cnn", str(SOURCE)).model.state_dict()
@@ -98,8 +102,10 @@ def test_l2sp_keeps_backbone_near_source(tmp_path):
         w = model.features.get_submodule("features.0").weight
         return (w - src["features.0.weight"]).pow(2).sum().item()
 
-    adapt(digits_config(tmp_path / "a", strategy="full", lr=3e-2, backbone_lr_mult=1.0))
-    adapt(digits_config(tmp_path / "b", strategy="full", lr=3e-2, backbone_lr_mult=1.0, l2sp=100.0))
+    # one epoch is enough to drift (about 15 without L2-SP, 0.4 with it)
+    kw = dict(strategy="full", lr=3e-2, backbone_lr_mult=1.0, epochs=1)
+    adapt(digits_config(tmp_path / "a", **kw))
+    adapt(digits_config(tmp_path / "b", l2sp=100.0, **kw))
     assert drift(tmp_path / "b") < 0.5 * drift(tmp_path / "a")
 
 
@@ -167,7 +173,8 @@ def test_keep_source_head_answers_both_tasks(tmp_path):
 
 
 def test_lwf_protects_the_source_task(tmp_path):
-    kw = dict(strategy="full", epochs=10, source_data=SOURCE_DIGITS, patience=0)
+    # 3 epochs (digits_config's) forget as clearly as 10 did: 0.99 -> 0.91 plain, 0.99 with LwF
+    kw = dict(strategy="full", source_data=SOURCE_DIGITS, patience=0)
     plain = adapt(digits_config(tmp_path / "plain", **kw)).manifest.metrics
     lwf = adapt(digits_config(tmp_path / "lwf", lwf=1.0, **kw)).manifest.metrics
     assert plain["source_top1_after"] < plain["source_top1_before"]  # fine-tuning forgets
@@ -200,8 +207,8 @@ def test_source_data_with_unknown_classes(tmp_path):
 
 
 def test_distill_from_a_teacher_with_a_source_head(tmp_path):
-    teacher = adapt(digits_config(tmp_path / "t", keep_source_head=True)).run_dir
-    res = adapt(digits_config(tmp_path / "s", strategy="distill", teacher=teacher))
+    teacher = adapt(digits_config(tmp_path / "t", keep_source_head=True, epochs=1)).run_dir
+    res = adapt(digits_config(tmp_path / "s", strategy="distill", teacher=teacher, epochs=1))
     assert res.manifest.adapt["teacher"]["arch"] == "simple_cnn"
 
 

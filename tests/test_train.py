@@ -234,9 +234,18 @@ def _interrupt_at(step_to_stop):
     "strategy, solver, stop",
     [("head", "lbfgs", (2, 1)), ("head", "adamw", (2, 3)), ("last-n", "adamw", (2, 3))],
 )
-def test_sigint_then_resume_matches_uninterrupted(strategy, solver, stop, tmp_path):
-    # L-BFGS makes one (multi-iteration) step per epoch; the others one per mini-batch
-    kw = dict(strategy=strategy, epochs=4, unfreeze=1, patience=0, head_solver=solver)
+def test_sigint_then_resume_matches_uninterrupted(strategy, solver, stop, tmp_path, colors):
+    # L-BFGS makes one (multi-iteration) step per epoch; the others one per mini-batch (5 per
+    # epoch: the 19 training images of `colors` in batches of 4, few images keep it quick)
+    kw = dict(
+        data_dir=colors,
+        batch_size=4,
+        strategy=strategy,
+        epochs=4,
+        unfreeze=1,
+        patience=0,
+        head_solver=solver,
+    )
     adapt(digits_config(tmp_path / "straight", **kw))
     with pytest.raises(Interrupted) as e:
         adapt(digits_config(tmp_path / "run", on_step=_interrupt_at(stop), **kw))
@@ -294,13 +303,33 @@ def test_non_finite_loss_writes_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_max_memory_splits_the_batch_or_refuses(tmp_path):
-    res = adapt(digits_config(tmp_path / "run", strategy="full", batch_size=16, max_memory=15))
-    assert res.manifest.adapt["batch_size"] < 16
-    assert res.manifest.adapt["batch_size"] * res.manifest.adapt["accumulate"] == 16
-    assert res.memory["total_mib"] <= 15
+def test_max_memory_splits_the_batch_or_refuses(tmp_path, colors):
+    # The plan's arithmetic, on the model adapt builds for `colors`: the batch is halved until
+    # the estimate fits, and no further.
+    from edgetransfer.adapt import _fit_memory
+    from edgetransfer.backbones import Classifier, feature_dim, load_source, split
+
+    src = load_source("simple_cnn", str(SOURCE))
+    features, _ = split(src.spec, src.model)
+    model = Classifier(features, torch.nn.Linear(feature_dim(features, src.preprocessing), 3))
+    plan = strategies.apply(
+        strategies.StrategyConfig("full"), features, block_modules(src.spec, features, None)
+    )
+    kw = dict(data_dir=colors, strategy="full", batch_size=16, max_memory=15)
+    tcfg, memory = _fit_memory(
+        digits_config(tmp_path / "run", **kw), model, plan, src.preprocessing
+    )
+    assert tcfg.batch_size < 16 and tcfg.batch_size * tcfg.accumulate == 16
+    assert memory["total_mib"] <= 15
+    twice = strategies.estimate_memory(model, plan, 2 * tcfg.batch_size, src.preprocessing, False)
+    assert twice["total_mib"] > 15
+    # through adapt (one epoch on few images): that batch trains and is recorded
+    res = adapt(digits_config(tmp_path / "run", epochs=1, **kw))
+    assert res.manifest.adapt["batch_size"] == tcfg.batch_size
+    assert res.manifest.adapt["accumulate"] == tcfg.accumulate
+    assert res.memory == memory
     with pytest.raises(EdgeTransferError, match="over --max-memory 1;"):
-        adapt(digits_config(tmp_path / "run2", strategy="full", max_memory=1))
+        adapt(digits_config(tmp_path / "run2", data_dir=colors, strategy="full", max_memory=1))
 
 
 def test_memory_estimate_orders_strategies():
