@@ -69,7 +69,8 @@ def digits_export(digits_run, tmp_path_factory) -> Path:
 
 
 def digits_config(out, **kw):
-    """AdaptConfig for the shipped source model on the sample digits (3 epochs, no cache)."""
+    """AdaptConfig for the shipped source model on the sample digits (3 epochs, no cache, no
+    report.html: its plots cost ~0.5 s a run and test_report.py tests them)."""
     from edgetransfer.adapt import AdaptConfig
 
     base = dict(
@@ -80,6 +81,7 @@ def digits_config(out, **kw):
         epochs=3,
         batch_size=16,
         use_cache=False,
+        report=False,
     )
     base.update(kw)
     return AdaptConfig(**base)

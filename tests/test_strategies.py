@@ -16,8 +16,9 @@ from .conftest import DIGITS, SOURCE, backbone, digits_config
 @pytest.mark.parametrize("strategy", ["last-n", "bias", "full", "distill"])
 def test_every_strategy_runs_through_export_and_verify(strategy, digits_run, tmp_path):
     extra = {"teacher": digits_run} if strategy == "distill" else {}
-    res = adapt(digits_config(tmp_path / "run", strategy=strategy, **extra))
+    res = adapt(digits_config(tmp_path / "run", strategy=strategy, report=True, **extra))
     assert res.manifest.adapt["strategy"] == strategy
+    assert (tmp_path / "run" / "report.html").is_file()
     assert res.manifest.metrics["val_top1"] >= 0.6  # trained, not chance (0.2)
     # the TorchScript ONNX exporter: the graph is simple_cnn's for every strategy, and the
     # dynamo export of it is covered by tests/test_export.py; here the trained weights matter
