@@ -85,3 +85,31 @@ def digits_export(digits_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits_export") / "export"
     export(ExportConfig(run_dir=digits_run, out=out))
     return out
+
+
+def digits_config(out, **kw):
+    """AdaptConfig for the shipped source model on the sample digits (3 epochs, no cache, no
+    report.html: its plots cost ~0.5 s a run and test_report.py tests them)."""
+    from edgetransfer.adapt import AdaptConfig
+
+    base = dict(
+        data_dir=DIGITS,
+        out=out,
+        arch="simple_cnn",
+        weights=str(SOURCE),
+        epochs=3,
+        batch_size=16,
+        use_cache=False,
+        report=False,
+    )
+    base.update(kw)
+    return AdaptConfig(**base)
+
+
+def backbone(arch="simple_cnn"):
+    """(spec, features) of a freshly built `arch` with a 5-class head split off."""
+    from edgetransfer.backbones import get_arch, split
+
+    spec = get_arch(arch)
+    features, _ = split(spec, spec.build(5))
+    return spec, features
