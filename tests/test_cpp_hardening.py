@@ -435,7 +435,7 @@ def test_fuzz_harness_small_budget(digits_export, tmp_path):
             pytest.skip(reason)
     report = tmp_path / "fuzz.json"
     cmd = [sys.executable, str(ROOT / "tools" / "fuzz_cpp.py"), str(digits_export)]
-    cmd += ["--build", str(ASAN_BUILD), "--seconds", "40", "--seed", "13", "--json", str(report)]
+    cmd += ["--build", str(ASAN_BUILD), "--seconds", "20", "--seed", "13", "--json", str(report)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     counts = json.loads(report.read_text())
