@@ -23,7 +23,12 @@ from edgetransfer import config
 from edgetransfer.errors import EdgeTransferError, EdgeTransferWarning, ManifestError
 from edgetransfer.manifest import ARTIFACTS, CODE_FILES, untrusted_skip
 from edgetransfer.onnxio import resolve_providers
-from edgetransfer.runtime import OnnxClassifier, TorchClassifier
+from edgetransfer.runtime import (
+    OnnxClassifier,
+    PteClassifier,
+    TorchClassifier,
+    executorch_runtime,
+)
 
 # runtime name -> (file in an EXPORT_DIR or RUN_DIR, backend); the order is the table's order.
 RUNTIMES = {
@@ -35,6 +40,7 @@ RUNTIMES = {
     "ort-opt": (ARTIFACTS["optimized"], "onnx"),
     "ort-int8": (ARTIFACTS["int8"], "onnx"),
     "ort-fp16": (ARTIFACTS["fp16"], "onnx"),
+    "executorch": (ARTIFACTS["pte"], "executorch"),
 }
 # Ratios are against the first of these that was measured.
 BASELINES = ("ort-fp32", "eager")
@@ -168,8 +174,10 @@ def find_runtimes(
         return {"torchscript": (path, "torchscript")}
     if suffix == ".pt2":
         return {"pt2": (path, "pt2")}
+    if suffix == ".pte":
+        return {"executorch": (path, "executorch")}
     raise ManifestError(
-        f"{path.name} is not a model: expected .onnx, .pt, .pt2, an EXPORT_DIR or a RUN_DIR"
+        f"{path.name} is not a model: expected .onnx, .pte, .pt, .pt2, an EXPORT_DIR or a RUN_DIR"
     )
 
 
@@ -267,6 +275,12 @@ def measure(
 
         def load():
             return OnnxClassifier(path, threads, provider=provider)
+    elif backend == "executorch":
+        executorch_runtime()  # torch and the runtime imported before the baseline RSS is taken
+
+        def load():
+            # threads go to the runtime's threadpool (XNNPACK's workers), as in PteClassifier
+            return PteClassifier(path, threads)
     else:
         import torch  # noqa: F401  imported before the baseline RSS is taken
 

@@ -941,9 +941,9 @@ def bench(
     """Time every runtime of MODEL on this machine: latency, throughput, peak memory.
 
     For an EXPORT_DIR every file present is measured (eager from model.safetensors,
-    ONNX fp32/raw/opt/int8/fp16, and with --trust-torchscript model.pt and model.pt2, which can
-    run code when loaded); for a single file, that file. Each runtime runs
-    in its own process, so its peak RSS is its own. Speed-ups are against ONNX fp32 (or eager)
+    ONNX fp32/raw/opt/int8/fp16, ExecuTorch model.pte, and with --trust-torchscript model.pt
+    and model.pt2, which can run code when loaded); for a single file, that file. Each runtime
+    runs in its own process, so its peak RSS is its own. Speed-ups are against ONNX fp32 (or eager)
     measured in the same run.
 
     \b

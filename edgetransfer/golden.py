@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
@@ -26,6 +27,12 @@ from edgetransfer.parity import ATOL, RTOL
 
 GOLDEN_DIR = "golden"
 GOLDEN_INDEX = "golden.json"
+
+
+class Logits(Protocol):
+    """Any runtime's classifier (runtime.Predictor): a float32 NCHW batch in, logits out."""
+
+    def logits(self, batch: np.ndarray) -> np.ndarray: ...
 
 
 def pick_cases(samples: list[Sample], n: int) -> list[Sample]:
@@ -105,3 +112,27 @@ def load_golden(folder: Path) -> tuple[dict, list[tuple[np.ndarray, np.ndarray, 
         y = np.fromfile(folder / c["logits"], dtype="<f4").reshape(index["logits_shape"])
         out.append((pixels, x, y))
     return index, out
+
+
+def check_golden(model: Logits, folder: Path) -> list[str]:
+    """Run every golden case of `folder` through `model` (any runtime with
+    `.logits(batch) -> [N, C]`: ONNX, ExecuTorch, TorchScript) and return one line per case
+    that misses golden.json's tolerance or the top-1; an empty list means the runtime passes."""
+    index, cases = load_golden(folder)
+    atol, rtol = index["tolerance"]["atol"], index["tolerance"]["rtol"]
+    misses = []
+    for case, (_, x, expected) in zip(index["cases"], cases, strict=True):
+        got = np.asarray(model.logits(x), dtype=np.float64)
+        if got.shape != expected.shape:
+            misses.append(f"case {case['name']}: logits {got.shape}, expected {expected.shape}")
+            continue
+        # the C++ --selftest's rule; written as "not <=" so a NaN counts as a miss
+        diff = np.abs(got - expected)
+        if not np.all(diff <= atol + rtol * np.abs(expected)):
+            misses.append(f"case {case['name']}: max |diff| {diff.max():.3g} over the tolerance")
+        elif int(got[0].argmax()) != int(expected[0].argmax()):
+            misses.append(
+                f"case {case['name']}: top-1 {int(got[0].argmax())}, expected "
+                f"{int(expected[0].argmax())}"
+            )
+    return misses

@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from edgetransfer import config
+from edgetransfer.bench import measure
 from edgetransfer.errors import ExportError, InputError
+from edgetransfer.golden import check_golden, load_golden
 from edgetransfer.manifest import PTE_MANIFEST_METHOD, read_manifest
 from edgetransfer.pte import export_pte
 from edgetransfer.ptefile import read_pte
@@ -24,6 +26,8 @@ from edgetransfer.runs import load_run
 from edgetransfer.runtime import OnnxClassifier, PteClassifier, PteProgram
 
 from .conftest import DIGITS, run
+
+BENCH_FAST = ["--runs", "3", "--warmup", "1", "--batch-size", "2", "--threads", "1"]
 
 
 @pytest.fixture(scope="session")
@@ -154,17 +158,24 @@ def test_info_describes_the_pte(pte_export):
     assert pte["batch"] == [1, 16] and 0 < pte["delegated_share"] <= 1 and len(pte["sha256"]) == 64
 
 
-def test_perturbed_pte_fails_verify(pte_export, tmp_path):
-    """A .pte exported from the model with one weight changed is caught by verify (exit 1),
-    while model.onnx still passes."""
+@pytest.fixture(scope="session")
+def perturbed_export(pte_export, tmp_path_factory):
+    """A copy of the export whose model.pte comes from the model with one weight changed."""
     out, _ = pte_export
-    broken = tmp_path / "broken"
+    broken = tmp_path_factory.mktemp("pte_broken") / "export"
     shutil.copytree(out, broken)
     model, manifest = load_run(broken)
     with torch.no_grad():
         weight = next(p for n, p in model.named_parameters() if n.endswith("weight"))
         weight.view(-1)[0] += 0.5
     assert export_pte(model, manifest, broken / "model.pte", 4, [])["batch"] == [1, 4]
+    return broken
+
+
+def test_perturbed_pte_fails_verify(perturbed_export):
+    """A .pte exported from the model with one weight changed is caught by verify (exit 1),
+    while model.onnx still passes."""
+    broken = perturbed_export
     res = run("verify", broken, "--data", DIGITS)
     assert res.exit_code == 1
     rows = {ln.split()[0]: ln for ln in res.output.splitlines() if ln[:1].isalpha()}
@@ -288,3 +299,78 @@ def test_without_the_extra_export_names_it(digits_run, tmp_path, monkeypatch):
         "Error: --executorch needs ExecuTorch; pip install 'edgetransfer[executorch]'\n"
     )
     assert not (tmp_path / "e").exists()
+
+
+def test_golden_vectors_pass_on_the_pte_and_catch_a_perturbed_one(pte_export, perturbed_export):
+    """golden/ is a self-test for model.pte as for model.onnx: the exported program meets the
+    golden tolerance on every case; the one with a changed weight misses it."""
+    out, _ = pte_export
+    assert len(load_golden(out / "golden")[1]) == 5
+    assert check_golden(OnnxClassifier(out / "model.onnx"), out / "golden") == []
+    assert check_golden(PteClassifier(out / "model.pte"), out / "golden") == []
+    misses = check_golden(PteClassifier(perturbed_export / "model.pte"), out / "golden")
+    assert misses and all("over the tolerance" in m for m in misses)
+
+
+def test_golden_check_counts_nan_and_top1(pte_export, tmp_path):
+    """A runtime answering NaN fails; so do logits within the tolerance but of another top-1."""
+    out, _ = pte_export
+    golden = tmp_path / "golden"
+    shutil.copytree(out / "golden", golden)
+    _, cases = load_golden(golden)
+
+    class Replay:  # answers the given logits, case by case
+        def __init__(self, answers):
+            self.answers = iter(answers)
+
+        def logits(self, batch):
+            return next(self.answers)
+
+    expected = [y for _, _, y in cases]
+    assert check_golden(Replay(expected), golden) == []
+    nan = check_golden(Replay([np.full_like(y, np.nan) for y in expected]), golden)
+    assert len(nan) == 5 and "case 00: max |diff| nan over the tolerance" in nan
+    # case 00 becomes a near tie: 1e-5 apart is within the tolerance, the top-1 is not
+    near = np.zeros_like(expected[0])
+    near[0, :2] = [1.0, 1.0 - 1e-5]
+    near.astype("<f4").tofile(golden / "00.logits.bin")
+    swapped = near.copy()
+    swapped[0, :2] = [1.0 - 1e-5, 1.0]
+    assert check_golden(Replay([swapped, *expected[1:]]), golden) == [
+        "case 00: top-1 1, expected 0"
+    ]
+
+
+def test_bench_measures_the_pte(pte_export):
+    """bench on an EXPORT_DIR with model.pte adds an executorch row, each in its own process;
+    on the .pte alone, that row only."""
+    out, _ = pte_export
+    res = run("bench", out, *BENCH_FAST, "--json")
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)["runtimes"]
+    assert list(rows) == ["eager", "ort-fp32", "executorch"]
+    et = rows["executorch"]
+    assert et["backend"] == "executorch" and et["file"] == "model.pte"
+    assert 0 < et["p50_ms"] <= et["p90_ms"] <= et["p99_ms"] and et["throughput"] > 0
+    assert et["peak_rss_mb"] >= et["rss_before_load_mb"] > 0
+    assert et["vs_baseline"]["speedup_p50"] > 0
+    res = run("bench", out / "model.pte", *BENCH_FAST)
+    assert res.exit_code == 0, res.output
+    assert [ln.split()[0] for ln in res.output.splitlines()[1:-1]] == ["executorch"]
+
+
+def test_bench_sets_the_runtime_threadpool(pte_export):
+    """--threads reaches the ExecuTorch threadpool that XNNPACK runs on."""
+    from executorch.extension.pybindings import portable_lib
+
+    out, _ = pte_export
+    before = portable_lib._threadpool_get_thread_count()
+    try:
+        for threads in (1, 2):
+            row = measure(
+                out / "model.pte", "executorch", runs=2, warmup=1, batch_size=2, threads=threads
+            )
+            assert row["backend"] == "executorch"
+            assert portable_lib._threadpool_get_thread_count() == threads
+    finally:
+        portable_lib._unsafe_reset_threadpool(before)
