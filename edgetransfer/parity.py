@@ -18,7 +18,7 @@ import numpy as np
 
 from edgetransfer import config
 from edgetransfer.data import softmax
-from edgetransfer.errors import EdgeTransferWarning, ParityError
+from edgetransfer.errors import EdgeTransferWarning, ExportError, ParityError
 from edgetransfer.fileio import USER_ERRNOS, atomic_write_text
 
 # fp32 tolerance on logits: |a - b| <= ATOL + RTOL * |b|, b the eager reference.
@@ -270,6 +270,22 @@ def compare(
         res.top1 = float((g == truth).mean())
         res.top1_drop = round(float((r == truth).mean()) - res.top1, 6)
     return res
+
+
+def require_close(got: list, want: list, what: str, batch: int) -> None:
+    """Every output of `what` within the fp32 tolerance of eager's `want` at `batch` (the
+    export-time check), or one ExportError naming the largest difference."""
+    if len(got) != len(want):
+        raise ExportError(f"{what} has {len(got)} outputs, eager has {len(want)}")
+    for g, expected in zip(got, want, strict=True):
+        try:
+            np.testing.assert_allclose(g, expected, rtol=RTOL, atol=ATOL)
+        except AssertionError as e:
+            lines = [ln for ln in str(e).splitlines() if "Max absolute" in ln]
+            raise ExportError(
+                f"{what} differs from eager PyTorch at batch {batch} "
+                f"({lines[0].strip() if lines else 'values differ'})"
+            ) from None
 
 
 @dataclass

@@ -10,13 +10,11 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 from edgetransfer.backbones import outputs as split_outputs
 from edgetransfer.errors import ExportError, first_line
 from edgetransfer.fileio import atomic_write_bytes
 from edgetransfer.manifest import PTE_BATCH_METHOD, PTE_MANIFEST_METHOD, Manifest
-from edgetransfer.parity import ATOL, RTOL
+from edgetransfer.parity import require_close
 from edgetransfer.runtime import EXECUTORCH_EXTRA, PteProgram
 
 # Graph nodes that are bookkeeping, not computation, when counting what the delegate runs.
@@ -136,14 +134,4 @@ def _check(model, program: bytes, shape: tuple[int, int], batches: list[int]) ->
             got = runner.run(x.numpy())
         except Exception as e:  # InputError from the runtime: batch not accepted
             raise ExportError(f"model.pte fails at batch {batch}: {first_line(e)}") from None
-        if len(got) != len(want):
-            raise ExportError(f"model.pte has {len(got)} outputs, eager has {len(want)}")
-        for g, expected in zip(got, want, strict=True):
-            try:
-                np.testing.assert_allclose(g, expected.numpy(), rtol=RTOL, atol=ATOL)
-            except AssertionError as e:
-                lines = [ln for ln in str(e).splitlines() if "Max absolute" in ln]
-                raise ExportError(
-                    f"model.pte differs from eager PyTorch at batch {batch} "
-                    f"({lines[0].strip() if lines else 'values differ'})"
-                ) from None
+        require_close(got, [t.numpy() for t in want], "model.pte", batch)
