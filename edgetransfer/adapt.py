@@ -33,9 +33,16 @@ from edgetransfer.errors import DataError, EdgeTransferError
 from edgetransfer.features import extract
 from edgetransfer.fileio import atomic_write_text, check_can_write, output_dir
 from edgetransfer.loaders import ImageBatches, train_transform
-from edgetransfer.manifest import MANIFEST_NAME, Manifest, Preprocessing, read_manifest, versions
+from edgetransfer.manifest import (
+    MANIFEST_NAME,
+    RUN_INFO,
+    Manifest,
+    Preprocessing,
+    read_manifest,
+    versions,
+)
 from edgetransfer.report import ReportUnavailable, write_run_report
-from edgetransfer.runs import RUN_INFO, checkpoint_path, load_run, save_model
+from edgetransfer.runs import checkpoint_path, load_run, save_model
 from edgetransfer.train import (
     Checkpoint,
     Standardize,

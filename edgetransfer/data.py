@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import random
 import stat
@@ -24,7 +25,7 @@ from edgetransfer.errors import (
     first_line,
     printable,
 )
-from edgetransfer.manifest import Preprocessing, check_labels
+from edgetransfer.manifest import RUN_INFO, Manifest, Preprocessing, check_labels
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 IGNORED_NAMES = frozenset({"Thumbs.db", "desktop.ini", "__MACOSX"})
@@ -299,6 +300,25 @@ def _split(
             Sample(s.path, s.label, "val" if i < n_val else "train") for i, s in enumerate(items)
         ]
     return out
+
+
+def run_data_dir(run_dir: str | os.PathLike) -> Path | None:
+    """The DATA_DIR a RUN_DIR was adapted on, if recorded and still there."""
+    try:
+        info = json.loads((Path(run_dir) / RUN_INFO).read_text())
+        path = Path(info["data_dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return path if path.is_dir() else None
+
+
+def run_split(data_dir: str | os.PathLike, manifest: Manifest) -> Dataset:
+    """`data_dir` scanned and split as adapt split it: the manifest's val_fraction and seed."""
+    return scan(
+        data_dir,
+        float(manifest.adapt.get("val_fraction", config.VAL_FRACTION)),
+        int(manifest.adapt.get("seed", config.SEED)),
+    )
 
 
 @contextlib.contextmanager

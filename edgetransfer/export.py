@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgetransfer import config, onnxio, pte, quantize
+from edgetransfer.backbones import outputs
+from edgetransfer.data import run_data_dir, run_split
 from edgetransfer.errors import DataError, ExportError, first_line
 from edgetransfer.fileio import (
     atomic_write_bytes,
@@ -27,7 +29,7 @@ from edgetransfer.fileio import (
 from edgetransfer.golden import GOLDEN_DIR, write_golden
 from edgetransfer.manifest import ARTIFACTS, MANIFEST_NAME, Manifest
 from edgetransfer.parity import ATOL, RTOL, require_close
-from edgetransfer.runs import load_run, run_data_dir, run_split
+from edgetransfer.runs import load_run
 from edgetransfer.runtime import OnnxClassifier
 
 EXPORTERS = config.EXPORTERS
@@ -172,7 +174,9 @@ def export(cfg: ExportConfig) -> ExportResult:
         atomic_write_text(tmp / "labels.txt", "".join(f"{label}\n" for label in manifest.labels))
         atomic_write_text(tmp / MANIFEST_NAME, manifest.to_json())
         if dataset is not None and cfg.golden > 0:
-            write_golden(model, manifest, dataset.samples, tmp / GOLDEN_DIR, cfg.golden)
+            write_golden(
+                _eager_logits(model), manifest, dataset.samples, tmp / GOLDEN_DIR, cfg.golden
+            )
         for kind, name in ARTIFACTS.items():
             if kind != "weights" and (tmp / name).is_file():
                 report["artifacts"][kind] = {
@@ -184,6 +188,17 @@ def export(cfg: ExportConfig) -> ExportResult:
         files = sorted(p.name for p in tmp.iterdir())
     out = Path(cfg.out)
     return ExportResult(out, [out / f for f in files], manifest, notes, report)
+
+
+def _eager_logits(model):
+    """float32 NCHW numpy -> the eager model's logits (the golden reference)."""
+    import torch
+
+    def run(x):
+        with torch.inference_mode():
+            return outputs(model(torch.from_numpy(x)))[0].numpy()
+
+    return run
 
 
 def _dataset(cfg: ExportConfig, manifest: Manifest):

@@ -14,9 +14,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "edgetransfer"
 
 FLOORS = {
     0: {"__init__", "errors", "fileio", "manifest", "config", "ptefile"},
-    1: {"data", "parity", "onnxio"},
+    1: {"data", "parity", "onnxio", "golden"},
     2: {"backbones", "strategies", "loaders", "train", "runs"},
-    3: {"features", "runtime", "evaluate", "golden", "quantize", "pte"},
+    3: {"features", "runtime", "evaluate", "quantize", "pte"},
     4: {"adapt", "export", "verify", "bench", "info", "report"},
     5: {"demo", "cli", "__main__"},
 }
