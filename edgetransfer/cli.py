@@ -1027,6 +1027,67 @@ def info(path: Path, as_json: bool) -> None:
 
 
 @cli.command()
+@click.argument("arch")
+@click.option(
+    "--weights",
+    default=config.WEIGHTS,
+    show_default=True,
+    help="Source weights: imagenet, none, or a .safetensors / .pth state_dict file.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The bundle to write [default: ARCH.backbone.onnx].",
+)
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Real images (class folders) the bundle is checked on against eager PyTorch "
+    "[default: the shipped sample digits].",
+)
+@_force_option("bundle")
+@_json_option("Print the bundle's manifest as JSON.")
+def backbone(
+    arch: str, weights: str, out: Path | None, data_dir: Path | None, force: bool, as_json: bool
+) -> None:
+    """Write ARCH's frozen feature extractor as a backbone bundle (ONNX, manifest inside).
+
+    Needs PyTorch; the bundle does not: `adapt DATA --backbone FILE.onnx` then adapts, exports
+    and verifies with onnxruntime and numpy alone (e.g. on a device without PyTorch). The
+    bundle outputs the features and the source head's logits, and is checked against eager
+    PyTorch at batch 1, 2 and 8 and on real images before it is written.
+
+    \b
+    Example:
+      edgetransfer backbone mobilenet_v3_small --out mnv3s.backbone.onnx
+    """
+    from edgetransfer.bundler import write_bundle
+    from edgetransfer.demo import sample_data
+
+    res = write_bundle(
+        arch,
+        weights,
+        out or Path(f"{arch}.backbone.onnx"),
+        data_dir=data_dir or sample_data(),
+        force=force,
+    )
+    if as_json:
+        _emit_json({"path": str(res.path), "sha256": res.sha256, **res.manifest.to_dict()})
+        return
+    m = res.manifest
+    click.echo(
+        f"wrote {res.path} ({res.path.stat().st_size / 1024:.0f} KiB, sha256 {res.sha256[:16]}…)"
+    )
+    click.echo(
+        f"{m.arch}: {m.adapt['feature_dim']} features, source head of {len(m.labels)} classes; "
+        f"matches eager PyTorch on {res.checked_images} real images ({res.exporter} exporter)"
+    )
+
+
+@cli.command()
 def archs() -> None:
     """List the registered architectures.
 
