@@ -65,7 +65,7 @@ def bundle_manifest(
         preprocessing=preprocessing,
         io={"input": "input", "output": FEATURES, "source_output": SOURCE_OUTPUT},
         source={**source, "labels": list(source_labels)},
-        adapt={"kind": KIND, "feature_dim": int(feature_dim)},
+        adapt={"kind": KIND, "feature_dim": int(feature_dim)},  # + the export's check
         versions=versions,
     )
 
@@ -186,7 +186,7 @@ def _compute(bundle, samples, limit, batch_size, workers, progress) -> BundleFea
     items = (
         threaded_map(decode, len(samples), n, 2 * batch_size)
         if n
-        else map(decode, range(len(samples)))
+        else (decode(i) for i in range(len(samples)))
     )
     p = bundle.manifest.preprocessing
     good: list[int] = []
@@ -200,7 +200,7 @@ def _compute(bundle, samples, limit, batch_size, workers, progress) -> BundleFea
         pending.clear()
 
     bar = tqdm(total=len(samples), desc="features", unit="img", disable=not progress, leave=False)
-    with pillow_warnings_off(), bar, contextlib.closing(iter(items)) as it:
+    with pillow_warnings_off(), bar, contextlib.closing(items) as it:
         for i, pixels, reason in it:
             bar.update(1)
             if pixels is None:

@@ -347,6 +347,42 @@ def threaded_map(fn, count: int, threads: int, ahead: int):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def train_val(dataset: Dataset) -> tuple[list[Sample], list[Sample]]:
+    """The training and validation samples adapt uses; every class must have training images
+    and there must be validation images."""
+    train_s, val_s = dataset.split("train"), dataset.split("val")
+    missing = [c for i, c in enumerate(dataset.classes) if not any(s.label == i for s in train_s)]
+    if missing:
+        raise DataError(f"no readable training images for class(es): {', '.join(missing)}")
+    if not val_s:
+        raise DataError("no validation images; put at least 2 images in each class folder")
+    return train_s, val_s
+
+
+def check_bad(bad: Sequence[tuple[Path, str]], total: int, max_bad: float) -> None:
+    """Refuse a run where more than `max_bad` of `total` images could not be read."""
+    if bad and len(bad) > max_bad * total:
+        first = "; ".join(r for _, r in bad[:3])
+        raise DataError(
+            f"{len(bad)} of {total} images could not be read (more than --max-bad "
+            f"{max_bad:.0%}): {first}"
+        )
+
+
+def relabel(ds: Dataset, labels: Sequence[str]) -> Dataset:
+    """The dataset with labels as indices into a model's `labels` (matched by class name), so
+    golden vectors, calibration and the guard agree with the model whatever folder is given."""
+    unknown = [c for c in ds.classes if c not in labels]
+    if unknown:
+        raise DataError(
+            f"--data has classes the model does not know: {', '.join(unknown)} "
+            f"(it knows {', '.join(labels)})"
+        )
+    index = [list(labels).index(c) for c in ds.classes]
+    samples = [Sample(s.path, index[s.label], s.split) for s in ds.samples]
+    return Dataset(ds.root, list(labels), samples)
+
+
 def run_data_dir(run_dir: str | os.PathLike) -> Path | None:
     """The DATA_DIR a RUN_DIR was adapted on, if recorded and still there."""
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from edgetransfer.device import bundle_of
 from edgetransfer.errors import ManifestError
 from edgetransfer.fileio import atomic_write_bytes
 from edgetransfer.manifest import ARTIFACTS, METADATA_KEY, Manifest, read_manifest
@@ -34,6 +35,11 @@ def load_run(run_dir: str | os.PathLike):
 
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
+    if bundle_of(manifest) is not None:
+        raise ManifestError(
+            f"{run_dir} was adapted on a backbone bundle and has no PyTorch model; export it "
+            "(`edgetransfer export`) and use its model.onnx"
+        )
     weights = run_dir / ARTIFACTS["weights"]
     if not weights.is_file():
         raise ManifestError(f"{run_dir} has no model.safetensors; is it a RUN_DIR from adapt?")
