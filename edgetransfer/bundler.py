@@ -19,10 +19,17 @@ from edgetransfer import onnxio
 from edgetransfer.backbones import feature_dim, get_arch, load_source, split
 from edgetransfer.bundle import FEATURES, SOURCE_OUTPUT, bundle_manifest, is_bundle
 from edgetransfer.data import load_image, preprocess, scan
-from edgetransfer.errors import DataError, EdgeTransferError, ExportError, OutputExistsError
+from edgetransfer.device import load_head
+from edgetransfer.errors import (
+    DataError,
+    EdgeTransferError,
+    ExportError,
+    OutputExistsError,
+    WeightsError,
+)
 from edgetransfer.features import module_sha256
 from edgetransfer.fileio import sha256_file
-from edgetransfer.manifest import Manifest, read_manifest, versions
+from edgetransfer.manifest import ARTIFACTS, Manifest, read_manifest, versions
 from edgetransfer.parity import require_close
 
 CHECK_BATCHES = (1, 2, 8)
@@ -85,15 +92,11 @@ def write_bundle(
     weights_file = weights if weights not in ("imagenet", "none") else None
     check_bundle_out(out, force, [weights_file, data_dir])
     images = _real_images(data_dir)
-    torch.manual_seed(0)  # --weights none: the same command gives the same bundle
-    source = load_source(arch, weights)
+    source, module, provenance = _source_backbone(arch, weights)
     pre = source.preprocessing or source.spec.preprocessing
-    features, source_head = split(source.spec, source.model)
-    module = _Backbone(features, source_head).eval()
-    dim = feature_dim(features, pre)
+    dim = feature_dim(module.features, pre)
+    source_head = module.source_head
     labels = source.labels or [f"source_{i}" for i in range(source_head.out_features)]
-    provenance = dict(source.provenance)
-    provenance.setdefault("sha256", module_sha256(module))  # random init: its own weights
     manifest = bundle_manifest(
         arch=arch,
         preprocessing=pre,
@@ -121,6 +124,43 @@ def write_bundle(
     else:
         raise ExportError(f"the {arch} backbone does not export to ONNX: " + "; ".join(errors))
     return BundleResult(out, manifest, sha256_file(out), exporter, len(images))
+
+
+def _source_backbone(arch: str, weights: str):
+    """(SourceModel, the bundle's eager module, the weights' provenance with their sha256)."""
+    torch.manual_seed(0)  # --weights none: the same command gives the same bundle
+    source = load_source(arch, weights)
+    features, source_head = split(source.spec, source.model)
+    module = _Backbone(features, source_head).eval()
+    provenance = dict(source.provenance)
+    provenance.setdefault("sha256", module_sha256(module))  # random init: its own weights
+    return source, module, provenance
+
+
+def eager_of_export(export_dir: str | os.PathLike, weights: str):
+    """For an EXPORT_DIR of a run adapted on a bundle: that model in eager PyTorch (the
+    bundle's architecture with `weights`, which must be those the bundle was made from, and
+    the run's head), as float32 NCHW -> logits. What `verify --eager-weights` compares the
+    torch-free reference with."""
+    manifest = read_manifest(export_dir)
+    weight, bias = load_head(Path(export_dir) / ARTIFACTS["head"], manifest)
+    _, module, provenance = _source_backbone(manifest.arch, weights)
+    if provenance["sha256"] != manifest.source.get("sha256"):
+        raise WeightsError(
+            f"--eager-weights {weights} are not the weights the bundle was made from (their "
+            "sha256 differs from the manifest's source.sha256)"
+        )
+    head = nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(np.asarray(weight, np.float32)))
+        head.bias.copy_(torch.from_numpy(np.asarray(bias, np.float32)))
+    model = nn.Sequential(module.features, head).eval()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
+
+    return run
 
 
 def _export(module: nn.Module, pre, path: Path, exporter: str) -> None:

@@ -888,6 +888,13 @@ def _print_export(res, as_json: bool) -> None:
 @_threads_option("onnxruntime and ExecuTorch threads [default: all cores].")
 @_json_option("Print parity.json to stdout.")
 @_trust_torchscript_option
+@click.option(
+    "--eager-weights",
+    default=None,
+    metavar="imagenet|none|PATH",
+    help="For a run adapted on a backbone bundle: also compare with eager PyTorch, the "
+    "bundle's architecture with these weights (those it was made from) and the run's head.",
+)
 def verify(
     export_dir: Path,
     data_dir: Path,
@@ -898,6 +905,7 @@ def verify(
     threads: int | None,
     as_json: bool,
     trust_torchscript: bool,
+    eager_weights: str | None,
 ) -> None:
     """Prove that every exported file answers like eager PyTorch on real images.
 
@@ -917,6 +925,11 @@ def verify(
     if is_bundle_run(export_dir):  # no torch: the bundle's features through the numpy head
         from edgetransfer.device import verify_bundle
 
+        eager = None
+        if eager_weights is not None:  # the one case that imports torch
+            from edgetransfer.bundler import eager_of_export
+
+            eager = eager_of_export(export_dir, eager_weights)
         report = verify_bundle(
             export_dir,
             data_dir,
@@ -925,9 +938,15 @@ def verify(
             atol=atol,
             rtol=rtol,
             threads=threads,
+            eager=eager,
         )
         reference = "the backbone bundle's features through the numpy head"
     else:
+        if eager_weights is not None:
+            raise click.UsageError(
+                "--eager-weights is for a run adapted on a backbone bundle; other runs are "
+                "always compared with eager PyTorch"
+            )
         from edgetransfer import verify as v
 
         report = v.verify(

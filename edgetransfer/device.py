@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -384,9 +385,16 @@ def verify_bundle(
     rtol: float = RTOL,
     write: bool = True,
     threads: int | None = None,
+    eager: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> ParityReport:
     """Every ONNX model in an EXPORT_DIR of a bundle run against the reference (the bundle's
-    features through the numpy head) on the validation images of `data_dir`."""
+    features through the numpy head) on the validation images of `data_dir`.
+
+    Args:
+        eager: the run's model in eager PyTorch (bundler.eager_head_logits), float32 NCHW ->
+            logits; when given, it is judged against the reference like an exported model,
+            which ties every artifact to eager PyTorch too. This module never imports torch.
+    """
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     info = bundle_of(manifest)
@@ -430,11 +438,19 @@ def verify_bundle(
         )
     )
     report = ParityReport(export_dir, len(kept), atol, rtol, reference="bundle")
+    outputs = {}
     for runtime, kind in (("onnxruntime", "onnx"), ("raw", "raw")):
         path = export_dir / ARTIFACTS[kind]
-        if not path.is_file():
-            continue
-        got = _onnx_outputs(path, pixels_all if kind == "raw" else tensors, batch_size, threads)
+        if path.is_file():
+            x = pixels_all if kind == "raw" else tensors
+            outputs[runtime] = _onnx_outputs(path, x, batch_size, threads)
+    if eager is not None:
+        outputs["eager"] = Outputs(
+            np.concatenate(
+                [eager(tensors[i : i + batch_size]) for i in range(0, len(tensors), batch_size)]
+            )
+        )
+    for runtime, got in outputs.items():
         report.runtimes.append(
             judge(
                 runtime,

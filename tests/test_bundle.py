@@ -197,3 +197,21 @@ def test_features_cache_is_used_and_checked(digits_bundle, tmp_path, monkeypatch
         third = extract(bundle, samples)
     assert not third.cached
     np.testing.assert_array_equal(first.vectors, third.vectors)
+
+
+def test_verify_also_against_eager_where_torch_is(device_run):
+    res = run("verify", device_run / "export", "--data", DIGITS, "--eager-weights", SOURCE)
+    assert res.exit_code == 0, res.output
+    assert "\neager " in res.output and "parity: PASS" in res.output
+    res = run("verify", device_run / "export", "--data", DIGITS, "--eager-weights", "none")
+    assert res.exit_code == 1 and "not the weights the bundle was made from" in res.output
+
+
+def test_device_head_matches_the_torch_paths(device_run, digits_run):
+    """The same data, source weights and head objective: the torch path (digits_run) and the
+    device path reach the same validation result."""
+    device, torch_path = read_manifest(device_run), read_manifest(digits_run)
+    assert device.labels == torch_path.labels
+    assert device.metrics["val_top1"] == torch_path.metrics["val_top1"]
+    assert abs(device.metrics["val_loss"] - torch_path.metrics["val_loss"]) < 1e-3
+    assert device.data["fingerprint"] == torch_path.data["fingerprint"]  # the same split
