@@ -79,3 +79,9 @@ MISTAKES = 24  # most confident mistakes listed: a screenful of thumbnails in th
 BENCH_RUNS = 50  # timed runs: enough for a stable median and p90 on a quiet machine
 BENCH_WARMUP = 5  # untimed runs first: lazy allocation and caches settle
 BENCH_BATCH_SIZE = 8  # throughput batch (latency is measured at batch 1)
+
+# --- installs: what `pip install edgetransfer` leaves out, and the extra that brings it ---
+# the core install (numpy, Pillow, onnx, onnxruntime) runs .onnx files; building backbones,
+# training, TorchScript/.pt2 export and eager parity need PyTorch
+TORCH_EXTRA = "pip install 'edgetransfer[torch]'"
+TORCH_MODULES = ("torch", "torchvision", "onnxscript")
