@@ -136,6 +136,8 @@ def fit_head(
     Raises:
         DataError: features that are not finite, or shapes and labels that do not fit.
     """
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, not {epochs}")
     xt, yt, xv, yv = _checked(x_train, y_train, x_val, y_val, classes)
     # One BLAS thread: the matrices are too small to share out, and on a busy 2-core machine
     # OpenBLAS's spinning threads made a 0.1 s fit take 5 s (train.fit runs torch's head on
@@ -197,7 +199,7 @@ def _fit(xt, yt, xv, yv, classes, l2, class_weights, epochs, patience, tolerance
         if (patience and stale >= patience) or converged:
             stopped_early = True
             break
-    assert best is not None, "epochs must be >= 1"
+    assert best is not None  # epochs >= 1
     val_top1, val_loss, best_epoch, theta, val_logits = best
     weight, bias = _fold(theta, classes, standardization)
     return HeadFit(
@@ -252,7 +254,7 @@ class _Loss:
         self.scale = w / w.sum()  # each row's share of the mean
 
     def _ce(self, theta):
-        """Per-row log-probabilities' gradient pieces: (logits, log-softmax)."""
+        """(logits, log-softmax) of every row."""
         z = _logits(self.x, theta, self.classes)
         return z, _log_softmax(z)
 
