@@ -467,7 +467,7 @@ def torch_head_fit(x, y, xv, yv, classes: int) -> tuple[np.ndarray, float, int]:
     fold. Returns (the folded [weight | bias], val top-1, best epoch)."""
     import torch
 
-    from edgetransfer.adapt import HEAD_L2
+    from edgetransfer.headfit import HEAD_L2
     from edgetransfer.train import Standardize, TensorBatches, TrainConfig, fit, fold
 
     xt = torch.from_numpy(x)
@@ -489,12 +489,11 @@ def torch_head_fit(x, y, xv, yv, classes: int) -> tuple[np.ndarray, float, int]:
 
 
 def bench_headfit(tmp: Path, quick: bool) -> None:
-    from edgetransfer.adapt import HEAD_L2
     from edgetransfer.backbones import get_arch, load_source, split
     from edgetransfer.data import scan
     from edgetransfer.demo import sample_data, source_model
     from edgetransfer.features import extract
-    from edgetransfer.headfit import fit_head
+    from edgetransfer.headfit import HEAD_L2, fit_head
 
     os.environ["EDGETRANSFER_CACHE"] = str(tmp / "cache")
     reps = 5 if quick else 9
