@@ -32,6 +32,7 @@ from edgetransfer.data import Dataset, Sample, eval_transform, load_image, scan
 from edgetransfer.errors import DataError, EdgeTransferError
 from edgetransfer.features import extract
 from edgetransfer.fileio import atomic_write_text, check_can_write, output_dir
+from edgetransfer.headfit import HEAD_L2, balanced_class_weights
 from edgetransfer.loaders import ImageBatches, train_transform
 from edgetransfer.manifest import MANIFEST_NAME, Manifest, Preprocessing, read_manifest, versions
 from edgetransfer.report import ReportUnavailable, write_run_report
@@ -48,9 +49,6 @@ from edgetransfer.train import (
 
 DEFAULT_ARCH = config.ARCH
 MiB = 1024 * 1024
-# L2 penalty of the L-BFGS head on standardised features; test top-1 on the digits transfer
-# experiment moved by under a point between 1e-3 and 1e-1.
-HEAD_L2 = 1e-3
 
 
 @dataclass(frozen=True)
@@ -681,8 +679,7 @@ def _base_loss(cfg: AdaptConfig, run: _Training, classes: int):
     distilling."""
     weights = None
     if cfg.balance:
-        counts = torch.bincount(_labels(run.train_s), minlength=classes).float()
-        weights = counts.sum() / (classes * counts.clamp_min(1))
+        weights = torch.from_numpy(balanced_class_weights(_labels(run.train_s).numpy(), classes))
     teacher = run.teacher_logits
 
     def base_loss(logits, y, idx):

@@ -19,6 +19,13 @@ from torch import nn
 from edgetransfer import config
 from edgetransfer.errors import EdgeTransferError, Terminated, first_line
 from edgetransfer.fileio import atomic_writer
+from edgetransfer.headfit import (  # the L-BFGS settings, shared with the numpy head solver
+    LBFGS_HISTORY,
+    LBFGS_ITERATIONS,
+    LBFGS_MAX_EVALS,
+    LBFGS_TOLERANCE,
+    LBFGS_TOLERANCE_CHANGE,
+)
 
 
 @dataclass(frozen=True)
@@ -46,10 +53,6 @@ class TrainConfig:
 
 
 SOLVERS = config.SOLVERS
-LBFGS_HISTORY = 10  # (step, gradient change) pairs kept
-LBFGS_ITERATIONS = 20  # per epoch; L-BFGS stops sooner once the gradient vanishes
-# converged when no gradient entry exceeds this: further epochs would not move the weights
-LBFGS_TOLERANCE = 1e-5
 
 
 @dataclass
@@ -224,9 +227,11 @@ def make_optimizer(param_groups: list[dict], cfg: TrainConfig) -> torch.optim.Op
             [t for g in param_groups for t in g["params"]],
             lr=1.0,
             max_iter=LBFGS_ITERATIONS,
+            max_eval=LBFGS_MAX_EVALS,
             history_size=LBFGS_HISTORY,
             line_search_fn="strong_wolfe",
             tolerance_grad=LBFGS_TOLERANCE,
+            tolerance_change=LBFGS_TOLERANCE_CHANGE,
         )
     return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -628,7 +633,7 @@ def _full_batch_loss(trainee: _Trainee, params: list, batch, *, l2: float) -> to
             t.grad = torch.zeros_like(t)
         return torch.tensor(math.inf)
     loss.backward()
-    penalty = torch.zeros(())
+    penalty = torch.zeros((), dtype=loss.dtype)  # float64 objectives keep their precision
     for t in params:
         if t.grad is None:  # a parameter the loss does not reach
             t.grad = torch.zeros_like(t)

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "edgetransfer"
 
 FLOORS = {
     0: {"__init__", "errors", "fileio", "manifest", "config", "ptefile"},
-    1: {"data", "parity", "onnxio"},
+    1: {"data", "parity", "onnxio", "headfit"},
     2: {"backbones", "strategies", "loaders", "train", "runs"},
     3: {"features", "runtime", "evaluate", "golden", "quantize", "pte"},
     4: {"adapt", "export", "verify", "bench", "info", "report"},
@@ -32,7 +32,7 @@ MAX_LAZY = 20
 # Third-party libraries a floor may import at module level.
 THIRD_PARTY = {
     0: set(),
-    1: {"numpy", "PIL", "onnx", "onnxruntime"},
+    1: {"numpy", "PIL", "onnx", "onnxruntime", "threadpoolctl"},
 }
 
 
