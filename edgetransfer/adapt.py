@@ -40,6 +40,7 @@ from edgetransfer.data import (
 from edgetransfer.errors import DataError, EdgeTransferError
 from edgetransfer.features import extract
 from edgetransfer.fileio import atomic_write_text, check_can_write, output_dir
+from edgetransfer.headfit import HEAD_L2, balanced_class_weights
 from edgetransfer.loaders import ImageBatches, train_transform
 from edgetransfer.manifest import (
     MANIFEST_NAME,
@@ -63,7 +64,6 @@ from edgetransfer.train import (
 
 DEFAULT_ARCH = config.ARCH
 MiB = 1024 * 1024
-HEAD_L2 = config.HEAD_L2
 
 
 @dataclass(frozen=True)
@@ -677,8 +677,7 @@ def _base_loss(cfg: AdaptConfig, run: _Training, classes: int):
     distilling."""
     weights = None
     if cfg.balance:
-        counts = torch.bincount(_labels(run.train_s), minlength=classes).float()
-        weights = counts.sum() / (classes * counts.clamp_min(1))
+        weights = torch.from_numpy(balanced_class_weights(_labels(run.train_s).numpy(), classes))
     teacher = run.teacher_logits
 
     def base_loss(logits, y, idx):

@@ -44,7 +44,8 @@ class _Group(click.Group):
     SIGTERM into exit 143, each after the temp files of the interrupted write are removed.
 
     Also: a full disk or a permission problem becomes one line, edgetransfer warnings print as
-    one `Warning:` line, and file names that are not valid UTF-8 never crash the output.
+    one `Warning:` line, a command that needs PyTorch on a core install names the extra, and
+    file names that are not valid UTF-8 never crash the output.
     """
 
     def invoke(self, ctx: click.Context):
@@ -71,6 +72,12 @@ class _Group(click.Group):
             if e.errno == errno.EROFS:
                 message += _writable_hint(self, ctx)
             raise click.ClickException(message) from None
+        except ModuleNotFoundError as e:
+            if (e.name or "").partition(".")[0] not in config.TORCH_MODULES:
+                raise
+            raise click.ClickException(
+                f"this command needs PyTorch ({e.name} is not installed); {config.TORCH_EXTRA}"
+            ) from None
         except EdgeTransferError as e:
             err = click.ClickException(printable(str(e)))
             err.exit_code = getattr(e, "exit_code", 1)  # 130/143 after an interrupted adapt

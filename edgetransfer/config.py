@@ -34,10 +34,7 @@ HEAD_SOLVER = "lbfgs"
 EPOCHS = 30  # a ceiling: early stopping (PATIENCE) and L-BFGS convergence can end a run sooner
 BATCH_SIZE = 8  # small enough to fine-tune a backbone on a board with little memory
 LR = 1e-2  # for the new linear head; the backbone gets BACKBONE_LR_MULT of it
-WEIGHT_DECAY = 1e-4  # mild, for AdamW; the L-BFGS head has its own L2 (HEAD_L2)
-# L2 penalty of the L-BFGS head on standardised features (both the torch and the numpy solver);
-# test top-1 on the digits transfer experiment moved by under a point between 1e-3 and 1e-1.
-HEAD_L2 = 1e-3
+WEIGHT_DECAY = 1e-4  # mild, for AdamW; the L-BFGS head has its own L2 (headfit.HEAD_L2)
 ACCUMULATE = 1  # one micro-batch per step; --max-memory raises it when a batch does not fit
 PATIENCE = 10  # small validation sets are noisy: a few flat epochs are not yet a plateau
 AUGMENTS = ("none", "light", "standard")
@@ -82,3 +79,9 @@ MISTAKES = 24  # most confident mistakes listed: a screenful of thumbnails in th
 BENCH_RUNS = 50  # timed runs: enough for a stable median and p90 on a quiet machine
 BENCH_WARMUP = 5  # untimed runs first: lazy allocation and caches settle
 BENCH_BATCH_SIZE = 8  # throughput batch (latency is measured at batch 1)
+
+# --- installs: what `pip install edgetransfer` leaves out, and the extra that brings it ---
+# the core install (numpy, Pillow, onnx, onnxruntime) runs .onnx files; building backbones,
+# training, TorchScript/.pt2 export and eager parity need PyTorch
+TORCH_EXTRA = "pip install 'edgetransfer[torch]'"
+TORCH_MODULES = ("torch", "torchvision", "onnxscript")

@@ -44,7 +44,7 @@ from edgetransfer.fileio import (
     sha256_file,
 )
 from edgetransfer.golden import GOLDEN_DIR, write_golden
-from edgetransfer.headfit import balanced_class_weights, fit_head
+from edgetransfer.headfit import HEAD_L2, balanced_class_weights, fit_head
 from edgetransfer.manifest import (
     ARTIFACTS,
     MANIFEST_NAME,
@@ -157,7 +157,7 @@ def adapt_bundle(cfg: BundleAdaptConfig) -> BundleAdaptResult:
         x_val,
         y_val,
         classes=classes,
-        l2=config.HEAD_L2,
+        l2=HEAD_L2,
         class_weights=balanced_class_weights(y_train, classes) if cfg.balance else None,
         epochs=cfg.epochs,
         patience=cfg.patience,
@@ -194,7 +194,7 @@ def _run_manifest(cfg, bundle: Bundle, dataset, fit, n_train: int, n_val: int, n
         "best_epoch": fit.best_epoch,
         "epochs_run": len(fit.history),
         "solver": "lbfgs",
-        "l2": config.HEAD_L2,
+        "l2": HEAD_L2,
         "seed": cfg.seed,
         "val_fraction": cfg.val_fraction,
         "augment": "none",

@@ -13,17 +13,23 @@ import onnx
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from edgetransfer import config
 from edgetransfer.manifest import ARTIFACTS, read_manifest
 from tests.conftest import DIGITS, SOURCE, run
 
-# Runs CLI commands in one fresh process, each as `edgetransfer ARGS`, then reports whether
-# torch (or torchvision) was imported: what a device without PyTorch would run.
+# Runs CLI commands in one fresh process, each as `edgetransfer ARGS`, with PyTorch hidden the
+# way a core install lacks it (importing it raises ModuleNotFoundError, as in
+# test_core_install.py), then lists any of its modules that got imported anyway: what a device
+# without PyTorch runs.
 DEVICE = """
 import json, sys
+TORCH = json.loads(sys.argv[2])
+for name in TORCH:
+    sys.modules[name] = None
 from edgetransfer.cli import cli
 for args in json.loads(sys.argv[1]):
     cli.main(args, prog_name="edgetransfer", standalone_mode=False)
-print(json.dumps(sorted(m for m in ("torch", "torchvision") if m in sys.modules)))
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in TORCH and sys.modules[m])))
 """
 
 
@@ -49,7 +55,7 @@ def device_run(digits_bundle, tmp_path_factory) -> Path:
         ["predict", str(run_dir / "export" / "model.onnx"), str(DIGITS / "six"), "--json"],
     ]
     out = subprocess.run(
-        [sys.executable, "-c", DEVICE, json.dumps(commands)],
+        [sys.executable, "-c", DEVICE, json.dumps(commands), json.dumps(config.TORCH_MODULES)],
         capture_output=True,
         text=True,
         cwd=Path(__file__).resolve().parent.parent,

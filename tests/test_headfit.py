@@ -151,8 +151,7 @@ def test_as_the_full_install_runs_it(monkeypatch, name):
     assert _distance(got, w, b) < RTOL
 
 
-@pytest.fixture
-def tight(monkeypatch):
+def _tight(monkeypatch) -> dict:
     """Both paths solve to a gradient of 1e-10 in one long epoch. At the shipped tolerance
     (no gradient entry above 1e-5, and l2 = 1e-3) the optimum is only pinned to about
     1e-5 / 1e-3 in its flattest directions: two torch runs from different random heads end
@@ -166,9 +165,10 @@ def tight(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["balance", "views"])
-def test_the_same_optimum_from_any_start(monkeypatch, tight, name):
+def test_the_same_optimum_from_any_start(monkeypatch, name):
     """numpy from a zero head, torch from its random one: the same optimum within RTOL and the
     same validation top-1. A wrong penalty or unweighted classes miss it."""
+    tight = _tight(monkeypatch)
     case = dict(CASES[name])
     balance = case.pop("balance", False)
     x, y, xv, yv = _features(**case)
@@ -223,3 +223,66 @@ def test_bad_labels_and_shapes_are_one_line():
         fit_head(x, y, xv[:, :5], yv, classes=4, l2=1e-3)
     with pytest.raises(DataError, match="class weights"):
         fit_head(x, y, xv, yv, classes=4, l2=1e-3, class_weights=np.ones(3))
+
+
+@pytest.fixture(scope="module")
+def demo_features():
+    """The shipped source model's features of the sample digits, adapt's train/val split."""
+    from edgetransfer.backbones import get_arch, load_source, split
+    from edgetransfer.data import scan
+    from edgetransfer.features import extract
+
+    from .conftest import DIGITS, SOURCE
+
+    spec = get_arch("simple_cnn")
+    source = load_source("simple_cnn", str(SOURCE))
+    features, _ = split(spec, source.model)
+    features.eval()
+    data = scan(DIGITS)
+    out = []
+    for name in ("train", "val"):
+        samples = data.split(name)
+        vectors = extract(features, samples, source.preprocessing or spec.preprocessing,
+                          backbone_id="headfit-test", use_cache=False).vectors  # fmt: skip
+        out += [vectors.numpy(), np.array([s.label for s in samples])]
+    return out
+
+
+def test_demo_features_same_top1_and_optimum(monkeypatch, demo_features):
+    """On real features (the demo's): at the shipped settings numpy (zero start) and the torch
+    path (its random start) give the same validation top-1; solved tightly, the same head."""
+    x, y, xv, yv = demo_features
+    classes = int(y.max()) + 1
+    _, _, ref, _ = _torch_head(monkeypatch, x, y, xv, yv, classes)
+    got = fit_head(x, y, xv, yv, classes=classes, l2=adapt.HEAD_L2)
+    assert got.val_top1 == ref.val_top1
+    tight = _tight(monkeypatch)
+    w, b, _, _ = _torch_head(monkeypatch, x, y, xv, yv, classes, dtype=torch.float64,
+                             loss=_weighted_ce(None), epochs=1, patience=0)  # fmt: skip
+    got = fit_head(x, y, xv, yv, classes=classes, l2=adapt.HEAD_L2, **tight)
+    assert _distance(got, w, b) < RTOL
+
+
+def test_a_restart_is_a_resume(tmp_path):
+    """The numpy path writes no checkpoint: the fit is a pure function of the cached features,
+    so a new process (what --resume starts) reaches the uninterrupted run's head bit for bit."""
+    import subprocess
+    import sys
+
+    x, y, xv, yv = _features(views=2)
+    np.savez(tmp_path / "f.npz", x=x, y=y, xv=xv, yv=yv)
+    code = (
+        "import sys, numpy as np; from edgetransfer.headfit import fit_head\n"
+        "f = np.load(sys.argv[1])\n"
+        "h = fit_head(f['x'], f['y'], f['xv'], f['yv'], classes=4, l2=1e-3)\n"
+        "np.savez(sys.argv[2], w=h.weight, b=h.bias)\n"
+        "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, tmp_path / "f.npz", tmp_path / "h.npz"],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    assert out.stdout.strip() == "[]"  # and no torch on the way
+    here = fit_head(x, y, xv, yv, classes=4, l2=1e-3)
+    there = np.load(tmp_path / "h.npz")
+    assert np.array_equal(here.weight, there["w"]) and np.array_equal(here.bias, there["b"])

@@ -1,7 +1,8 @@
-"""Performance harness for issue 8: adapt, feature extraction, decoding, inference, memory and
-start-up, each measured as a ratio against a baseline taken in the same run on the same machine.
+"""Performance harness for issue 8: adapt, feature extraction, decoding, the head fit (numpy vs
+torch, issue 16), inference, memory and start-up, each measured as a ratio against a baseline
+taken in the same run on the same machine.
 
-    .venv/bin/python tools/perf.py [--quick] [--only adapt,backend,decode,inference,memory,startup]
+    .venv/bin/python tools/perf.py [--quick] [--only BENCH,...]  (BENCHES below)
 
 Every benchmark generates its own data in a temp folder (smooth photos whose colour and texture
 depend on the class, 12-megapixel JPEGs for decoding) and prints a table: target, measured,
@@ -32,7 +33,7 @@ import numpy as np  # noqa: E402
 from adapt_child import run_adapt  # noqa: E402
 from PIL import Image  # noqa: E402
 
-BENCHES = ("adapt", "backend", "decode", "inference", "memory", "startup", "device")
+BENCHES = ("adapt", "backend", "decode", "headfit", "inference", "memory", "startup", "device")
 COLOURS = [(230, 60, 60), (60, 190, 70), (60, 70, 230), (220, 200, 40), (190, 60, 210)]
 RESULTS: list[dict] = []  # every target row, for the summary and --json
 
@@ -454,6 +455,117 @@ def bench_backend(tmp: Path, quick: bool) -> None:
             "session alone; extraction end to end was slower with it",
         )
     print_table("backend", f"feature extraction, random weights, median of {reps} pairs")
+
+
+# --------------------------------------------------------------------------------------------
+# 2b. the head fit: numpy (headfit, no torch) vs the torch L-BFGS path
+
+
+def torch_head_fit(x, y, xv, yv, classes: int) -> tuple[np.ndarray, float, int]:
+    """adapt's `head` fit on cached features, as _train_head runs it: standardise, a seeded new
+    Linear, train.fit with solver lbfgs (adapt's epochs, patience and HEAD_L2) on one thread,
+    fold. Returns (the folded [weight | bias], val top-1, best epoch)."""
+    import torch
+
+    from edgetransfer.headfit import HEAD_L2
+    from edgetransfer.train import Standardize, TensorBatches, TrainConfig, fit, fold
+
+    xt = torch.from_numpy(x)
+    std = Standardize(xt)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(x.shape[1], classes)
+    res = fit(
+        torch.nn.Sequential(std, head),
+        [{"params": list(head.parameters())}],
+        TensorBatches(xt, torch.from_numpy(y), 8, 0),
+        TensorBatches(torch.from_numpy(xv), torch.from_numpy(yv), 256, 0, shuffle=False),
+        lambda logits, t, idx: torch.nn.functional.cross_entropy(logits, t),
+        TrainConfig(solver="lbfgs", weight_decay=HEAD_L2),
+        threads=1,
+    )
+    fold(std, head)
+    weight = torch.cat([head.weight, head.bias[:, None]], 1).detach().numpy()
+    return weight, res.val_top1, res.best_epoch
+
+
+def bench_headfit(tmp: Path, quick: bool) -> None:
+    from edgetransfer.backbones import get_arch, load_source, split
+    from edgetransfer.data import scan
+    from edgetransfer.demo import sample_data, source_model
+    from edgetransfer.features import extract
+    from edgetransfer.headfit import HEAD_L2, fit_head
+
+    os.environ["EDGETRANSFER_CACHE"] = str(tmp / "cache")
+    reps = 5 if quick else 9
+
+    def features(arch: str, weights: Path, data: Path) -> tuple:
+        spec = get_arch(arch)
+        source = load_source(arch, str(weights))
+        backbone, _ = split(spec, source.model)
+        pre = source.preprocessing or spec.preprocessing
+        out = []
+        for name in ("train", "val"):
+            samples = scan(data).split(name)
+            f = extract(backbone.eval(), samples, pre, backbone_id=f"perf-{arch}",
+                        use_cache=False, backend="onnxruntime")  # fmt: skip
+            out += [f.vectors.numpy(), np.array([s.label for s in samples])]
+        return out
+
+    n = 256 if quick else 512
+    photos = make_photos(tmp / "photos", n)
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 0.15, (20, 1024))
+    ys = rng.integers(0, 20, 2500)
+    blobs = (centres[ys] + rng.normal(0, 1, (2500, 1024))) * rng.uniform(0.2, 5, 1024)
+    sets = {
+        f"{n} perf photos, mobilenet_v3_small (1024-d, 5 classes)": features(
+            "mobilenet_v3_small",
+            calibrated_weights("mobilenet_v3_small", photos, tmp / "mnv3s_bn.safetensors"),
+            photos,
+        ),
+        "demo digits, simple_cnn source model (128-d, 5 classes)": features(
+            "simple_cnn", source_model(), sample_data()
+        ),
+        "2000 + 500 Gaussian clusters (1024-d, 20 classes)": [
+            blobs[:2000].astype(np.float32), ys[:2000], blobs[2000:].astype(np.float32), ys[2000:]
+        ],
+    }  # fmt: skip
+    for what, (x, y, xv, yv) in sets.items():
+        classes = int(max(y.max(), yv.max())) + 1
+
+        def numpy_fit(x=x, y=y, xv=xv, yv=yv, classes=classes):
+            h = fit_head(x, y, xv, yv, classes=classes, l2=HEAD_L2)
+            return np.c_[h.weight, h.bias], h.val_top1, h.best_epoch
+
+        torch_head_fit(x, y, xv, yv, classes), numpy_fit()  # warm
+        t_torch, t_numpy = [], []
+        for _ in range(reps):  # interleaved, so a noisy neighbour hits both alike
+            t, (w_t, top1_t, best_t) = timed(lambda x=x, y=y, xv=xv, yv=yv, c=classes:
+                                     torch_head_fit(x, y, xv, yv, c))  # fmt: skip
+            t_torch.append(t)
+            t, (w_n, top1_n, best_n) = timed(numpy_fit)
+            t_numpy.append(t)
+        ratio = statistics.median(a / b for a, b in zip(t_torch, t_numpy, strict=True))
+        dist = float(np.linalg.norm(w_n - w_t) / np.linalg.norm(w_t))
+        row(
+            "headfit",
+            f"{what}: torch L-BFGS / numpy (time)",
+            ">= 1x",
+            f"{ratio:.2f}x ({1000 * statistics.median(t_torch):.0f} ms / "
+            f"{1000 * statistics.median(t_numpy):.0f} ms)",
+            ratio >= 1,
+            f"{len(y)} train, {len(yv)} val",
+        )
+        row(
+            "headfit",
+            f"{what}: val top-1 torch vs numpy",
+            "equal",
+            f"{top1_t:.1%} vs {top1_n:.1%}",
+            top1_t == top1_n,
+            f"heads {dist:.1e} apart (relative), best epochs {best_t} / {best_n}: torch starts "
+            "from a random head, numpy from zeros; both reach one optimum (tests/test_headfit.py)",
+        )
+    print_table("headfit", f"head fit on the same cached features, median of {reps} pairs")
 
 
 # --------------------------------------------------------------------------------------------
