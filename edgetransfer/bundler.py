@@ -30,9 +30,8 @@ from edgetransfer.errors import (
 from edgetransfer.features import module_sha256
 from edgetransfer.fileio import sha256_file
 from edgetransfer.manifest import ARTIFACTS, Manifest, read_manifest, versions
-from edgetransfer.parity import require_close
+from edgetransfer.parity import CHECK_BATCHES, require_close
 
-CHECK_BATCHES = (1, 2, 8)
 CHECK_IMAGES = 16  # real images the bundle must match eager on, spread over the classes
 
 

@@ -1223,6 +1223,11 @@ def info(path: Path, as_json: bool) -> None:
         _emit_json(d)
         return
     m = d["manifest"]
+    if m["adapt"].get("kind") == "backbone":  # bundle.KIND; a bundle answers features
+        click.echo(
+            f"backbone bundle of {m['arch']}: {m['adapt'].get('feature_dim')} features; "
+            f"source head of {len(m['labels'])} classes"
+        )
     click.echo(
         f"{m['arch']}: {len(m['labels'])} classes ({', '.join(m['labels'][:10])}"
         f"{', ...' if len(m['labels']) > 10 else ''})"

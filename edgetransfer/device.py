@@ -47,6 +47,7 @@ from edgetransfer.golden import GOLDEN_DIR, write_golden
 from edgetransfer.headfit import HEAD_L2, balanced_class_weights, fit_head
 from edgetransfer.manifest import (
     ARTIFACTS,
+    EXPORT_REPORT,
     MANIFEST_NAME,
     METADATA_KEY,
     RUN_INFO,
@@ -58,6 +59,7 @@ from edgetransfer.manifest import (
 from edgetransfer.onnxio import finish_proto, open_session
 from edgetransfer.parity import (
     ATOL,
+    CHECK_BATCHES,
     RTOL,
     Outputs,
     ParityReport,
@@ -67,10 +69,8 @@ from edgetransfer.parity import (
     write_parity,
 )
 
-CHECK_BATCHES = (1, 2, 8)  # as export.py
-# The options of adapt that a bundle run takes; the CLI refuses the others with --backbone.
+# the one strategy a bundle run takes (its head on the bundle's features)
 BUNDLE_STRATEGY = "head"
-REPORT_NAME = "export.json"
 
 
 def bundle_of(manifest: Manifest) -> dict | None:
@@ -346,7 +346,7 @@ def export_bundle(
                     "bytes": f.stat().st_size,
                     "sha256": sha256_file(f),
                 }
-        atomic_write_text(tmp / REPORT_NAME, json.dumps(report, indent=2) + "\n")
+        atomic_write_text(tmp / EXPORT_REPORT, json.dumps(report, indent=2) + "\n")
         files = sorted(f.name for f in tmp.iterdir())
     return BundleExportResult(out, [out / f for f in files], manifest, notes, report)
 

@@ -26,15 +26,13 @@ from edgetransfer.fileio import (
     sha256_file,
 )
 from edgetransfer.golden import GOLDEN_DIR, write_golden
-from edgetransfer.manifest import ARTIFACTS, MANIFEST_NAME, Manifest, raw_manifest
-from edgetransfer.parity import ATOL, RTOL, require_close
+from edgetransfer.manifest import ARTIFACTS, EXPORT_REPORT, MANIFEST_NAME, Manifest, raw_manifest
+from edgetransfer.parity import ATOL, CHECK_BATCHES, RTOL, require_close
 from edgetransfer.runs import load_run
 from edgetransfer.runtime import OnnxClassifier
 
 EXPORTERS = config.EXPORTERS
 DEFAULT_EXPORTER = config.EXPORTER
-CHECK_BATCHES = (1, 2, 8)
-REPORT_NAME = "export.json"
 
 
 @dataclass(frozen=True)
@@ -183,7 +181,7 @@ def export(cfg: ExportConfig) -> ExportResult:
                     "bytes": (tmp / name).stat().st_size,
                     "sha256": sha256_file(tmp / name),
                 }
-        atomic_write_text(tmp / REPORT_NAME, json.dumps(report, indent=2) + "\n")
+        atomic_write_text(tmp / EXPORT_REPORT, json.dumps(report, indent=2) + "\n")
         files = sorted(p.name for p in tmp.iterdir())
     out = Path(cfg.out)
     return ExportResult(out, [out / f for f in files], manifest, notes, report)

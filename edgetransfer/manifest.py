@@ -20,6 +20,7 @@ from edgetransfer.ptefile import read_pte
 SCHEMA = 1
 MANIFEST_NAME = "edgetransfer.json"
 RUN_INFO = "run.json"  # RUN_DIR only: where its data (and bundle) live on this machine
+EXPORT_REPORT = "export.json"  # EXPORT_DIR: what was exported, sizes and sha256, the guard
 METADATA_KEY = "edgetransfer"  # ONNX metadata_props key and safetensors metadata key
 MAX_SIDE = 16384  # largest input_size / resize a manifest may declare
 # Real normalisations (std ~0.2, 1/255 at most; mean within 0..1, 127.5 at most) sit far inside

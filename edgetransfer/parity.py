@@ -25,6 +25,9 @@ from edgetransfer.fileio import USER_ERRNOS, atomic_write_text
 ATOL = config.ATOL
 RTOL = config.RTOL
 MIN_TOP1_AGREEMENT = 1.0
+# Batches every ONNX export is checked at before it is written: 1, a batch of two (the dynamic
+# dimension), and one past any fixed size a tracer might bake in.
+CHECK_BATCHES = (1, 2, 8)
 # Raw-pixel model probabilities against the Python preprocessing path.
 PROBS_ATOL = 1e-4
 # Quantised/fp16 models are judged by accuracy: at most this drop in top-1 against eager.

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from edgetransfer import config
+from edgetransfer.bundle import is_bundle
 from edgetransfer.data import list_images, load_image, preprocess, resize_crop, softmax
 from edgetransfer.errors import DataError, EdgeTransferError, InputError, ManifestError, first_line
 from edgetransfer.manifest import (
@@ -196,6 +197,12 @@ class OnnxClassifier(Predictor):
                 f"{self.path.name} carries no edgetransfer metadata; export it with edgetransfer"
             )
         self.manifest = Manifest.from_json(meta[METADATA_KEY])
+        if is_bundle(self.manifest):
+            raise ManifestError(
+                f"{self.path.name} is a backbone bundle (it outputs features, not classes); "
+                f"adapt on it with `edgetransfer adapt DATA_DIR --backbone {self.path.name}`, "
+                "then export"
+            )
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.raw = inp.type == "tensor(uint8)"  # model.raw.onnx: uint8 NHWC pixels in

@@ -84,7 +84,7 @@ def test_device_run_matches_eager_pytorch(device_run):
     import torch
 
     from edgetransfer.backbones import build_classifier, load_source, split
-    from edgetransfer.golden import load_golden
+    from edgetransfer.golden import check_golden, load_golden
     from edgetransfer.runtime import OnnxClassifier
 
     export = device_run / "export"
@@ -104,6 +104,7 @@ def test_device_run_matches_eager_pytorch(device_run):
     onnx_logits = OnnxClassifier(export).logits(x)
     np.testing.assert_allclose(onnx_logits, eager, rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(np.concatenate([c[2] for c in cases]), eager, rtol=1e-3, atol=1e-4)
+    assert check_golden(OnnxClassifier(export), export / "golden") == []
 
 
 def test_export_dir_has_the_reference_and_the_contract(device_run):
@@ -167,6 +168,10 @@ def test_adapt_backbone_refuses_what_needs_torch(digits_bundle, device_run, tmp_
     assert res.exit_code == 1 and "is a classifier, not a backbone bundle" in res.output
     res = run("predict", device_run, DIGITS / "six")
     assert res.exit_code == 1 and "was adapted on a backbone bundle" in res.output
+    res = run("predict", digits_bundle, DIGITS / "six")
+    assert res.exit_code == 1 and "is a backbone bundle (it outputs features" in res.output
+    res = run("info", digits_bundle)
+    assert res.exit_code == 0 and "backbone bundle of simple_cnn: 128 features" in res.output
 
 
 def test_backbone_force_rules(digits_bundle, tmp_path):
