@@ -1346,21 +1346,27 @@ def demo(out_dir: Path, force: bool, quiet: bool) -> None:
     """Run adapt -> export -> verify -> predict on the shipped digits, offline.
 
     The shipped source model knows digits 0-4; it is adapted to the sample images of
-    digits 5-9 (a few dozen per class).
+    digits 5-9 (a few dozen per class). Without PyTorch (a core install) the demo runs on the
+    shipped backbone bundle of that model, with onnxruntime and numpy alone.
 
     \b
     Example:
       edgetransfer demo /tmp/et-demo
     """
-    from edgetransfer.demo import run_demo, sample_data, source_model
+    from edgetransfer.demo import demo_source, run_demo, sample_data, without_torch
 
-    click.echo(f"source model: {source_model()}\ntarget data:  {sample_data()}")
-    res = run_demo(out_dir, force=force, progress=_progress(quiet))
+    device = without_torch()
+    if device:
+        click.echo("PyTorch is not installed: the device path (onnxruntime and numpy alone)")
+    click.echo(f"source model: {demo_source(device)}\ntarget data:  {sample_data()}")
+    res = run_demo(out_dir, force=force, progress=_progress(quiet), device=device)
     click.echo(f"adapted: val top-1 {res.val_top1:.1%}   run: {res.run_dir}")
-    before, after = res.source_top1
-    click.echo(f"source task (digits 0-4) top-1: {before:.1%} before, {after:.1%} after")
+    if res.source_top1 is not None:
+        before, after = res.source_top1
+        click.echo(f"source task (digits 0-4) top-1: {before:.1%} before, {after:.1%} after")
+    files = "backbone.onnx, head.safetensors" if device else "model.pt"
     click.echo(
-        f"exported: {res.export_dir} (model.onnx, model.raw.onnx, model.pt, golden/, "
+        f"exported: {res.export_dir} (model.onnx, model.raw.onnx, {files}, golden/, "
         "labels.txt, edgetransfer.json)"
     )
     click.echo(res.parity_table)

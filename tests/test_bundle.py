@@ -226,3 +226,29 @@ def test_device_head_matches_the_torch_paths(device_run, digits_run):
     assert device.metrics["val_top1"] == torch_path.metrics["val_top1"]
     assert abs(device.metrics["val_loss"] - torch_path.metrics["val_loss"]) < 1e-3
     assert device.data["fingerprint"] == torch_path.data["fingerprint"]  # the same split
+
+
+def test_the_shipped_bundle_is_the_shipped_source_model():
+    from edgetransfer.demo import SOURCE_BUNDLE, source_model
+    from edgetransfer.fileio import sha256_file
+
+    m = read_manifest(source_model(SOURCE_BUNDLE))
+    assert m.adapt["kind"] == "backbone" and m.arch == "simple_cnn"
+    assert m.source["sha256"] == sha256_file(source_model())
+    assert m.labels == read_manifest(source_model()).labels
+
+
+def test_demo_without_torch(tmp_path):
+    """A core install's demo: PyTorch hidden, the shipped bundle adapted, exported, verified."""
+    commands = [["demo", str(tmp_path / "demo")]]
+    out = subprocess.run(
+        [sys.executable, "-c", DEVICE, json.dumps(commands), json.dumps(config.TORCH_MODULES)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == "[]" and lines[-2] == "parity: PASS"
+    assert "PyTorch is not installed: the device path" in out.stdout
+    assert (tmp_path / "demo" / "export" / "backbone.onnx").is_file()

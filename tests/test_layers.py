@@ -27,6 +27,9 @@ LAZY = {
     ("runs", "backbones"): "load_run builds the eager model: torch only when a RUN_DIR is loaded",
     ("runtime", "runs"): "TorchClassifier on a RUN_DIR; predict on .onnx imports no torch",
     ("runtime", "backbones"): "TorchClassifier.logits splits outputs; ONNX path stays torch-free",
+    ("demo", "adapt"): "the demo's torch path; without PyTorch it runs the device path",
+    ("demo", "export"): "the demo's torch path; without PyTorch it runs the device path",
+    ("demo", "verify"): "the demo's torch path; without PyTorch it runs the device path",
 }
 MAX_LAZY = 20
 # Third-party libraries a floor may import at module level.
