@@ -1,4 +1,4 @@
-// Shared code of the two demo programs; see common.hpp.
+// Shared code of the demo programs; see common.hpp.
 #include "common.hpp"
 
 #include <fcntl.h>
@@ -608,8 +608,7 @@ Manifest parse_manifest(const std::string& text, const std::string& source) {
       m.pre.mean[c] = float(means[c]);
       m.pre.std[c] = float(stds[c]);
     }
-    for (const auto& [key, want] :
-         {std::pair{"crop", "center"}, {"color", "RGB"}, {"layout", "NCHW"}}) {
+    for (const auto& [key, want] : {std::pair{"crop", "center"}, {"color", "RGB"}, {"layout", "NCHW"}}) {
       const json* got = member(p, key);
       if (got && *got != want) {
         throw InputError(source + ": preprocessing " + key + "=" + dump(got) + " is not supported (only " +
@@ -643,8 +642,8 @@ std::string describe(const Manifest& m) {
   std::ostringstream s;
   s << "arch " << printable(m.arch) << ", " << m.labels.size() << " labels [" << printable(join(m.labels))
     << "], input " << p.height << "x" << p.width << " (shorter side resized to " << p.resize
-    << (p.bicubic ? " bicubic" : "") << ", centre crop), mean [" << p.mean[0] << ", " << p.mean[1] << ", " << p.mean[2] << "], std ["
-    << p.std[0] << ", " << p.std[1] << ", " << p.std[2] << "]";
+    << (p.bicubic ? " bicubic" : "") << ", centre crop), mean [" << p.mean[0] << ", " << p.mean[1] << ", "
+    << p.mean[2] << "], std [" << p.std[0] << ", " << p.std[1] << ", " << p.std[2] << "]";
   return s.str();
 }
 
@@ -733,6 +732,19 @@ void normalize(const Image& img, const Preprocessing& p, float* out) {
   }
 }
 
+// A command-line value that must be an integer >= 1.
+static int positive_int(const std::string& option, const std::string& v) {
+  size_t used = 0;
+  int n = 0;
+  try {
+    n = std::stoi(v, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used != v.size() || n < 1) throw UsageError(option + " needs a positive integer, got '" + v + "'");
+  return n;
+}
+
 Options parse_args(int argc, char** argv) {
   Options opt;
   std::vector<std::string> positional;
@@ -746,15 +758,9 @@ Options parse_args(int argc, char** argv) {
       opt.help = true;
       return opt;
     } else if (a == "--topk" || a.rfind("--topk=", 0) == 0) {
-      const std::string v = a == "--topk" ? value(a) : a.substr(7);
-      size_t used = 0;
-      try {
-        opt.topk = std::stoi(v, &used);
-      } catch (const std::exception&) {
-        used = 0;
-      }
-      if (used != v.size() || opt.topk < 1)
-        throw UsageError("--topk needs a positive integer, got '" + v + "'");
+      opt.topk = positive_int("--topk", a == "--topk" ? value(a) : a.substr(7));
+    } else if (a == "--threads" || a.rfind("--threads=", 0) == 0) {
+      opt.threads = positive_int("--threads", a == "--threads" ? value(a) : a.substr(10));
     } else if (a == "--selftest" || a.rfind("--selftest=", 0) == 0) {
       opt.golden = a == "--selftest" ? value(a) : a.substr(11);
     } else if (a.size() > 1 && a[0] == '-' && a != "-") {
