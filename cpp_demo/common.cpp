@@ -526,12 +526,39 @@ size_t batch_size(const Preprocessing& p) {
   return std::clamp<size_t>(kBatchBytes / (size_t(3) * p.height * p.width * sizeof(float)), 1, kBatch);
 }
 
-// Text from files and argv made safe for one terminal line: control characters (newlines,
-// escape sequences) become '?', and it is cut short.
+// The length of the well-formed UTF-8 sequence at s[i], 0 when there is none (a stray or
+// overlong byte, a surrogate, past U+10FFFF).
+size_t utf8_length(const std::string& s, size_t i) {
+  const uint8_t b = s[i];
+  const size_t n = b < 0x80             ? 1
+                   : (b & 0xE0) == 0xC0 ? 2
+                   : (b & 0xF0) == 0xE0 ? 3
+                   : (b & 0xF8) == 0xF0 ? 4
+                                        : 0;
+  if (n == 0 || i + n > s.size()) return 0;
+  uint32_t cp = n == 1 ? b : b & (0x7F >> n);
+  for (size_t k = 1; k < n; ++k) {
+    if ((uint8_t(s[i + k]) & 0xC0) != 0x80) return 0;
+    cp = cp << 6 | (uint8_t(s[i + k]) & 0x3F);
+  }
+  constexpr uint32_t kMin[] = {0, 0, 0x80, 0x800, 0x10000};
+  return cp < kMin[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF) ? 0 : n;
+}
+
+// Text from files, runtimes and argv made safe for one terminal line: control characters
+// (newlines, escape sequences) and bytes that are not UTF-8 become '?', and it is cut short.
 std::string printable(const std::string& s, size_t max_size = 1000) {
-  std::string out = s.size() > max_size ? s.substr(0, max_size) + "..." : s;
-  for (char& c : out) {
-    if (uint8_t(c) < 0x20 || c == 0x7f) c = '?';
+  const std::string in = s.size() > max_size ? s.substr(0, max_size) + "..." : s;
+  std::string out;
+  for (size_t i = 0; i < in.size();) {
+    const size_t n = utf8_length(in, i);
+    if (n == 0 || (n == 1 && (uint8_t(in[i]) < 0x20 || in[i] == 0x7f))) {
+      out += '?';
+      ++i;
+    } else {
+      out.append(in, i, n);
+      i += n;
+    }
   }
   return out;
 }

@@ -249,6 +249,13 @@ def test_unusable_image_files_are_one_line(name, kind, message, digits_export, t
     refused(run(name, model_of(name, digits_export), path), name, message)
 
 
+def test_names_that_are_not_utf8_print_as_question_marks(digits_export, tmp_path):
+    """Stray bytes in a name (or a runtime's message) reached stderr raw: not one UTF-8 line."""
+    path = tmp_path / os.fsdecode(b"x\xff\xfe\xc3\xa9.png")
+    r = run("et_onnx", digits_export / "model.onnx", path)  # the test decodes stderr strictly
+    refused(r, "et_onnx", "x??\u00e9.png: no such file")
+
+
 # --- models ---------------------------------------------------------------------------------
 
 
