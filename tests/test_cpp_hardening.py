@@ -397,6 +397,11 @@ def bad_ptes(pte_export, tmp_path_factory) -> dict[str, Path]:
         "no manifest": data.replace(b"edgetransfer_manifest", b"edgetransfer_manifesX", 1),
         "wrong input": fuzz_cpp.pte_with_manifest(data, text, json.dumps(other)),
     }
+    # One byte of XNNPACK's serialized graph (a dimension of simple_cnn's first convolution),
+    # past what the runtime verifies: XNNPACK 1.5.1 reads out of bounds with it.
+    delegate = bytearray(data)
+    delegate[fuzz_cpp.pte_program_size(data) + 1810] = 0xFF
+    files["damaged delegate"] = bytes(delegate)
     for name, content in files.items():
         (d / f"{name.replace(' ', '_')}.pte").write_bytes(content)
     return {name: d / f"{name.replace(' ', '_')}.pte" for name in files} | {
@@ -428,6 +433,17 @@ def test_executorch_refuses_bad_programs_in_one_line(case, message, pte_export, 
     r = run(ET, *args)
     assert len(r.stderr.splitlines()) == 1, r.stderr  # not even the lines describing the model
     refused(r, ET, message)
+
+
+def test_executorch_crash_inside_xnnpack_is_one_line(pte_export, bad_ptes):
+    """A damaged delegate graph crashed inside XNNPACK (SIGSEGV, core dump); the program reports
+    it in one line and exit 2 (or refuses it, should a later XNNPACK check the graph)."""
+    r = run(ET, bad_ptes["damaged delegate"], DIGITS / "five" / "001.png")
+    refused(r, ET, "damaged_delegate.pte: ")
+    assert any(
+        m in r.stderr
+        for m in ("ExecuTorch crashed (SIGSEGV) running this program", "cannot load forward")
+    ), r.stderr
 
 
 # --- golden folders -------------------------------------------------------------------------
