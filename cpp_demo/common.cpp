@@ -37,6 +37,7 @@ constexpr int kMaxSide = 16384;             // as edgetransfer.manifest.MAX_SIDE
 // As edgetransfer.manifest.STD_RANGE and MAX_ABS_MEAN: normalised inputs stay finite and sane.
 constexpr double kMinStd = 1e-4, kMaxStd = 1e4, kMaxAbsMean = 1e4;
 constexpr int kBatch = 16;
+constexpr int kMaxThreads = 256;  // --threads: a typo such as 1000000 must not start a million
 constexpr size_t kBatchBytes = size_t(256) << 20;           // fewer images per batch for huge inputs
 constexpr double kDefaultAtol = 1e-4, kDefaultRtol = 1e-3;  // edgetransfer.verify
 // What hostile files may make us read or nest: far above anything edgetransfer writes.
@@ -545,9 +546,9 @@ size_t utf8_length(const std::string& s, size_t i) {
   return cp < kMin[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF) ? 0 : n;
 }
 
-// Text from files, runtimes and argv made safe for one terminal line: control characters
-// (newlines, escape sequences) and bytes that are not UTF-8 become '?', and it is cut short.
-std::string printable(const std::string& s, size_t max_size = 1000) {
+}  // namespace
+
+std::string printable(const std::string& s, size_t max_size) {
   const std::string in = s.size() > max_size ? s.substr(0, max_size) + "..." : s;
   std::string out;
   for (size_t i = 0; i < in.size();) {
@@ -562,8 +563,6 @@ std::string printable(const std::string& s, size_t max_size = 1000) {
   }
   return out;
 }
-
-}  // namespace
 
 int run_main(int argc, char** argv, const char* name, const char* usage, const char* help,
              const std::function<int(const Options&)>& body) {
@@ -788,6 +787,7 @@ Options parse_args(int argc, char** argv) {
       opt.topk = positive_int("--topk", a == "--topk" ? value(a) : a.substr(7));
     } else if (a == "--threads" || a.rfind("--threads=", 0) == 0) {
       opt.threads = positive_int("--threads", a == "--threads" ? value(a) : a.substr(10));
+      if (opt.threads > kMaxThreads) throw UsageError("--threads is at most " + std::to_string(kMaxThreads));
     } else if (a == "--selftest" || a.rfind("--selftest=", 0) == 0) {
       opt.golden = a == "--selftest" ? value(a) : a.substr(11);
     } else if (a.size() > 1 && a[0] == '-' && a != "-") {

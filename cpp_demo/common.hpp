@@ -88,6 +88,10 @@ int classify(const Model& model, const Options& opt);
 // Compares logits with golden/ (from NN.input.bin and from NN.png through our preprocessing).
 int selftest(const Model& model, const std::string& golden_dir);
 
+// Text from files, runtimes and argv made safe for one terminal line: control characters
+// (newlines, escape sequences) and bytes that are not UTF-8 become '?', and it is cut short.
+std::string printable(const std::string& s, size_t max_size = 1000);
+
 // The first line of an exception message (libtorch and ORT errors run to many lines).
 std::string first_line(const std::string& s);
 

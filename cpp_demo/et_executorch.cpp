@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <iostream>
 #include <memory>
@@ -76,7 +77,7 @@ void keep_log(et_timestamp_t, et_pal_log_level_t level, const char*, const char*
 // in one line and exit 2, not SIGABRT.
 [[noreturn]] void refuse_abort() {
   const std::string line = "et_executorch: the ExecuTorch runtime stopped" +
-                           (g_last_log.empty() ? std::string() : ": " + g_last_log) + "\n";
+                           (g_last_log.empty() ? std::string() : ": " + et::printable(g_last_log)) + "\n";
   std::fwrite(line.data(), 1, line.size(), stderr);
   std::fflush(stdout);
   ::_exit(et::kExitBadInput);
@@ -86,14 +87,14 @@ void keep_log(et_timestamp_t, et_pal_log_level_t level, const char*, const char*
 // blob's flatbuffer structure, not what its numbers mean): damaged dimensions or ids there crash
 // inside XNNPACK (3 SIGSEGV in 300 mutated blobs here). While the runtime runs, such a crash is
 // reported as one line and exit 2 instead of a core dump; nothing is recovered.
-const char* g_model = "";
+std::string g_model;  // printable, for the handler
 
 [[noreturn]] void report_crash(int sig) {
   const char* name = sig == SIGSEGV  ? "SIGSEGV"
                      : sig == SIGBUS ? "SIGBUS"
                      : sig == SIGFPE ? "SIGFPE"
                                      : "SIGILL";
-  const char* parts[] = {"et_executorch: ", g_model, ": ExecuTorch crashed (", name,
+  const char* parts[] = {"et_executorch: ", g_model.c_str(), ": ExecuTorch crashed (", name,
                          ") running this program: it is damaged or was not written by edgetransfer export\n"};
   for (const char* p : parts) {
     if (::write(STDERR_FILENO, p, std::strlen(p)) < 0) break;
@@ -107,7 +108,7 @@ const char* g_model = "";
 class CrashGuard {
  public:
   explicit CrashGuard(const std::string& model) {
-    g_model = model.c_str();
+    g_model = et::printable(model);
     static std::vector<char> stack(1 << 16);
     stack_t ss{};
     ss.ss_sp = stack.data();
@@ -132,12 +133,9 @@ class CrashGuard {
 
 // "<what>: <the runtime's last error> (<error name>)": why, then the code.
 std::string reason(rt::Error e) {
-  const std::string code = std::string(rt::to_string(e)) + ", 0x" + [&] {
-    char buf[8];
-    std::snprintf(buf, sizeof buf, "%x", unsigned(e));
-    return std::string(buf);
-  }();
-  std::string why = g_last_log.empty() ? code : g_last_log + " (" + code + ")";
+  char code[64];
+  std::snprintf(code, sizeof code, "%s, 0x%x", rt::to_string(e), unsigned(e));
+  std::string why = g_last_log.empty() ? std::string(code) : g_last_log + " (" + code + ")";
   g_last_log.clear();
   return why;
 }
