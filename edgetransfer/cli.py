@@ -382,6 +382,13 @@ def cli(ctx: click.Context, max_pixels: int | None) -> None:
     is_flag=True,
     help="Do not write RUN_DIR/report.html (saves matplotlib's ~0.5 s per run).",
 )
+@click.option(
+    "--baseline",
+    is_flag=True,
+    default=config.BASELINE,
+    help="Also train the same architecture from scratch (same split, epochs, batch, seed) "
+    "and record both results in the manifest and report.html; the scratch model is not kept.",
+)
 @_force_option("RUN_DIR")
 @_json_option("Print the manifest as JSON.")
 @_quiet_option
@@ -422,6 +429,7 @@ def adapt(
     resume: bool,
     no_cache: bool,
     no_report: bool,
+    baseline: bool,
     force: bool,
     as_json: bool,
     quiet: bool,
@@ -483,6 +491,7 @@ def adapt(
             use_cache=not no_cache,
             progress=_progress(quiet or as_json),
             report=not no_report,
+            baseline=baseline,
         )
     )
     if as_json:
@@ -508,6 +517,10 @@ def adapt(
             f"source task top-1: {m.metrics['source_top1_before']:.1%} before, "
             f"{m.metrics['source_top1_after']:.1%} after"
         )
+    if m.baseline:
+        from edgetransfer.report import baseline_verdict
+
+        click.echo(f"baseline: {baseline_verdict(m.baseline)[1]}")
     if res.bad_files:
         click.echo(
             f"skipped {len(res.bad_files)} unreadable image(s), listed in "

@@ -41,6 +41,15 @@ AUGMENTS = ("none", "light", "standard")
 VIEWS = 1  # one cached view per image: each extra view costs a backbone pass per image
 SEED = 0  # the same command gives the same run
 
+# --- adapt --baseline: the same architecture trained from scratch beside the adapted one ---
+# off: it trains a whole network from random weights, which costs far more than a head
+BASELINE = False
+# every weight trains: a random backbone has nothing worth freezing
+SCRATCH_STRATEGY = "full"
+# AdamW at 3e-3 for every weight: the scratch recipe of tools/transfer_experiment.py, whose
+# scratch rows are the README's (a random network takes smaller steps than a new head's 1e-2)
+SCRATCH_LR = 3e-3
+
 # --- adapt: data ---
 VAL_FRACTION = 0.2  # the usual 80/20 hold-out when DATA_DIR has no val/ folder
 MAX_BAD = 0.1  # skip a few unreadable files; more than 10% suggests the wrong folder
