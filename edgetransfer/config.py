@@ -60,6 +60,12 @@ WORKERS = 0  # 0: automatic threads for feature extraction, no worker processes 
 BACKENDS = ("auto", "torch", "onnxruntime")  # what runs the frozen backbone (features.py)
 BACKEND = "auto"  # onnxruntime (faster on CPU) only when its backbone matches PyTorch
 
+# --- demo: what it adapts from ---
+# imagenet: efficientnet_lite0 with ImageNet weights (the `imagenet` extra); digits: the shipped
+# digits 0-4 model; auto: imagenet when installed, else digits with a note
+DEMO_SOURCES = ("auto", "imagenet", "digits")
+DEMO_SOURCE = "auto"
+
 # --- export ---
 EXPORTERS = ("dynamo", "torchscript")  # torch.onnx exporters, in the order "auto" tries them
 EXPORTER_CHOICES = ("auto", *EXPORTERS)
