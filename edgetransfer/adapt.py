@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from edgetransfer.report import ReportUnavailable, write_run_report
 from edgetransfer.runs import RUN_INFO, checkpoint_path, load_run, save_model
 from edgetransfer.train import (
     Checkpoint,
+    Interrupted,
     Standardize,
     TensorBatches,
     TrainConfig,
@@ -859,7 +861,16 @@ def _baseline(cfg: AdaptConfig, run: _Training, classes: int, pretrained_top1: f
     )
     fit_options = dict(checkpoint=None, resume=False, progress=cfg.progress, cfg=tcfg)
     loss = _base_loss(bcfg, brun, classes)
-    result = _train_backbone(bcfg, built, brun, loss, fit_options, Phases())
+    try:
+        result = _train_backbone(bcfg, built, brun, loss, fit_options, Phases())
+    except Interrupted as e:  # the adapted run's checkpoint (its last epoch) is still there
+        signum = e.exit_code - 128
+        raise Interrupted(
+            f"{signal.Signals(signum).name}: stopped while training the --baseline from "
+            f"scratch; the adapted model is in {checkpoint_path(cfg.out)}: run the same command "
+            "with --resume to finish (the baseline starts over)",
+            signum,
+        ) from None
     return {
         "strategy": bcfg.strategy,
         "weights": bcfg.weights,

@@ -3,8 +3,10 @@ report.html and the CLI's summary; a source model that does not help is said to.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -13,7 +15,7 @@ from edgetransfer.adapt import AdaptConfig, scratch_config
 from edgetransfer.backbones import get_arch
 from edgetransfer.report import baseline_verdict
 
-from .conftest import DIGITS, SOURCE, run
+from .conftest import DIGITS, SOURCE, digits_config, run
 from .test_report import check_page
 
 BASELINE = {
@@ -153,3 +155,28 @@ def test_no_baseline_no_section(tmp_path, colors):
     assert res.exit_code == 0, res.output
     assert "baseline" not in json.loads((out / "edgetransfer.json").read_text())
     assert "baseline:" not in res.output
+
+
+def test_interrupted_baseline_points_to_resume(tmp_path, monkeypatch):
+    """Ctrl-C in the scratch run: the adapted run's checkpoint stays, and --resume finishes."""
+    from edgetransfer import adapt as adapt_module
+    from edgetransfer.runs import checkpoint_path
+    from edgetransfer.train import Interrupted
+
+    def interrupted(*args, **kw):
+        raise Interrupted("SIGINT: stopped in epoch 1 after step 1; checkpoint None", 2)
+
+    cfg = digits_config(tmp_path / "run", baseline=True)
+    with monkeypatch.context() as m:
+        m.setattr(adapt_module, "_train_backbone", interrupted)
+        with pytest.raises(Interrupted) as e:
+            adapt_module.adapt(cfg)
+    assert str(e.value) == (
+        "SIGINT: stopped while training the --baseline from scratch; the adapted model is in "
+        f"{checkpoint_path(cfg.out)}: run the same command with --resume to finish (the "
+        "baseline starts over)"
+    )
+    assert e.value.exit_code == 130 and checkpoint_path(cfg.out).is_file()
+    res = adapt_module.adapt(dataclasses.replace(cfg, resume=True))
+    assert res.manifest.baseline["scratch_val_top1"] > 0
+    assert not checkpoint_path(cfg.out).exists()
