@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ from edgetransfer.report import ReportUnavailable, write_run_report
 from edgetransfer.runs import checkpoint_path, load_run, save_model
 from edgetransfer.train import (
     Checkpoint,
+    Interrupted,
     Standardize,
     TensorBatches,
     TrainConfig,
@@ -88,6 +90,10 @@ class AdaptConfig:
             L-BFGS with an L2 penalty, the linear-probe optimum) or ``adamw`` (mini-batches at
             --lr, like the other strategies).
         report: write RUN_DIR/report.html (needs matplotlib, ~0.5 s); off for batch runs.
+        baseline: also train the same architecture from random weights on the same split with
+            the same epochs, batch size and seed (config.SCRATCH_STRATEGY at SCRATCH_LR), and
+            record both results in the manifest's ``baseline`` section and report.html. The
+            scratch model is not kept.
         on_step: called after each optimizer step with (epoch, step) (tests, progress).
         on_phase: called with a phase's name as it starts (see AdaptResult.timings): the seam
             benchmarks measure through, e.g. memory when training starts.
@@ -131,6 +137,7 @@ class AdaptConfig:
     use_cache: bool = True
     progress: bool = False
     report: bool = True
+    baseline: bool = config.BASELINE
     on_step: Callable[[int, int], None] | None = None
     on_phase: Callable[[str], None] | None = None
 
@@ -143,7 +150,8 @@ class AdaptResult:
         timings: wall-clock seconds per phase: ``prepare`` (options, scan, the model built),
             ``images`` (every image decoded once; for ``head`` that is the feature extraction),
             ``train`` (training, with any augmented views' features) and within it ``fit`` (the
-            optimizer alone), ``write`` (RUN_DIR) and within it ``report`` (report.html).
+            optimizer alone), ``baseline`` (the scratch run of --baseline), ``write`` (RUN_DIR)
+            and within it ``report`` (report.html).
     """
 
     run_dir: Path
@@ -259,6 +267,14 @@ def _adapt(cfg: AdaptConfig) -> AdaptResult:
     if source_before is not None:
         metrics["source_top1_before"] = round(source_before, 6)
         metrics["source_top1_after"] = round(_source_top1(cfg, built), 6)
+    baseline = {}
+    if cfg.baseline:
+        with phase("baseline"):
+            baseline = _baseline(cfg, run, len(dataset.classes), result.val_top1)
+        baseline["seconds"] = {
+            "pretrained": round(phase.seconds["images"] + phase.seconds["train"], 1),
+            "scratch": round(phase.seconds["baseline"], 1),
+        }
     manifest = _manifest(
         cfg,
         built,
@@ -266,6 +282,7 @@ def _adapt(cfg: AdaptConfig) -> AdaptResult:
         counts={"train": len(train_s), "val": len(val_s), "bad": len(bad)},
         adapt_info=_adapt_info(cfg, built, run, result),
         metrics=metrics,
+        baseline=baseline,
     )
     with phase("write"):
         notes = _write_run(cfg, built.model, manifest, result, bad=bad, memory=memory, phase=phase)
@@ -301,6 +318,11 @@ def _check_options(cfg: AdaptConfig) -> tuple[strategies.StrategyConfig, str]:
     if augment not in config.AUGMENTS:
         raise EdgeTransferError(
             f"unknown --augment {augment!r}; choose one of: {', '.join(config.AUGMENTS)}"
+        )
+    if cfg.baseline and cfg.weights == "none":
+        raise EdgeTransferError(
+            "--baseline compares the source weights with training from scratch; with "
+            "--weights none this run is already from scratch"
         )
     if cfg.strategy == "distill" and cfg.teacher is None:
         raise EdgeTransferError("--strategy distill needs --teacher RUN_DIR (an adapted model)")
@@ -414,8 +436,10 @@ def _manifest(
     counts: dict[str, int],
     adapt_info: dict,
     metrics: dict,
+    baseline: dict,
 ) -> Manifest:
-    """The run's manifest: labels, preprocessing, source provenance, how it trained, results."""
+    """The run's manifest: labels, preprocessing, source provenance, how it trained, results
+    (and the scratch baseline's, with --baseline)."""
     src = dict(built.source.provenance)
     if built.source.labels is not None:
         src["labels"] = built.source.labels
@@ -434,6 +458,7 @@ def _manifest(
         metrics=metrics,
         versions=versions(),
         io=io_names,
+        baseline=baseline,
     )
 
 
@@ -629,6 +654,7 @@ def _run_fingerprint(cfg: AdaptConfig, dataset, backbone_id: str = "") -> str:
             "workers",
             "backend",
             "report",
+            "baseline",
         )
     }
     if cfg.strategy != "head":
@@ -794,6 +820,67 @@ def _train_backbone(cfg: AdaptConfig, built: _Built, run: _Training, loss, fit_o
             train_mode=train_mode,
             **fit_options,
         )
+
+
+def scratch_config(cfg: AdaptConfig) -> AdaptConfig:
+    """The --baseline run: the same architecture (truncation and input size included), data,
+    split, epochs, batch size, seed, patience and --balance, from random weights with the
+    scratch recipe; nothing that carries the source task (teacher, source head, L2-SP, LwF)."""
+    return dataclasses.replace(
+        cfg,
+        weights="none",
+        strategy=config.SCRATCH_STRATEGY,
+        lr=config.SCRATCH_LR,
+        augment=None,  # the strategy's default
+        views=config.VIEWS,
+        teacher=None,
+        keep_source_head=False,
+        source_data=None,
+        lwf=config.LWF,
+        l2sp=config.L2SP,
+        baseline=False,
+        resume=False,
+        on_step=None,
+    )
+
+
+def _baseline(cfg: AdaptConfig, run: _Training, classes: int, pretrained_top1: float) -> dict:
+    """Train the same architecture from scratch on the adapted run's own split (same readable
+    images) and return the manifest's ``baseline`` section (without the timings)."""
+    bcfg = scratch_config(cfg)
+    scfg, augment = _check_options(bcfg)
+    built = _build(bcfg, scfg, classes)
+    tcfg, _ = _fit_memory(bcfg, built.model, built.plan, built.pre)
+    brun = _Training(
+        tcfg=tcfg, scfg=scfg, augment=augment, train_s=run.train_s, val_s=run.val_s, fingerprint=""
+    )
+    fit_options = dict(checkpoint=None, resume=False, progress=cfg.progress, cfg=tcfg)
+    loss = _base_loss(bcfg, brun, classes)
+    try:
+        result = _train_backbone(bcfg, built, brun, loss, fit_options, Phases())
+    except Interrupted as e:  # the adapted run's checkpoint (its last epoch) is still there
+        signum = e.exit_code - 128
+        raise Interrupted(
+            f"{signal.Signals(signum).name}: stopped while training the --baseline from "
+            f"scratch; the adapted model is in {checkpoint_path(cfg.out)}: run the same command "
+            "with --resume to finish (the baseline starts over)",
+            signum,
+        ) from None
+    return {
+        "strategy": bcfg.strategy,
+        "weights": bcfg.weights,
+        "lr": bcfg.lr,
+        "augment": augment,
+        "epochs": bcfg.epochs,
+        "best_epoch": result.best_epoch,
+        "batch_size": tcfg.batch_size,
+        "accumulate": tcfg.accumulate,
+        "seed": bcfg.seed,
+        "val_images": len(run.val_s),
+        "scratch_val_top1": round(result.val_top1, 6),
+        "pretrained_val_top1": round(pretrained_top1, 6),
+        "gain_points": round(100 * (pretrained_top1 - result.val_top1), 2),
+    }
 
 
 def _write_run(

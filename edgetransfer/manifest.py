@@ -227,6 +227,8 @@ class Manifest:
     metrics: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     schema: int = SCHEMA
+    # adapt --baseline: the same architecture trained from scratch (absent otherwise)
+    baseline: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -239,6 +241,7 @@ class Manifest:
             "adapt": self.adapt,
             "data": self.data,
             "metrics": self.metrics,
+            **({"baseline": self.baseline} if self.baseline else {}),
             "versions": self.versions,
         }
 
@@ -265,7 +268,7 @@ class Manifest:
         if not isinstance(d.get("arch"), str):
             raise ManifestError("manifest has no 'arch'")
         sections = {}
-        for key in ("io", "source", "adapt", "data", "metrics", "versions"):
+        for key in ("io", "source", "adapt", "data", "metrics", "versions", "baseline"):
             value = d.get(key, {})
             if not isinstance(value, dict):
                 raise ManifestError(f"manifest section {key!r} is not an object")

@@ -190,6 +190,49 @@ def _summary(rows: list[tuple[str, object]]) -> str:
     return f'<table class="summary">{cells}</table>'
 
 
+def baseline_verdict(baseline: dict) -> tuple[bool, str]:
+    """Whether the source model helped, and the one sentence saying so, from a manifest's
+    ``baseline`` section (adapt --baseline). A tie counts as not helping."""
+    gain = baseline["gain_points"]
+    adapted, scratch = baseline["pretrained_val_top1"], baseline["scratch_val_top1"]
+    n = baseline["val_images"]
+    compared = (
+        f"{adapted:.1%} adapted vs {scratch:.1%} from scratch, same architecture, split, "
+        f"epochs, batch size and seed; {n} validation images, one image = {100 / n:.1f} points"
+    )
+    if gain > 0:
+        return True, f"the source model helps by {gain:+.1f} points ({compared})"
+    return False, (
+        f"warning: the source model does not help here ({gain:+.1f} points: {compared}); "
+        "training from scratch does as well: try another --strategy or source model"
+    )
+
+
+def _baseline_section(baseline: dict) -> list[str]:
+    helps, sentence = baseline_verdict(baseline)
+    seconds = baseline.get("seconds", {})
+    rows = [
+        ("adapted (source weights)", f"{baseline['pretrained_val_top1']:.1%}"),
+        ("from scratch (random weights)", f"{baseline['scratch_val_top1']:.1%}"),
+        ("difference", f"{baseline['gain_points']:+.1f} points"),
+        (
+            "scratch recipe",
+            f"--strategy {baseline['strategy']}, lr {baseline['lr']:g}, augment "
+            f"{baseline['augment']}, best epoch {baseline['best_epoch']} of {baseline['epochs']}",
+        ),
+    ]
+    if seconds:
+        rows.append(
+            ("time", f"{seconds['pretrained']:.1f} s adapted, {seconds['scratch']:.1f} s scratch")
+        )
+    css = "" if helps else ' class="low"'
+    return [
+        "<h2>Against training from scratch</h2>",
+        f"<p{css}>{_e(sentence[0].upper() + sentence[1:])}.</p>",
+        _summary(rows),
+    ]
+
+
 def _class_table(result) -> str:
     head = "<tr><th>class</th><th>images</th><th>precision</th><th>recall</th><th>F1</th></tr>"
     rows = []
@@ -425,6 +468,8 @@ def write_run_report(
                 )
         # Not run_dir.name: adapt calls this on its temp folder before renaming it.
         where = f" on {data_dir.name}" if data_dir is not None else ""
+        if manifest.baseline:
+            body = _baseline_section(manifest.baseline) + body
         page = _page(f"Adaptation report: {manifest.arch}{where}", [_summary(rows), *body])
     atomic_write_text(run_dir / RUN_REPORT, page)
     return run_dir / RUN_REPORT

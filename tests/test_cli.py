@@ -212,17 +212,33 @@ def test_help_does_not_import_torch():
 
 
 def test_installed_console_script_runs_demo(tmp_path):
+    """The demo's cheap path (the shipped digits source; the ImageNet one is run by hand, see
+    README): adapted and scratch results, the verdict, held-out predictions."""
     exe = _installed("edgetransfer")
     assert exe, "the edgetransfer console script is not installed"
     env = dict(os.environ, EDGETRANSFER_CACHE=str(tmp_path / "cache"))
-    res = subprocess.run(
-        [exe, "demo", str(tmp_path / "demo")], capture_output=True, text=True, env=env, timeout=300
-    )
+    args = [exe, "demo", str(tmp_path / "demo"), "--source", "digits"]
+    res = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "parity: PASS" in res.stdout
-    top1 = float(res.stdout.split("val top-1 ")[1].split("%")[0])
-    assert top1 >= 80
+    lines = res.stdout.splitlines()
+    adapted = next(x for x in lines if x.startswith("adapted (head, source weights):  val top-1 "))
+    scratch = next(x for x in lines if x.startswith("from scratch (full, random weights): val"))
+    top1 = [float(x.split("val top-1 ")[1].split("%")[0]) for x in (adapted, scratch)]
+    assert min(top1) >= 70, lines
+    verdict = lines[lines.index(scratch) + 1]
+    helps = top1[0] > top1[1]
+    assert verdict.startswith(
+        "the source model helps by" if helps else "warning: the source model does not help"
+    ), verdict
+    held = next(x for x in lines if x.startswith("held out (neither run saw them): "))
+    assert held.split(": ")[1].split(" right")[0].endswith(" of 50")
+    predicted = [x.split()[1] for x in lines if x.startswith("predict ")]
+    # one held-out image per class: the 31st of 40 (20 train, 10 validate)
+    assert predicted == [f"{c}/031.png:" for c in ("eight", "five", "nine", "seven", "six")]
     assert (tmp_path / "demo" / "export" / "model.onnx").is_file()
+    assert not (tmp_path / "demo" / "data" / "val" / "six" / "031.png").exists()
+    assert (tmp_path / "demo" / "data" / "val" / "six" / "030.png").is_file()
     again = subprocess.run(
         [exe, "demo", str(tmp_path / "demo")], capture_output=True, text=True, env=env, timeout=60
     )

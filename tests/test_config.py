@@ -83,7 +83,7 @@ def _params(command: str) -> dict[str, click.Parameter]:
 
 def _library_choices() -> dict[tuple[str, str], tuple]:
     """(command, option) -> the tuple the library checks that option's value against."""
-    from edgetransfer import evaluate, export, features, loaders, onnxio, strategies, train
+    from edgetransfer import demo, evaluate, export, features, loaders, onnxio, strategies, train
 
     providers = tuple(onnxio.PROVIDERS)
     return {
@@ -96,6 +96,7 @@ def _library_choices() -> dict[tuple[str, str], tuple]:
         ("predict", "provider"): providers,
         ("evaluate", "provider"): providers,
         ("bench", "provider"): providers,
+        ("demo", "source"): demo.SOURCES,
     }
 
 
