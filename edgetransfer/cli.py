@@ -716,10 +716,11 @@ def verify(
 
     fp32 runtimes (TorchScript, .pt2, ONNX, raw-pixel, optimised, ExecuTorch .pte) are
     compared elementwise (|a-b| <= atol + rtol*|b|) with 100% top-1 agreement; int8/fp16 by
-    their top-1 drop (at most 1 point). Writes EXPORT_DIR/parity.json and exits with 1 when
-    anything fails. model.pt (TorchScript) and model.pt2 can run code when loaded: they are
-    skipped unless --trust-torchscript is given, which is for folders you exported or trust.
-    model.pte holds no code and is always run.
+    their top-1 drop (at most export's --max-drop, or one image under 100 images). Writes
+    EXPORT_DIR/parity.json; exits with 1 when an fp32 runtime fails, 3 when only a quantised
+    model misses its accuracy bound. model.pt (TorchScript) and model.pt2 can run code when
+    loaded: they are skipped unless --trust-torchscript is given, which is for folders you
+    exported or trust. model.pte holds no code and is always run.
 
     \b
     Example:

@@ -25,7 +25,7 @@ from edgetransfer.fileio import (
     sha256_file,
 )
 from edgetransfer.golden import GOLDEN_DIR, write_golden
-from edgetransfer.manifest import ARTIFACTS, MANIFEST_NAME, Manifest
+from edgetransfer.manifest import ARTIFACTS, EXPORT_REPORT, MANIFEST_NAME, Manifest
 from edgetransfer.parity import ATOL, RTOL, require_close
 from edgetransfer.runs import load_run, run_data_dir, run_split
 from edgetransfer.runtime import OnnxClassifier
@@ -33,7 +33,6 @@ from edgetransfer.runtime import OnnxClassifier
 EXPORTERS = config.EXPORTERS
 DEFAULT_EXPORTER = config.EXPORTER
 CHECK_BATCHES = (1, 2, 8)
-REPORT_NAME = "export.json"
 
 
 @dataclass(frozen=True)
@@ -155,8 +154,13 @@ def export(cfg: ExportConfig) -> ExportResult:
                 )
             if cfg.int8:
                 calib = _spread([s for s in dataset.samples if s.split == "train"], cfg.calib_size)
-                quantize.quantize_int8(
-                    tmp / ARTIFACTS["onnx"], tmp / ARTIFACTS["int8"], manifest, calib
+                report["int8"] = quantize.quantize_int8(
+                    tmp / ARTIFACTS["onnx"],
+                    tmp / ARTIFACTS["int8"],
+                    manifest,
+                    calib,
+                    dataset.split("val") or dataset.samples,
+                    cfg.max_drop,
                 )
             if cfg.fp16:
                 quantize.convert_fp16(tmp / ARTIFACTS["onnx"], tmp / ARTIFACTS["fp16"], manifest)
@@ -164,7 +168,8 @@ def export(cfg: ExportConfig) -> ExportResult:
                 notes.append("no accuracy/latency guard: no images; pass --data DATA_DIR")
             else:
                 val = dataset.split("val") or dataset.samples
-                guard = quantize.guard(tmp, manifest, val, cfg.max_drop, cfg.threads)
+                fallback = {"int8": report.get("int8")}
+                guard = quantize.guard(tmp, manifest, val, cfg.max_drop, cfg.threads, fallback)
                 notes += guard.pop("notes")
                 report["guard"] = guard
         weights = ARTIFACTS["weights"]
@@ -180,7 +185,7 @@ def export(cfg: ExportConfig) -> ExportResult:
                     "bytes": (tmp / name).stat().st_size,
                     "sha256": sha256_file(tmp / name),
                 }
-        atomic_write_text(tmp / REPORT_NAME, json.dumps(report, indent=2) + "\n")
+        atomic_write_text(tmp / EXPORT_REPORT, json.dumps(report, indent=2) + "\n")
         files = sorted(p.name for p in tmp.iterdir())
     out = Path(cfg.out)
     return ExportResult(out, [out / f for f in files], manifest, notes, report)

@@ -10,7 +10,7 @@ from typing import Any
 
 from edgetransfer.errors import ManifestError
 from edgetransfer.fileio import sha256_file
-from edgetransfer.manifest import PTE_BATCH_METHOD, read_manifest
+from edgetransfer.manifest import EXPORT_REPORT, PTE_BATCH_METHOD, read_manifest
 from edgetransfer.onnxio import check_external_data
 from edgetransfer.ptefile import read_pte
 
@@ -113,7 +113,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             raise ManifestError(
                 f"{parity} is not a valid parity report; run verify again"
             ) from None
-    report = folder / "export.json"
+    report = folder / EXPORT_REPORT
     if report.is_file():
         try:
             guard = json.loads(report.read_text()).get("guard")

@@ -43,6 +43,8 @@ ARTIFACTS = {
     "pt2": "model.pt2",
     "pte": "model.pte",
 }
+# What export measured and decided (checks, the guard, int8 fallback), beside the artifacts.
+EXPORT_REPORT = "export.json"
 # ExecuTorch constant methods a .pte carries: the manifest JSON, and [min, max] batch the
 # forward method accepts (memory is planned for max), so a C++ app needs no sidecar file.
 PTE_MANIFEST_METHOD = "edgetransfer_manifest"
