@@ -42,6 +42,7 @@ ARTIFACTS = {
     "torchscript": "model.pt",
     "pt2": "model.pt2",
     "pte": "model.pte",
+    "pte_int8": "model.int8.pte",
 }
 # What export measured and decided (checks, the guard, int8 fallback), beside the artifacts.
 EXPORT_REPORT = "export.json"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from edgetransfer.errors import DataError, ExportError
 from edgetransfer.manifest import ARTIFACTS, Manifest
 from edgetransfer.onnxio import finish_onnx, onnx_step, open_session, session_options
 from edgetransfer.parity import allowed_drop
+from edgetransfer.runtime import PteClassifier
 
 LATENCY_WARMUP = 5
 LATENCY_RUNS = 50
@@ -26,9 +28,12 @@ MIN_SPEEDUP = 0.9  # a variant must take under 90% of the current pick's latency
 GUARDED = {
     "fp32": ARTIFACTS["onnx"],
     "optimized": ARTIFACTS["optimized"],
+    "pte": ARTIFACTS["pte"],
     "int8": ARTIFACTS["int8"],
+    "pte-int8": ARTIFACTS["pte_int8"],
     "fp16": ARTIFACTS["fp16"],
 }
+REDUCED = ("int8", "pte-int8", "fp16")  # judged by their top-1 drop, named when they miss
 
 
 def _set_manifest(src: Path, dst: Path, manifest: Manifest) -> None:
@@ -37,7 +42,8 @@ def _set_manifest(src: Path, dst: Path, manifest: Manifest) -> None:
     finish_onnx(src, dst, manifest, full_check=False)
 
 
-def _inputs(samples: list[Sample], manifest: Manifest) -> tuple[np.ndarray, list[Sample]]:
+def load_inputs(samples: list[Sample], manifest: Manifest) -> tuple[np.ndarray, list[Sample]]:
+    """The readable `samples` preprocessed for the model (NCHW float32), and which they are."""
     xs, kept = [], []
     for s in samples:
         try:
@@ -78,8 +84,8 @@ def quantize_int8(
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     start = time.perf_counter()
-    xc, _ = _inputs(calib, manifest)
-    xv, kept = _inputs(val, manifest)
+    xc, _ = load_inputs(calib, manifest)
+    xv, kept = load_inputs(val, manifest)
     truth = np.array([s.label for s in kept])
     name = manifest.io["input"]
 
@@ -94,8 +100,7 @@ def quantize_int8(
     pre = dst.with_name(dst.stem + ".pre.onnx")
     cache = dst.with_name(dst.stem + ".calib.json")
     tries = dst.with_name(dst.stem + ".try.onnx")
-    best = dst.with_name(dst.stem + ".best.onnx")
-    with onnx_step("int8 quantisation", pre, cache, tries, best):
+    with onnx_step("int8 quantisation", pre, cache, tries):
         try:
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
         except Exception:  # symbolic shape inference does not know every op; plain is fine
@@ -120,10 +125,10 @@ def quantize_int8(
         ref = _logits(src, xv)
         fp32_top1 = float((ref.argmax(1) == truth).mean())
 
-        def drop(excluded: list[str]) -> float:
+        def drop(excluded: list[str]) -> tuple[float, bytes]:
             quantize(tries, excluded)
             top1 = float((_logits(tries, xv).argmax(1) == truth).mean())
-            return fp32_top1 - top1
+            return fp32_top1 - top1, tries.read_bytes()
 
         def rank() -> list[tuple[str, float]]:
             layers = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type in RANK_OPS]
@@ -134,34 +139,34 @@ def quantize_int8(
             return sorted(costs, key=lambda c: -c[1])
 
         allowed = allowed_drop(max_drop, len(kept))
-        steps, excluded = keep_in_float(drop, rank, allowed, tries, best)
-        _set_manifest(best, dst, manifest)
+        steps, excluded, best = keep_in_float(drop, rank, allowed)
+        tries.write_bytes(best)
+        _set_manifest(tries, dst, manifest)
     return {
         "calibration": f"MinMax on {len(xc)} training images, calibrated once",
         "weights": "int8 per channel",
         "activations": "uint8 per tensor",
-        **_fallback_report(steps, excluded, fp32_top1, allowed, len(kept), start),
+        **fallback_report(steps, excluded, fp32_top1, allowed, len(kept), start),
     }
 
 
-def keep_in_float(drop, rank, allowed: float, candidate: Path, best: Path):
+def keep_in_float(drop, rank, allowed: float):
     """The accuracy-aware loop shared by ONNX and ExecuTorch int8.
 
-    `drop(excluded)` quantises with the layers in `excluded` kept in float, leaves the
-    variant in `candidate` and returns its top-1 drop; `rank()` lists (layer, cost), costliest
-    first, and is called only when full int8 misses `allowed`. The best variant so far is
-    kept in `best`. Returns (steps, layers kept in float in the variant in `best`).
+    `drop(excluded)` quantises with the layers in `excluded` kept in float and returns (its
+    top-1 drop, the variant); `rank()` lists (layer, cost), costliest first, and is called
+    only when full int8 misses `allowed`. Returns (steps, the layers kept in float in the
+    best variant, the best variant): the first within `allowed`, else the one that lost least.
     """
     excluded: list[str] = []
     steps = []
     ranked = None
     best_drop = None
     while True:
-        d = drop(excluded)
+        d, variant = drop(excluded)
         steps.append({"float": list(excluded), "top1_drop": round(d, 6)})
         if best_drop is None or d < best_drop - 1e-9:
-            best_drop, best_excluded = d, list(excluded)
-            os.replace(candidate, best)
+            best_drop, best_excluded, best = d, list(excluded), variant
         if d <= allowed + 1e-9 or len(excluded) >= MAX_FLOAT_TRIES:
             break
         if ranked is None:
@@ -171,10 +176,10 @@ def keep_in_float(drop, rank, allowed: float, candidate: Path, best: Path):
             break
         excluded.append(left[0][0])
         steps[-1]["next"] = {"layer": left[0][0], "cost": float(f"{left[0][1]:.4g}")}
-    return steps, best_excluded
+    return steps, best_excluded, best
 
 
-def _fallback_report(steps, excluded, fp32_top1, allowed, images, start) -> dict:
+def fallback_report(steps, excluded, fp32_top1, allowed, images, start) -> dict:
     """What export.json says about an accuracy-aware int8 variant: every step tried (which
     layers were float, the drop, the costliest layer kept in float next and its cost), what
     stayed in float, and whether the bound was met."""
@@ -200,11 +205,11 @@ def _fallback_report(steps, excluded, fp32_top1, allowed, images, start) -> dict
 
 
 def _float_note(report: dict | None) -> str:
-    """ ", even with N layers kept in float" for an accuracy-aware int8 variant that missed."""
+    """The words "(even with N layers kept in float)" for an int8 variant that missed."""
     if not report or not report.get("kept_float"):
         return ""
     n = len(report["kept_float"])
-    return f", even with {n} layer{'s' if n > 1 else ''} kept in float"
+    return f" (even with {n} layer{'s' if n > 1 else ''} kept in float)"
 
 
 def _logits(path: Path, x: np.ndarray, batch: int = 16) -> np.ndarray:
@@ -276,26 +281,34 @@ def _toposort(graph) -> None:
 
 
 def latency_ms(
-    sessions: dict[str, object], x: np.ndarray, runs: int = LATENCY_RUNS
+    runners: dict[str, Callable[[np.ndarray], object]], x: np.ndarray, runs: int = LATENCY_RUNS
 ) -> dict[str, tuple[float, float]]:
-    """(p50, p90) batch latency in milliseconds of each session, after a warm-up.
+    """(p50, p90) latency in milliseconds of each runner on batch `x`, after a warm-up.
 
-    Round-robin, one run of each session per round: load that comes and goes on a shared
-    machine then slows every variant alike. Measured one after the other, a quiet moment
-    made model.opt.onnx look 10% faster than model.onnx and the guard recommend it, though
-    the two take the same time.
+    Round-robin, one run of each per round: load that comes and goes on a shared machine then
+    slows every variant alike. Measured one after the other, a quiet moment made
+    model.opt.onnx look 10% faster than model.onnx and the guard recommend it, though the two
+    take the same time.
     """
-    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
     for _ in range(LATENCY_WARMUP):
-        for k, s in sessions.items():
-            s.run(None, feeds[k])
-    times: dict[str, list[float]] = {k: [] for k in sessions}
+        for run in runners.values():
+            run(x)
+    times: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(runs):
-        for k, s in sessions.items():
+        for k, run in runners.items():
             t = time.perf_counter()
-            s.run(None, feeds[k])
+            run(x)
             times[k].append((time.perf_counter() - t) * 1000)
     return {k: (float(np.percentile(v, 50)), float(np.percentile(v, 90))) for k, v in times.items()}
+
+
+def _runner(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    """batch -> logits for an ONNX model (onnxruntime) or a .pte program (ExecuTorch)."""
+    if path.suffix == ".pte":
+        return PteClassifier(path, threads).logits
+    session = open_session(path, threads)
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})[0]
 
 
 def guard(
@@ -306,28 +319,32 @@ def guard(
     threads: int | None = None,
     fallback: dict | None = None,
 ) -> dict:
-    """Top-1 on `val` and batch-1 latency for every ONNX variant in `folder`; recommend the
-    fastest whose top-1 is at most `max_drop` (allowed_drop) below fp32. `fallback`: the
-    accuracy-aware int8 reports by kind, named in the note when a variant misses anyway."""
+    """Top-1 on `val` and batch-1 latency for every ONNX variant and .pte program in `folder`;
+    recommend the fastest whose top-1 is at most `max_drop` (allowed_drop) below fp32.
+
+    onnxruntime and ExecuTorch get the same number of threads (`threads`, or every core), so
+    their latencies compare. `fallback`: the accuracy-aware int8 reports by kind, named in the
+    note when a variant misses anyway.
+    """
     fallback = fallback or {}
-    x, kept = _inputs(val, manifest)
+    threads = threads or os.cpu_count() or 1
+    x, kept = load_inputs(val, manifest)
     truth = np.array([s.label for s in kept])
     rows: dict[str, dict] = {}
-    sessions = {}
+    runners = {}
     ref = None
     for kind, name in GUARDED.items():
         if not (folder / name).is_file():
             continue
-        session = sessions[kind] = open_session(folder / name, threads)
-        logits = session.run(None, {session.get_inputs()[0].name: x})[0]
-        pred = logits.argmax(1)
+        run = runners[kind] = _runner(folder / name, threads)
+        pred = np.concatenate([run(x[i : i + 16]) for i in range(0, len(x), 16)]).argmax(1)
         ref = pred if ref is None else ref
         rows[kind] = {
             "file": name,
             "top1": float((pred == truth).mean()),
             "agreement_with_fp32": float((pred == ref).mean()),
         }
-    for kind, (p50, p90) in latency_ms(sessions, x[:1]).items():
+    for kind, (p50, p90) in latency_ms(runners, x[:1]).items():
         rows[kind]["latency_ms_p50"] = round(p50, 4)
         rows[kind]["latency_ms_p90"] = round(p90, 4)
     base = rows["fp32"]["top1"]
@@ -343,23 +360,27 @@ def guard(
             best = kind
     notes = [
         f"recommended: {rows[best]['file']} (fastest with top-1 drop <= "
-        f"{allowed:.1%} on {len(kept)} validation images)"
+        f"{allowed:.1%} on {len(kept)} validation images, batch 1, {threads} threads)"
     ]
-    for kind in ("int8", "fp16"):
-        if kind in rows:
-            r = rows[kind]
-            if not r["ok"]:
-                notes.append(
-                    f"{r['file']} loses {r['top1_drop']:.1%} top-1 (over the {allowed:.1%} "
-                    f"allowed{_float_note(fallback.get(kind))}); not recommended, "
-                    f"{rows[best]['file']} is"
-                )
-            ratio = r["latency_ms_p50"] / max(rows["fp32"]["latency_ms_p50"], 1e-9)
-            if ratio > 1:
-                notes.append(
-                    f"{kind} is {ratio:.1f}x slower than fp32 on this machine: "
-                    "quantisation pays off only where fast low-precision kernels exist"
-                )
+    reduced = [k for k in REDUCED if k in rows]
+    misses = [
+        f"{rows[k]['file']} loses {rows[k]['top1_drop']:.1%}{_float_note(fallback.get(k))}"
+        for k in reduced
+        if not rows[k]["ok"]
+    ]
+    if misses:
+        notes.append(
+            f"not within the {allowed:.1%} top-1 bound: {', '.join(misses)}; not recommended, "
+            f"{rows[best]['file']} is"
+        )
+    for kind in reduced:
+        plain = "pte" if kind == "pte-int8" and "pte" in rows else "fp32"
+        ratio = rows[kind]["latency_ms_p50"] / max(rows[plain]["latency_ms_p50"], 1e-9)
+        if ratio > 1:
+            notes.append(
+                f"{rows[kind]['file']} is {ratio:.1f}x slower than {rows[plain]['file']} on "
+                "this machine: quantisation pays off only where fast low-precision kernels exist"
+            )
     return {
         "images": len(kept),
         "max_drop": max_drop,

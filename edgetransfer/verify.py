@@ -41,6 +41,7 @@ RUNTIMES = {
     "fp16": (ARTIFACTS["fp16"], "reduced"),
     "int8": (ARTIFACTS["int8"], "reduced"),
     "executorch": (ARTIFACTS["pte"], "exact"),
+    "executorch-int8": (ARTIFACTS["pte_int8"], "reduced"),
 }
 
 

@@ -76,8 +76,11 @@ def test_an_int8_miss_leaves_fp32_passing_and_exits_3(digits_run, tmp_path, monk
     out = tmp_path / "export"
     res = _int8_export(digits_run, out, max_drop=0.0)
     assert not res.report["int8"]["met_bound"] and res.report["int8"]["kept_float"] == []
-    notes = [n for n in res.notes if n.startswith("model.int8.onnx loses")]
-    assert len(notes) == 1 and "not recommended, model.onnx is" in notes[0]
+    notes = [n for n in res.notes if n.startswith("not within")]
+    assert notes == [
+        f"not within the 0.0% top-1 bound: model.int8.onnx loses "
+        f"{res.report['int8']['top1_drop']:.1%}; not recommended, model.onnx is"
+    ]
     assert res.report["guard"]["recommended"] == "fp32"
     cli = run("verify", out, "--data", DIGITS)
     assert cli.exit_code == 3, cli.output
@@ -90,22 +93,113 @@ def test_an_int8_miss_leaves_fp32_passing_and_exits_3(digits_run, tmp_path, monk
     assert parity["accuracy_misses"] == ["int8"]
 
 
-def test_keep_in_float_is_bounded_and_keeps_the_best(tmp_path, monkeypatch):
+def test_keep_in_float_is_bounded_and_keeps_the_best(monkeypatch):
     """Layers go float costliest first, one per try, until the drop is within the bound or
     MAX_FLOAT_TRIES; the variant kept is the one that lost least."""
     monkeypatch.setattr(quantize, "MAX_FLOAT_TRIES", 2)
-    candidate, best = tmp_path / "c", tmp_path / "b"
     drops = {(): 0.1, ("a",): 0.05, ("a", "b"): 0.08}
 
     def drop(excluded):
-        candidate.write_text(",".join(excluded))
-        return drops[tuple(excluded)]
+        return drops[tuple(excluded)], ",".join(excluded)
 
     def rank():
         return [("a", 3.0), ("b", 2.0), ("c", 1.0)]
 
-    steps, kept = keep_in_float(drop, rank, 0.0, candidate, best)
+    steps, kept, best = keep_in_float(drop, rank, 0.0)
     assert [s["float"] for s in steps] == [[], ["a"], ["a", "b"]]
-    assert kept == ["a"] and best.read_text() == "a"
-    steps, kept = keep_in_float(lambda e: drop(e) - 0.2, lambda: 1 / 0, 0.0, candidate, best)
-    assert kept == [] and len(steps) == 1  # within the bound at once: nothing ranked
+    assert kept == ["a"] and best == "a"
+    steps, kept, best = keep_in_float(lambda e: (-0.1, "full"), lambda: 1 / 0, 0.0)
+    assert kept == [] and len(steps) == 1 and best == "full"  # within the bound: nothing ranked
+
+
+# --- model.int8.pte: PT2E with the XNNPACK quantizer ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pte_int8(digits_run, digits_export, tmp_path_factory):
+    """A copy of the digits export with model.int8.pte written at --max-drop 0 (PT2E int8
+    loses an image on this model, so the fallback must act)."""
+    import shutil
+
+    import numpy as np
+
+    from edgetransfer.export import _spread, run_split
+    from edgetransfer.pte import export_pte_int8
+    from edgetransfer.runs import load_run
+
+    out = tmp_path_factory.mktemp("pte_int8") / "export"
+    shutil.copytree(digits_export, out)
+    model, manifest = load_run(digits_run)
+    ds = run_split(DIGITS, manifest)
+    calib = _spread([s for s in ds.samples if s.split == "train"], 64)
+    xc, _ = quantize.load_inputs(calib, manifest)
+    xv, kept = quantize.load_inputs(ds.split("val"), manifest)
+    truth = np.array([manifest.labels.index(ds.classes[s.label]) for s in kept])
+    report = export_pte_int8(model, manifest, out / "model.int8.pte", xc, xv, truth, 0.0)
+    return out, report, manifest
+
+
+def test_pte_int8_keeps_the_costliest_module_in_float(pte_int8):
+    out, rec, _ = pte_int8
+    assert rec["batch"] == [1, 1] and rec["delegated_share"] == 1.0
+    first = rec["steps"][0]
+    assert first["float"] == [] and first["top1_drop"] > 0
+    assert [k["layer"] for k in rec["kept_float"]] == ["head"] and rec["met_bound"]
+    # the program written answers as the converted PyTorch model did, within an image
+    assert abs(rec["program_top1_drop"] - rec["top1_drop"]) <= 1 / rec["images"] + 1e-9
+
+
+def test_module_costs_rank_the_head_first(digits_run):
+    """The proxy ranking (each module alone fake-quantised) puts the logits layer first, the
+    layer whose rounding flips answers on the digits model."""
+    import torch
+
+    from edgetransfer.pte import module_costs
+    from edgetransfer.runs import load_run
+
+    model, _ = load_run(digits_run)
+    x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    costs = module_costs(model, x[:16], x[16:])
+    assert costs[0][0] == "head" and costs[0][1] > costs[-1][1] >= 0
+    assert {name for name, _ in costs} == {
+        n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)
+    }
+    # the model itself is untouched
+    assert torch.equal(load_run(digits_run)[0](x), model(x))
+
+
+def test_every_command_knows_the_int8_pte(pte_int8):
+    out, rec, manifest = pte_int8
+    res = run("verify", out, "--data", DIGITS)
+    assert res.exit_code == 0, res.output
+    row = next(ln for ln in res.output.splitlines() if ln.startswith("executorch-int8"))
+    assert row.endswith("ok")
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["runtimes"]["executorch-int8"]["kind"] == "reduced"
+    res = run("predict", out / "model.int8.pte", DIGITS / "five", "--json", "-q")
+    assert res.exit_code == 0 and res.output.count("\n") == 40, res.output
+    res = run("evaluate", out / "model.int8.pte", DIGITS, "--split", "val", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output[res.output.index("{") :])["top1"] == rec["program_top1"]
+    res = run("info", out / "model.int8.pte", "--json")
+    info = json.loads(res.output)["files"][0]
+    assert info["batch"] == [1, 1] and info["inputs"][0]["shape"] == [1, 3, 32, 32]
+    from edgetransfer.bench import find_runtimes
+
+    assert find_runtimes(out / "model.int8.pte") == {
+        "executorch-int8": (out / "model.int8.pte", "executorch")
+    }
+    assert "executorch-int8" in find_runtimes(out, trust_torchscript=True)
+
+
+def test_the_guard_weighs_pte_programs_beside_onnx(pte_int8):
+    out, rec, manifest = pte_int8
+    from edgetransfer.runs import run_split
+
+    val = run_split(DIGITS, manifest).split("val")
+    guard = quantize.guard(out, manifest, val, 0.0, threads=1, fallback={"pte-int8": rec})
+    rows = guard["artifacts"]
+    assert set(rows) == {"fp32", "pte-int8"}
+    assert rows["pte-int8"]["top1"] == rec["program_top1"] and rows["pte-int8"]["ok"]
+    assert all(r["latency_ms_p50"] > 0 for r in rows.values())
+    assert guard["notes"][0].endswith("on 40 validation images, batch 1, 1 threads)")
