@@ -669,6 +669,14 @@ def export(
             f"({', '.join(et['outside_ops']) or 'none'} outside); batch "
             + (f"{low}..{high}" if low != high else f"fixed at {low}")
         )
+    for kind in ("int8", "pte_int8"):
+        q = res.report.get(kind)
+        if q and q["kept_float"]:
+            layers = ", ".join(f"{k['layer']} (cost {k['cost']:g})" for k in q["kept_float"])
+            click.echo(
+                f"{res.report['artifacts'][kind]['file']}: kept in float {layers}; top-1 drop "
+                f"{q['steps'][0]['top1_drop']:.1%} -> {q['top1_drop']:.1%}"
+            )
     guard = res.report.get("guard")
     if guard:
         click.echo(f"{'artifact':<18} {'top1':>7} {'drop':>6} {'p50 ms':>8}")

@@ -28,7 +28,9 @@ def _int8_export(run_dir, out, **kw):
 def strict_int8(digits_run, tmp_path_factory):
     """--max-drop 0: full int8 loses images on the digits model, so a layer must go float."""
     out = tmp_path_factory.mktemp("int8") / "export"
-    return out, _int8_export(digits_run, out, max_drop=0.0)
+    res = run("export", digits_run, "--int8", "--max-drop", "0", "--golden", "0", "--out", out)
+    assert res.exit_code == 0, res.output
+    return out, json.loads((out / "export.json").read_text()), res.output
 
 
 def test_allowed_drop_is_one_point_or_one_image():
@@ -38,8 +40,8 @@ def test_allowed_drop_is_one_point_or_one_image():
 
 
 def test_a_bound_of_zero_keeps_the_costliest_layer_in_float(strict_int8):
-    out, res = strict_int8
-    rec = res.report["int8"]
+    out, report, output = strict_int8
+    rec = report["int8"]
     first, last = rec["steps"][0], rec["steps"][-1]
     assert first["float"] == [] and first["top1_drop"] > 0  # full int8 loses on this model
     assert rec["met_bound"] and rec["top1_drop"] <= 0
@@ -57,15 +59,17 @@ def test_a_bound_of_zero_keeps_the_costliest_layer_in_float(strict_int8):
     head = layers.pop(kept["layer"])
     assert head.input[1] not in dq_out and head.output[0] not in q_in
     assert layers and all(n.input[1] in dq_out for n in layers.values())
-    # the guard judges the written model by the same bound and recommends it
-    guard = res.report["guard"]["artifacts"]["int8"]
+    # the guard judges the written model by the same bound; the CLI says what stayed float
+    guard = report["guard"]["artifacts"]["int8"]
     assert guard["top1_drop"] == rec["top1_drop"] and guard["ok"]
-    saved = json.loads((out / "export.json").read_text())
-    assert saved["int8"]["kept_float"] == rec["kept_float"]
+    assert (
+        f"model.int8.onnx: kept in float node_linear_1 (cost {kept['cost']:g}); top-1 drop "
+        f"{first['top1_drop']:.1%} -> 0.0%"
+    ) in output.splitlines()
 
 
 def test_verify_passes_the_fallback_and_exits_0(strict_int8):
-    out, _ = strict_int8
+    out, _, _ = strict_int8
     res = run("verify", out, "--data", DIGITS)
     assert res.exit_code == 0, res.output
     assert "parity: PASS" in res.output
