@@ -170,7 +170,15 @@ def export(cfg: ExportConfig) -> ExportResult:
                     xv, kept = quantize.load_inputs(val, manifest)
                     truth = np.array([s.label for s in kept])
                     report["pte_int8"] = pte.export_pte_int8(
-                        model, manifest, tmp / ARTIFACTS["pte_int8"], xc, xv, truth, cfg.max_drop
+                        model,
+                        manifest,
+                        tmp / ARTIFACTS["pte_int8"],
+                        xc,
+                        xv,
+                        truth,
+                        cfg.max_drop,
+                        cfg.pte_max_batch,
+                        notes,
                     )
             if cfg.fp16:
                 quantize.convert_fp16(tmp / ARTIFACTS["onnx"], tmp / ARTIFACTS["fp16"], manifest)

@@ -139,13 +139,16 @@ def pte_int8(digits_run, digits_export, tmp_path_factory):
     xc, _ = quantize.load_inputs(calib, manifest)
     xv, kept = quantize.load_inputs(ds.split("val"), manifest)
     truth = np.array([manifest.labels.index(ds.classes[s.label]) for s in kept])
-    report = export_pte_int8(model, manifest, out / "model.int8.pte", xc, xv, truth, 0.0)
+    notes: list[str] = []
+    report = export_pte_int8(model, manifest, out / "model.int8.pte", xc, xv, truth, 0.0, 4, notes)
+    assert notes == []
     return out, report, manifest
 
 
 def test_pte_int8_keeps_the_costliest_module_in_float(pte_int8):
     out, rec, _ = pte_int8
-    assert rec["batch"] == [1, 1] and rec["delegated_share"] == 1.0
+    assert rec["batch"] == [1, 4] and rec["dynamic_batch"]
+    assert rec["outside_ops"] == ["aten.view_copy.default"]  # the flatten, as in model.pte
     first = rec["steps"][0]
     assert first["float"] == [] and first["top1_drop"] > 0
     assert [k["layer"] for k in rec["kept_float"]] == ["head"] and rec["met_bound"]
@@ -187,7 +190,7 @@ def test_every_command_knows_the_int8_pte(pte_int8):
     assert json.loads(res.output[res.output.index("{") :])["top1"] == rec["program_top1"]
     res = run("info", out / "model.int8.pte", "--json")
     info = json.loads(res.output)["files"][0]
-    assert info["batch"] == [1, 1] and info["inputs"][0]["shape"] == [1, 3, 32, 32]
+    assert info["batch"] == [1, 4] and info["inputs"][0]["shape"] == ["N", 3, 32, 32]
     from edgetransfer.bench import find_runtimes
 
     assert find_runtimes(out / "model.int8.pte") == {
