@@ -41,6 +41,7 @@ RUNTIMES = {
     "ort-int8": (ARTIFACTS["int8"], "onnx"),
     "ort-fp16": (ARTIFACTS["fp16"], "onnx"),
     "executorch": (ARTIFACTS["pte"], "executorch"),
+    "executorch-int8": (ARTIFACTS["pte_int8"], "executorch"),
 }
 # Ratios are against the first of these that was measured.
 BASELINES = ("ort-fp32", "eager")
@@ -175,7 +176,8 @@ def find_runtimes(
     if suffix == ".pt2":
         return {"pt2": (path, "pt2")}
     if suffix == ".pte":
-        return {"executorch": (path, "executorch")}
+        by_file = {fname: name for name, (fname, _) in RUNTIMES.items()}
+        return {by_file.get(path.name, "executorch"): (path, "executorch")}
     raise ManifestError(
         f"{path.name} is not a model: expected .onnx, .pte, .pt, .pt2, an EXPORT_DIR or a RUN_DIR"
     )

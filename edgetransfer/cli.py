@@ -876,6 +876,14 @@ def _print_export(res, as_json: bool) -> None:
             f"({', '.join(et['outside_ops']) or 'none'} outside); batch "
             + (f"{low}..{high}" if low != high else f"fixed at {low}")
         )
+    for kind in ("int8", "pte_int8"):
+        q = res.report.get(kind)
+        if q and q["kept_float"]:
+            layers = ", ".join(f"{k['layer']} (cost {k['cost']:g})" for k in q["kept_float"])
+            click.echo(
+                f"{res.report['artifacts'][kind]['file']}: kept in float {layers}; top-1 drop "
+                f"{q['steps'][0]['top1_drop']:.1%} -> {q['top1_drop']:.1%}"
+            )
     guard = res.report.get("guard")
     if guard:
         click.echo(f"{'artifact':<18} {'top1':>7} {'drop':>6} {'p50 ms':>8}")
@@ -931,10 +939,11 @@ def verify(
 
     fp32 runtimes (TorchScript, .pt2, ONNX, raw-pixel, optimised, ExecuTorch .pte) are
     compared elementwise (|a-b| <= atol + rtol*|b|) with 100% top-1 agreement; int8/fp16 by
-    their top-1 drop (at most 1 point). Writes EXPORT_DIR/parity.json and exits with 1 when
-    anything fails. model.pt (TorchScript) and model.pt2 can run code when loaded: they are
-    skipped unless --trust-torchscript is given, which is for folders you exported or trust.
-    model.pte holds no code and is always run.
+    their top-1 drop (at most export's --max-drop, or one image under 100 images). Writes
+    EXPORT_DIR/parity.json; exits with 1 when an fp32 runtime fails, 3 when only a quantised
+    model misses its accuracy bound. model.pt (TorchScript) and model.pt2 can run code when
+    loaded: they are skipped unless --trust-torchscript is given, which is for folders you
+    exported or trust. model.pte holds no code and is always run.
 
     \b
     Example:

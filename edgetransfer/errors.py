@@ -33,6 +33,13 @@ class ParityError(EdgeTransferError):
     """Exported models do not answer like eager PyTorch within tolerance."""
 
 
+class AccuracyMiss(ParityError):
+    """fp32 parity holds, but a quantised or fp16 model lost more top-1 than its bound allows:
+    verify's exit status 3, so a script can tell it from a broken export (1)."""
+
+    exit_code = 3
+
+
 class InputError(EdgeTransferError):
     """An input batch does not match what a model declares (shape or dtype)."""
 

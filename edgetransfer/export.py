@@ -14,6 +14,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from edgetransfer import config, onnxio, pte, quantize
 from edgetransfer.backbones import outputs
 from edgetransfer.data import relabel, run_data_dir, run_split
@@ -154,16 +156,38 @@ def export(cfg: ExportConfig) -> ExportResult:
                 )
             if cfg.int8:
                 calib = _spread([s for s in dataset.samples if s.split == "train"], cfg.calib_size)
-                quantize.quantize_int8(
-                    tmp / ARTIFACTS["onnx"], tmp / ARTIFACTS["int8"], manifest, calib
+                val = dataset.split("val") or dataset.samples
+                report["int8"] = quantize.quantize_int8(
+                    tmp / ARTIFACTS["onnx"],
+                    tmp / ARTIFACTS["int8"],
+                    manifest,
+                    calib,
+                    val,
+                    cfg.max_drop,
                 )
+                if cfg.executorch:
+                    xc, _ = quantize.load_inputs(calib, manifest)
+                    xv, kept = quantize.load_inputs(val, manifest)
+                    truth = np.array([s.label for s in kept])
+                    report["pte_int8"] = pte.export_pte_int8(
+                        model,
+                        manifest,
+                        tmp / ARTIFACTS["pte_int8"],
+                        xc,
+                        xv,
+                        truth,
+                        cfg.max_drop,
+                        cfg.pte_max_batch,
+                        notes,
+                    )
             if cfg.fp16:
                 quantize.convert_fp16(tmp / ARTIFACTS["onnx"], tmp / ARTIFACTS["fp16"], manifest)
             if dataset is None:
                 notes.append("no accuracy/latency guard: no images; pass --data DATA_DIR")
             else:
                 val = dataset.split("val") or dataset.samples
-                guard = quantize.guard(tmp, manifest, val, cfg.max_drop, cfg.threads)
+                fallback = {"int8": report.get("int8"), "pte-int8": report.get("pte_int8")}
+                guard = quantize.guard(tmp, manifest, val, cfg.max_drop, cfg.threads, fallback)
                 notes += guard.pop("notes")
                 report["guard"] = guard
         weights = ARTIFACTS["weights"]

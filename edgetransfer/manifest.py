@@ -44,10 +44,13 @@ ARTIFACTS = {
     "torchscript": "model.pt",
     "pt2": "model.pt2",
     "pte": "model.pte",
+    "pte_int8": "model.int8.pte",
     # a run adapted on a backbone bundle (device.py): the head alone, and the bundle it sits on
     "head": "head.safetensors",
     "bundle": "backbone.onnx",
 }
+# What export measured and decided (checks, the guard, int8 fallback), beside the artifacts.
+EXPORT_REPORT = "export.json"
 # ExecuTorch constant methods a .pte carries: the manifest JSON, and [min, max] batch the
 # forward method accepts (memory is planned for max), so a C++ app needs no sidecar file.
 PTE_MANIFEST_METHOD = "edgetransfer_manifest"

@@ -22,6 +22,8 @@ from edgetransfer.parity import (
     RTOL,
     Outputs,
     ParityReport,
+    allowed_drop,
+    export_max_drop,
     judge,
     recorded_check,
     write_parity,
@@ -39,6 +41,7 @@ RUNTIMES = {
     "fp16": (ARTIFACTS["fp16"], "reduced"),
     "int8": (ARTIFACTS["int8"], "reduced"),
     "executorch": (ARTIFACTS["pte"], "exact"),
+    "executorch-int8": (ARTIFACTS["pte_int8"], "reduced"),
 }
 
 
@@ -100,6 +103,7 @@ def verify(
         trust_torchscript=trust_torchscript,
     )
     report = ParityReport(export_dir, len(images.names), atol, rtol, skipped=skipped)
+    allowed = allowed_drop(export_max_drop(export_dir), len(images.names))
     for runtime, got in outputs.items():
         row = judge(
             runtime,
@@ -112,6 +116,7 @@ def verify(
             atol=atol,
             rtol=rtol,
         )
+        row.allowed_drop = allowed
         report.runtimes.append(row)
     if images.truth is not None:
         report.eager_top1 = float((ref.logits.argmax(1) == images.truth).mean())

@@ -686,7 +686,14 @@ def bench_inference(tmp: Path, quick: bool) -> None:
     )
     guard = res.report.get("guard", {})
     rec_kind = guard.get("recommended", "fp32")
-    rec = {"fp32": "ort-fp32", "optimized": "ort-opt", "int8": "ort-int8", "fp16": "ort-fp16"}
+    rec = {
+        "fp32": "ort-fp32",
+        "optimized": "ort-opt",
+        "int8": "ort-int8",
+        "fp16": "ort-fp16",
+        "pte": "executorch",
+        "pte-int8": "executorch-int8",
+    }
     rec = rec[rec_kind]
     runs = []
     for _ in range(1 if quick else 3):  # each runtime in its own process, repeated: medians
