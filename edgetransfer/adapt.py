@@ -28,15 +28,30 @@ from edgetransfer.backbones import (
     split,
     truncate,
 )
-from edgetransfer.data import Dataset, Sample, eval_transform, load_image, scan
+from edgetransfer.data import (
+    Dataset,
+    Sample,
+    check_bad,
+    eval_transform,
+    load_image,
+    scan,
+    train_val,
+)
 from edgetransfer.errors import DataError, EdgeTransferError
 from edgetransfer.features import extract
 from edgetransfer.fileio import atomic_write_text, check_can_write, output_dir
 from edgetransfer.headfit import HEAD_L2, balanced_class_weights
 from edgetransfer.loaders import ImageBatches, train_transform
-from edgetransfer.manifest import MANIFEST_NAME, Manifest, Preprocessing, read_manifest, versions
+from edgetransfer.manifest import (
+    MANIFEST_NAME,
+    RUN_INFO,
+    Manifest,
+    Preprocessing,
+    read_manifest,
+    versions,
+)
 from edgetransfer.report import ReportUnavailable, write_run_report
-from edgetransfer.runs import RUN_INFO, checkpoint_path, load_run, save_model
+from edgetransfer.runs import checkpoint_path, load_run, save_model
 from edgetransfer.train import (
     Checkpoint,
     Standardize,
@@ -215,7 +230,7 @@ def _adapt(cfg: AdaptConfig) -> AdaptResult:
     with phase("images"):
         bad, clean = _check_images(cfg, dataset, built)
         dataset = dataset.without([p for p, _ in bad])
-        train_s, val_s = _splits(dataset)
+        train_s, val_s = train_val(dataset)
     tcfg, memory = _fit_memory(cfg, built.model, built.plan, built.pre)
     with phase("train"):
         teacher_logits = _teacher_logits(cfg, dataset, train_s) if cfg.teacher else None
@@ -345,17 +360,6 @@ def _build(cfg: AdaptConfig, scfg: strategies.StrategyConfig, classes: int) -> _
         plan=plan,
         backbone_id=backbone_id,
     )
-
-
-def _splits(dataset: Dataset) -> tuple[list[Sample], list[Sample]]:
-    """The readable training and validation samples; every class must have training images."""
-    train_s, val_s = dataset.split("train"), dataset.split("val")
-    missing = [c for i, c in enumerate(dataset.classes) if not any(s.label == i for s in train_s)]
-    if missing:
-        raise DataError(f"no readable training images for class(es): {', '.join(missing)}")
-    if not val_s:
-        raise DataError("no validation images; put at least 2 images in each class folder")
-    return train_s, val_s
 
 
 def _adapt_info(cfg: AdaptConfig, built: _Built, run: _Training, result) -> dict:
@@ -533,13 +537,7 @@ def _check_images(cfg: AdaptConfig, dataset: Dataset, built: _Built):
                 load_image(s.path, cfg.max_pixels)
             except DataError as e:
                 bad.append((s.path, str(e)))
-    total = len(dataset.samples)
-    if bad and len(bad) > cfg.max_bad * total:
-        first = "; ".join(r for _, r in bad[:3])
-        raise DataError(
-            f"{len(bad)} of {total} images could not be read (more than --max-bad "
-            f"{cfg.max_bad:.0%}): {first}"
-        )
+    check_bad(bad, len(dataset.samples), cfg.max_bad)
     return bad, clean
 
 

@@ -382,6 +382,15 @@ def cli(ctx: click.Context, max_pixels: int | None) -> None:
     help="What runs the frozen backbone for --strategy head (auto: onnxruntime when "
     "the exported backbone matches PyTorch).",
 )
+@click.option(
+    "--backbone",
+    "backbone_bundle",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="FILE.onnx",
+    help="A backbone bundle (`edgetransfer backbone`): features from onnxruntime and a head "
+    "fitted in numpy, without importing PyTorch (--strategy head only).",
+)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (same command).")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the feature cache.")
 @click.option(
@@ -426,6 +435,7 @@ def adapt(
     max_memory: float | None,
     workers: int,
     backend: str,
+    backbone_bundle: Path | None,
     resume: bool,
     no_cache: bool,
     no_report: bool,
@@ -440,16 +450,39 @@ def adapt(
     best epoch by validation accuracy is kept. Other strategies train part or all of the
     backbone with small batches (BatchNorm stays frozen unless --train-bn).
     Ctrl-C stops after the current step and saves a checkpoint: rerun with --resume.
+    With --backbone FILE.onnx (a bundle from `edgetransfer backbone`) the features come from
+    onnxruntime and the head is fitted in numpy: PyTorch is not imported.
 
     \b
     Example:
       edgetransfer adapt photos/ --arch resnet18 --weights resnet18.pth --out run
       edgetransfer adapt photos/ --strategy last-n --unfreeze 3 --out run2
+      edgetransfer adapt photos/ --backbone mnv3s.backbone.onnx --out run3
     """
+    out = out or Path("runs") / (Path(data_dir).resolve().name or "run")
+    if backbone_bundle is not None:
+        _adapt_on_bundle(
+            click.get_current_context(),
+            data_dir=data_dir,
+            out=out,
+            backbone=backbone_bundle,
+            epochs=epochs,
+            patience=patience,
+            balance=balance,
+            val_fraction=val_fraction,
+            seed=seed,
+            max_bad=max_bad,
+            max_pixels=max_pixels,
+            workers=workers,
+            force=force,
+            use_cache=not no_cache,
+            progress=_progress(quiet or as_json),
+            as_json=as_json,
+        )
+        return
     from edgetransfer.adapt import AdaptConfig
     from edgetransfer.adapt import adapt as run_adapt
 
-    out = out or Path("runs") / (Path(data_dir).resolve().name or "run")
     res = run_adapt(
         AdaptConfig(
             data_dir=data_dir,
@@ -523,6 +556,80 @@ def adapt(
         )
     for note in res.notes:
         click.echo(note, err=True)
+    click.echo(f"wrote {res.run_dir}")
+
+
+# adapt's options that a head on a bundle's features does not take: each needs PyTorch
+_NOT_WITH_BUNDLE = (
+    "arch",
+    "weights",
+    "image_size",
+    "unfreeze",
+    "train_bn",
+    "backbone_lr_mult",
+    "l2sp",
+    "teacher",
+    "kd_alpha",
+    "kd_temperature",
+    "truncate",
+    "keep_source_head",
+    "source_data",
+    "lwf",
+    "augment",
+    "views",
+    "accumulate",
+    "head_solver",
+    "max_memory",
+    "backend",
+    "resume",
+    "batch_size",
+    "lr",
+    "no_report",
+)
+
+
+def _adapt_on_bundle(ctx: click.Context, *, as_json: bool, **options) -> None:
+    """adapt --backbone: refuse what needs PyTorch, then the device path (no torch import)."""
+    from click.core import ParameterSource
+
+    if ctx.params["strategy"] != config.STRATEGY:
+        raise click.UsageError(
+            f"--strategy {ctx.params['strategy']} trains the backbone, which needs PyTorch; "
+            "with --backbone FILE.onnx only --strategy head runs"
+        )
+    given = [
+        name
+        for name in _NOT_WITH_BUNDLE
+        if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+    ]
+    if given:
+        flag = next(p.opts[0] for p in ctx.command.params if p.name == given[0])
+        raise click.UsageError(
+            f"{flag} does not apply with --backbone FILE.onnx (the bundle fixes the "
+            "architecture, weights and preprocessing; the head is fitted with full-batch L-BFGS)"
+        )
+    from edgetransfer.device import BundleAdaptConfig, adapt_bundle
+
+    res = adapt_bundle(BundleAdaptConfig(**options))
+    m = res.manifest
+    if as_json:
+        _emit_json(m.to_dict())
+        return
+    click.echo(
+        f"adapted {m.arch} (head on the bundle {options['backbone'].name}) "
+        f"to {len(m.labels)} classes ({', '.join(m.labels)})"
+    )
+    click.echo(
+        f"train {m.data['train']} / val {m.data['val']} images, best epoch "
+        f"{m.adapt['best_epoch']} of {m.adapt['epochs_run']}: val top-1 "
+        f"{m.metrics['val_top1']:.1%}"
+    )
+    if res.bad_files:
+        click.echo(
+            f"skipped {len(res.bad_files)} unreadable image(s), listed in "
+            f"{res.run_dir / 'bad_files.txt'}",
+            err=True,
+        )
     click.echo(f"wrote {res.run_dir}")
 
 
@@ -625,6 +732,82 @@ def export(
       edgetransfer export run --onnx --torchscript --int8 --out deploy
       edgetransfer export run --onnx --executorch
     """
+    from edgetransfer.device import is_bundle_run
+
+    if is_bundle_run(run_dir):
+        torch_only = {
+            "--torchscript": want_ts,
+            "--pt2": want_pt2,
+            "--int8": want_int8,
+            "--fp16": want_fp16,
+            "--optimize": optimize,
+            "--executorch": executorch,
+        }
+        asked = [flag for flag, on in torch_only.items() if on]
+        if asked:
+            raise click.UsageError(
+                f"{asked[0]} is not available for a run adapted on a backbone bundle: "
+                "export writes model.onnx and model.raw.onnx (--onnx, --raw)"
+            )
+        from edgetransfer.device import export_bundle
+
+        both = not (want_onnx or want_raw)
+        res = export_bundle(
+            run_dir,
+            out or Path(run_dir) / "export",
+            onnx=want_onnx or both,
+            raw=want_raw or both,
+            force=force,
+            data_dir=data_dir,
+            golden=golden,
+        )
+    else:
+        res = _export_with_torch(
+            run_dir,
+            want_onnx=want_onnx,
+            want_ts=want_ts,
+            want_raw=want_raw,
+            want_pt2=want_pt2,
+            want_int8=want_int8,
+            want_fp16=want_fp16,
+            optimize=optimize,
+            executorch=executorch,
+            pte_max_batch=pte_max_batch,
+            exporter=exporter,
+            opset=opset,
+            out=out,
+            data_dir=data_dir,
+            golden=golden,
+            calib_size=calib_size,
+            max_drop=max_drop,
+            threads=threads,
+            force=force,
+        )
+    _print_export(res, as_json)
+
+
+def _export_with_torch(
+    run_dir: Path,
+    *,
+    want_onnx: bool,
+    want_ts: bool,
+    want_raw: bool,
+    want_pt2: bool,
+    want_int8: bool,
+    want_fp16: bool,
+    optimize: bool,
+    executorch: bool,
+    pte_max_batch: int,
+    exporter: str,
+    opset: int | None,
+    out: Path | None,
+    data_dir: Path | None,
+    golden: int,
+    calib_size: int,
+    max_drop: float,
+    threads: int | None,
+    force: bool,
+):
     from edgetransfer.export import ExportConfig
     from edgetransfer.export import export as run_export
 
@@ -661,6 +844,10 @@ def export(
             threads=threads,
         )
     )
+    return res
+
+
+def _print_export(res, as_json: bool) -> None:
     if as_json:
         _emit_json({"out": str(res.out), "files": [str(f) for f in res.files], **res.report})
         return
@@ -708,6 +895,13 @@ def export(
 @_threads_option("onnxruntime and ExecuTorch threads [default: all cores].")
 @_json_option("Print parity.json to stdout.")
 @_trust_torchscript_option
+@click.option(
+    "--eager-weights",
+    default=None,
+    metavar="imagenet|none|PATH",
+    help="For a run adapted on a backbone bundle: also compare with eager PyTorch, the "
+    "bundle's architecture with these weights (those it was made from) and the run's head.",
+)
 def verify(
     export_dir: Path,
     data_dir: Path,
@@ -718,6 +912,7 @@ def verify(
     threads: int | None,
     as_json: bool,
     trust_torchscript: bool,
+    eager_weights: str | None,
 ) -> None:
     """Prove that every exported file answers like eager PyTorch on real images.
 
@@ -732,22 +927,50 @@ def verify(
     Example:
       edgetransfer verify run/export --data photos/
     """
-    from edgetransfer import verify as v
+    from edgetransfer.device import is_bundle_run
 
-    report = v.verify(
-        export_dir,
-        data_dir,
-        limit=limit,
-        batch_size=batch_size,
-        atol=atol,
-        rtol=rtol,
-        threads=threads,
-        trust_torchscript=trust_torchscript,
-    )
+    if is_bundle_run(export_dir):  # no torch: the bundle's features through the numpy head
+        from edgetransfer.device import verify_bundle
+
+        eager = None
+        if eager_weights is not None:  # the one case that imports torch
+            from edgetransfer.bundler import eager_of_export
+
+            eager = eager_of_export(export_dir, eager_weights)
+        report = verify_bundle(
+            export_dir,
+            data_dir,
+            limit=limit,
+            batch_size=batch_size,
+            atol=atol,
+            rtol=rtol,
+            threads=threads,
+            eager=eager,
+        )
+        reference = "the backbone bundle's features through the numpy head"
+    else:
+        if eager_weights is not None:
+            raise click.UsageError(
+                "--eager-weights is for a run adapted on a backbone bundle; other runs are "
+                "always compared with eager PyTorch"
+            )
+        from edgetransfer import verify as v
+
+        report = v.verify(
+            export_dir,
+            data_dir,
+            limit=limit,
+            batch_size=batch_size,
+            atol=atol,
+            rtol=rtol,
+            threads=threads,
+            trust_torchscript=trust_torchscript,
+        )
+        reference = "eager PyTorch"
     if as_json:
         _emit_json(report.to_dict())
     else:
-        click.echo(f"{report.images} images, reference: eager PyTorch")
+        click.echo(f"{report.images} images, reference: {reference}")
         click.echo(report.table())
         if report.written:
             click.echo(f"wrote {report.written}")
@@ -1031,6 +1254,67 @@ def info(path: Path, as_json: bool) -> None:
         )
     if "recommended" in d:
         click.echo(f"recommended: {d['recommended']}")
+
+
+@cli.command()
+@click.argument("arch")
+@click.option(
+    "--weights",
+    default=config.WEIGHTS,
+    show_default=True,
+    help="Source weights: imagenet, none, or a .safetensors / .pth state_dict file.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The bundle to write [default: ARCH.backbone.onnx].",
+)
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Real images (class folders) the bundle is checked on against eager PyTorch "
+    "[default: the shipped sample digits].",
+)
+@_force_option("bundle")
+@_json_option("Print the bundle's manifest as JSON.")
+def backbone(
+    arch: str, weights: str, out: Path | None, data_dir: Path | None, force: bool, as_json: bool
+) -> None:
+    """Write ARCH's frozen feature extractor as a backbone bundle (ONNX, manifest inside).
+
+    Needs PyTorch; the bundle does not: `adapt DATA --backbone FILE.onnx` then adapts, exports
+    and verifies with onnxruntime and numpy alone (e.g. on a device without PyTorch). The
+    bundle outputs the features and the source head's logits, and is checked against eager
+    PyTorch at batch 1, 2 and 8 and on real images before it is written.
+
+    \b
+    Example:
+      edgetransfer backbone mobilenet_v3_small --out mnv3s.backbone.onnx
+    """
+    from edgetransfer.bundler import write_bundle
+    from edgetransfer.demo import sample_data
+
+    res = write_bundle(
+        arch,
+        weights,
+        out or Path(f"{arch}.backbone.onnx"),
+        data_dir=data_dir or sample_data(),
+        force=force,
+    )
+    if as_json:
+        _emit_json({"path": str(res.path), "sha256": res.sha256, **res.manifest.to_dict()})
+        return
+    m = res.manifest
+    click.echo(
+        f"wrote {res.path} ({res.path.stat().st_size / 1024:.0f} KiB, sha256 {res.sha256[:16]}…)"
+    )
+    click.echo(
+        f"{m.arch}: {m.adapt['feature_dim']} features, source head of {len(m.labels)} classes; "
+        f"matches eager PyTorch on {res.checked_images} real images ({res.exporter} exporter)"
+    )
 
 
 @cli.command()

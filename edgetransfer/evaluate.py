@@ -12,10 +12,9 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from edgetransfer import config
-from edgetransfer.data import load_image, softmax
+from edgetransfer.data import load_image, run_split, softmax
 from edgetransfer.errors import DataError
 from edgetransfer.manifest import Manifest
-from edgetransfer.runs import run_split
 from edgetransfer.runtime import TorchClassifier, load_predictor
 
 SPLITS = config.SPLITS

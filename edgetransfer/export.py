@@ -7,7 +7,6 @@ is written. Quantised variants and the latency/accuracy guard live in quantize.p
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import shutil
@@ -16,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgetransfer import config, onnxio, pte, quantize
-from edgetransfer.errors import DataError, ExportError, first_line
+from edgetransfer.backbones import outputs
+from edgetransfer.data import relabel, run_data_dir, run_split
+from edgetransfer.errors import ExportError, first_line
 from edgetransfer.fileio import (
     atomic_write_bytes,
     atomic_write_text,
@@ -25,9 +26,9 @@ from edgetransfer.fileio import (
     sha256_file,
 )
 from edgetransfer.golden import GOLDEN_DIR, write_golden
-from edgetransfer.manifest import ARTIFACTS, MANIFEST_NAME, Manifest
+from edgetransfer.manifest import ARTIFACTS, MANIFEST_NAME, Manifest, raw_manifest
 from edgetransfer.parity import ATOL, RTOL, require_close
-from edgetransfer.runs import load_run, run_data_dir, run_split
+from edgetransfer.runs import load_run
 from edgetransfer.runtime import OnnxClassifier
 
 EXPORTERS = config.EXPORTERS
@@ -172,7 +173,9 @@ def export(cfg: ExportConfig) -> ExportResult:
         atomic_write_text(tmp / "labels.txt", "".join(f"{label}\n" for label in manifest.labels))
         atomic_write_text(tmp / MANIFEST_NAME, manifest.to_json())
         if dataset is not None and cfg.golden > 0:
-            write_golden(model, manifest, dataset.samples, tmp / GOLDEN_DIR, cfg.golden)
+            write_golden(
+                _eager_logits(model), manifest, dataset.samples, tmp / GOLDEN_DIR, cfg.golden
+            )
         for kind, name in ARTIFACTS.items():
             if kind != "weights" and (tmp / name).is_file():
                 report["artifacts"][kind] = {
@@ -186,6 +189,17 @@ def export(cfg: ExportConfig) -> ExportResult:
     return ExportResult(out, [out / f for f in files], manifest, notes, report)
 
 
+def _eager_logits(model):
+    """float32 NCHW numpy -> the eager model's logits (the golden reference)."""
+    import torch
+
+    def run(x):
+        with torch.inference_mode():
+            return outputs(model(torch.from_numpy(x)))[0].numpy()
+
+    return run
+
+
 def _dataset(cfg: ExportConfig, manifest: Manifest):
     """The scanned DATA_DIR (split as in adapt), and a note when there is none."""
     data_dir = cfg.data_dir or run_data_dir(cfg.run_dir)
@@ -193,21 +207,7 @@ def _dataset(cfg: ExportConfig, manifest: Manifest):
         if cfg.golden <= 0:
             return None, []
         return None, ["no golden/ written: the run's data folder is gone; pass --data DATA_DIR"]
-    return _relabel(run_split(data_dir, manifest), manifest), []
-
-
-def _relabel(ds, manifest: Manifest):
-    """The dataset with labels as indices into the model's labels (matched by class name), so
-    golden vectors, calibration and the guard agree with the model whatever folder is given."""
-    unknown = [c for c in ds.classes if c not in manifest.labels]
-    if unknown:
-        raise DataError(
-            f"--data has classes the model does not know: {', '.join(unknown)} "
-            f"(it knows {', '.join(manifest.labels)})"
-        )
-    index = [manifest.labels.index(c) for c in ds.classes]
-    samples = [dataclasses.replace(s, label=index[s.label]) for s in ds.samples]
-    return dataclasses.replace(ds, classes=list(manifest.labels), samples=samples)
+    return relabel(run_split(data_dir, manifest), manifest.labels), []
 
 
 def _spread(samples: list, n: int) -> list:
@@ -344,20 +344,6 @@ def output_names(manifest: Manifest) -> list[str]:
     if "source_output" in manifest.io:
         names.append(manifest.io["source_output"])
     return names
-
-
-def raw_manifest(manifest: Manifest) -> Manifest:
-    """The manifest a raw-pixel model carries: same labels/preprocessing, its own io."""
-    io_names = {
-        "input": "image",
-        "output": "logits",
-        "probs": "probs",
-        "input_format": "uint8 NHWC RGB at input_size, resized and cropped by the caller; "
-        "normalisation is inside the model",
-    }
-    if "source_output" in manifest.io:
-        io_names["source_output"] = manifest.io["source_output"]
-    return dataclasses.replace(manifest, io=io_names)
 
 
 def export_raw(

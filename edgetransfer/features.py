@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import itertools
 import json
 import os
 import random
@@ -30,12 +29,20 @@ from edgetransfer import config, onnxio
 from edgetransfer.data import (
     Sample,
     current_max_pixels,
+    decode_workers,
     eval_transform,
     load_image,
     pillow_warnings_off,
+    threaded_map,
 )
 from edgetransfer.errors import DataError, EdgeTransferError, EdgeTransferWarning, first_line
-from edgetransfer.fileio import TMP_PREFIX, atomic_write_bytes, sha256_file, user_os_error
+from edgetransfer.fileio import (
+    TMP_PREFIX,
+    atomic_write_bytes,
+    cache_dir,
+    sha256_file,
+    user_os_error,
+)
 from edgetransfer.loaders import apply_seeded, train_transform
 from edgetransfer.manifest import Preprocessing
 from edgetransfer.onnxio import open_session
@@ -46,8 +53,6 @@ BACKENDS = config.BACKENDS
 # Below this many images, "auto" stays on PyTorch unless the exported backbone is cached already:
 # exporting and checking it (~0.5 s for mobilenet_v3_small) would cost more than it saves.
 AUTO_MIN_IMAGES = 64
-# Decoding workers when none are asked for (see decode_workers).
-AUTO_MAX_WORKERS = 4
 # Largest difference draft decoding may make to a normalised input tensor (mean/std units, so
 # 0.25 is ~14 grey levels at ImageNet's std), measured on textured 12 MP photos as 0.07 max,
 # 0.007 mean: the DCT downscale is a box filter where the plain path is bilinear+antialias.
@@ -55,14 +60,6 @@ DRAFT_MAX_DIFF = 0.25
 # Augmentation presets whose first step resizes the shorter side to Preprocessing.resize, so a
 # JPEG can be decoded at any scale that keeps that side (see data.load_image's `draft`).
 _DRAFT_SAFE = ("none", "light")
-
-
-def cache_dir() -> Path:
-    """``$EDGETRANSFER_CACHE`` or ``$XDG_CACHE_HOME/edgetransfer`` (``~/.cache/edgetransfer``)."""
-    if os.environ.get("EDGETRANSFER_CACHE"):
-        return Path(os.environ["EDGETRANSFER_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "edgetransfer"
 
 
 @dataclass
@@ -517,23 +514,6 @@ class _Decode:
         return i, self.transform(img) if self.augment == "none" else self.transform(img, i), None
 
 
-def decode_workers(samples: list[Sample], workers: int | None) -> int:
-    """The decoding threads extract uses for `samples` (see its `workers`): one per core, up
-    to AUTO_MAX_WORKERS, from AUTO_MIN_IMAGES images on.
-
-    Measured on 2 cores (tools/perf.py), with threads: extraction of 640x480 photos 1.4x faster
-    with 2 than with none (decoding overlaps the backbone), and 12 MP JPEGs 7.5x faster than a
-    plain decode against 4.5x for draft alone. Worker processes did worse on both (1.15x and
-    5.7x there; 0.8x on 640x480 before decoding handed over uint8): each image crossed the
-    process boundary pickled.
-    """
-    if workers is not None:
-        return workers
-    if len(samples) < AUTO_MIN_IMAGES:
-        return 0  # a few images decode faster than the workers start
-    return min(AUTO_MAX_WORKERS, os.cpu_count() or 1)
-
-
 def _split_transform(d: Decoding):
     """(per image, per batch) parts of the pipeline.
 
@@ -611,7 +591,11 @@ def _decoded(pipeline: _Pipeline, *, batch_size: int, workers: int | None, progr
     n = decode_workers(samples, workers)
     data = _Decode(samples, per_image, pipeline.decoding)
     # Two batches in flight: the next one decodes while the backbone runs on this one.
-    items = _threaded(data, n, 2 * batch_size) if n else map(data.__getitem__, range(len(data)))
+    items = (
+        threaded_map(data.__getitem__, len(data), n, 2 * batch_size)
+        if n
+        else map(data.__getitem__, range(len(data)))
+    )
     bar = tqdm(total=len(samples), desc="features", unit="img", disable=not progress, leave=False)
     pending: list = []
 
@@ -631,27 +615,6 @@ def _decoded(pipeline: _Pipeline, *, batch_size: int, workers: int | None, progr
                 pending = []
         if pending:
             yield batch(pending)
-
-
-def _threaded(data: _Decode, n: int, ahead: int):
-    """data[0], data[1], ... decoded by `n` threads, in order, at most `ahead` in flight.
-
-    Pillow releases the GIL while it decodes and resizes, so threads decode in parallel without
-    the pickling of every tensor that worker processes need.
-    """
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(n, thread_name_prefix="decode")
-    try:
-        todo = iter(range(len(data)))
-        flight = deque(pool.submit(data.__getitem__, i) for i in itertools.islice(todo, ahead))
-        while flight:
-            yield flight.popleft().result()
-            for i in itertools.islice(todo, 1):
-                flight.append(pool.submit(data.__getitem__, i))
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 _RNG = threading.Lock()  # torch's global generator, which the random transforms draw from

@@ -43,6 +43,14 @@ _METRICS_MAX = 256 << 20  # a larger file is not one of our reports: never read 
 USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
+def cache_dir() -> Path:
+    """``$EDGETRANSFER_CACHE`` or ``$XDG_CACHE_HOME/edgetransfer`` (``~/.cache/edgetransfer``)."""
+    if os.environ.get("EDGETRANSFER_CACHE"):
+        return Path(os.environ["EDGETRANSFER_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "edgetransfer"
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()

@@ -4,7 +4,8 @@ EXPORT_DIR/golden/ holds, per case NN:
   NN.png         the image at exactly input_size (already resized and cropped), RGB 8-bit
   NN.input.npy   the normalised float32 tensor [1, 3, H, W] made from NN.png
   NN.input.bin   the same, raw little-endian float32, C order
-  NN.logits.npy  eager PyTorch logits [1, C] for that tensor
+  NN.logits.npy  the reference logits [1, C] for that tensor (eager PyTorch, or a backbone
+                 bundle's features through the numpy head)
   NN.logits.bin  the same, raw little-endian float32
 and golden.json describing the cases, shapes, labels and tolerance.
 """
@@ -12,13 +13,13 @@ and golden.json describing the cases, shapes, labels and tolerance.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 from PIL import Image
 
-from edgetransfer.backbones import outputs
 from edgetransfer.data import Sample, load_image, normalize, resize_crop
 from edgetransfer.errors import DataError
 from edgetransfer.fileio import atomic_write_bytes, atomic_write_text
@@ -49,10 +50,19 @@ def pick_cases(samples: list[Sample], n: int) -> list[Sample]:
     return chosen[:n]
 
 
-def write_golden(model, manifest: Manifest, samples: list[Sample], folder: Path, n: int = 5) -> int:
-    """Write golden cases for `model` (eager) into `folder`; returns how many were written."""
-    import torch
+def write_golden(
+    reference: Callable[[np.ndarray], np.ndarray],
+    manifest: Manifest,
+    samples: list[Sample],
+    folder: Path,
+    n: int = 5,
+) -> int:
+    """Write golden cases into `folder`; returns how many were written.
 
+    Args:
+        reference: float32 [1, 3, H, W] -> the expected logits [1, C] (eager PyTorch, or a
+            bundle's features through the numpy head: this module needs no torch).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     p = manifest.preprocessing
     cases = []
@@ -66,8 +76,7 @@ def write_golden(model, manifest: Manifest, samples: list[Sample], folder: Path,
         name = f"{len(cases):02d}"
         pixels = np.asarray(img, dtype=np.uint8)
         x = normalize(pixels, p)[None]
-        with torch.inference_mode():
-            logits = outputs(model(torch.from_numpy(x)))[0].numpy().astype("<f4")
+        logits = np.asarray(reference(x)).astype("<f4")
         png = folder / f"{name}.png"
         img.save(png, "PNG")
         for kind, arr in (("input", x.astype("<f4")), ("logits", logits)):

@@ -19,6 +19,7 @@ from edgetransfer.ptefile import read_pte
 
 SCHEMA = 1
 MANIFEST_NAME = "edgetransfer.json"
+RUN_INFO = "run.json"  # RUN_DIR only: where its data (and bundle) live on this machine
 METADATA_KEY = "edgetransfer"  # ONNX metadata_props key and safetensors metadata key
 MAX_SIDE = 16384  # largest input_size / resize a manifest may declare
 # Real normalisations (std ~0.2, 1/255 at most; mean within 0..1, 127.5 at most) sit far inside
@@ -42,6 +43,9 @@ ARTIFACTS = {
     "torchscript": "model.pt",
     "pt2": "model.pt2",
     "pte": "model.pte",
+    # a run adapted on a backbone bundle (device.py): the head alone, and the bundle it sits on
+    "head": "head.safetensors",
+    "bundle": "backbone.onnx",
 }
 # ExecuTorch constant methods a .pte carries: the manifest JSON, and [min, max] batch the
 # forward method accepts (memory is planned for max), so a C++ app needs no sidecar file.
@@ -292,6 +296,20 @@ class Manifest:
         except RecursionError:
             raise ManifestError("manifest is not valid JSON: nested too deeply") from None
         return cls.from_dict(d)
+
+
+def raw_manifest(manifest: Manifest) -> Manifest:
+    """The manifest a raw-pixel model carries: same labels/preprocessing, its own io."""
+    io_names = {
+        "input": "image",
+        "output": "logits",
+        "probs": "probs",
+        "input_format": "uint8 NHWC RGB at input_size, resized and cropped by the caller; "
+        "normalisation is inside the model",
+    }
+    if "source_output" in manifest.io:
+        io_names["source_output"] = manifest.io["source_output"]
+    return dataclasses.replace(manifest, io=io_names)
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:

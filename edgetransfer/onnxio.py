@@ -190,7 +190,13 @@ def finish_onnx(tmp: Path, path: Path, manifest: Manifest, full_check: bool = Tr
     """Embed the manifest, run the ONNX checker, write atomically."""
     import onnx
 
-    proto = onnx.load(str(tmp))
+    finish_proto(onnx.load(str(tmp)), path, manifest, full_check)
+
+
+def finish_proto(proto, path: Path, manifest: Manifest, full_check: bool = True) -> None:
+    """:func:`finish_onnx` for a ModelProto in memory (one composed with the onnx library)."""
+    import onnx
+
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, {METADATA_KEY: manifest.to_json()})
     proto.producer_name = "edgetransfer"

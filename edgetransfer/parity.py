@@ -157,6 +157,9 @@ class ParityReport:
     recorded: RecordedCheck | None = None
     skipped: list[str] = field(default_factory=list)  # files not loaded: they can run code
     written: Path | None = None  # parity.json, once written
+    # what the runtimes are judged against: "eager" PyTorch, or "bundle" (a backbone bundle's
+    # features through the numpy head, for a run adapted without torch)
+    reference: str = "eager"
 
     @property
     def passed(self) -> bool:
@@ -172,7 +175,7 @@ class ParityReport:
         return {
             "passed": self.passed,
             "images": self.images,
-            "reference": "eager",
+            "reference": self.reference,
             "tolerance": {
                 "atol": self.atol,
                 "rtol": self.rtol,
@@ -201,8 +204,8 @@ class ParityReport:
         c = self.recorded
         if c is not None and c.checked:
             rows.append(
-                f"eager top-1 {c.eager:.1%} on {c.images} validation images, adapt recorded "
-                f"{c.recorded:.1%}  {'ok' if c.passed else 'FAIL'}"
+                f"{self.reference} top-1 {c.eager:.1%} on {c.images} validation images, adapt "
+                f"recorded {c.recorded:.1%}  {'ok' if c.passed else 'FAIL'}"
             )
         return "\n".join(rows)
 

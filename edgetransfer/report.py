@@ -18,12 +18,11 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from edgetransfer import __version__, config
-from edgetransfer.data import load_image, pillow_warnings_off
+from edgetransfer.data import load_image, pillow_warnings_off, run_data_dir
 from edgetransfer.errors import DataError, EdgeTransferError
 from edgetransfer.evaluate import run_validation
 from edgetransfer.fileio import atomic_write_text, output_dir
 from edgetransfer.manifest import read_manifest
-from edgetransfer.runs import run_data_dir
 
 REPORT_INDEX = "index.html"
 RUN_REPORT = "report.html"

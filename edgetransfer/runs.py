@@ -1,24 +1,18 @@
-"""RUN_DIR: where adapt's model lives and how the rest reads it back — the weights with the
-manifest inside, the checkpoint beside it, the data folder it was adapted on, and the one
-train/validation split every later command rebuilds from the manifest.
+"""RUN_DIR's eager model: the weights with the manifest inside, and the checkpoint beside them.
+(The data folder a run was adapted on and its split live in data.py: they need no torch.)
 
-Floor 2: the eager model needs torch; it is imported by load_run and save_model alone so that
-evaluate and report, which only need the split, start without it.
+Floor 2: the eager model needs torch; it is imported by load_run and save_model alone.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from edgetransfer import config
-from edgetransfer.data import Dataset, scan
+from edgetransfer.device import bundle_of
 from edgetransfer.errors import ManifestError
 from edgetransfer.fileio import atomic_write_bytes
 from edgetransfer.manifest import ARTIFACTS, METADATA_KEY, Manifest, read_manifest
-
-RUN_INFO = "run.json"
 
 
 def checkpoint_path(out: Path) -> Path:
@@ -41,6 +35,11 @@ def load_run(run_dir: str | os.PathLike):
 
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
+    if bundle_of(manifest) is not None:
+        raise ManifestError(
+            f"{run_dir} was adapted on a backbone bundle and has no PyTorch model; export it "
+            "(`edgetransfer export`) and use its model.onnx"
+        )
     weights = run_dir / ARTIFACTS["weights"]
     if not weights.is_file():
         raise ManifestError(f"{run_dir} has no model.safetensors; is it a RUN_DIR from adapt?")
@@ -57,22 +56,3 @@ def load_run(run_dir: str | os.PathLike):
     state, _ = read_state_dict(weights)
     load_strict(model, state, weights.name)
     return model.eval(), manifest
-
-
-def run_data_dir(run_dir: str | os.PathLike) -> Path | None:
-    """The DATA_DIR a RUN_DIR was adapted on, if recorded and still there."""
-    try:
-        info = json.loads((Path(run_dir) / RUN_INFO).read_text())
-        path = Path(info["data_dir"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return path if path.is_dir() else None
-
-
-def run_split(data_dir: str | os.PathLike, manifest: Manifest) -> Dataset:
-    """`data_dir` scanned and split as adapt split it: the manifest's val_fraction and seed."""
-    return scan(
-        data_dir,
-        float(manifest.adapt.get("val_fraction", config.VAL_FRACTION)),
-        int(manifest.adapt.get("seed", config.SEED)),
-    )

@@ -445,6 +445,11 @@ def load_predictor(
     if path.is_dir():
         if (path / ARTIFACTS["onnx"]).is_file():
             return OnnxClassifier(path / ARTIFACTS["onnx"], threads, provider=provider)
+        if (path / ARTIFACTS["head"]).is_file():
+            raise ManifestError(
+                f"{path} was adapted on a backbone bundle and has no PyTorch model; export it "
+                "(`edgetransfer export`) and use its model.onnx"
+            )
         if not (path / ARTIFACTS["weights"]).is_file():
             # Never model.pt/.pt2 implicitly: loading them can run code (name the file instead).
             code = [f for f in CODE_FILES if (path / f).is_file()]

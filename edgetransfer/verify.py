@@ -14,7 +14,7 @@ import torch
 
 from edgetransfer import config
 from edgetransfer.backbones import outputs as split_outputs
-from edgetransfer.data import Dataset, eval_transform, load_image, resize_crop
+from edgetransfer.data import Dataset, eval_transform, load_image, resize_crop, run_split
 from edgetransfer.errors import DataError, EdgeTransferWarning, ManifestError, first_line
 from edgetransfer.manifest import ARTIFACTS, CODE_FILES, Manifest, untrusted_skip
 from edgetransfer.parity import (
@@ -26,7 +26,7 @@ from edgetransfer.parity import (
     recorded_check,
     write_parity,
 )
-from edgetransfer.runs import load_run, run_split
+from edgetransfer.runs import load_run
 from edgetransfer.runtime import OnnxClassifier, PteClassifier, load_pt2
 
 # runtime name -> (file in EXPORT_DIR, kind); "exact" is judged elementwise, "reduced" by accuracy

@@ -14,10 +14,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "edgetransfer"
 
 FLOORS = {
     0: {"__init__", "errors", "fileio", "manifest", "config", "ptefile"},
-    1: {"data", "parity", "onnxio", "headfit"},
+    1: {"data", "parity", "onnxio", "headfit", "golden", "bundle", "device"},
     2: {"backbones", "strategies", "loaders", "train", "runs"},
-    3: {"features", "runtime", "evaluate", "golden", "quantize", "pte"},
-    4: {"adapt", "export", "verify", "bench", "info", "report"},
+    3: {"features", "runtime", "evaluate", "quantize", "pte"},
+    4: {"adapt", "export", "verify", "bench", "info", "report", "bundler"},
     5: {"demo", "cli", "__main__"},
 }
 FLOOR = {m: f for f, mods in FLOORS.items() for m in mods}

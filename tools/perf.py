@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from adapt_child import run_adapt  # noqa: E402
 from PIL import Image  # noqa: E402
 
-BENCHES = ("adapt", "backend", "decode", "headfit", "inference", "memory", "startup")
+BENCHES = ("adapt", "backend", "decode", "headfit", "inference", "memory", "startup", "device")
 COLOURS = [(230, 60, 60), (60, 190, 70), (60, 70, 230), (220, 200, 40), (190, 60, 210)]
 RESULTS: list[dict] = []  # every target row, for the summary and --json
 
@@ -839,6 +839,78 @@ def bench_startup(tmp: Path, quick: bool) -> None:
         "once per process; not in adapt's in-process times",
     )
     print_table("startup", "CLI start-up")
+
+
+def bench_device(tmp: Path, quick: bool) -> None:
+    """adapt --backbone (no torch import) against adapt with torch, whole process from the
+    shell, same architecture, weights and photos; and the imports each one pays."""
+    from edgetransfer.bundler import write_bundle
+
+    n, reps = (256, 3) if quick else (512, 5)
+    data = make_photos(tmp / "photos", n)
+    weights = calibrated_weights("mobilenet_v3_small", data, tmp / "mnv3s_bn.safetensors")
+    bundle = tmp / "mnv3s.backbone.onnx"
+    made_s, _ = timed(
+        lambda: write_bundle("mobilenet_v3_small", str(weights), bundle, data_dir=data)
+    )
+    cmd = [sys.executable, "-m", "edgetransfer"]  # this checkout's code (cwd=ROOT)
+    env = {**os.environ, "EDGETRANSFER_CACHE": str(tmp / "cache")}
+    common = ["adapt", str(data), "--no-cache", "-q", "--force"]
+    commands = {
+        "torch": [*cmd, *common, "--weights", str(weights), "--no-report", "--out", str(tmp / "t")],
+        "bundle": [*cmd, *common, "--backbone", str(bundle), "--out", str(tmp / "b")],
+    }
+
+    def shell(name: str) -> float:
+        return timed(lambda: subprocess.run(commands[name], env=env, check=True, cwd=ROOT))[0]
+
+    for name in commands:  # warm-up: the torch path exports its ONNX backbone to the cache once
+        shell(name)
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(reps):  # interleaved, so a busy spell hits both
+        for name in commands:
+            times[name].append(shell(name))
+    t_torch, t_bundle = (statistics.median(times[k]) for k in ("torch", "bundle"))
+    imports = {
+        name: statistics.median(
+            peak_child(f"import json, time; s = time.perf_counter(); import {mods}; "
+                       "print(json.dumps(time.perf_counter() - s))")
+            for _ in range(reps)
+        )
+        for name, mods in (
+            ("torch", "edgetransfer.cli, edgetransfer.adapt"),
+            ("bundle", "edgetransfer.cli, edgetransfer.device"),
+        )
+    }  # fmt: skip
+    top1 = {
+        k: json.loads((tmp / d / "edgetransfer.json").read_text())["metrics"]["val_top1"]
+        for k, d in (("torch", "t"), ("bundle", "b"))
+    }
+    row("device", "backbone bundle written (mobilenet_v3_small)", "-", f"{made_s:.1f} s", None)
+    row(
+        "device",
+        f"adapt --backbone vs adapt with torch, whole process, {n} photos",
+        ">= 3x",
+        f"{t_bundle:.2f} s vs {t_torch:.2f} s = {t_torch / t_bundle:.1f}x",
+        t_torch / t_bundle >= 3,
+        "medians of interleaved runs, --no-cache",
+    )
+    row(
+        "device",
+        "imports before work starts (bundle / torch path)",
+        "-",
+        f"{imports['bundle']:.2f} s / {imports['torch']:.2f} s",
+        None,
+        f"share of the run: {imports['bundle'] / t_bundle:.0%} / {imports['torch'] / t_torch:.0%}",
+    )
+    row(
+        "device",
+        "val top-1 (bundle / torch path)",
+        "equal",
+        f"{top1['bundle']:.1%} / {top1['torch']:.1%}",
+        top1["bundle"] == top1["torch"],
+    )
+    print_table("device", "adapt without PyTorch (backbone bundle)")
 
 
 def main() -> None:

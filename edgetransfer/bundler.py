@@ -1,0 +1,210 @@
+"""Write a backbone bundle: an architecture's frozen feature extractor (and its source head) as
+ONNX with the manifest inside, checked against eager PyTorch before it is written.
+
+This is the one step of the device path that needs torch (see bundle.py for the rest).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgetransfer import onnxio
+from edgetransfer.backbones import feature_dim, get_arch, load_source, split
+from edgetransfer.bundle import FEATURES, SOURCE_OUTPUT, bundle_manifest, is_bundle
+from edgetransfer.data import load_image, preprocess, scan
+from edgetransfer.device import load_head
+from edgetransfer.errors import (
+    DataError,
+    EdgeTransferError,
+    ExportError,
+    OutputExistsError,
+    WeightsError,
+)
+from edgetransfer.features import module_sha256
+from edgetransfer.fileio import sha256_file
+from edgetransfer.manifest import ARTIFACTS, Manifest, read_manifest, versions
+from edgetransfer.parity import require_close
+
+CHECK_BATCHES = (1, 2, 8)
+CHECK_IMAGES = 16  # real images the bundle must match eager on, spread over the classes
+
+
+@dataclass(frozen=True)
+class BundleResult:
+    path: Path
+    manifest: Manifest
+    sha256: str
+    exporter: str
+    checked_images: int
+
+
+class _Backbone(nn.Module):
+    """image -> (features, source logits): what a bundle answers."""
+
+    def __init__(self, features: nn.Module, source_head: nn.Linear) -> None:
+        super().__init__()
+        self.features, self.source_head = features, source_head
+
+    def forward(self, x: torch.Tensor):
+        f = self.features(x)
+        return f, self.source_head(f)
+
+
+def check_bundle_out(out: Path, force: bool, inputs: list) -> None:
+    """The --force rule for a bundle file: an existing file is replaced only with --force, and
+    only when it is a bundle (never a user's other file, never an input)."""
+    out = Path(out)
+    for given in inputs:
+        if given is not None and os.path.realpath(given) == os.path.realpath(out):
+            raise OutputExistsError(f"refusing to write {out}: it is the input {given}")
+    if not os.path.lexists(out):
+        return
+    if not force:
+        raise OutputExistsError(f"{out} already exists; pass --force to replace it")
+    try:
+        ours = out.is_file() and is_bundle(read_manifest(out))
+    except EdgeTransferError:
+        ours = False
+    if not ours:
+        raise OutputExistsError(
+            f"refusing to replace {out} with --force: it is not a backbone bundle; choose "
+            "another --out"
+        )
+
+
+def write_bundle(
+    arch: str, weights: str, out: str | os.PathLike, *, data_dir: Path, force: bool = False
+) -> BundleResult:
+    """Build `arch` with `weights`, split off its head and write the bundle to `out`.
+
+    The ONNX file is checked against eager at batch 1, 2 and 8 on random inputs and on up to
+    CHECK_IMAGES real images of `data_dir` before it replaces `out` (atomically).
+    """
+    out = Path(out)
+    get_arch(arch)  # an unknown name fails before any work
+    weights_file = weights if weights not in ("imagenet", "none") else None
+    check_bundle_out(out, force, [weights_file, data_dir])
+    images = _real_images(data_dir)
+    source, module, provenance = _source_backbone(arch, weights)
+    pre = source.preprocessing or source.spec.preprocessing
+    dim = feature_dim(module.features, pre)
+    source_head = module.source_head
+    labels = source.labels or [f"source_{i}" for i in range(source_head.out_features)]
+    manifest = bundle_manifest(
+        arch=arch,
+        preprocessing=pre,
+        source=provenance,
+        source_labels=labels,
+        feature_dim=dim,
+        versions=versions(),
+    )
+    manifest.adapt["checked"] = {"batches": list(CHECK_BATCHES), "images": len(images)}
+    x_real = np.stack([preprocess(img, pre) for img in images])
+    tmp = out.with_name(out.name + ".export.tmp")
+    done = out.with_name(out.name + ".tmp")
+    errors = []
+    for exporter in ("torchscript", "dynamo"):  # as features.py: torchscript is quicker here
+        try:
+            with onnxio.onnx_step(f"bundle export ({exporter}) of {arch}", tmp, done, target=out):
+                _export(module, pre, tmp, exporter)
+                diff = _check(module, tmp, out.name, pre.input_size, x_real)
+                manifest.adapt["checked"]["max_abs_diff"] = float(f"{diff:.3g}")
+                onnxio.finish_onnx(tmp, done, manifest)
+                os.replace(done, out)
+            break
+        except ExportError as e:
+            errors.append(f"{exporter}: {e}")
+    else:
+        raise ExportError(f"the {arch} backbone does not export to ONNX: " + "; ".join(errors))
+    return BundleResult(out, manifest, sha256_file(out), exporter, len(images))
+
+
+def _source_backbone(arch: str, weights: str):
+    """(SourceModel, the bundle's eager module, the weights' provenance with their sha256)."""
+    torch.manual_seed(0)  # --weights none: the same command gives the same bundle
+    source = load_source(arch, weights)
+    features, source_head = split(source.spec, source.model)
+    module = _Backbone(features, source_head).eval()
+    provenance = dict(source.provenance)
+    provenance.setdefault("sha256", module_sha256(module))  # random init: its own weights
+    return source, module, provenance
+
+
+def eager_of_export(export_dir: str | os.PathLike, weights: str):
+    """For an EXPORT_DIR of a run adapted on a bundle: that model in eager PyTorch (the
+    bundle's architecture with `weights`, which must be those the bundle was made from, and
+    the run's head), as float32 NCHW -> logits. What `verify --eager-weights` compares the
+    torch-free reference with."""
+    manifest = read_manifest(export_dir)
+    weight, bias = load_head(Path(export_dir) / ARTIFACTS["head"], manifest)
+    _, module, provenance = _source_backbone(manifest.arch, weights)
+    if provenance["sha256"] != manifest.source.get("sha256"):
+        raise WeightsError(
+            f"--eager-weights {weights} are not the weights the bundle was made from (their "
+            "sha256 differs from the manifest's source.sha256)"
+        )
+    head = nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(np.asarray(weight, np.float32)))
+        head.bias.copy_(torch.from_numpy(np.asarray(bias, np.float32)))
+    model = nn.Sequential(module.features, head).eval()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
+
+    return run
+
+
+def _export(module: nn.Module, pre, path: Path, exporter: str) -> None:
+    example = torch.randn(2, 3, *pre.input_size, generator=torch.Generator().manual_seed(0))
+    onnxio.torch_onnx_export(
+        module,
+        example,
+        path,
+        exporter=exporter,
+        opset=None,
+        input_name="input",
+        output_names=[FEATURES, SOURCE_OUTPUT],
+    )
+
+
+def _check(module: nn.Module, path: Path, name: str, size: tuple[int, int], x_real) -> float:
+    """Features and source logits of `path` under onnxruntime against eager: random inputs at
+    batch 1/2/8, then the real images. Returns the largest difference on the real images."""
+    session = onnxio.open_session(path)
+    gen = torch.Generator().manual_seed(1)
+    cases = [(b, torch.randn(b, 3, *size, generator=gen).numpy()) for b in CHECK_BATCHES]
+    cases.append((len(x_real), x_real))
+    diff = 0.0
+    for batch, x in cases:
+        with torch.inference_mode():
+            want = [t.numpy() for t in module(torch.from_numpy(x))]
+        got = session.run([FEATURES, SOURCE_OUTPUT], {"input": x})
+        require_close(got, want, name, batch)
+        diff = max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True))
+    return diff
+
+
+def _real_images(data_dir: Path) -> list:
+    """Up to CHECK_IMAGES decodable images of `data_dir` (class folders), a seeded spread."""
+    ds = scan(data_dir, val_fraction=0.0)
+    samples = random.Random(0).sample(ds.samples, len(ds.samples))
+    images = []
+    for s in samples:
+        try:
+            images.append(load_image(s.path))
+        except DataError:
+            continue
+        if len(images) == CHECK_IMAGES:
+            break
+    if not images:
+        raise DataError(f"no readable images in {data_dir} to check the bundle on")
+    return images
