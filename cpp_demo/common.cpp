@@ -1,4 +1,4 @@
-// Shared code of the two demo programs; see common.hpp.
+// Shared code of the demo programs; see common.hpp.
 #include "common.hpp"
 
 #include <fcntl.h>
@@ -37,6 +37,7 @@ constexpr int kMaxSide = 16384;             // as edgetransfer.manifest.MAX_SIDE
 // As edgetransfer.manifest.STD_RANGE and MAX_ABS_MEAN: normalised inputs stay finite and sane.
 constexpr double kMinStd = 1e-4, kMaxStd = 1e4, kMaxAbsMean = 1e4;
 constexpr int kBatch = 16;
+constexpr int kMaxThreads = 256;  // --threads: a typo such as 1000000 must not start a million
 constexpr size_t kBatchBytes = size_t(256) << 20;           // fewer images per batch for huge inputs
 constexpr double kDefaultAtol = 1e-4, kDefaultRtol = 1e-3;  // edgetransfer.verify
 // What hostile files may make us read or nest: far above anything edgetransfer writes.
@@ -526,17 +527,42 @@ size_t batch_size(const Preprocessing& p) {
   return std::clamp<size_t>(kBatchBytes / (size_t(3) * p.height * p.width * sizeof(float)), 1, kBatch);
 }
 
-// Text from files and argv made safe for one terminal line: control characters (newlines,
-// escape sequences) become '?', and it is cut short.
-std::string printable(const std::string& s, size_t max_size = 1000) {
-  std::string out = s.size() > max_size ? s.substr(0, max_size) + "..." : s;
-  for (char& c : out) {
-    if (uint8_t(c) < 0x20 || c == 0x7f) c = '?';
+// The length of the well-formed UTF-8 sequence at s[i], 0 when there is none (a stray or
+// overlong byte, a surrogate, past U+10FFFF).
+size_t utf8_length(const std::string& s, size_t i) {
+  const uint8_t b = s[i];
+  const size_t n = b < 0x80             ? 1
+                   : (b & 0xE0) == 0xC0 ? 2
+                   : (b & 0xF0) == 0xE0 ? 3
+                   : (b & 0xF8) == 0xF0 ? 4
+                                        : 0;
+  if (n == 0 || i + n > s.size()) return 0;
+  uint32_t cp = n == 1 ? b : b & (0x7F >> n);
+  for (size_t k = 1; k < n; ++k) {
+    if ((uint8_t(s[i + k]) & 0xC0) != 0x80) return 0;
+    cp = cp << 6 | (uint8_t(s[i + k]) & 0x3F);
   }
-  return out;
+  constexpr uint32_t kMin[] = {0, 0, 0x80, 0x800, 0x10000};
+  return cp < kMin[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF) ? 0 : n;
 }
 
 }  // namespace
+
+std::string printable(const std::string& s, size_t max_size) {
+  const std::string in = s.size() > max_size ? s.substr(0, max_size) + "..." : s;
+  std::string out;
+  for (size_t i = 0; i < in.size();) {
+    const size_t n = utf8_length(in, i);
+    if (n == 0 || (n == 1 && (uint8_t(in[i]) < 0x20 || in[i] == 0x7f))) {
+      out += '?';
+      ++i;
+    } else {
+      out.append(in, i, n);
+      i += n;
+    }
+  }
+  return out;
+}
 
 int run_main(int argc, char** argv, const char* name, const char* usage, const char* help,
              const std::function<int(const Options&)>& body) {
@@ -608,8 +634,7 @@ Manifest parse_manifest(const std::string& text, const std::string& source) {
       m.pre.mean[c] = float(means[c]);
       m.pre.std[c] = float(stds[c]);
     }
-    for (const auto& [key, want] :
-         {std::pair{"crop", "center"}, {"color", "RGB"}, {"layout", "NCHW"}}) {
+    for (const auto& [key, want] : {std::pair{"crop", "center"}, {"color", "RGB"}, {"layout", "NCHW"}}) {
       const json* got = member(p, key);
       if (got && *got != want) {
         throw InputError(source + ": preprocessing " + key + "=" + dump(got) + " is not supported (only " +
@@ -643,8 +668,8 @@ std::string describe(const Manifest& m) {
   std::ostringstream s;
   s << "arch " << printable(m.arch) << ", " << m.labels.size() << " labels [" << printable(join(m.labels))
     << "], input " << p.height << "x" << p.width << " (shorter side resized to " << p.resize
-    << (p.bicubic ? " bicubic" : "") << ", centre crop), mean [" << p.mean[0] << ", " << p.mean[1] << ", " << p.mean[2] << "], std ["
-    << p.std[0] << ", " << p.std[1] << ", " << p.std[2] << "]";
+    << (p.bicubic ? " bicubic" : "") << ", centre crop), mean [" << p.mean[0] << ", " << p.mean[1] << ", "
+    << p.mean[2] << "], std [" << p.std[0] << ", " << p.std[1] << ", " << p.std[2] << "]";
   return s.str();
 }
 
@@ -733,6 +758,19 @@ void normalize(const Image& img, const Preprocessing& p, float* out) {
   }
 }
 
+// A command-line value that must be an integer >= 1.
+static int positive_int(const std::string& option, const std::string& v) {
+  size_t used = 0;
+  int n = 0;
+  try {
+    n = std::stoi(v, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used != v.size() || n < 1) throw UsageError(option + " needs a positive integer, got '" + v + "'");
+  return n;
+}
+
 Options parse_args(int argc, char** argv) {
   Options opt;
   std::vector<std::string> positional;
@@ -746,15 +784,10 @@ Options parse_args(int argc, char** argv) {
       opt.help = true;
       return opt;
     } else if (a == "--topk" || a.rfind("--topk=", 0) == 0) {
-      const std::string v = a == "--topk" ? value(a) : a.substr(7);
-      size_t used = 0;
-      try {
-        opt.topk = std::stoi(v, &used);
-      } catch (const std::exception&) {
-        used = 0;
-      }
-      if (used != v.size() || opt.topk < 1)
-        throw UsageError("--topk needs a positive integer, got '" + v + "'");
+      opt.topk = positive_int("--topk", a == "--topk" ? value(a) : a.substr(7));
+    } else if (a == "--threads" || a.rfind("--threads=", 0) == 0) {
+      opt.threads = positive_int("--threads", a == "--threads" ? value(a) : a.substr(10));
+      if (opt.threads > kMaxThreads) throw UsageError("--threads is at most " + std::to_string(kMaxThreads));
     } else if (a == "--selftest" || a.rfind("--selftest=", 0) == 0) {
       opt.golden = a == "--selftest" ? value(a) : a.substr(11);
     } else if (a.size() > 1 && a[0] == '-' && a != "-") {

@@ -1,6 +1,6 @@
-// What et_onnx and et_torchscript share: the command line, the manifest, image decoding and
-// preprocessing, top-k JSON lines and the golden self-test. Each program only loads its model
-// and plugs a "run a batch" function into et::Model.
+// What et_onnx, et_torchscript and et_executorch share: the command line, the manifest, image
+// decoding and preprocessing, top-k JSON lines and the golden self-test. Each program only loads
+// its model and plugs a "run a batch" function into et::Model.
 #pragma once
 
 #include <array>
@@ -74,6 +74,7 @@ struct Options {
   std::string model;
   std::vector<std::string> images;
   int topk = 5;
+  int threads = 0;     // --threads N: the runtime's intra-op threads; 0 = its default
   std::string golden;  // --selftest GOLDEN_DIR
   bool help = false;
 };
@@ -87,10 +88,14 @@ int classify(const Model& model, const Options& opt);
 // Compares logits with golden/ (from NN.input.bin and from NN.png through our preprocessing).
 int selftest(const Model& model, const std::string& golden_dir);
 
+// Text from files, runtimes and argv made safe for one terminal line: control characters
+// (newlines, escape sequences) and bytes that are not UTF-8 become '?', and it is cut short.
+std::string printable(const std::string& s, size_t max_size = 1000);
+
 // The first line of an exception message (libtorch and ORT errors run to many lines).
 std::string first_line(const std::string& s);
 
-// What both programs' main() does around loading and running a model: the usage line when
+// What each program's main() does around loading and running a model: the usage line when
 // there are no arguments, parse_args, --help, then `body`; an InputError or any other
 // std::exception it throws becomes one line on stderr (an InputError whole, anything else its
 // first line), prefixed with `name`, and exit code 2.

@@ -15,14 +15,15 @@
 namespace {
 
 const char* kUsage =
-    "usage: et_onnx MODEL.onnx IMAGE... [--topk K]\n"
-    "       et_onnx MODEL.onnx --selftest GOLDEN_DIR\n";
+    "usage: et_onnx MODEL.onnx IMAGE... [--topk K] [--threads N]\n"
+    "       et_onnx MODEL.onnx --selftest GOLDEN_DIR [--threads N]\n";
 
 const char* kHelp =
     "Classify JPEG/PNG images with an edgetransfer ONNX model (model.onnx or model.raw.onnx).\n"
     "Prints one JSON line per image: {\"path\", \"topk\": [{\"label\", \"prob\"}], \"logits\"}.\n"
     "What the model declares goes to stderr.\n\n"
     "  --topk K               how many labels per image (default 5)\n"
+    "  --threads N            ONNX Runtime's intra-op threads (default: one per core)\n"
     "  --selftest GOLDEN_DIR  compare logits with EXPORT_DIR/golden; exit 1 past tolerance\n\n"
     "Exit codes: 0 ok, 1 self-test failed, 2 bad input.\n"
     "Example: et_onnx export/model.onnx photos/cat.jpg --topk 3\n";
@@ -81,6 +82,7 @@ int main(int argc, char** argv) {
       Ort::Env env(ORT_LOGGING_LEVEL_FATAL, "et_onnx");  // failures are reported by us, once
       Ort::SessionOptions options;
       options.AddConfigEntry("session.intra_op.allow_spinning", "0");
+      if (opt.threads > 0) options.SetIntraOpNumThreads(opt.threads);
       std::unique_ptr<Ort::Session> session;
       try {
         session = std::make_unique<Ort::Session>(env, opt.model.c_str(), options);

@@ -1,5 +1,6 @@
 // et_torchscript: classify images with an edgetransfer TorchScript model (model.pt) in libtorch.
 // Labels and preprocessing come from the model's extra file edgetransfer.json.
+#include <ATen/Parallel.h>
 #include <torch/script.h>
 #include <torch/version.h>
 
@@ -12,14 +13,15 @@
 namespace {
 
 const char* kUsage =
-    "usage: et_torchscript MODEL.pt IMAGE... [--topk K]\n"
-    "       et_torchscript MODEL.pt --selftest GOLDEN_DIR\n";
+    "usage: et_torchscript MODEL.pt IMAGE... [--topk K] [--threads N]\n"
+    "       et_torchscript MODEL.pt --selftest GOLDEN_DIR [--threads N]\n";
 
 const char* kHelp =
     "Classify JPEG/PNG images with an edgetransfer TorchScript model (model.pt).\n"
     "Prints one JSON line per image: {\"path\", \"topk\": [{\"label\", \"prob\"}], \"logits\"}.\n"
     "What the model declares goes to stderr.\n\n"
     "  --topk K               how many labels per image (default 5)\n"
+    "  --threads N            libtorch's intra-op threads (default: one per core)\n"
     "  --selftest GOLDEN_DIR  compare logits with EXPORT_DIR/golden; exit 1 past tolerance\n\n"
     "TorchScript files are code: loading one runs what is inside it. Load only model.pt files\n"
     "you exported yourself or otherwise trust.\n\n"
@@ -30,6 +32,7 @@ const char* kHelp =
 
 int main(int argc, char** argv) {
   return et::run_main(argc, argv, "et_torchscript", kUsage, kHelp, [](const et::Options& opt) {
+    if (opt.threads > 0) at::set_num_threads(opt.threads);
     try {
       torch::jit::Module module;
       torch::jit::ExtraFilesMap extra{{"edgetransfer.json", ""}};

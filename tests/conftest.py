@@ -87,6 +87,38 @@ def digits_export(digits_run, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def pte_export(digits_run, tmp_path_factory):
+    """(EXPORT_DIR with model.onnx, model.pte and golden/, export's output): lowering to XNNPACK
+    takes ~20 s, so test_executorch.py and the C++ tests share this one."""
+    out = tmp_path_factory.mktemp("pte") / "export"
+    res = run("export", digits_run, "--onnx", "--executorch", "--out", out)
+    assert res.exit_code == 0, res.output
+    return out, res.output
+
+
+@pytest.fixture(scope="session")
+def perturbed_export(pte_export, tmp_path_factory):
+    """A copy of the export whose model.pte comes from the model with one weight changed, and
+    batches 1..4 (so a batch of 5 runs in pieces)."""
+    import shutil
+
+    import torch
+
+    from edgetransfer.pte import export_pte
+    from edgetransfer.runs import load_run
+
+    out, _ = pte_export
+    broken = tmp_path_factory.mktemp("pte_broken") / "export"
+    shutil.copytree(out, broken)
+    model, manifest = load_run(broken)
+    with torch.no_grad():
+        weight = next(p for n, p in model.named_parameters() if n.endswith("weight"))
+        weight.view(-1)[0] += 0.5
+    assert export_pte(model, manifest, broken / "model.pte", 4, [])["batch"] == [1, 4]
+    return broken
+
+
 def digits_config(out, **kw):
     """AdaptConfig for the shipped source model on the sample digits (3 epochs, no cache, no
     report.html: its plots cost ~0.5 s a run and test_report.py tests them)."""

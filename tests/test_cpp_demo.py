@@ -223,15 +223,81 @@ def test_bad_input_is_one_line_and_exit_2(name, case, message, digits_export, ba
     assert r.stderr.startswith(f"{name}: ") and message in r.stderr
 
 
-@pytest.mark.parametrize("name", PROGRAMS)
+@pytest.mark.parametrize("name", [*PROGRAMS, "et_executorch"])
 def test_usage(name):
     r = run(name)
     assert r.returncode == 2 and r.stderr.startswith(f"usage: {name} ")
     r = run(name, "model", "--topk", "zero")
     assert r.returncode == 2 and "--topk needs a positive integer" in r.stderr
+    r = run(name, "model", "--threads", "0")
+    assert r.returncode == 2 and "--threads needs a positive integer, got '0'" in r.stderr
+    assert "[--threads N]" in r.stderr  # the usage line that follows
 
 
 def test_torchscript_help_warns_that_files_are_code():
     r = run("et_torchscript", "--help")
     assert r.returncode == 0
     assert "TorchScript files are code" in r.stdout and "trust" in r.stdout
+
+
+# --- et_executorch: model.pte through ExecuTorch's C++ Module --------------------------------
+
+ET = "et_executorch"
+
+
+def test_executorch_selftest_passes(pte_export):
+    out, _ = pte_export
+    r = run(ET, out / "model.pte", "--selftest", out / "golden", "--threads", 1)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["selftest"] == "pass" and summary["failed"] == 0
+    assert summary["cases"] >= 5
+    assert summary["max_abs_normalized"] == 0.0
+    assert summary["max_abs_input.bin"] <= 1e-4
+    assert summary["max_abs_png"] <= 1e-4
+    assert "labels [eight, five, nine, seven, six]" in r.stderr  # from the program's own manifest
+    assert "forward(float32 [1..16,3,32,32]) -> logits; executorch 1.5.1" in r.stderr
+    assert "XNNPACK on 1 thread" in r.stderr
+
+
+def test_executorch_selftest_catches_a_perturbed_pte(perturbed_export):
+    """One weight changed before lowering: a valid program whose logits are not the golden ones.
+    Its batches are 1..4, so the 5 cases run in two pieces."""
+    r = run(ET, perturbed_export / "model.pte", "--selftest", perturbed_export / "golden")
+    assert r.returncode == 1, r.stderr
+    assert json.loads(r.stdout)["selftest"] == "fail"
+    assert "forward(float32 [1..4,3,32,32])" in r.stderr and "FAIL" in r.stderr
+
+
+def test_executorch_equals_python_runtime(pte_export, perturbed_export, images):
+    """The golden PNGs and PNGs of other sizes: the C++ program's logits are the Python
+    runtime's (PteClassifier) within the parity tolerance, on a 1..16 and a 1..4 program (whose
+    batches of 16 run in pieces)."""
+    from edgetransfer.parity import ATOL, RTOL
+    from edgetransfer.runtime import PteClassifier
+
+    out, _ = pte_export
+    paths = sorted((out / "golden").glob("*.png")) + images["same"] + images["png"]
+    assert len(paths) > 16
+    for export in (out, perturbed_export):
+        want = {p.path: p.logits for p in PteClassifier(export / "model.pte").predict(paths)}
+        got = json_lines(run(ET, export / "model.pte", *paths))
+        for path in map(str, paths):
+            np.testing.assert_allclose(
+                got[path]["logits"], want[path], atol=ATOL, rtol=RTOL, err_msg=path
+            )
+
+
+def test_executorch_without_batch_range_runs_padded(pte_export, tmp_path):
+    """A program that does not declare its batches is run at the one its memory was planned
+    for, the last piece padded: same logits."""
+    out, _ = pte_export
+    data = (out / "model.pte").read_bytes()
+    fixed = tmp_path / "fixed.pte"
+    fixed.write_bytes(data.replace(b"edgetransfer_batch", b"edgetransfer_batcX", 1))
+    paths = sorted((out / "golden").glob("*.png"))
+    r = run(ET, fixed, *paths)
+    assert "forward(float32 [16,3,32,32])" in r.stderr
+    got, want = json_lines(r), json_lines(run(ET, out / "model.pte", *paths))
+    for path in map(str, paths):
+        np.testing.assert_allclose(got[path]["logits"], want[path]["logits"], atol=1e-6, rtol=0)

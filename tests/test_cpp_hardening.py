@@ -249,6 +249,13 @@ def test_unusable_image_files_are_one_line(name, kind, message, digits_export, t
     refused(run(name, model_of(name, digits_export), path), name, message)
 
 
+def test_names_that_are_not_utf8_print_as_question_marks(digits_export, tmp_path):
+    """Stray bytes in a name (or a runtime's message) reached stderr raw: not one UTF-8 line."""
+    path = tmp_path / os.fsdecode(b"x\xff\xfe\xc3\xa9.png")
+    r = run("et_onnx", digits_export / "model.onnx", path)  # the test decodes stderr strictly
+    refused(r, "et_onnx", "x??\u00e9.png: no such file")
+
+
 # --- models ---------------------------------------------------------------------------------
 
 
@@ -366,6 +373,79 @@ def test_python_shares_the_preprocessing_bounds(std, mean, ok):
             Preprocessing.from_dict(d)
 
 
+# --- model.pte (et_executorch) ---------------------------------------------------------------
+
+ET = "et_executorch"
+
+
+@pytest.fixture(scope="module")
+def bad_ptes(pte_export, tmp_path_factory) -> dict[str, Path]:
+    from edgetransfer.manifest import pte_manifest_json
+
+    out, _ = pte_export
+    d = tmp_path_factory.mktemp("bad_pte")
+    data = (out / "model.pte").read_bytes()
+    text = pte_manifest_json(out / "model.pte")
+    other = json.loads(text)
+    other["preprocessing"]["input_size"] = [28, 28]
+    flipped = bytearray(data)
+    flipped[100] ^= 0xFF  # inside the program's flatbuffer, which the runtime verifies
+    files = {
+        "garbage": b"not a program\n" * 10,
+        "cut": data[:3000],
+        "flipped": bytes(flipped),
+        "no manifest": data.replace(b"edgetransfer_manifest", b"edgetransfer_manifesX", 1),
+        "wrong input": fuzz_cpp.pte_with_manifest(data, text, json.dumps(other)),
+    }
+    # One byte of XNNPACK's serialized graph (a dimension of simple_cnn's first convolution),
+    # past what the runtime verifies: XNNPACK 1.5.1 reads out of bounds with it.
+    delegate = bytearray(data)
+    delegate[fuzz_cpp.pte_program_size(data) + 1810] = 0xFF
+    files["damaged delegate"] = bytes(delegate)
+    for name, content in files.items():
+        (d / f"{name.replace(' ', '_')}.pte").write_bytes(content)
+    return {name: d / f"{name.replace(' ', '_')}.pte" for name in files} | {
+        "missing": d / "missing.pte",
+        "onnx": out / "model.onnx",
+    }
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "missing.pte: no such model file"),
+        ("onnx", "model.onnx: not a loadable ExecuTorch program (Program identifier 'edge'"),
+        ("garbage", "garbage.pte: not a loadable ExecuTorch program ("),
+        ("cut", "cut.pte: not a loadable ExecuTorch program (File size is too small"),
+        ("flipped", "flipped.pte: not a loadable ExecuTorch program ("),
+        ("no manifest", "no_manifest.pte: carries no edgetransfer metadata"),
+        ("wrong input", "forward takes float32 [16,3,32,32], not the manifest's 28x28 images"),
+        ("missing image", "missing.png: no such file"),
+    ],
+)
+def test_executorch_refuses_bad_programs_in_one_line(case, message, pte_export, bad_ptes):
+    out, _ = pte_export
+    image = DIGITS / "five" / "001.png"
+    if case == "missing image":
+        args = (out / "model.pte", image, image.parent / "missing.png")
+    else:
+        args = (bad_ptes[case], image)
+    r = run(ET, *args)
+    assert len(r.stderr.splitlines()) == 1, r.stderr  # not even the lines describing the model
+    refused(r, ET, message)
+
+
+def test_executorch_crash_inside_xnnpack_is_one_line(pte_export, bad_ptes):
+    """A damaged delegate graph crashed inside XNNPACK (SIGSEGV, core dump); the program reports
+    it in one line and exit 2 (or refuses it, should a later XNNPACK check the graph)."""
+    r = run(ET, bad_ptes["damaged delegate"], DIGITS / "five" / "001.png")
+    refused(r, ET, "damaged_delegate.pte: ")
+    assert any(
+        m in r.stderr
+        for m in ("ExecuTorch crashed (SIGSEGV) running this program", "cannot load forward")
+    ), r.stderr
+
+
 # --- golden folders -------------------------------------------------------------------------
 
 
@@ -424,21 +504,34 @@ def test_hostile_golden_folders_are_one_line(name, case, message, digits_export,
 # --- the fuzz harness -----------------------------------------------------------------------
 
 
-def test_fuzz_harness_small_budget(digits_export, tmp_path):
-    """tools/fuzz_cpp.py on the sanitizer build: no sanitizer report, signal, hang or
-    multi-line refusal in a small budget of mutated images, models and golden folders."""
-    for name in PROGRAMS:
+def fuzz(export: Path, tmp_path: Path, seconds: int, *programs: str) -> dict:
+    """tools/fuzz_cpp.py on the sanitizer build for `seconds`; its counts."""
+    for name in programs:
         if not (ASAN_BUILD / name).is_file():
             reason = f"{ASAN_BUILD / name} is not built; run tools/build_cpp_demo.sh --asan"
             if os.environ.get("ET_REQUIRE_CPP") == "1":
                 pytest.fail(reason + " (ET_REQUIRE_CPP=1)")
             pytest.skip(reason)
     report = tmp_path / "fuzz.json"
-    cmd = [sys.executable, str(ROOT / "tools" / "fuzz_cpp.py"), str(digits_export)]
-    cmd += ["--build", str(ASAN_BUILD), "--seconds", "20", "--seed", "13", "--json", str(report)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, str(ROOT / "tools" / "fuzz_cpp.py"), str(export), "--programs"]
+    cmd += [*programs, "--build", str(ASAN_BUILD), "--seconds", str(seconds), "--seed", "13"]
+    r = subprocess.run([*cmd, "--json", str(report)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     counts = json.loads(report.read_text())
-    assert counts["cases"] >= 50
     for bad in ("sanitizer", "signal", "hang", "not_one_line", "bad_exit"):
         assert counts[bad] == 0, counts
+    return counts
+
+
+def test_fuzz_harness_small_budget(digits_export, tmp_path):
+    """tools/fuzz_cpp.py on the sanitizer build: no sanitizer report, signal, hang or
+    multi-line refusal in a small budget of mutated images, models and golden folders."""
+    assert fuzz(digits_export, tmp_path, 20, *PROGRAMS)["cases"] >= 50
+
+
+def test_fuzz_harness_on_a_pte(pte_export, tmp_path):
+    """The same for et_executorch, with damaged model.pte files among the cases."""
+    out, _ = pte_export
+    counts = fuzz(out, tmp_path, 8, ET)
+    assert counts["by_kind"].get("pte/et_executorch", 0) >= 3, counts
+    assert counts["runtime_crash"] == 0, counts  # the program's damage is caught before XNNPACK

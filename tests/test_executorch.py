@@ -30,14 +30,6 @@ from .conftest import DIGITS, run
 BENCH_FAST = ["--runs", "3", "--warmup", "1", "--batch-size", "2", "--threads", "1"]
 
 
-@pytest.fixture(scope="session")
-def pte_export(digits_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pte") / "export"
-    res = run("export", digits_run, "--onnx", "--executorch", "--out", out)
-    assert res.exit_code == 0, res.output
-    return out, res.output
-
-
 def test_export_writes_a_delegated_pte_and_reports_it(pte_export):
     out, output = pte_export
     assert (out / "model.pte").is_file() and (out / "model.onnx").is_file()
@@ -156,20 +148,6 @@ def test_info_describes_the_pte(pte_export):
     files = {f["file"]: f for f in json.loads(res.output)["files"]}
     pte = files["model.pte"]
     assert pte["batch"] == [1, 16] and 0 < pte["delegated_share"] <= 1 and len(pte["sha256"]) == 64
-
-
-@pytest.fixture(scope="session")
-def perturbed_export(pte_export, tmp_path_factory):
-    """A copy of the export whose model.pte comes from the model with one weight changed."""
-    out, _ = pte_export
-    broken = tmp_path_factory.mktemp("pte_broken") / "export"
-    shutil.copytree(out, broken)
-    model, manifest = load_run(broken)
-    with torch.no_grad():
-        weight = next(p for n, p in model.named_parameters() if n.endswith("weight"))
-        weight.view(-1)[0] += 0.5
-    assert export_pte(model, manifest, broken / "model.pte", 4, [])["batch"] == [1, 4]
-    return broken
 
 
 def test_perturbed_pte_fails_verify(perturbed_export):

@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# Build cpp_demo (et_onnx, et_torchscript) into cpp_demo/build from a fresh clone, offline but for
-# Debian packages. Idempotent: a re-run only re-checks and rebuilds what changed.
+# Build cpp_demo (et_onnx, et_torchscript, et_executorch) into cpp_demo/build from a fresh clone,
+# offline but for Debian packages. Idempotent: a re-run only re-checks and rebuilds what changed.
 #
 # Usage: tools/build_cpp_demo.sh [--asan]
 #   --asan                  an AddressSanitizer/UBSan build into cpp_demo/build-asan instead, for
-#                           tools/fuzz_cpp.py (only our code is instrumented, not ORT or libtorch)
-#   PYTHON=path/to/python   the venv with torch and onnxruntime (default .venv/bin/python)
+#                           tools/fuzz_cpp.py (only our code is instrumented, not ORT, libtorch
+#                           or ExecuTorch)
+#   PYTHON=path/to/python   the venv with torch, onnxruntime and executorch (default .venv/bin/python)
 #   ONNXRUNTIME_ROOT=DIR    use an ONNX Runtime release folder instead of the pip wheel
 #   LIBTORCH=DIR            use a libtorch release folder instead of the pip wheel
+#   EXECUTORCH=DIR          use this ExecuTorch package folder (lib/cmake/executorch inside)
+#                           instead of the venv's executorch wheel
 #
 # From the wheels: libtorch is torch/include + torch/lib; ONNX Runtime's library is
 # onnxruntime/capi/libonnxruntime.so.<version> (SONAME libonnxruntime.so.1), linked through
 # symlinks in cpp_demo/third_party/onnxruntime/lib, with headers from tools/fetch_ort_headers.sh.
+# ExecuTorch's wheel carries headers, shared libraries and a CMake package config: its folder goes
+# on CMAKE_PREFIX_PATH for find_package(executorch). Without the executorch extra installed,
+# et_executorch is left out (said once) and the other two are built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -67,17 +73,34 @@ fi
 
 # 3. libtorch: a release folder (find_package(Torch)), or the wheel linked directly.
 if [[ -n "${LIBTORCH:-}" ]]; then
-    cmake_args+=(-DCMAKE_PREFIX_PATH="$LIBTORCH" -DTORCH_WHEEL_DIR=)
+    cmake_args+=(-DTORCH_WHEEL_DIR=)  # find_package(Torch) through CMAKE_PREFIX_PATH (step 4)
 else
     read -r torch_dir abi < <("$PYTHON" -c 'import os, torch; print(os.path.dirname(torch.__file__), int(torch._C._GLIBCXX_USE_CXX11_ABI))')
     cmake_args+=(-DTORCH_WHEEL_DIR="$torch_dir" -DTORCH_CXX11_ABI="$abi")
 fi
 
-# 4. Configure and build (the log is $build/build.log).
+# 4. ExecuTorch: a package folder, or the wheel (an optional extra: without it, no et_executorch).
+prefix=${LIBTORCH:-}
+et_dir=${EXECUTORCH:-}
+if [[ -z "$et_dir" && -x "$PYTHON" ]]; then
+    et_dir=$("$PYTHON" -c 'import importlib.util as u; s = u.find_spec("executorch"); print(s.submodule_search_locations[0] if s else "")')
+fi
+if [[ -n "$et_dir" ]]; then
+    prefix=${prefix:+$prefix;}$et_dir
+    cmake_args+=(-DET_EXECUTORCH=ON)
+    programs="et_onnx, et_torchscript and et_executorch"
+else
+    echo "build_cpp_demo: executorch is not installed (pip install -e '.[executorch]'); building without et_executorch" >&2
+    cmake_args+=(-DET_EXECUTORCH=OFF)
+    programs="et_onnx and et_torchscript"
+fi
+[[ -z "$prefix" ]] || cmake_args+=(-DCMAKE_PREFIX_PATH="$prefix")
+
+# 5. Configure and build (the log is $build/build.log).
 mkdir -p "$build"
 [[ -f "$build/.gitignore" ]] || printf '*\n' >"$build/.gitignore"  # a build folder is never committed
 log=$build/build.log
 cmake -S cpp_demo -B "$build" "${cmake_args[@]}" >"$log" 2>&1 || { cat "$log" >&2; exit 1; }
 cmake --build "$build" -j2 >>"$log" 2>&1 || { tail -n 40 "$log" >&2; exit 1; }
 grep -E "warning:" "$log" || true
-echo "build_cpp_demo: $build/et_onnx and $build/et_torchscript ready ($((SECONDS - start)) s)"
+echo "build_cpp_demo: $programs ready in $build ($((SECONDS - start)) s)"

@@ -1,4 +1,5 @@
-"""Fuzz the C++ demo (et_onnx, et_torchscript) with hostile images, models and golden folders.
+"""Fuzz the C++ demo (et_onnx, et_torchscript, et_executorch) with hostile images, models and
+golden folders.
 
 Every run must end in exit 0 (finite logits as JSON lines), exit 1 (a --selftest mismatch) or a
 refusal: exit 2 with one line on stderr (after the two lines describing a loaded model). Anything
@@ -19,7 +20,13 @@ outputs, no metadata) and its manifest mutated as JSON (any key dropped or set t
 deep nesting, huge or control-character labels); the golden folder with hostile names (../,
 absolute, /dev/zero, FIFOs, symlinks out), damaged .bin files and PNGs, and bad shapes or
 tolerances. et_torchscript gets the same images and golden folders, and model.pt with mutated
-edgetransfer.json. Deterministic for a given --seed (but for what --seconds cuts off).
+edgetransfer.json. et_executorch gets them too, and model.pte mutated: the program's flatbuffer
+(which the runtime verifies), truncation anywhere, renamed constant methods, damaged weights, and
+the manifest rewritten in place. Not the XNNPACK delegate's serialized graph: XNNPACK trusts its
+numbers, and mutating them crashed inside XNNPACK (3 SIGSEGV and 1 multi-GB allocation in 300
+runs), which et_executorch reports in one line but cannot make safe. Each program runs when the
+EXPORT_DIR has its model (--programs to choose). Deterministic for a given --seed (but for what
+--seconds cuts off).
 
 With the sanitizer build ASan's own limits stand in for RLIMIT_AS, whose shadow memory it would
 exhaust: hard_rss_limit_mb and allocator_may_return_null. A release build (--build
@@ -53,7 +60,9 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-PROGRAMS = {"et_onnx": "model.onnx", "et_torchscript": "model.pt"}
+PROGRAMS = {"et_onnx": "model.onnx", "et_torchscript": "model.pt", "et_executorch": "model.pte"}
+WEIGHTS = {"et_onnx": 3, "et_torchscript": 1, "et_executorch": 2}  # how often each program runs
+PTE_METHODS = (b"edgetransfer_manifest", b"edgetransfer_batch", b"forward")
 MEMORY_MB = 4096
 SANITIZER_EXIT = 86
 FINDINGS = ("sanitizer", "signal", "hang", "memory", "not_one_line", "bad_exit", "bad_output")
@@ -137,6 +146,24 @@ def sequence_input(g) -> None:
     g.initializer.append(helper.make_tensor("zero", TensorProto.INT64, [], [0]))
     del g.input[:]
     g.input.append(helper.make_tensor_sequence_value_info(f"{inp}_seq", TensorProto.FLOAT, None))
+
+
+def pte_with_manifest(data: bytes, old: str, new: str) -> bytes:
+    """model.pte bytes whose manifest method returns `new` instead of `old`: the flatbuffer string
+    is rewritten in place, padded with spaces (trailing whitespace is valid JSON) or cut to the
+    old length, so no offset in the program moves."""
+    a, b = old.encode(), new.encode("utf-8", "surrogatepass")
+    if data.count(a) != 1:
+        raise ValueError("the manifest text is not in the program exactly once")
+    return data.replace(a, b[: len(a)].ljust(len(a), b" "))
+
+
+def pte_program_size(data: bytes) -> int:
+    """Where a .pte's segments (the XNNPACK blob, weights) start: its extended header "eh00"
+    holds the program size and the segment base offset; all of it when there is none."""
+    if data[8:12] == b"eh00" and len(data) >= 32:
+        return min(struct.unpack_from("<Q", data, 24)[0], len(data))
+    return len(data)
 
 
 def mutate_bytes(data: bytes, rnd: random.Random, seeds: list[bytes]) -> bytes:
@@ -246,20 +273,27 @@ class Tally:
 class Maker:
     """Writes one case's files into its own folder."""
 
-    def __init__(self, export: Path, seed: int) -> None:
+    def __init__(self, export: Path, seed: int, programs: list[str]) -> None:
         import onnx
 
         self.onnx = onnx
         self.export = export
         self.seed = seed
+        self.programs = programs
         self.images = image_seeds(export)
         self.image_bytes = [b for _, b in self.images]
-        self.model = onnx.load(export / "model.onnx")
-        self.model_bytes = (export / "model.onnx").read_bytes()
+        self.model = onnx.load(export / "model.onnx") if "et_onnx" in programs else None
+        self.model_bytes = (export / "model.onnx").read_bytes() if self.model else b""
         self.manifest = json.loads((export / "edgetransfer.json").read_text())
         self.golden = json.loads((export / "golden" / "golden.json").read_text())
-        self.pt = zipfile.ZipFile(export / "model.pt")
-        self.pt_lock = threading.Lock()  # one ZipFile, read by the worker threads
+        if "et_torchscript" in programs:
+            self.pt = zipfile.ZipFile(export / "model.pt")
+            self.pt_lock = threading.Lock()  # one ZipFile, read by the worker threads
+        if "et_executorch" in programs:
+            from edgetransfer.manifest import pte_manifest_json
+
+            self.pte = (export / "model.pte").read_bytes()
+            self.pte_text = pte_manifest_json(export / "model.pte")
 
     def image(self, rnd: random.Random, folder: Path) -> Path:
         ext, data = rnd.choice(self.images)
@@ -273,8 +307,10 @@ class Maker:
     def make(self, index: int, folder: Path) -> Case:
         rnd = random.Random(f"{self.seed}:{index}")
         folder.mkdir(parents=True)
-        kind = rnd.choices(["image", "onnx", "manifest", "golden"], [55, 15, 10, 20])[0]
-        program = "et_torchscript" if rnd.random() < 0.25 else "et_onnx"
+        kinds = {"image": 55, "onnx": 15, "manifest": 10, "golden": 20, "pte": 15}
+        kinds = {k: w for k, w in kinds.items() if self.has_kind(k)}
+        kind = rnd.choices(list(kinds), list(kinds.values()))[0]
+        program = rnd.choices(self.programs, [WEIGHTS[p] for p in self.programs])[0]
         model = str(self.export / PROGRAMS[program])
         if kind == "image":
             images = [self.image(rnd, folder)]
@@ -285,6 +321,11 @@ class Maker:
             return Case(
                 index, kind, "et_onnx", [self.onnx_model(rnd, folder), self.sample()], folder
             )
+        if kind == "pte":
+            args = [self.pte_model(rnd, folder), self.sample()]
+            if rnd.random() < 0.2:
+                args = [args[0], "--selftest", str(self.golden_folder(rnd, folder, damage=False))]
+            return Case(index, kind, "et_executorch", args, folder, selftest="--selftest" in args)
         if kind == "manifest":
             text = dump_json(mutate_json(self.manifest, rnd), rnd)
             if program == "et_onnx":
@@ -293,6 +334,9 @@ class Maker:
                 m.metadata_props.add(key="edgetransfer", value=text)
                 path = folder / "model.onnx"
                 path.write_bytes(m.SerializeToString())
+            elif program == "et_executorch":
+                path = folder / "model.pte"
+                path.write_bytes(pte_with_manifest(self.pte, self.pte_text, text))
             else:
                 path = self.torchscript_with(text, folder / "model.pt")
             args = [str(path), self.sample()]
@@ -301,6 +345,34 @@ class Maker:
             return Case(index, kind, program, args, folder, selftest="--selftest" in args)
         golden = self.golden_folder(rnd, folder, damage=True)
         return Case(index, kind, program, [model, "--selftest", str(golden)], folder, selftest=True)
+
+    def has_kind(self, kind: str) -> bool:
+        if kind == "onnx":
+            return "et_onnx" in self.programs
+        if kind == "pte":
+            return "et_executorch" in self.programs
+        return True
+
+    def pte_model(self, rnd: random.Random, folder: Path) -> str:
+        """model.pte damaged where the runtime checks: its program, its length, its method
+        names, its weights (see the module docstring for the delegate's graph)."""
+        data, head = self.pte, pte_program_size(self.pte)
+        op = rnd.randrange(5)
+        if op <= 1:  # the program flatbuffer: offsets, tables, tensor shapes, instructions
+            data = mutate_bytes(data[:head], rnd, [data[:head]]) + data[head:]
+        elif op == 2:
+            data = data[: rnd.randrange(len(data))]
+        elif op == 3:  # a constant method or forward renamed: the program without it
+            name = rnd.choice(PTE_METHODS)
+            data = data.replace(name, name[:-1] + b"X", 1)
+        else:  # weights: after the XNNPACK header (magic XH00) and the graph it points at
+            base = head + 4
+            if data[base : base + 4] == b"XH00":
+                start = head + struct.unpack_from("<I", data, base + 14)[0]
+                data = data[:start] + mutate_bytes(data[start:], rnd, [data[start:]])
+        path = folder / "model.pte"
+        path.write_bytes(data)
+        return str(path)
 
     def sample(self) -> str:
         return str(self.export / "golden" / "00.png")
@@ -463,7 +535,7 @@ def declared_or_progress(line: str, program: str) -> bool:
 
 
 def judge(case: Case, rc: int | None, out: str, err: str) -> str:
-    """'ok', 'mismatch', 'refused', or the name of a finding."""
+    """'ok', 'mismatch', 'refused', 'runtime_crash', or the name of a finding."""
     if rc is None:
         return "hang"
     if any(mark in err for mark in MEMORY_MARKS):
@@ -475,6 +547,8 @@ def judge(case: Case, rc: int | None, out: str, err: str) -> str:
     if rc == 2:
         lines = [line for line in err.splitlines() if not declared_or_progress(line, case.program)]
         ok = len(lines) == 1 and lines[0].startswith(f"{case.program}: ") and out == ""
+        if ok and "ExecuTorch crashed (" in lines[0]:
+            return "runtime_crash"  # inside the prebuilt runtime, reported in one line: counted
         return "refused" if ok else "not_one_line"
     if rc == 1 and case.selftest:
         return "mismatch"
@@ -512,7 +586,15 @@ def run_case(case: Case, build: Path, timeout: float, sanitized: bool) -> tuple[
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("export", type=Path, help="an EXPORT_DIR (model.onnx, model.pt, golden/)")
+    ap.add_argument(
+        "export", type=Path, help="an EXPORT_DIR (model.onnx, model.pt and/or model.pte, golden/)"
+    )
+    ap.add_argument(
+        "--programs",
+        nargs="+",
+        choices=list(PROGRAMS),
+        help="which programs to run [each one whose model the EXPORT_DIR has]",
+    )
     ap.add_argument("--build", type=Path, default=ROOT / "cpp_demo" / "build-asan")
     ap.add_argument("-n", type=int, default=3000, help="cases [3000]")
     ap.add_argument("--seconds", type=float, default=None, help="stop starting cases after this")
@@ -525,7 +607,15 @@ def main(argv: list[str] | None = None) -> int:
         "--log", type=Path, default=None, help="write each case's outcome and last line"
     )
     args = ap.parse_args(argv)
-    for program in PROGRAMS:
+    programs = args.programs or [p for p in PROGRAMS if (args.export / PROGRAMS[p]).is_file()]
+    if not programs:
+        models = ", ".join(PROGRAMS.values())
+        print(f"fuzz_cpp: {args.export} has none of {models}", file=sys.stderr)
+        return 2
+    for program in programs:
+        if not (args.export / PROGRAMS[program]).is_file():
+            print(f"fuzz_cpp: {program} needs {args.export / PROGRAMS[program]}", file=sys.stderr)
+            return 2
         if not (args.build / program).is_file():
             print(
                 f"fuzz_cpp: no {args.build / program}; run tools/build_cpp_demo.sh --asan",
@@ -535,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     sanitized = (args.build / "CMakeCache.txt").is_file() and "ET_SANITIZE:BOOL=ON" in (
         args.build / "CMakeCache.txt"
     ).read_text()
-    maker = Maker(args.export, args.seed)
+    maker = Maker(args.export, args.seed, programs)
     tally = Tally()
     findings: list[tuple[Case, str, str]] = []
     lock = threading.Lock()
@@ -582,7 +672,8 @@ def main(argv: list[str] | None = None) -> int:
             list(pool.map(lambda i: one(i, Path(tmp)), range(args.n)))
     seconds = time.monotonic() - start
     counts = {"cases": tally.cases, "seconds": round(seconds, 1), "sanitized": sanitized}
-    counts |= {k: tally.outcomes.get(k, 0) for k in ("ok", "mismatch", "refused", *FINDINGS)}
+    outcomes = ("ok", "mismatch", "refused", "runtime_crash", *FINDINGS)
+    counts |= {k: tally.outcomes.get(k, 0) for k in outcomes}
     counts["by_kind"] = dict(sorted(tally.by_kind.items()))
     print(json.dumps(counts))
     if args.json:
