@@ -104,7 +104,7 @@ Args parse(int argc, char** argv, bool& help) {
     else if (s == "--threads") a.threads = int(to_long(s, value(), 1, 256));
     else if (s == "--epochs") a.epochs = int(to_long(s, value(), 1, 100000));
     else if (s == "--patience") a.patience = int(to_long(s, value(), 0, 100000));
-    else if (s == "--seed") a.seed = to_long(s, value(), 0, 2147483647);
+    else if (s == "--seed") a.seed = to_long(s, value(), 0, 9223372036854775807L);
     else if (s == "--val-fraction") a.val_fraction = to_double(s, value(), 0.0, 1.0);
     else if (s == "--max-bad") a.max_bad = to_double(s, value(), 0.0, 1.0000001);
     else if (s.size() > 1 && s[0] == '-') throw et::UsageError("unknown option " + s);
@@ -611,6 +611,7 @@ int learn(const Args& a) {
   const auto start = std::chrono::steady_clock::now();
   const fs::path out = strip_slashes(a.out);
   check_can_write(out, a.force, {a.data, a.backbone});
+  Dataset ds = scan(a.data, a.val_fraction, a.seed);  // before the model: bad folders fail fast
   const OrtApi* api = OrtGetApiBase()->GetApi(ORT_API_VERSION);
   if (!api) throw et::InputError(std::string("libonnxruntime ") + OrtGetApiBase()->GetVersionString() + " is too old");
   Ort::InitApi(api);
@@ -640,7 +641,6 @@ int learn(const Args& a) {
   const std::string features = bm.output_name.empty() ? "features" : bm.output_name;
   std::cerr << "et_learn: " << a.backbone << ": " << et::describe(bm) << ", " << dim << " features\n";
 
-  Dataset ds = scan(a.data, a.val_fraction, a.seed);
   const size_t classes = ds.classes.size();
   std::cerr << "et_learn: " << ds.samples.size() << " images in " << classes << " classes\n";
 

@@ -1,0 +1,133 @@
+"""cpp_demo/et_learn: the head learnt on the device in C++ is the numpy head (headfit), on the
+same split, and its EXPORT_DIR passes verify and runs in et_onnx and predict.
+
+Built by tools/build_cpp_demo.sh; without it these tests skip, unless ET_REQUIRE_CPP=1 (CI),
+where a missing program is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from edgetransfer.bundle import extract, open_bundle
+from edgetransfer.data import scan, train_val
+from edgetransfer.headfit import HEAD_L2, fit_head
+from edgetransfer.manifest import read_manifest
+
+from .conftest import DIGITS, run
+from .test_cpp_demo import run as run_cpp
+
+PROVENANCE = "fitted on device by et_learn"
+
+
+def learn(*args):
+    return run_cpp("et_learn", *args)
+
+
+@pytest.fixture(scope="module")
+def learnt(digits_bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("learn") / "export"
+    res = learn(digits_bundle, DIGITS, "--out", out, "--threads", 1)
+    assert res.returncode == 0, res.stderr
+    assert "best epoch" in res.stderr  # progress on stderr
+    return out
+
+
+def test_same_optimum_and_split_as_headfit(digits_bundle, learnt):
+    bundle = open_bundle(digits_bundle)
+    dataset = scan(DIGITS)
+    feats = extract(bundle, dataset.samples, use_cache=False)
+    train_s, val_s = train_val(dataset)
+    row = {s.path: i for i, s in enumerate(feats.samples)}
+    x_train = feats.vectors[[row[s.path] for s in train_s]]
+    x_val = feats.vectors[[row[s.path] for s in val_s]]
+    y_val = np.array([s.label for s in val_s])
+    fit = fit_head(
+        x_train,
+        np.array([s.label for s in train_s]),
+        x_val,
+        y_val,
+        classes=len(dataset.classes),
+        l2=HEAD_L2,
+    )
+    head = load_file(str(learnt / "head.safetensors"))
+    w, b = head["head.weight"], head["head.bias"]
+    scale = np.abs(fit.weight).max()
+    assert np.abs(w - fit.weight).max() <= 1e-4 * scale
+    assert np.abs(b - fit.bias).max() <= 1e-4 * np.abs(fit.bias).max() + 1e-6
+    pred = (x_val @ w.T + b).argmax(1)
+    np.testing.assert_array_equal(pred, fit.logits(x_val).argmax(1))
+    m = read_manifest(learnt)
+    # the same split (the fingerprint holds every file's split), epochs and metrics
+    assert m.data["fingerprint"] == dataset.fingerprint()
+    assert (m.data["train"], m.data["val"]) == (len(train_s), len(val_s))
+    assert m.adapt["best_epoch"] == fit.best_epoch
+    assert m.metrics["val_top1"] == round(fit.val_top1, 6)
+    assert m.adapt["provenance"] == PROVENANCE
+    assert m.adapt["backbone"]["sha256"] == bundle.sha256
+    assert m.labels == dataset.classes
+
+
+def test_export_passes_verify_and_runs_everywhere(learnt, tmp_path):
+    res = run("verify", learnt, "--data", DIGITS)
+    assert res.exit_code == 0 and "parity: PASS" in res.output, res.output
+    res = run("predict", learnt / "model.onnx", DIGITS / "six" / "001.png")
+    assert res.exit_code == 0 and "six" in res.output, res.output
+    res = run_cpp("et_onnx", learnt / "model.onnx", DIGITS / "six" / "001.png", "--topk", 1)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["topk"][0]["label"] == "six"
+
+
+@pytest.mark.parametrize(("seed", "fraction"), [(7, 0.3), (2**33 + 5, 0.25)])
+def test_split_is_pythons(digits_bundle, tmp_path, seed, fraction):
+    """Uneven classes, a sub-folder and a seed past 32 bits: the C++ split is data.scan's (the
+    fingerprint names every file's split)."""
+    data = tmp_path / "data"
+    for name, count in (("eight", 7), ("five", 3), ("nine", 12)):
+        files = sorted((DIGITS / name).glob("*.png"))[:count]
+        for i, f in enumerate(files):
+            dest = data / name / ("deep" if i % 4 == 0 else "") / f"x{i:02d}.png"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, dest)
+    out = tmp_path / "out"
+    res = learn(digits_bundle, data, "--out", out, "--seed", seed, "--val-fraction", fraction)
+    assert res.returncode == 0, res.stderr
+    m = read_manifest(out)
+    assert m.data["fingerprint"] == scan(data, fraction, seed).fingerprint()
+
+
+def test_bad_input_is_one_line(digits_bundle, learnt, tmp_path):
+    cases = [
+        ((tmp_path / "nope.onnx", DIGITS, "--out", tmp_path / "o"), "no such file"),
+        ((digits_bundle, tmp_path / "nodata", "--out", tmp_path / "o"), "does not exist"),
+        ((learnt / "model.onnx", DIGITS, "--out", tmp_path / "o"), "not a backbone bundle"),
+        ((digits_bundle, DIGITS, "--out", learnt), "already exists; pass --force"),
+        ((digits_bundle, DIGITS, "--out", DIGITS), "is (or holds) the input"),
+        ((digits_bundle, DIGITS, "--out", tmp_path / "o", "--threads", "x"), "--threads wants"),
+    ]
+    for args, message in cases:
+        res = learn(*args)
+        assert res.returncode == 2, (args, res.stderr)
+        first = res.stderr.splitlines()[0]
+        assert message in first and first.startswith("et_learn: "), res.stderr
+        assert "usage" in res.stderr or len(res.stderr.splitlines()) == 1
+
+
+def test_force_replaces_only_what_edgetransfer_wrote(digits_bundle, learnt, tmp_path):
+    out = tmp_path / "again"
+    shutil.copytree(learnt, out)
+    res = learn(digits_bundle, DIGITS, "--out", out, "--force", "--epochs", "1")
+    assert res.returncode == 0, res.stderr
+    assert read_manifest(out).adapt["epochs_run"] == 1
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    res = learn(digits_bundle, DIGITS, "--out", mine, "--force")
+    assert res.returncode == 2 and "not written by edgetransfer" in res.stderr
+    assert (mine / "notes.txt").read_text() == "keep"
+    assert not list(tmp_path.glob("*.et_learn-*"))  # no temp folder left behind
