@@ -38,7 +38,8 @@ namespace {
 
 const char* kUsage =
     "usage: et_learn BACKBONE.onnx DATA_DIR --out EXPORT_DIR [--force] [--threads N] [--balance]\n"
-    "                [--epochs N] [--patience N] [--val-fraction F] [--seed S] [--max-bad F]\n";
+    "                [--epochs N] [--patience N] [--val-fraction F] [--seed S] [--max-bad F]\n"
+    "       et_learn --add CLASS_DIR --to EXPORT_DIR [--threads N] [--balance] [--epochs N] [--patience N]\n";
 const char* kHelp =
     "Fit a new classification head on a backbone bundle (edgetransfer backbone) from DATA_DIR's\n"
     "class folders, on this machine, and write EXPORT_DIR: model.onnx for et_onnx and\n"
@@ -52,7 +53,10 @@ const char* kHelp =
     "  --patience N         stop after N epochs without a better validation result (default 10)\n"
     "  --val-fraction F     share of each class held out for validation (default 0.2)\n"
     "  --seed S             the split's seed (default 0)\n"
-    "  --max-bad F          refuse when more than this share of images cannot be read (0.1)\n\n"
+    "  --max-bad F          refuse when more than this share of images cannot be read (0.1)\n"
+    "  --add CLASS_DIR --to EXPORT_DIR\n"
+    "                       learn one more class into an EXPORT_DIR et_learn wrote, from the\n"
+    "                       features it kept (learnt.safetensors): no earlier photos needed\n\n"
     "Progress goes to stderr. Exit codes: 0 ok, 2 bad input.\n"
     "Example: et_learn digits.backbone.onnx photos/ --out learnt/\n";
 
@@ -60,7 +64,7 @@ constexpr int kBatch = 32;
 const char* kProvenance = "fitted on device by et_learn";
 
 struct Args {
-  std::string backbone, data, out;
+  std::string backbone, data, out, add, to;
   bool force = false, balance = false;
   int threads = 0, epochs = et::kEpochs, patience = et::kPatience;
   double val_fraction = 0.2, max_bad = 0.1;
@@ -99,6 +103,8 @@ Args parse(int argc, char** argv, bool& help) {
     };
     if (s == "--help" || s == "-h") help = true;
     else if (s == "--out") a.out = value();
+    else if (s == "--add") a.add = value();
+    else if (s == "--to") a.to = value();
     else if (s == "--force") a.force = true;
     else if (s == "--balance") a.balance = true;
     else if (s == "--threads") a.threads = int(to_long(s, value(), 1, 256));
@@ -111,6 +117,11 @@ Args parse(int argc, char** argv, bool& help) {
     else pos.push_back(s);
   }
   if (help) return a;
+  if (!a.add.empty() || !a.to.empty()) {
+    if (a.add.empty() || a.to.empty() || !pos.empty() || !a.out.empty())
+      throw et::UsageError("--add CLASS_DIR goes with --to EXPORT_DIR and nothing else to read or write");
+    return a;
+  }
   if (pos.size() != 2) throw et::UsageError("expected BACKBONE.onnx and DATA_DIR");
   if (a.out.empty()) throw et::UsageError("--out EXPORT_DIR is required");
   a.backbone = pos[0];
@@ -607,156 +618,344 @@ double seconds_since(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
 }
 
-int learn(const Args& a) {
-  const auto start = std::chrono::steady_clock::now();
-  const fs::path out = strip_slashes(a.out);
-  check_can_write(out, a.force, {a.data, a.backbone});
-  Dataset ds = scan(a.data, a.val_fraction, a.seed);  // before the model: bad folders fail fast
-  const OrtApi* api = OrtGetApiBase()->GetApi(ORT_API_VERSION);
-  if (!api) throw et::InputError(std::string("libonnxruntime ") + OrtGetApiBase()->GetVersionString() + " is too old");
-  Ort::InitApi(api);
-  Ort::Env env(ORT_LOGGING_LEVEL_FATAL, "et_learn");
+// The bundle, opened: its bytes (copied into EXPORT_DIR and hashed), session and manifest.
+struct Backbone {
+  std::string path, bytes, sha256, input, features;
+  std::unique_ptr<Ort::Session> session;
+  json bj;  // its manifest
+  et::Manifest bm;
+  int dim = 0;
+};
+
+Backbone open_backbone(const std::string& path, int threads, Ort::Env& env) {
+  Backbone b;
+  b.path = path;
+  b.bytes = read_all(path);
   Ort::SessionOptions options;
   options.AddConfigEntry("session.intra_op.allow_spinning", "0");
-  if (a.threads > 0) options.SetIntraOpNumThreads(a.threads);
-  const std::string bundle_bytes = read_all(a.backbone);
-  std::unique_ptr<Ort::Session> session;
+  if (threads > 0) options.SetIntraOpNumThreads(threads);
   try {
-    session = std::make_unique<Ort::Session>(env, bundle_bytes.data(), bundle_bytes.size(), options);
+    b.session = std::make_unique<Ort::Session>(env, b.bytes.data(), b.bytes.size(), options);
   } catch (const Ort::Exception& e) {
-    throw et::InputError(a.backbone + ": not a loadable ONNX model (" + et::first_line(e.what()) + ")");
+    throw et::InputError(path + ": not a loadable ONNX model (" + et::first_line(e.what()) + ")");
   }
   Ort::AllocatorWithDefaultOptions alloc;
-  const Ort::ModelMetadata meta = session->GetModelMetadata();
+  const Ort::ModelMetadata meta = b.session->GetModelMetadata();
   const Ort::AllocatedStringPtr text = meta.LookupCustomMetadataMapAllocated("edgetransfer", alloc);
-  if (!text) throw et::InputError(a.backbone + ": carries no edgetransfer metadata; make it with edgetransfer backbone");
-  const et::Manifest bm = et::parse_manifest(text.get(), a.backbone);
-  const json bj = json::parse(text.get());
-  const json* adapt = bj.contains("adapt") && bj["adapt"].is_object() ? &bj["adapt"] : nullptr;
-  if (!adapt || adapt->value("kind", "") != "backbone" || !(*adapt)["feature_dim"].is_number_integer())
-    throw et::InputError(a.backbone + " is a classifier, not a backbone bundle; make one with edgetransfer backbone");
-  const int dim = (*adapt)["feature_dim"].get<int>();
-  if (dim < 1 || dim > (1 << 20)) throw et::InputError(a.backbone + ": feature_dim " + std::to_string(dim) + " is out of range");
-  const std::string input = session->GetInputNameAllocated(0, alloc).get();
-  const std::string features = bm.output_name.empty() ? "features" : bm.output_name;
-  std::cerr << "et_learn: " << a.backbone << ": " << et::describe(bm) << ", " << dim << " features\n";
+  if (!text) throw et::InputError(path + ": carries no edgetransfer metadata; make it with edgetransfer backbone");
+  b.bm = et::parse_manifest(text.get(), path);
+  b.bj = json::parse(text.get());
+  const json* adapt = b.bj.contains("adapt") && b.bj["adapt"].is_object() ? &b.bj["adapt"] : nullptr;
+  if (!adapt || adapt->value("kind", "") != "backbone" || !adapt->contains("feature_dim") ||
+      !(*adapt)["feature_dim"].is_number_integer())
+    throw et::InputError(path + " is a classifier, not a backbone bundle; make one with edgetransfer backbone");
+  b.dim = (*adapt)["feature_dim"].get<int>();
+  if (b.dim < 1 || b.dim > (1 << 20)) throw et::InputError(path + ": feature_dim " + std::to_string(b.dim) + " is out of range");
+  b.input = b.session->GetInputNameAllocated(0, alloc).get();
+  b.features = b.bm.output_name.empty() ? "features" : b.bm.output_name;
+  Sha256 h;
+  h.update(b.bytes.data(), b.bytes.size());
+  b.sha256 = h.hexdigest();
+  std::cerr << "et_learn: " << path << ": " << et::describe(b.bm) << ", " << b.dim << " features\n";
+  return b;
+}
 
-  const size_t classes = ds.classes.size();
-  std::cerr << "et_learn: " << ds.samples.size() << " images in " << classes << " classes\n";
-
-  // features, in batches
-  const et::Preprocessing& p = bm.pre;
-  const size_t per = size_t(3) * p.height * p.width;
+// The bundle's features of `samples`, in batches; unreadable images are dropped from `samples`
+// and listed in `bad`.
+std::vector<float> extract(Backbone& b, std::vector<Sample>& samples, std::vector<std::string>& bad) {
+  const et::Preprocessing& p = b.bm.pre;
+  const size_t per = size_t(3) * p.height * p.width, dim = size_t(b.dim);
   const Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
-  std::vector<float> feats;
+  std::vector<float> feats, batch(per * kBatch);
   std::vector<Sample> kept;
-  std::vector<std::string> bad;
-  std::vector<float> batch;
   size_t in_batch = 0;
   auto flush = [&]() {
     if (!in_batch) return;
     const int64_t shape[] = {int64_t(in_batch), 3, p.height, p.width};
     Ort::Value x = Ort::Value::CreateTensor<float>(cpu, batch.data(), in_batch * per, shape, 4);
-    const char* in_names[] = {input.c_str()};
-    const char* out_names[] = {features.c_str()};
-    auto y = session->Run(Ort::RunOptions{nullptr}, in_names, &x, 1, out_names, 1);
+    const char* in_names[] = {b.input.c_str()};
+    const char* out_names[] = {b.features.c_str()};
+    auto y = b.session->Run(Ort::RunOptions{nullptr}, in_names, &x, 1, out_names, 1);
     const auto info = y[0].GetTensorTypeAndShapeInfo();
-    if (info.GetElementCount() != in_batch * size_t(dim))
-      throw et::InputError(a.backbone + ": '" + features + "' is not " + std::to_string(dim) + " features per image");
+    if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || info.GetElementCount() != in_batch * dim)
+      throw et::InputError(b.path + ": '" + b.features + "' is not " + std::to_string(dim) + " float32 features per image");
     const float* f = y[0].GetTensorData<float>();
-    for (size_t i = 0; i < in_batch * size_t(dim); ++i)
-      if (!std::isfinite(f[i])) throw et::InputError(a.backbone + ": the backbone's features hold NaN or infinite values");
+    for (size_t i = 0; i < in_batch * dim; ++i)
+      if (!std::isfinite(f[i])) throw et::InputError(b.path + ": the backbone's features hold NaN or infinite values");
     feats.insert(feats.end(), f, f + in_batch * dim);
     in_batch = 0;
   };
-  batch.resize(per * kBatch);
-  const auto t_images = std::chrono::steady_clock::now();
-  for (size_t i = 0; i < ds.samples.size(); ++i) {
-    const Sample& s = ds.samples[i];
+  for (size_t i = 0; i < samples.size(); ++i) {
     try {
-      et::normalize(et::resize_crop(et::load_image(s.path), p), p, &batch[in_batch * per]);
+      et::normalize(et::resize_crop(et::load_image(samples[i].path), p), p, &batch[in_batch * per]);
     } catch (const et::InputError& e) {
-      bad.push_back(s.path + ": " + e.what());
+      bad.push_back(samples[i].path + ": " + e.what());
       continue;
     }
-    kept.push_back(s);
+    kept.push_back(samples[i]);
     if (++in_batch == size_t(kBatch)) flush();
-    if ((i + 1) % 256 == 0) std::cerr << "et_learn: " << i + 1 << "/" << ds.samples.size() << " images\n";
+    if ((i + 1) % 256 == 0) std::cerr << "et_learn: " << i + 1 << "/" << samples.size() << " images\n";
   }
   flush();
-  const double images_s = seconds_since(t_images);
-  if (!bad.empty() && double(bad.size()) > a.max_bad * double(ds.samples.size()))
-    throw et::InputError(std::to_string(bad.size()) + " of " + std::to_string(ds.samples.size()) +
+  samples = kept;
+  return feats;
+}
+
+void check_bad(const std::vector<std::string>& bad, size_t total, double max_bad) {
+  if (!bad.empty() && double(bad.size()) > max_bad * double(total))
+    throw et::InputError(std::to_string(bad.size()) + " of " + std::to_string(total) +
                          " images could not be read (more than --max-bad): " + bad[0]);
   for (const auto& b : bad) std::cerr << "et_learn: skipped " << et::printable(b) << "\n";
-  ds.samples = kept;
+}
 
+// The training and validation rows the fit sees; kept beside the model (learnt.safetensors) so
+// that --add learns a class without the earlier photos.
+struct Rows {
   std::vector<float> xt, xv;
   std::vector<int> yt, yv;
-  for (size_t i = 0; i < kept.size(); ++i) {
-    auto& x = kept[i].val ? xv : xt;
-    x.insert(x.end(), feats.begin() + i * dim, feats.begin() + (i + 1) * dim);
-    (kept[i].val ? yv : yt).push_back(kept[i].label);
+  void add(const std::vector<float>& feats, const std::vector<Sample>& samples, int dim) {
+    for (size_t i = 0; i < samples.size(); ++i) {
+      auto& x = samples[i].val ? xv : xt;
+      x.insert(x.end(), feats.begin() + i * dim, feats.begin() + (i + 1) * dim);
+      (samples[i].val ? yv : yt).push_back(samples[i].label);
+    }
   }
+};
+
+const char* kLearntName = "learnt.safetensors";
+const char* kLearntFormat = "edgetransfer-learnt-features-1";
+
+std::string rows_file(const Rows& r, int dim) {
+  struct T {
+    const char* name;
+    const char* dtype;
+    std::vector<int64_t> shape;
+    const void* data;
+    size_t bytes;
+  };
+  const int64_t n = int64_t(r.yt.size()), m = int64_t(r.yv.size());
+  const std::vector<T> ts = {
+      {"train.features", "F32", {n, dim}, r.xt.data(), r.xt.size() * 4},
+      {"train.labels", "I32", {n}, r.yt.data(), r.yt.size() * 4},
+      {"val.features", "F32", {m, dim}, r.xv.data(), r.xv.size() * 4},
+      {"val.labels", "I32", {m}, r.yv.data(), r.yv.size() * 4},
+  };
+  json hdr;
+  hdr["__metadata__"] = {{"format", kLearntFormat}};
+  size_t off = 0;
+  for (const T& t : ts) {
+    hdr[t.name] = {{"dtype", t.dtype}, {"shape", t.shape}, {"data_offsets", {off, off + t.bytes}}};
+    off += t.bytes;
+  }
+  std::string text = hdr.dump();
+  while (text.size() % 8) text += ' ';
+  std::string out(8, '\0');
+  for (int i = 0; i < 8; ++i) out[i] = char((uint64_t(text.size()) >> (8 * i)) & 0xff);
+  out += text;
+  for (const T& t : ts) out.append(static_cast<const char*>(t.data), t.bytes);
+  return out;
+}
+
+Rows read_rows(const fs::path& path, int dim, int classes) {
+  const std::string bad = path.string() + " is not the features et_learn keeps; learn from scratch";
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec))
+    throw et::InputError(path.parent_path().string() + " has no " + kLearntName + " (not written by et_learn?); learn from scratch");
+  const std::string s = read_all(path.string());
+  if (s.size() < 8) throw et::InputError(bad);
+  uint64_t n = 0;
+  for (int i = 0; i < 8; ++i) n |= uint64_t(static_cast<unsigned char>(s[i])) << (8 * i);
+  if (n > s.size() - 8) throw et::InputError(bad);
+  json hdr;
+  try {
+    hdr = json::parse(s.substr(8, n));
+  } catch (const json::exception&) {
+    throw et::InputError(bad);
+  }
+  const size_t base = 8 + n;
+  auto tensor = [&](const char* name, const char* dtype, size_t rank) -> std::pair<const char*, std::vector<int64_t>> {
+    try {
+      const json& t = hdr.at(name);
+      const auto shape = t.at("shape").get<std::vector<int64_t>>();
+      const auto off = t.at("data_offsets").get<std::vector<uint64_t>>();
+      uint64_t count = 1;
+      for (int64_t d : shape) count *= uint64_t(std::max<int64_t>(d, 0));
+      if (t.at("dtype") != dtype || shape.size() != rank || off.size() != 2 || off[1] < off[0] ||
+          off[1] - off[0] != count * 4 || off[1] > s.size() - base)
+        throw et::InputError(bad);
+      return {s.data() + base + off[0], shape};
+    } catch (const json::exception&) {
+      throw et::InputError(bad);
+    }
+  };
+  if (!hdr.contains("__metadata__") || hdr["__metadata__"].value("format", "") != kLearntFormat) throw et::InputError(bad);
+  Rows r;
+  for (const bool val : {false, true}) {
+    const auto [fx, sx] = tensor(val ? "val.features" : "train.features", "F32", 2);
+    const auto [fy, sy] = tensor(val ? "val.labels" : "train.labels", "I32", 1);
+    if (sx[1] != dim || sx[0] != sy[0]) throw et::InputError(bad);
+    auto& x = val ? r.xv : r.xt;
+    auto& y = val ? r.yv : r.yt;
+    x.resize(size_t(sx[0]) * dim);
+    y.resize(size_t(sy[0]));
+    std::memcpy(x.data(), fx, x.size() * 4);
+    std::memcpy(y.data(), fy, y.size() * 4);
+    for (int v : y)
+      if (v < 0 || v >= classes) throw et::InputError(bad);
+  }
+  return r;
+}
+
+et::HeadFitResult fit(const Args& a, const Rows& r, const std::vector<std::string>& classes, int dim) {
   std::string missing;
-  for (size_t c = 0; c < classes; ++c)
-    if (std::find(yt.begin(), yt.end(), int(c)) == yt.end()) missing += (missing.empty() ? "" : ", ") + ds.classes[c];
+  for (size_t c = 0; c < classes.size(); ++c)
+    if (std::find(r.yt.begin(), r.yt.end(), int(c)) == r.yt.end()) missing += (missing.empty() ? "" : ", ") + classes[c];
   if (!missing.empty()) throw et::InputError("no readable training images for class(es): " + missing);
-  if (yv.empty()) throw et::InputError("no validation images; put at least 2 images in each class folder");
-
-  const auto t_fit = std::chrono::steady_clock::now();
-  const std::vector<float> cw = a.balance ? et::balanced_class_weights(yt, int(classes)) : std::vector<float>{};
-  const et::HeadFitResult head = et::fit_head(xt, yt, xv, yv, int(classes), dim, et::kHeadL2, cw, a.epochs, a.patience);
-  const double fit_s = seconds_since(t_fit);
-  std::cerr << "et_learn: train " << yt.size() << " / val " << yv.size() << " images, best epoch " << head.best_epoch
+  if (r.yv.empty()) throw et::InputError("no validation images; put at least 2 images in each class folder");
+  const int c = int(classes.size());
+  const std::vector<float> cw = a.balance ? et::balanced_class_weights(r.yt, c) : std::vector<float>{};
+  et::HeadFitResult head = et::fit_head(r.xt, r.yt, r.xv, r.yv, c, dim, et::kHeadL2, cw, a.epochs, a.patience);
+  std::cerr << "et_learn: train " << r.yt.size() << " / val " << r.yv.size() << " images, best epoch " << head.best_epoch
             << " of " << head.epochs_run << ": val top-1 " << head.val_top1 * 100 << "%\n";
+  return head;
+}
 
-  // the run's manifest, as device._run_manifest writes it
-  Sha256 bh;
-  bh.update(bundle_bytes.data(), bundle_bytes.size());
+// adapt and metrics of the manifest, as device._run_manifest writes them
+void record_fit(json& m, const Args& a, const Backbone& b, const et::HeadFitResult& head, size_t classes) {
   auto round6 = [](double v) { return std::round(v * 1e6) / 1e6; };
-  json m;
-  m["schema"] = 1;
-  m["arch"] = bj["arch"];
-  m["labels"] = ds.classes;
-  m["preprocessing"] = bj["preprocessing"];
-  m["io"] = {{"input", input}, {"output", "logits"}};
-  m["source"] = bj.contains("source") ? bj["source"] : json::object();
-  json ad = {{"strategy", "head"},       {"epochs", a.epochs},          {"best_epoch", head.best_epoch},
-             {"epochs_run", head.epochs_run}, {"solver", "lbfgs"},     {"l2", et::kHeadL2},
-             {"seed", a.seed},            {"val_fraction", a.val_fraction}, {"augment", "none"},
-             {"views", 1},                {"trainable_params", classes * dim + classes},
-             {"backbone", {{"bundle", fs::path(a.backbone).filename().string()}, {"sha256", bh.hexdigest()}, {"feature_dim", dim}}},
-             {"provenance", kProvenance}};
+  json& ad = m["adapt"];
+  ad["strategy"] = "head";
+  ad["epochs"] = a.epochs;
+  ad["best_epoch"] = head.best_epoch;
+  ad["epochs_run"] = head.epochs_run;
+  ad["solver"] = "lbfgs";
+  ad["l2"] = et::kHeadL2;
+  ad["seed"] = a.seed;
+  ad["val_fraction"] = a.val_fraction;
+  ad["augment"] = "none";
+  ad["views"] = 1;
+  ad["trainable_params"] = classes * b.dim + classes;
+  ad["backbone"] = {{"bundle", fs::path(b.path).filename().string()}, {"sha256", b.sha256}, {"feature_dim", b.dim}};
+  ad["provenance"] = kProvenance;
   if (a.balance) ad["balance"] = "class-weighted loss";
-  m["adapt"] = ad;
-  m["data"] = {{"fingerprint", fingerprint(ds)}, {"classes", classes}, {"train", yt.size()}, {"val", yv.size()}, {"bad", bad.size()}};
+  else ad.erase("balance");
   m["metrics"] = {{"val_top1", round6(head.val_top1)}, {"val_loss", round6(head.val_loss)}};
   m["versions"] = {{"et_learn", "1"}, {"onnxruntime", Ort::GetVersionString()}};
-  const std::string manifest = m.dump(2) + "\n";
+}
 
-  // EXPORT_DIR, written beside and swapped in
+// EXPORT_DIR, written beside `out` and swapped in
+void write_export(const fs::path& out, bool force, const std::vector<std::string>& inputs, const Backbone& b,
+                  const et::HeadFitResult& head, const json& m, const Rows& rows) {
+  const std::string manifest = m.dump(2) + "\n";
   fs::create_directories(fs::absolute(out).parent_path());
   const fs::path tmp = out.string() + ".et_learn-" + std::to_string(::getpid());
   fs::remove_all(tmp);
   fs::create_directory(tmp);
   try {
-    write_file(tmp / "model.onnx", compose(bundle_bytes, features, head, manifest));
-    write_file(tmp / "backbone.onnx", bundle_bytes);
+    write_file(tmp / "model.onnx", compose(b.bytes, b.features, head, manifest));
+    write_file(tmp / "backbone.onnx", b.bytes);
     write_file(tmp / "head.safetensors", safetensors(head, manifest));
+    write_file(tmp / kLearntName, rows_file(rows, b.dim));
     std::string labels;
-    for (const auto& c : ds.classes) labels += c + "\n";
+    for (const auto& c : m["labels"]) labels += c.get<std::string>() + "\n";
     write_file(tmp / "labels.txt", labels);
     write_file(tmp / "edgetransfer.json", manifest);
-    check_can_write(out, a.force, {a.data, a.backbone});
+    check_can_write(out, force, inputs);
     swap_in(tmp, out);
   } catch (...) {
     std::error_code ec;
     fs::remove_all(tmp, ec);
     throw;
   }
+}
+
+int learn(const Args& a, Ort::Env& env) {
+  const auto start = std::chrono::steady_clock::now();
+  const fs::path out = strip_slashes(a.out);
+  check_can_write(out, a.force, {a.data, a.backbone});
+  Dataset ds = scan(a.data, a.val_fraction, a.seed);  // before the model: bad folders fail fast
+  Backbone b = open_backbone(a.backbone, a.threads, env);
+  std::cerr << "et_learn: " << ds.samples.size() << " images in " << ds.classes.size() << " classes\n";
+  const auto t_images = std::chrono::steady_clock::now();
+  std::vector<std::string> bad;
+  const size_t total = ds.samples.size();
+  const std::vector<float> feats = extract(b, ds.samples, bad);
+  check_bad(bad, total, a.max_bad);
+  const double images_s = seconds_since(t_images);
+  Rows rows;
+  rows.add(feats, ds.samples, b.dim);
+  const auto t_fit = std::chrono::steady_clock::now();
+  const et::HeadFitResult head = fit(a, rows, ds.classes, b.dim);
+  const double fit_s = seconds_since(t_fit);
+  json m;
+  m["schema"] = 1;
+  m["arch"] = b.bj["arch"];
+  m["labels"] = ds.classes;
+  m["preprocessing"] = b.bj["preprocessing"];
+  m["io"] = {{"input", b.input}, {"output", "logits"}};
+  m["source"] = b.bj.contains("source") ? b.bj["source"] : json::object();
+  m["adapt"] = json::object();
+  record_fit(m, a, b, head, ds.classes.size());
+  m["data"] = {{"fingerprint", fingerprint(ds)}, {"classes", ds.classes.size()}, {"train", rows.yt.size()},
+               {"val", rows.yv.size()}, {"bad", bad.size()}};
+  write_export(out, a.force, {a.data, a.backbone}, b, head, m, rows);
   std::cerr << "et_learn: images " << images_s << " s, fit " << fit_s << " s, total " << seconds_since(start)
             << " s; wrote " << out.string() << "\n";
+  return et::kExitOk;
+}
+
+// --add CLASS_DIR --to EXPORT_DIR: the kept features plus the new class's, fitted afresh
+// (the new class split on its own as data._split splits a class, with the run's seed).
+int add_class(Args a, Ort::Env& env) {
+  const fs::path to = strip_slashes(a.to);
+  const std::string cls_dir = strip_slashes(a.add);
+  std::error_code ec;
+  if (!fs::is_regular_file(to / "edgetransfer.json", ec))
+    throw et::InputError(to.string() + " has no edgetransfer.json; pass an EXPORT_DIR written by et_learn");
+  json m;
+  try {
+    m = json::parse(read_all((to / "edgetransfer.json").string()));
+  } catch (const json::exception&) {
+    throw et::InputError((to / "edgetransfer.json").string() + " is not valid JSON");
+  }
+  if (!m.contains("adapt") || !m["adapt"].is_object() || m["adapt"].value("provenance", "") != kProvenance ||
+      !m.contains("labels") || !m["labels"].is_array())
+    throw et::InputError(to.string() + " was not written by et_learn; learn from scratch with et_learn BACKBONE DATA_DIR");
+  if (!fs::is_directory(cls_dir, ec)) throw et::InputError("class folder " + cls_dir + " does not exist or is not a folder");
+  const std::string name = fs::path(cls_dir).filename().string();
+  auto labels = m["labels"].get<std::vector<std::string>>();
+  if (hidden(name)) throw et::InputError("class folder " + name + " has a hidden name; rename it");
+  if (std::find(labels.begin(), labels.end(), name) != labels.end())
+    throw et::InputError(to.string() + " already knows class " + name + "; learn from scratch to change a class");
+  a.seed = m["adapt"].value("seed", 0L);
+  a.val_fraction = m["adapt"].value("val_fraction", 0.2);
+  a.backbone = (to / "backbone.onnx").string();
+  Backbone b = open_backbone(a.backbone, a.threads, env);
+  if (b.sha256 != m["adapt"]["backbone"].value("sha256", ""))
+    throw et::InputError(a.backbone + " is not the bundle " + to.string() + " was fitted on (its sha256 differs)");
+  Rows rows = read_rows(to / kLearntName, b.dim, int(labels.size()));
+  std::vector<Sample> found;
+  for (const auto& p : list_images(cls_dir)) found.push_back({p, int(labels.size()), false});
+  if (found.size() < 2) throw et::InputError("class folder " + cls_dir + " needs at least 2 images (one to validate)");
+  std::vector<Sample> samples = split(found, a.val_fraction, a.seed, labels.size() + 1);
+  std::vector<std::string> bad;
+  const std::vector<float> feats = extract(b, samples, bad);
+  check_bad(bad, found.size(), a.max_bad);
+  rows.add(feats, samples, b.dim);
+  labels.push_back(name);
+  const et::HeadFitResult head = fit(a, rows, labels, b.dim);
+  m["labels"] = labels;
+  record_fit(m, a, b, head, labels.size());
+  json& d = m["data"];
+  d.erase("fingerprint");  // the data is no longer one folder
+  d["classes"] = labels.size();
+  d["train"] = rows.yt.size();
+  d["val"] = rows.yv.size();
+  d["bad"] = d.value("bad", 0) + bad.size();
+  if (!d.contains("added")) d["added"] = json::array();
+  d["added"].push_back(name);
+  write_export(to, true, {cls_dir}, b, head, m, rows);
+  std::cerr << "et_learn: added class " << name << " to " << to.string() << "\n";
   return et::kExitOk;
 }
 
@@ -775,7 +974,11 @@ int main(int argc, char** argv) {
       return et::kExitOk;
     }
     try {
-      return learn(a);
+      const OrtApi* api = OrtGetApiBase()->GetApi(ORT_API_VERSION);
+      if (!api) throw et::InputError(std::string("libonnxruntime ") + OrtGetApiBase()->GetVersionString() + " is too old");
+      Ort::InitApi(api);
+      Ort::Env env(ORT_LOGGING_LEVEL_FATAL, "et_learn");
+      return a.add.empty() ? learn(a, env) : add_class(a, env);
     } catch (const Ort::Exception& e) {
       throw et::InputError("onnxruntime: " + et::first_line(e.what()));
     } catch (const fs::filesystem_error& e) {

@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from edgetransfer.bundle import extract, open_bundle
-from edgetransfer.data import scan, train_val
+from edgetransfer.data import Sample, _split, list_images, scan, train_val
 from edgetransfer.headfit import HEAD_L2, fit_head
 from edgetransfer.manifest import read_manifest
 
@@ -131,3 +131,42 @@ def test_force_replaces_only_what_edgetransfer_wrote(digits_bundle, learnt, tmp_
     assert res.returncode == 2 and "not written by edgetransfer" in res.stderr
     assert (mine / "notes.txt").read_text() == "keep"
     assert not list(tmp_path.glob("*.et_learn-*"))  # no temp folder left behind
+
+
+def test_add_a_class_without_the_old_photos(digits_bundle, tmp_path):
+    """--add fits the kept features plus the new class's (split alone, as data._split splits a
+    class): the same head as headfit on those rows, and the old photos are not needed."""
+    old = tmp_path / "old"
+    for name in ("eight", "five", "nine", "seven"):
+        shutil.copytree(DIGITS / name, old / name)
+    bundle = open_bundle(digits_bundle)
+    old_ds = scan(old)
+    old_feats = extract(bundle, old_ds.samples, use_cache=False)
+    out = tmp_path / "export"
+    assert learn(digits_bundle, old, "--out", out).returncode == 0
+    shutil.rmtree(old)  # the device keeps only EXPORT_DIR
+    res = learn("--add", DIGITS / "six", "--to", out)
+    assert res.returncode == 0, res.stderr
+
+    six = _split([Sample(p, 4, "train") for p in list_images(DIGITS / "six")], 0.2, 0)
+    six_feats = extract(bundle, six, use_cache=False)
+    rows = {"train": ([], []), "val": ([], [])}
+    for feats, samples in ((old_feats, train_val(old_ds)), (six_feats, (None, None))):
+        row = {s.path: i for i, s in enumerate(feats.samples)}
+        for split, part in zip(("train", "val"), samples, strict=True):
+            chosen = part if part is not None else [s for s in six if s.split == split]
+            rows[split][0].append(feats.vectors[[row[s.path] for s in chosen]])
+            rows[split][1].append(np.array([s.label for s in chosen]))
+    (xt, yt), (xv, yv) = ((np.concatenate(a), np.concatenate(b)) for a, b in rows.values())
+    fit = fit_head(xt, yt, xv, yv, classes=5, l2=HEAD_L2)
+    head = load_file(str(out / "head.safetensors"))
+    assert np.abs(head["head.weight"] - fit.weight).max() <= 1e-4 * np.abs(fit.weight).max()
+    pred = (xv @ head["head.weight"].T + head["head.bias"]).argmax(1)
+    np.testing.assert_array_equal(pred, fit.logits(xv).argmax(1))
+    m = read_manifest(out)
+    assert m.labels == ["eight", "five", "nine", "seven", "six"]
+    assert m.data["added"] == ["six"] and m.adapt["best_epoch"] == fit.best_epoch
+    res = run("verify", out, "--data", DIGITS)
+    assert res.exit_code == 0 and "parity: PASS" in res.output, res.output
+    res = learn("--add", DIGITS / "six", "--to", out)
+    assert res.returncode == 2 and "already knows class six" in res.stderr
