@@ -78,6 +78,8 @@ def test_export_passes_verify_and_runs_everywhere(learnt, tmp_path):
     assert res.exit_code == 0 and "parity: PASS" in res.output, res.output
     res = run("predict", learnt / "model.onnx", DIGITS / "six" / "001.png")
     assert res.exit_code == 0 and "six" in res.output, res.output
+    res = run("evaluate", learnt, DIGITS, "--report", tmp_path / "report")
+    assert res.exit_code == 0 and (tmp_path / "report" / "index.html").is_file(), res.output
     res = run_cpp("et_onnx", learnt / "model.onnx", DIGITS / "six" / "001.png", "--topk", 1)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["topk"][0]["label"] == "six"
