@@ -779,7 +779,10 @@ Rows read_rows(const fs::path& path, int dim, int classes) {
       const auto shape = t.at("shape").get<std::vector<int64_t>>();
       const auto off = t.at("data_offsets").get<std::vector<uint64_t>>();
       uint64_t count = 1;
-      for (int64_t d : shape) count *= uint64_t(std::max<int64_t>(d, 0));
+      for (int64_t d : shape) {
+        if (d < 0 || d > (int64_t(1) << 40)) throw et::InputError(bad);
+        count *= uint64_t(d);
+      }
       if (t.at("dtype") != dtype || shape.size() != rank || off.size() != 2 || off[1] < off[0] ||
           off[1] - off[0] != count * 4 || off[1] > s.size() - base)
         throw et::InputError(bad);
@@ -931,7 +934,8 @@ int add_class(Args a, Ort::Env& env) {
   a.val_fraction = m["adapt"].value("val_fraction", 0.2);
   a.backbone = (to / "backbone.onnx").string();
   Backbone b = open_backbone(a.backbone, a.threads, env);
-  if (b.sha256 != m["adapt"]["backbone"].value("sha256", ""))
+  const json& was = m["adapt"].contains("backbone") ? m["adapt"]["backbone"] : json();
+  if (!was.is_object() || b.sha256 != was.value("sha256", ""))
     throw et::InputError(a.backbone + " is not the bundle " + to.string() + " was fitted on (its sha256 differs)");
   Rows rows = read_rows(to / kLearntName, b.dim, int(labels.size()));
   std::vector<Sample> found;

@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 
 from edgetransfer.bundle import extract, open_bundle
 from edgetransfer.data import Sample, _split, list_images, scan, train_val
-from edgetransfer.headfit import HEAD_L2, fit_head
+from edgetransfer.headfit import HEAD_L2, balanced_class_weights, fit_head
 from edgetransfer.manifest import read_manifest
 
 from .conftest import DIGITS, run
@@ -85,17 +85,22 @@ def test_export_passes_verify_and_runs_everywhere(learnt, tmp_path):
     assert json.loads(res.stdout)["topk"][0]["label"] == "six"
 
 
-@pytest.mark.parametrize(("seed", "fraction"), [(7, 0.3), (2**33 + 5, 0.25)])
-def test_split_is_pythons(digits_bundle, tmp_path, seed, fraction):
-    """Uneven classes, a sub-folder and a seed past 32 bits: the C++ split is data.scan's (the
-    fingerprint names every file's split)."""
-    data = tmp_path / "data"
+def uneven(data):
+    """Classes of 7, 3 and 12 images, some in a sub-folder."""
     for name, count in (("eight", 7), ("five", 3), ("nine", 12)):
         files = sorted((DIGITS / name).glob("*.png"))[:count]
         for i, f in enumerate(files):
             dest = data / name / ("deep" if i % 4 == 0 else "") / f"x{i:02d}.png"
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(f, dest)
+    return data
+
+
+@pytest.mark.parametrize(("seed", "fraction"), [(7, 0.3), (2**33 + 5, 0.25)])
+def test_split_is_pythons(digits_bundle, tmp_path, seed, fraction):
+    """Uneven classes, a sub-folder and a seed past 32 bits: the C++ split is data.scan's (the
+    fingerprint names every file's split)."""
+    data = uneven(tmp_path / "data")
     out = tmp_path / "out"
     res = learn(digits_bundle, data, "--out", out, "--seed", seed, "--val-fraction", fraction)
     assert res.returncode == 0, res.stderr
@@ -172,3 +177,42 @@ def test_add_a_class_without_the_old_photos(digits_bundle, tmp_path):
     assert res.exit_code == 0 and "parity: PASS" in res.output, res.output
     res = learn("--add", DIGITS / "six", "--to", out)
     assert res.returncode == 2 and "already knows class six" in res.stderr
+
+
+def test_add_refuses_what_it_cannot_use(learnt, tmp_path):
+    out = tmp_path / "export"
+    shutil.copytree(learnt, out)
+    data = (out / "learnt.safetensors").read_bytes()
+    (out / "learnt.safetensors").write_bytes(data[: len(data) // 2])
+    ten = tmp_path / "ten"
+    shutil.copytree(DIGITS / "six", ten)
+    cases = [
+        (out, "is not the features et_learn keeps"),
+        (tmp_path, "has no edgetransfer.json"),
+    ]
+    for to, message in cases:
+        res = learn("--add", ten, "--to", to)
+        assert res.returncode == 2, res.stderr  # the error is one line, the last
+        assert message in res.stderr.splitlines()[-1]
+    res = learn("--add", ten, "--to", out, "--out", tmp_path / "x")
+    assert res.returncode == 2 and "--add CLASS_DIR goes with --to" in res.stderr
+    assert (out / "learnt.safetensors").read_bytes() == data[: len(data) // 2]  # untouched
+
+
+def test_balance_is_headfits(digits_bundle, tmp_path):
+    data = uneven(tmp_path / "data")
+    out = tmp_path / "out"
+    assert learn(digits_bundle, data, "--out", out, "--balance").returncode == 0
+    dataset = scan(data)
+    feats = extract(open_bundle(digits_bundle), dataset.samples, use_cache=False)
+    row = {s.path: i for i, s in enumerate(feats.samples)}
+    (x_train, y_train), (x_val, y_val) = (
+        (feats.vectors[[row[s.path] for s in part]], np.array([s.label for s in part]))
+        for part in train_val(dataset)
+    )
+    weights = balanced_class_weights(y_train, 3)
+    assert len(set(weights.tolist())) == 3  # the weights do differ
+    fit = fit_head(x_train, y_train, x_val, y_val, classes=3, class_weights=weights)
+    head = load_file(str(out / "head.safetensors"))
+    assert np.abs(head["head.weight"] - fit.weight).max() <= 1e-4 * np.abs(fit.weight).max()
+    assert read_manifest(out).adapt["balance"] == "class-weighted loss"
