@@ -26,6 +26,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common.hpp"
@@ -61,6 +62,7 @@ const char* kHelp =
     "Example: et_learn digits.backbone.onnx photos/ --out learnt/\n";
 
 constexpr int kBatch = 32;
+constexpr size_t kDecodeThreads = 4;  // data.MAX_DECODE_THREADS; at most one per core
 const char* kProvenance = "fitted on device by et_learn";
 
 struct Args {
@@ -685,16 +687,40 @@ std::vector<float> extract(Backbone& b, std::vector<Sample>& samples, std::vecto
     feats.insert(feats.end(), f, f + in_batch * dim);
     in_batch = 0;
   };
-  for (size_t i = 0; i < samples.size(); ++i) {
-    try {
-      et::normalize(et::resize_crop(et::load_image(samples[i].path), p), p, &batch[in_batch * per]);
-    } catch (const et::InputError& e) {
-      bad.push_back(samples[i].path + ": " + e.what());
-      continue;
+  // kBatch images at a time are decoded by `threads` threads into their own slots of a
+  // staging buffer (decoding and resizing share nothing), then packed in order
+  const size_t threads = std::max<size_t>(1, std::min<size_t>(kDecodeThreads, std::thread::hardware_concurrency()));
+  std::vector<float> staged(per * kBatch);
+  std::vector<std::string> errors(kBatch);
+  for (size_t first = 0; first < samples.size(); first += kBatch) {
+    const size_t count = std::min<size_t>(kBatch, samples.size() - first);
+    auto decode = [&](size_t worker) {
+      for (size_t j = worker; j < count; j += threads) {
+        errors[j].clear();
+        try {
+          const et::Image img = et::load_image(samples[first + j].path);
+          et::normalize(et::resize_crop(img, p), p, &staged[j * per]);
+        } catch (const std::exception& e) {  // InputError, or bad_alloc on a huge image
+          errors[j] = e.what();
+          if (errors[j].empty()) errors[j] = "cannot decode";
+        }
+      }
+    };
+    std::vector<std::thread> pool;
+    for (size_t w = 1; w < std::min(threads, count); ++w) pool.emplace_back(decode, w);
+    decode(0);
+    for (auto& t : pool) t.join();
+    for (size_t j = 0; j < count; ++j) {
+      if (!errors[j].empty()) {
+        bad.push_back(samples[first + j].path + ": " + errors[j]);
+        continue;
+      }
+      std::copy_n(&staged[j * per], per, &batch[in_batch * per]);
+      kept.push_back(samples[first + j]);
+      if (++in_batch == size_t(kBatch)) flush();
     }
-    kept.push_back(samples[i]);
-    if (++in_batch == size_t(kBatch)) flush();
-    if ((i + 1) % 256 == 0) std::cerr << "et_learn: " << i + 1 << "/" << samples.size() << " images\n";
+    if ((first / kBatch + 1) % 8 == 0)
+      std::cerr << "et_learn: " << first + count << "/" << samples.size() << " images\n";
   }
   flush();
   samples = kept;

@@ -216,3 +216,17 @@ def test_balance_is_headfits(digits_bundle, tmp_path):
     head = load_file(str(out / "head.safetensors"))
     assert np.abs(head["head.weight"] - fit.weight).max() <= 1e-4 * np.abs(fit.weight).max()
     assert read_manifest(out).adapt["balance"] == "class-weighted loss"
+
+
+def test_unreadable_images_are_skipped_as_adapt_skips_them(digits_bundle, tmp_path):
+    data = uneven(tmp_path / "data")
+    (data / "nine" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    out = tmp_path / "out"
+    res = learn(digits_bundle, data, "--out", out)
+    assert res.returncode == 0 and "skipped" in res.stderr and "broken.png" in res.stderr
+    m = read_manifest(out)
+    broken = [s.path for s in scan(data).samples if s.path.name == "broken.png"]
+    assert m.data["bad"] == 1
+    assert m.data["fingerprint"] == scan(data).without(broken).fingerprint()
+    res = learn(digits_bundle, data, "--out", tmp_path / "o2", "--max-bad", "0.01")
+    assert res.returncode == 2 and "could not be read (more than --max-bad)" in res.stderr
