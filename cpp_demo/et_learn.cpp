@@ -712,7 +712,8 @@ std::vector<float> extract(Backbone& b, std::vector<Sample>& samples, std::vecto
     for (auto& t : pool) t.join();
     for (size_t j = 0; j < count; ++j) {
       if (!errors[j].empty()) {
-        bad.push_back(samples[first + j].path + ": " + errors[j]);
+        const std::string& path = samples[first + j].path;  // the decoder's messages name it
+        bad.push_back(errors[j].rfind(path, 0) == 0 ? errors[j] : path + ": " + errors[j]);
         continue;
       }
       std::copy_n(&staged[j * per], per, &batch[in_batch * per]);
