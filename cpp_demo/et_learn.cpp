@@ -9,10 +9,12 @@
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 #include <openssl/evp.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -604,6 +606,26 @@ void check_can_write(const fs::path& out, bool force, const std::vector<std::str
                          "choose a new output folder");
 }
 
+// What a killed run left beside `out`: its old folder renamed aside (put back when `out` is
+// missing, as fileio.output_dir does) and its temp folder (removed); only a dead process's.
+void remove_stale(const fs::path& out) {
+  std::error_code ec;
+  const fs::path dir = fs::absolute(out).parent_path();
+  const std::string name = out.filename().string();
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string n = e.path().filename().string();
+    for (const std::string tag : {".old-", ".et_learn-"}) {
+      if (n.rfind(name + tag, 0) != 0) continue;
+      const std::string pid = n.substr(name.size() + tag.size());
+      if (pid.empty() || pid.find_first_not_of("0123456789") != std::string::npos || pid.size() > 9) continue;
+      if (::kill(pid_t(std::stol(pid)), 0) == 0 || errno != ESRCH) continue;  // still running
+      std::error_code e2;
+      if (tag == ".old-" && !fs::exists(dir / name, e2)) fs::rename(e.path(), dir / name, e2);
+      else fs::remove_all(e.path(), e2);
+    }
+  }
+}
+
 void swap_in(const fs::path& tmp, const fs::path& out) {
   std::error_code ec;
   if (fs::exists(out, ec)) {
@@ -902,6 +924,7 @@ void write_export(const fs::path& out, bool force, const std::vector<std::string
 int learn(const Args& a, Ort::Env& env) {
   const auto start = std::chrono::steady_clock::now();
   const fs::path out = strip_slashes(a.out);
+  remove_stale(out);
   check_can_write(out, a.force, {a.data, a.backbone});
   Dataset ds = scan(a.data, a.val_fraction, a.seed);  // before the model: bad folders fail fast
   Backbone b = open_backbone(a.backbone, a.threads, env);
@@ -940,6 +963,7 @@ int add_class(Args a, Ort::Env& env) {
   const fs::path to = strip_slashes(a.to);
   const std::string cls_dir = strip_slashes(a.add);
   std::error_code ec;
+  if (fs::exists(fs::absolute(to).parent_path(), ec)) remove_stale(to);
   if (!fs::is_regular_file(to / "edgetransfer.json", ec))
     throw et::InputError(to.string() + " has no edgetransfer.json; pass an EXPORT_DIR written by et_learn");
   json m;

@@ -138,6 +138,13 @@ def test_force_replaces_only_what_edgetransfer_wrote(digits_bundle, learnt, tmp_
     assert res.returncode == 2 and "not written by edgetransfer" in res.stderr
     assert (mine / "notes.txt").read_text() == "keep"
     assert not list(tmp_path.glob("*.et_learn-*"))  # no temp folder left behind
+    # what a run killed between its two renames leaves: the old folder aside, its temp folder
+    out.rename(tmp_path / "again.old-999999999")
+    (tmp_path / "again.et_learn-999999999").mkdir()
+    res = learn(digits_bundle, DIGITS, "--out", out)
+    assert res.returncode == 2 and "already exists" in res.stderr  # the old one put back
+    assert read_manifest(out).adapt["epochs_run"] == 1
+    assert not list(tmp_path.glob("again.*"))
 
 
 def test_add_a_class_without_the_old_photos(digits_bundle, tmp_path):
