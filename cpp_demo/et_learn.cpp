@@ -17,6 +17,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -265,6 +266,8 @@ std::vector<std::string> list_images(const std::string& folder) {
   return out;
 }
 
+void check_labels(const std::vector<std::string>& names);
+
 std::vector<std::string> class_dirs(const std::string& folder) {
   std::vector<std::string> names;
   std::error_code ec;
@@ -274,7 +277,37 @@ std::vector<std::string> class_dirs(const std::string& folder) {
     if (!hidden(name) && fs::is_directory(it->path(), e2)) names.push_back(name);
   }
   std::sort(names.begin(), names.end());
+  check_labels(names);  // the rules every manifest's labels follow, before any work is done
   return names;
+}
+
+// manifest.label_problem: why a class folder's name cannot be a label (empty when it can):
+// not UTF-8, longer than 256 characters, or holding a control character (C0, DEL, C1, line
+// separators, bidi controls).
+std::string label_problem(const std::string& label) {
+  size_t chars = 0;
+  for (size_t i = 0; i < label.size(); ++chars) {
+    const size_t n = et::utf8_char(label, i);
+    if (!n) return "is not valid UTF-8";
+    uint32_t cp = n == 1 ? uint8_t(label[i]) : uint8_t(label[i]) & (0x7F >> n);
+    for (size_t k = 1; k < n; ++k) cp = cp << 6 | (uint8_t(label[i + k]) & 0x3F);
+    if (cp < 0x20 || (cp >= 0x7F && cp <= 0x9F) || cp == 0x2028 || cp == 0x2029 ||
+        (cp >= 0x202A && cp <= 0x202E) || (cp >= 0x2066 && cp <= 0x2069)) {
+      char hexcp[8];
+      std::snprintf(hexcp, sizeof hexcp, "%04X", unsigned(cp));
+      return std::string("contains the control character U+") + hexcp;
+    }
+    i += n;
+  }
+  if (chars > 256) return "is " + std::to_string(chars) + " characters long (at most 256)";
+  return "";
+}
+
+void check_labels(const std::vector<std::string>& names) {
+  for (const auto& name : names) {
+    const std::string problem = label_problem(name);
+    if (!problem.empty()) throw et::InputError("class folder '" + name + "' " + problem + "; rename it");
+  }
 }
 
 struct Dataset {
@@ -979,6 +1012,7 @@ int add_class(Args a, Ort::Env& env) {
   const std::string name = fs::path(cls_dir).filename().string();
   auto labels = m["labels"].get<std::vector<std::string>>();
   if (hidden(name)) throw et::InputError("class folder " + name + " has a hidden name; rename it");
+  check_labels({name});
   if (std::find(labels.begin(), labels.end(), name) != labels.end())
     throw et::InputError(to.string() + " already knows class " + name + "; learn from scratch to change a class");
   a.seed = m["adapt"].value("seed", 0L);

@@ -237,3 +237,11 @@ def test_unreadable_images_are_skipped_as_adapt_skips_them(digits_bundle, tmp_pa
     assert m.data["fingerprint"] == scan(data).without(broken).fingerprint()
     res = learn(digits_bundle, data, "--out", tmp_path / "o2", "--max-bad", "0.01")
     assert res.returncode == 2 and "could not be read (more than --max-bad)" in res.stderr
+
+
+def test_class_names_follow_the_label_rules(digits_bundle, tmp_path):
+    data = uneven(tmp_path / "data")
+    (data / "nine").rename(data / "ni\x1bne")
+    res = learn(digits_bundle, data, "--out", tmp_path / "out")
+    assert res.returncode == 2 and "contains the control character U+001B" in res.stderr
+    assert len(res.stderr.splitlines()) == 1
