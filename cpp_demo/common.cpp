@@ -548,6 +548,8 @@ size_t utf8_length(const std::string& s, size_t i) {
 
 }  // namespace
 
+size_t utf8_char(const std::string& s, size_t i) { return utf8_length(s, i); }
+
 std::string printable(const std::string& s, size_t max_size) {
   const std::string in = s.size() > max_size ? s.substr(0, max_size) + "..." : s;
   std::string out;

@@ -92,6 +92,9 @@ int selftest(const Model& model, const std::string& golden_dir);
 // (newlines, escape sequences) and bytes that are not UTF-8 become '?', and it is cut short.
 std::string printable(const std::string& s, size_t max_size = 1000);
 
+// The length of the well-formed UTF-8 sequence at s[i] (1-4), 0 when there is none.
+size_t utf8_char(const std::string& s, size_t i);
+
 // The first line of an exception message (libtorch and ORT errors run to many lines).
 std::string first_line(const std::string& s);
 

@@ -25,6 +25,16 @@ def run(*args, **kw):
     return CliRunner().invoke(cli, [a if isinstance(a, bytes) else str(a) for a in args], **kw)
 
 
+@pytest.fixture(scope="session")
+def digits_bundle(tmp_path_factory) -> Path:
+    """The shipped digits source model as a bundle (simple_cnn: 128 features, 5 source classes),
+    for the device path's tests (test_bundle.py, test_et_learn.py)."""
+    out = tmp_path_factory.mktemp("bundle") / "digits.backbone.onnx"
+    res = run("backbone", "simple_cnn", "--weights", SOURCE, "--out", out)
+    assert res.exit_code == 0, res.output
+    return out
+
+
 def patch_everywhere(monkeypatch, target: str, replacement) -> None:
     """Replace `target` ("edgetransfer.data.scan") in its module and in every edgetransfer
     module that imported it by name, so the code under test meets the replacement wherever it

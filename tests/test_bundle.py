@@ -34,15 +34,6 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in TORCH and s
 
 
 @pytest.fixture(scope="module")
-def digits_bundle(tmp_path_factory) -> Path:
-    """The shipped digits source model as a bundle (simple_cnn: 128 features, 5 source classes)."""
-    out = tmp_path_factory.mktemp("bundle") / "digits.backbone.onnx"
-    res = run("backbone", "simple_cnn", "--weights", SOURCE, "--out", out)
-    assert res.exit_code == 0, res.output
-    return out
-
-
-@pytest.fixture(scope="module")
 def device_run(digits_bundle, tmp_path_factory) -> Path:
     """adapt --backbone -> export -> verify -> predict in a fresh process; returns the RUN_DIR
     after checking torch was never imported."""

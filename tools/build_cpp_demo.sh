@@ -39,6 +39,7 @@ command -v make >/dev/null || need+=(make)
 [[ -f /usr/include/jpeglib.h ]] || need+=(libjpeg62-turbo-dev)
 [[ -f /usr/include/png.h ]] || need+=(libpng-dev)
 [[ -f /usr/include/nlohmann/json.hpp ]] || need+=(nlohmann-json3-dev)
+[[ -f /usr/include/openssl/evp.h ]] || need+=(libssl-dev)
 if ((${#need[@]})); then
     echo "build_cpp_demo: installing ${need[*]}"
     sudo=()
@@ -88,11 +89,11 @@ fi
 if [[ -n "$et_dir" ]]; then
     prefix=${prefix:+$prefix;}$et_dir
     cmake_args+=(-DET_EXECUTORCH=ON)
-    programs="et_onnx, et_torchscript and et_executorch"
+    programs="et_onnx, et_learn, et_torchscript and et_executorch"
 else
     echo "build_cpp_demo: executorch is not installed (pip install -e '.[executorch]'); building without et_executorch" >&2
     cmake_args+=(-DET_EXECUTORCH=OFF)
-    programs="et_onnx and et_torchscript"
+    programs="et_onnx, et_learn and et_torchscript"
 fi
 [[ -z "$prefix" ]] || cmake_args+=(-DCMAKE_PREFIX_PATH="$prefix")
 

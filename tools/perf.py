@@ -33,7 +33,9 @@ import numpy as np  # noqa: E402
 from adapt_child import run_adapt  # noqa: E402
 from PIL import Image  # noqa: E402
 
-BENCHES = ("adapt", "backend", "decode", "headfit", "inference", "memory", "startup", "device")
+BENCHES = (
+    "adapt", "backend", "decode", "headfit", "inference", "memory", "startup", "device", "learn"
+)  # fmt: skip
 COLOURS = [(230, 60, 60), (60, 190, 70), (60, 70, 230), (220, 200, 40), (190, 60, 210)]
 RESULTS: list[dict] = []  # every target row, for the summary and --json
 
@@ -918,6 +920,82 @@ def bench_device(tmp: Path, quick: bool) -> None:
         top1["bundle"] == top1["torch"],
     )
     print_table("device", "adapt without PyTorch (backbone bundle)")
+
+
+ET_LEARN = ROOT / "cpp_demo" / "build" / "et_learn"
+# a fresh interpreter that runs one command and prints its peak resident memory (KiB): the
+# only child it waits for is that command
+PEAK_OF = (
+    "import json, resource, subprocess, sys; "
+    "subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+    "print(json.dumps(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))"
+)
+
+
+def bench_learn(tmp: Path, quick: bool) -> None:
+    """et_learn (C++, issue 18) against adapt --backbone (numpy + onnxruntime in Python) on the
+    same bundle and photos, whole process from the shell: time, peak memory, the same head; and
+    the program's size and what it links."""
+    from safetensors.numpy import load_file
+
+    from edgetransfer.bundler import write_bundle
+
+    if not ET_LEARN.is_file():
+        raise SystemExit(f"{ET_LEARN} is not built; run tools/build_cpp_demo.sh")
+    n, reps = (256, 3) if quick else (512, 5)
+    data = make_photos(tmp / "photos", n)
+    weights = calibrated_weights("mobilenet_v3_small", data, tmp / "mnv3s_bn.safetensors")
+    bundle = tmp / "mnv3s.backbone.onnx"
+    write_bundle("mobilenet_v3_small", str(weights), bundle, data_dir=data)
+    env = {**os.environ, "EDGETRANSFER_CACHE": str(tmp / "cache")}
+    commands = {
+        "python": [sys.executable, "-m", "edgetransfer", "adapt", str(data), "--backbone",
+                   str(bundle), "--no-cache", "-q", "--force", "--out", str(tmp / "py")],
+        "cpp": [str(ET_LEARN), str(bundle), str(data), "--force", "--out", str(tmp / "cpp")],
+    }  # fmt: skip
+
+    def shell(name: str) -> float:
+        kw = {"env": env, "check": True, "cwd": ROOT, "capture_output": True}
+        return timed(lambda: subprocess.run(commands[name], **kw))[0]
+
+    for name in commands:  # warm-up (file cache)
+        shell(name)
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(reps):  # interleaved, so a busy spell hits both
+        for name in commands:
+            times[name].append(shell(name))
+    t_py, t_cpp = (statistics.median(times[k]) for k in ("python", "cpp"))
+    peak = {k: peak_child(PEAK_OF, *commands[k]) / 1024 for k in commands}
+    heads = {k: load_file(str(tmp / k / "head.safetensors")) for k in ("py", "cpp")}
+    w_py, w_cpp = heads["py"]["head.weight"], heads["cpp"]["head.weight"]
+    gap = float(np.abs(w_py - w_cpp).max() / np.abs(w_py).max())
+    top1 = {
+        k: json.loads((tmp / k / "edgetransfer.json").read_text())["metrics"]["val_top1"]
+        for k in ("py", "cpp")
+    }
+    links = subprocess.run(["ldd", str(ET_LEARN)], capture_output=True, text=True).stdout.split()
+    libs = sorted({Path(w).name.split(".so")[0] for w in links if ".so" in w and "/" not in w})
+    row(
+        "learn",
+        f"et_learn vs adapt --backbone, whole process, {n} photos (mobilenet_v3_small)",
+        "-",
+        f"{t_cpp:.2f} s vs {t_py:.2f} s = {t_py / t_cpp:.1f}x",
+        None,
+        "medians of interleaved runs; et_learn also writes model.onnx",
+    )
+    row("learn", "peak memory (et_learn / adapt --backbone)", "-",
+        f"{peak['cpp']:.0f} MiB / {peak['python']:.0f} MiB", None)  # fmt: skip
+    row(
+        "learn",
+        "same head (max weight gap / largest weight; val top-1)",
+        "<= 1e-4, equal",
+        f"{gap:.1e}; {top1['cpp']:.1%} / {top1['py']:.1%}",
+        gap <= 1e-4 and top1["cpp"] == top1["py"],
+        "JPEG pixels: libjpeg in both",
+    )
+    row("learn", "et_learn size; links", "-",
+        f"{ET_LEARN.stat().st_size / 1e6:.2f} MB; {', '.join(libs)}", None)  # fmt: skip
+    print_table("learn", "learning a head in C++ (et_learn) vs Python")
 
 
 def main() -> None:
