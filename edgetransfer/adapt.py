@@ -75,6 +75,8 @@ class AdaptConfig:
             L-BFGS with an L2 penalty, the linear-probe optimum) or ``adamw`` (mini-batches at
             --lr, like the other strategies).
         report: write RUN_DIR/report.html (needs matplotlib, ~0.5 s); off for batch runs.
+        auto: the comparison `--strategy auto` made before this run (auto.py), kept as the
+            manifest's ``adapt.auto``; not part of the run's identity for --resume.
         on_step: called after each optimizer step with (epoch, step) (tests, progress).
         on_phase: called with a phase's name as it starts (see AdaptResult.timings): the seam
             benchmarks measure through, e.g. memory when training starts.
@@ -118,6 +120,7 @@ class AdaptConfig:
     use_cache: bool = True
     progress: bool = False
     report: bool = True
+    auto: dict | None = None
     on_step: Callable[[int, int], None] | None = None
     on_phase: Callable[[str], None] | None = None
 
@@ -393,6 +396,8 @@ def _adapt_info(cfg: AdaptConfig, built: _Built, run: _Training, result) -> dict
         "lwf": cfg.lwf,
     }
     info.update({k: v for k, v in optional.items() if v})
+    if cfg.auto:
+        info["auto"] = cfg.auto
     if cfg.teacher:
         tm = read_manifest(cfg.teacher)
         info["teacher"] = {
@@ -633,6 +638,7 @@ def _run_fingerprint(cfg: AdaptConfig, dataset, backbone_id: str = "") -> str:
             "workers",
             "backend",
             "report",
+            "auto",
         )
     }
     if cfg.strategy != "head":
