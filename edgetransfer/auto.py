@@ -144,15 +144,21 @@ def _try(
     )
     try:
         res = adapt(run_cfg)
-    except _OverBudget as e:
-        row = {"strategy": name, "skipped": str(e), "seconds": _round(watch.seconds())}
-        return {**row, "step_seconds": _round(watch.step_seconds)}, None
     except Interrupted as e:
         raise Interrupted(
             f"{signal.Signals(e.exit_code - 128).name}: stopped while --strategy auto compared "
             "strategies; nothing was written",
             e.exit_code - 128,
         ) from None
+    except EdgeTransferError as e:
+        if name == auto.candidates[0]:
+            raise  # nothing to compare with: the error is the run's
+        # e.g. bias on a backbone without biases (efficientnet_lite0), or a diverging loss
+        row = {"strategy": name, "skipped": f"not usable: {e}"}
+        return {**row, "seconds": _round(watch.seconds())}, None
+    except _OverBudget as e:
+        row = {"strategy": name, "skipped": str(e), "seconds": _round(watch.seconds())}
+        return {**row, "step_seconds": _round(watch.step_seconds)}, None
     m = res.manifest
     val = int(m.data["val"])
     row = {
@@ -249,10 +255,8 @@ def _verdict(rows: list[dict], auto: AutoConfig, seconds: float) -> dict:
     """The manifest's ``adapt.auto``: the rows, the winner and how sure the pick is."""
     tried = [r for r in rows if "val_correct" in r]
     if not tried:
-        raise EdgeTransferError(
-            "--strategy auto tried no candidate within --budget; raise --budget or choose "
-            "--strategy head"
-        )
+        why = "; ".join(f"{r['strategy']}: {r['skipped']}" for r in rows)
+        raise EdgeTransferError(f"--strategy auto has no candidate left ({why})")
     # a stable sort keeps equals in row order, cheapest first: ties go to the cheaper
     ranked = sorted(tried, key=lambda r: -r["val_correct"])
     best = ranked[0]

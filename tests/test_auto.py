@@ -3,6 +3,8 @@ strategy, the budget skipping candidates, and an auto run exporting like its win
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from edgetransfer import auto
@@ -119,3 +121,28 @@ def test_auto_refuses_bad_settings_in_one_line(tmp_path):
     res = run("adapt", DIGITS, "--budget", "5", "--out", tmp_path / "r")
     assert res.exit_code == 2 and "--budget is for --strategy auto" in res.output
     assert not (tmp_path / "r").exists()
+
+
+def test_a_candidate_the_backbone_cannot_take_is_skipped_with_its_reason(tmp_path, monkeypatch):
+    """e.g. bias on efficientnet_lite0, whose convolutions have no biases: one line, not a
+    failed comparison. The first candidate's error stays the run's error."""
+    real = auto.adapt
+
+    def adapt(cfg):
+        if cfg.strategy == "bias" and cfg.out.parent != tmp_path:  # a candidate, not the final
+            raise EdgeTransferError("--strategy bias leaves nothing to train in this backbone")
+        return real(cfg)
+
+    monkeypatch.setattr(auto, "adapt", adapt)
+    cfg = digits_config(tmp_path / "run", epochs=2)
+    res = adapt_auto(cfg, AutoConfig(candidates=("head", "bias")))
+    a = res.manifest.adapt["auto"]
+    assert a["winner"] == "head"
+    assert a["candidates"][1]["skipped"] == (
+        "not usable: --strategy bias leaves nothing to train in this backbone"
+    )
+    with pytest.raises(EdgeTransferError, match="nothing to train"):
+        adapt_auto(
+            dataclasses.replace(cfg, out=tmp_path / "run2"), AutoConfig(candidates=("bias", "head"))
+        )
+    assert not (tmp_path / "run2").exists()

