@@ -327,8 +327,13 @@ def curve_top1(run_dir: Path, test: Path) -> float:
 
     model, manifest = load_run(run_dir)
     ds = scan(test, val_fraction=0.0)
+    frozen = manifest.adapt["strategy"] == "head"  # the source backbone as it came
     feats = extract(
-        model.features, ds.samples, manifest.preprocessing, backbone_id="curve-test"
+        model.features,
+        ds.samples,
+        manifest.preprocessing,
+        backbone_id=f"curve-test|{manifest.arch}|{manifest.source.get('sha256')}",
+        use_cache=frozen,
     ).vectors
     truth = torch.tensor([manifest.labels.index(ds.classes[s.label]) for s in ds.samples])
     with torch.no_grad():
