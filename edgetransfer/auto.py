@@ -198,9 +198,13 @@ class _Steps:
 
 
 class _Watch:
-    """adapt's on_phase/on_step for a candidate: times its second optimizer step (the first
-    carries one-off set-up) and stops the candidate when the whole run would overrun the
-    budget left."""
+    """adapt's on_phase/on_step for a candidate: times it early and stops it when the whole run
+    would overrun the budget left.
+
+    With three or more steps an epoch, the second step is timed (the first carries one-off
+    set-up; both are full batches); with fewer, a step may be a short remainder batch, so the
+    first epoch with its validation pass is timed instead.
+    """
 
     def __init__(
         self, clock: Callable[[], float], left: float | None, steps: _Steps, epochs: int
@@ -209,6 +213,7 @@ class _Watch:
         self.start = clock()
         self.marks: list[float] = []
         self.step_seconds: float | None = None
+        self.count = 0
 
     def seconds(self) -> float:
         return self.clock() - self.start
@@ -218,19 +223,35 @@ class _Watch:
             self.marks = [self.clock()]
 
     def on_step(self, epoch: int, step: int) -> None:
-        if self.step_seconds is not None or len(self.marks) > 2:
+        if self.step_seconds is not None:
             return
-        self.marks.append(self.clock())
-        if len(self.marks) < 3:
+        now = self.clock()
+        self.count += 1
+        if self.steps.per_epoch >= 3:
+            self.marks.append(now)
+            if self.count < 2:
+                return
+            self.step_seconds = now - self.marks[-2]
+            what = "2 steps"
+        elif epoch >= 2:  # the first step of epoch 2: epoch 1 and its validation are done
+            epoch_seconds = now - (self.marks[0] if self.marks else self.start)
+            self.step_seconds = epoch_seconds / (self.steps.per_epoch + self.steps.val_steps)
+            what = "its first epoch"
+        else:
             return
-        self.step_seconds = self.marks[2] - self.marks[1]
-        done = self.marks[2] - self.start
-        need = done + self.steps.seconds(self.step_seconds, self.epochs) - 2 * self.step_seconds
+        done = now - self.start
+        need = done + self.steps.seconds(self.step_seconds, self.epochs) - self._timed()
         if self.left is not None and need > self.left:
             raise _OverBudget(
-                f"stopped after 2 steps: about {need:.0f} s on the short schedule, "
+                f"stopped after {what}: about {need:.0f} s on the short schedule, "
                 f"{self.left:.0f} s of the budget left"
             )
+
+    def _timed(self) -> float:
+        """The projected seconds of the work already done (counted in `done`)."""
+        if self.steps.per_epoch >= 3:
+            return 2 * self.step_seconds
+        return self.steps.seconds(self.step_seconds, 1)
 
 
 def _estimate(rows: list[dict], auto: AutoConfig, steps: _Steps) -> tuple[float, str] | None:

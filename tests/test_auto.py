@@ -146,3 +146,19 @@ def test_a_candidate_the_backbone_cannot_take_is_skipped_with_its_reason(tmp_pat
             dataclasses.replace(cfg, out=tmp_path / "run2"), AutoConfig(candidates=("bias", "head"))
         )
     assert not (tmp_path / "run2").exists()
+
+
+def test_with_few_steps_an_epoch_the_first_epoch_is_timed():
+    """10 images at batch 8 are a step of 8 and a step of 2: the short one would make the
+    run look five times cheaper, so the whole first epoch (and its validation) is timed."""
+    now = [0.0]
+    steps = _Steps.of(digits_config("x", batch_size=8), train=10, val=16)
+    assert steps.per_epoch == 2
+    watch = _Watch(lambda: now[0], 20.0, steps, epochs=5)
+    watch.on_phase("fit")
+    for t, (epoch, step) in ((4.0, (1, 1)), (4.5, (1, 2))):
+        now[0] = t
+        watch.on_step(epoch, step)  # no verdict inside the first epoch
+    now[0] = 8.0  # + validation: the first epoch took 8 s; 5 epochs would take about 40 s
+    with pytest.raises(_OverBudget, match=r"stopped after its first epoch: about 4\d s"):
+        watch.on_step(2, 3)
