@@ -94,6 +94,8 @@ class AdaptConfig:
             the same epochs, batch size and seed (config.SCRATCH_STRATEGY at SCRATCH_LR), and
             record both results in the manifest's ``baseline`` section and report.html. The
             scratch model is not kept.
+        auto: the comparison `--strategy auto` made before this run (auto.py), kept as the
+            manifest's ``adapt.auto``; not part of the run's identity for --resume.
         on_step: called after each optimizer step with (epoch, step) (tests, progress).
         on_phase: called with a phase's name as it starts (see AdaptResult.timings): the seam
             benchmarks measure through, e.g. memory when training starts.
@@ -138,6 +140,7 @@ class AdaptConfig:
     progress: bool = False
     report: bool = True
     baseline: bool = config.BASELINE
+    auto: dict | None = None
     on_step: Callable[[int, int], None] | None = None
     on_phase: Callable[[str], None] | None = None
 
@@ -417,6 +420,8 @@ def _adapt_info(cfg: AdaptConfig, built: _Built, run: _Training, result) -> dict
         "lwf": cfg.lwf,
     }
     info.update({k: v for k, v in optional.items() if v})
+    if cfg.auto:
+        info["auto"] = cfg.auto
     if cfg.teacher:
         tm = read_manifest(cfg.teacher)
         info["teacher"] = {
@@ -655,6 +660,7 @@ def _run_fingerprint(cfg: AdaptConfig, dataset, backbone_id: str = "") -> str:
             "backend",
             "report",
             "baseline",
+            "auto",
         )
     }
     if cfg.strategy != "head":

@@ -246,11 +246,20 @@ def cli(ctx: click.Context, max_pixels: int | None) -> None:
 )
 @click.option(
     "--strategy",
-    type=click.Choice(config.STRATEGIES),
+    type=click.Choice(config.STRATEGY_CHOICES),
     default=config.STRATEGY,
     show_default=True,
     help="What trains: the head on cached features; also the last N blocks; biases only; "
-    "everything; or everything guided by --teacher.",
+    "everything; everything guided by --teacher; or auto: the best of head, bias, last-n "
+    "and full on the validation images.",
+)
+@click.option(
+    "--budget",
+    type=click.FloatRange(min=0, min_open=True),
+    default=config.AUTO_BUDGET,
+    metavar="SECONDS",
+    help="--strategy auto: time for comparing strategies; those that would not fit are "
+    "skipped [default: no limit].",
 )
 @click.option(
     "--unfreeze",
@@ -422,6 +431,7 @@ def adapt(
     max_bad: float,
     max_pixels: int | None,
     strategy: str,
+    budget: float | None,
     unfreeze: int,
     train_bn: bool,
     backbone_lr_mult: float,
@@ -466,7 +476,10 @@ def adapt(
       edgetransfer adapt photos/ --arch resnet18 --weights resnet18.pth --out run
       edgetransfer adapt photos/ --strategy last-n --unfreeze 3 --out run2
       edgetransfer adapt photos/ --backbone mnv3s.backbone.onnx --out run3
+      edgetransfer adapt photos/ --strategy auto --budget 300 --out run4
     """
+    if budget is not None and strategy != config.AUTO:
+        raise click.UsageError(f"--budget is for --strategy {config.AUTO}")
     out = out or Path("runs") / (Path(data_dir).resolve().name or "run")
     if backbone_bundle is not None:
         _adapt_on_bundle(
@@ -491,6 +504,10 @@ def adapt(
     from edgetransfer.adapt import AdaptConfig
     from edgetransfer.adapt import adapt as run_adapt
 
+    if strategy == config.AUTO:
+        from edgetransfer.auto import AutoConfig, adapt_auto
+
+        run_adapt = functools.partial(adapt_auto, auto=AutoConfig(budget=budget))
     res = run_adapt(
         AdaptConfig(
             data_dir=data_dir,
@@ -552,6 +569,8 @@ def adapt(
         f"{m.adapt['best_epoch']} of {m.adapt['epochs_run']}: val top-1 "
         f"{m.metrics['val_top1']:.1%}"
     )
+    if "auto" in m.adapt:
+        _echo_auto(m.adapt["auto"])
     if "source_top1_before" in m.metrics:
         click.echo(
             f"source task top-1: {m.metrics['source_top1_before']:.1%} before, "
@@ -644,6 +663,20 @@ def _adapt_on_bundle(ctx: click.Context, *, as_json: bool, **options) -> None:
             err=True,
         )
     click.echo(f"wrote {res.run_dir}")
+
+
+def _echo_auto(auto: dict) -> None:
+    """The comparison --strategy auto made: one line per candidate, then how sure the pick is."""
+    for r in auto["candidates"]:
+        if "skipped" in r:
+            click.echo(f"  auto: {r['strategy']:<7} {r['skipped']}")
+        else:
+            click.echo(
+                f"  auto: {r['strategy']:<7} val top-1 {r['val_top1']:.1%} "
+                f"({r['val_correct']}/{r['val_images']}), {r['schedule']} schedule "
+                f"({r['epochs']} epochs), {r['seconds']:.1f} s"
+            )
+    click.echo(f"auto picked {auto['pick']}")
 
 
 @cli.command()

@@ -17,6 +17,15 @@ WEIGHTS = "imagenet"
 STRATEGIES = ("head", "last-n", "bias", "full", "distill")
 # frozen backbone, cached features, new head: the fastest, and safe with a few images per class
 STRATEGY = "head"
+# --strategy auto (auto.py) picks one of these by validation top-1; listed cheapest first, which
+# is also how ties go: fewer trained parameters, less to overfit and less to pay
+AUTO = "auto"
+AUTO_CANDIDATES = ("head", "bias", "last-n", "full")
+STRATEGY_CHOICES = (*STRATEGIES, AUTO)  # what `adapt --strategy` accepts
+# the candidates that train the backbone are compared after this many epochs (the head, cheap,
+# trains with the full --epochs); the winner then trains with the full --epochs
+AUTO_EPOCHS = 5
+AUTO_BUDGET = None  # seconds for the comparison; None: every candidate is tried
 # the last blocks hold the most task-specific features; two adapt them, the rest stays as is
 UNFREEZE = 2
 # pretrained weights take smaller steps than the new head, so they adapt without being erased

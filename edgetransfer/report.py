@@ -336,6 +336,38 @@ def _short(path: str) -> str:
     return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
 
 
+def _auto_section(auto: dict) -> list[str]:
+    """The comparison `--strategy auto` recorded in the manifest (adapt.auto)."""
+    head = (
+        "<tr><th>strategy</th><th>validation top-1</th><th>images right</th>"
+        "<th>schedule</th><th>seconds</th></tr>"
+    )
+    rows = []
+    for r in auto.get("candidates", []):
+        name = _e(r.get("strategy", "?"))
+        if r.get("strategy") == auto.get("winner"):
+            name = f"<b>{name}</b>"
+        if "skipped" in r:
+            rows.append(f'<tr><td>{name}</td><td colspan="4">{_e(r["skipped"])}</td></tr>')
+            continue
+        rows.append(
+            f'<tr><td>{name}</td><td class="num">{r["val_top1"]:.1%}</td>'
+            f'<td class="num">{r["val_correct"]} of {r["val_images"]}</td>'
+            f"<td>{_e(r['schedule'])} ({r['epochs']} epochs)</td>"
+            f'<td class="num">{r["seconds"]:.1f}</td></tr>'
+        )
+    budget = auto.get("budget_s")
+    limit = f"a budget of {budget:g} s" if budget is not None else "no time budget"
+    return [
+        "<h2>Strategy chosen by --strategy auto</h2>",
+        f"<p>Picked {_e(auto.get('pick', '?'))}.</p>",
+        f'<table class="metrics">{head}{"".join(rows)}</table>',
+        f'<p class="note">Compared in {auto.get("seconds", 0):.0f} s with {limit}, on the '
+        "same validation images; the winner then trained with the full schedule (the "
+        "results above).</p>",
+    ]
+
+
 def _metric_rows(result) -> list[tuple[str, object]]:
     m = result.metrics
     return [
@@ -448,7 +480,7 @@ def write_run_report(
                 progress=progress,
             )
             thumbs = _Thumbnails(result, tmp, mistakes)  # decoding while the curves are drawn
-        body = []
+        body = _auto_section(manifest.adapt["auto"]) if "auto" in manifest.adapt else []
         with thumbs or contextlib.nullcontext():
             if history:
                 plot_history(history, tmp / "curves.png", best)

@@ -83,11 +83,21 @@ def _params(command: str) -> dict[str, click.Parameter]:
 
 def _library_choices() -> dict[tuple[str, str], tuple]:
     """(command, option) -> the tuple the library checks that option's value against."""
-    from edgetransfer import demo, evaluate, export, features, loaders, onnxio, strategies, train
+    from edgetransfer import (
+        auto,
+        demo,
+        evaluate,
+        export,
+        features,
+        loaders,
+        onnxio,
+        strategies,
+        train,
+    )
 
     providers = tuple(onnxio.PROVIDERS)
     return {
-        ("adapt", "strategy"): strategies.STRATEGIES,
+        ("adapt", "strategy"): (*strategies.STRATEGIES, auto.AUTO),
         ("adapt", "head_solver"): train.SOLVERS,
         ("adapt", "augment"): loaders.AUGMENT,
         ("adapt", "backend"): features.BACKENDS,
@@ -119,6 +129,7 @@ def test_config_tuples_are_the_registries():
     assert tuple(onnxio.PROVIDERS) == config.PROVIDERS  # a dict: cannot be derived from config
     assert config.PROVIDER in config.PROVIDERS
     assert config.STRATEGY in config.STRATEGIES
+    assert set(config.AUTO_CANDIDATES) <= set(config.STRATEGIES)
     assert config.HEAD_SOLVER in config.SOLVERS
     assert config.BACKEND in config.BACKENDS
     assert config.EXPORTER in config.EXPORTER_CHOICES
@@ -174,13 +185,14 @@ def test_cli_defaults_are_the_library_defaults():
     that field's default (export shows --max-drop in points, the library takes a fraction)."""
     from edgetransfer import report, runtime
     from edgetransfer.adapt import AdaptConfig
+    from edgetransfer.auto import AutoConfig
     from edgetransfer.bench import BenchConfig
     from edgetransfer.evaluate import evaluate
     from edgetransfer.export import ExportConfig
     from edgetransfer.verify import verify
 
     library = {
-        "adapt": _field_defaults(AdaptConfig),
+        "adapt": {**_field_defaults(AdaptConfig), **_field_defaults(AutoConfig)},
         "export": {**_field_defaults(ExportConfig), "max_drop": ExportConfig.max_drop * 100},
         "bench": _field_defaults(BenchConfig),
         "verify": _signature_defaults(verify),

