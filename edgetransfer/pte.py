@@ -123,20 +123,26 @@ def export_pte_int8(
             )
         except Exception as e:  # torch.export / the quantizer raise many types
             raise ExportError(f"int8 quantisation (PT2E) failed: {first_line(e)}") from None
-    h, w = manifest.preprocessing.input_size
-    errors = []
-    for low, high in dict.fromkeys([(1, max_batch), (1, 1)]):
-        try:
-            program, counts = _lower(converted, manifest, (h, w), low, high)
-            got = _run_batched_and_single(program, path.name, val, high)
-        except ExportError as e:
-            errors.append(f"batch {low}..{high}: {e}")
-            continue
-        break
-    else:
-        raise ExportError(f"int8 ExecuTorch export of {manifest.arch} failed: " + "; ".join(errors))
-    if errors:
-        notes.append(f"{path.name} has a fixed batch of 1: " + "; ".join(errors))
+    try:
+        program, counts, (low, high), got = _lower_int8(
+            converted, manifest, path, val, max_batch, notes
+        )
+    except ExportError as e:
+        if not excluded:
+            raise
+        # XNNPACK refuses some float islands (a float conv fed by a quantised tensor:
+        # "Weight and Input should both be quantized", seen on efficientnet_lite0)
+        notes.append(
+            f"{path.name}: keeping {', '.join(excluded)} in float does not lower to XNNPACK "
+            f"({e}); written fully int8"
+        )
+        excluded = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            converted = _pt2e(model, xc, excluded, stats)
+        program, counts, (low, high), got = _lower_int8(
+            converted, manifest, path, val, max_batch, notes
+        )
     atomic_write_bytes(path, program)
     report = fallback_report(steps, excluded, fp32_top1, allowed, len(truth), start)
     program_top1 = float((got.argmax(1) == truth).mean())
@@ -151,6 +157,25 @@ def export_pte_int8(
         "program_top1_drop": round(fp32_top1 - program_top1, 6),
         "executorch": manifest.versions["executorch"],
     }
+
+
+def _lower_int8(converted, manifest: Manifest, path: Path, val, max_batch: int, notes: list):
+    """(program, node counts, (low, high) batch, logits on `val`) for a converted int8 model:
+    a dynamic batch 1..max_batch checked batched against one image at a time, else 1 (said in
+    `notes`)."""
+    h, w = manifest.preprocessing.input_size
+    errors = []
+    for low, high in dict.fromkeys([(1, max_batch), (1, 1)]):
+        try:
+            program, counts = _lower(converted, manifest, (h, w), low, high)
+            got = _run_batched_and_single(program, path.name, val, high)
+        except ExportError as e:
+            errors.append(f"batch {low}..{high}: {e}")
+            continue
+        if errors:
+            notes.append(f"{path.name} has a fixed batch of 1: " + "; ".join(errors))
+        return program, counts, (low, high), got
+    raise ExportError(f"int8 ExecuTorch export of {manifest.arch} failed: " + "; ".join(errors))
 
 
 def _run_batched_and_single(program: bytes, name: str, x: np.ndarray, high: int) -> np.ndarray:
