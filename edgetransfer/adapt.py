@@ -275,8 +275,8 @@ def _adapt(cfg: AdaptConfig) -> AdaptResult:
         with phase("baseline"):
             baseline = _baseline(cfg, run, len(dataset.classes), result.val_top1)
         baseline["seconds"] = {
-            "pretrained": round(phase.seconds["images"] + phase.seconds["train"], 1),
-            "scratch": round(phase.seconds["baseline"], 1),
+            "pretrained": round(phase.seconds["images"] + phase.seconds["train"], 3),
+            "scratch": round(phase.seconds["baseline"], 3),
         }
     manifest = _manifest(
         cfg,
