@@ -780,6 +780,7 @@ def export(
     """
     from edgetransfer.device import is_bundle_run
 
+    out = out or Path(run_dir) / "export"
     if is_bundle_run(run_dir):
         torch_only = {
             "--torchscript": want_ts,
@@ -800,7 +801,7 @@ def export(
         both = not (want_onnx or want_raw)
         res = export_bundle(
             run_dir,
-            out or Path(run_dir) / "export",
+            out,
             onnx=want_onnx or both,
             raw=want_raw or both,
             force=force,
@@ -808,89 +809,43 @@ def export(
             golden=golden,
         )
     else:
-        res = _export_with_torch(
-            run_dir,
-            want_onnx=want_onnx,
-            want_ts=want_ts,
-            want_raw=want_raw,
-            want_pt2=want_pt2,
-            want_int8=want_int8,
-            want_fp16=want_fp16,
-            optimize=optimize,
-            executorch=executorch,
-            pte_max_batch=pte_max_batch,
-            exporter=exporter,
-            opset=opset,
-            out=out,
-            data_dir=data_dir,
-            golden=golden,
-            calib_size=calib_size,
-            max_drop=max_drop,
-            threads=threads,
-            force=force,
+        from edgetransfer.export import ExportConfig
+        from edgetransfer.export import export as run_export
+
+        default = not (
+            want_onnx
+            or want_ts
+            or want_raw
+            or want_pt2
+            or want_int8
+            or want_fp16
+            or optimize
+            or executorch
+        )
+        res = run_export(
+            ExportConfig(
+                run_dir=run_dir,
+                out=out,
+                onnx=want_onnx or default,
+                torchscript=want_ts or default,
+                raw=want_raw or default,
+                pt2=want_pt2,
+                int8=want_int8,
+                fp16=want_fp16,
+                optimize=optimize,
+                executorch=executorch,
+                pte_max_batch=pte_max_batch,
+                exporter=exporter,
+                opset=opset,
+                force=force,
+                data_dir=data_dir,
+                golden=golden,
+                calib_size=calib_size,
+                max_drop=max_drop / 100,
+                threads=threads,
+            )
         )
     _print_export(res, as_json)
-
-
-def _export_with_torch(
-    run_dir: Path,
-    *,
-    want_onnx: bool,
-    want_ts: bool,
-    want_raw: bool,
-    want_pt2: bool,
-    want_int8: bool,
-    want_fp16: bool,
-    optimize: bool,
-    executorch: bool,
-    pte_max_batch: int,
-    exporter: str,
-    opset: int | None,
-    out: Path | None,
-    data_dir: Path | None,
-    golden: int,
-    calib_size: int,
-    max_drop: float,
-    threads: int | None,
-    force: bool,
-):
-    from edgetransfer.export import ExportConfig
-    from edgetransfer.export import export as run_export
-
-    default = not (
-        want_onnx
-        or want_ts
-        or want_raw
-        or want_pt2
-        or want_int8
-        or want_fp16
-        or optimize
-        or executorch
-    )
-    res = run_export(
-        ExportConfig(
-            run_dir=run_dir,
-            out=out or Path(run_dir) / "export",
-            onnx=want_onnx or default,
-            torchscript=want_ts or default,
-            raw=want_raw or default,
-            pt2=want_pt2,
-            int8=want_int8,
-            fp16=want_fp16,
-            optimize=optimize,
-            executorch=executorch,
-            pte_max_batch=pte_max_batch,
-            exporter=exporter,
-            opset=opset,
-            force=force,
-            data_dir=data_dir,
-            golden=golden,
-            calib_size=calib_size,
-            max_drop=max_drop / 100,
-            threads=threads,
-        )
-    )
-    return res
 
 
 def _print_export(res, as_json: bool) -> None:
