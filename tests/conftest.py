@@ -20,6 +20,28 @@ DIGITS = sample_data()
 SOURCE = source_model()
 
 
+# Fixtures that cost seconds to tens of seconds (ExecuTorch lowering, int8 searches, a full
+# export): every test that uses one runs on the same xdist worker (--dist loadgroup in
+# pyproject.toml), so the fixture is made once per run, not once per worker. Grouped by the
+# fixture, not by file, so a new test that uses one joins its group by itself.
+XDIST_GROUPS = {
+    "pte_export": "pte",
+    "perturbed_export": "pte",
+    "pte_int8": "pte_int8",
+    "strict_int8": "strict_int8",
+    "full_export": "full_export",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        group = next((g for f, g in XDIST_GROUPS.items() if f in names), None)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 def run(*args, **kw):
     """The CLI in process: paths and numbers become strings, bytes (odd file names) stay bytes."""
     return CliRunner().invoke(cli, [a if isinstance(a, bytes) else str(a) for a in args], **kw)
