@@ -481,9 +481,10 @@ def test_single_image_class_is_warned(tmp_path):
 
 
 def test_fuzz_manifest_vs_model_small_budget(tmp_path):
-    counts = fuzz.fuzz_labels(300, seed=1, crashes=None, work=tmp_path)
+    counts = fuzz.fuzz_labels(150, seed=1, crashes=None, work=tmp_path)
     assert counts["crashes"] == 0, counts["first_crash"]
-    assert counts["decoded"] > 20 and counts["rejected"] > 100  # both outcomes are exercised
+    # both outcomes are exercised (seed 1: 46 decoded, 104 rejected)
+    assert counts["decoded"] > 20 and counts["rejected"] > 50
 
 
 def test_fuzz_manifest_vs_model_detects_a_crash(tmp_path, monkeypatch):
