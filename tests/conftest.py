@@ -33,6 +33,20 @@ XDIST_GROUPS = {
 }
 
 
+# Tests of 20 s and more on 2 cores run first: started last, one of them would leave the other
+# worker idle at the end (the wall time is bounded by the last test to finish).
+SLOW_FIRST = {
+    "test_head_on_real_weights_exports_and_verifies",
+    "test_every_architecture_exports_and_verifies",
+    "test_every_strategy_runs_through_export_and_verify",
+    "test_lwf_protects_the_source_task",
+    "test_sigint_then_resume_matches_uninterrupted",
+    "test_startup_benchmark_writes_its_rows",
+    "test_installed_console_script_runs_demo",
+    "test_top1_unchanged_with_draft_on_enlarged_sample_digits",
+}
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
 def pytest_collection_modifyitems(config, items):
     for item in items:
@@ -40,6 +54,7 @@ def pytest_collection_modifyitems(config, items):
         group = next((g for f, g in XDIST_GROUPS.items() if f in names), None)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: getattr(item, "originalname", item.name) not in SLOW_FIRST)
 
 
 def run(*args, **kw):
