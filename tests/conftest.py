@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
+import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,17 +22,26 @@ DIGITS = sample_data()
 SOURCE = source_model()
 
 
-# Fixtures that cost seconds to tens of seconds (ExecuTorch lowering, int8 searches, a full
-# export): every test that uses one runs on the same xdist worker (--dist loadgroup in
-# pyproject.toml), so the fixture is made once per run, not once per worker. Grouped by the
-# fixture, not by file, so a new test that uses one joins its group by itself.
-XDIST_GROUPS = {
-    "pte_export": "pte",
-    "perturbed_export": "pte",
-    "pte_int8": "pte_int8",
-    "strict_int8": "strict_int8",
-    "full_export": "full_export",
-}
+@contextmanager
+def made_once(tmp_path_factory, name: str):
+    """Yield (folder, fill): one folder for all xdist workers of this run. The first worker to
+    get here has fill=True and writes it; the others wait on the lock, then get fill=False and
+    read what it wrote. So an expensive session fixture (ExecuTorch lowering, an int8 search)
+    is made once per run, not once per worker (pytest-xdist's documented pattern)."""
+    from filelock import FileLock  # a torch dependency
+
+    base = tmp_path_factory.getbasetemp()
+    # under xdist each worker's basetemp is popen-gwN inside the run's own folder
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder, done = root / f"once-{name}", root / f"once-{name}.done"
+    with FileLock(str(root / f"once-{name}.lock")):
+        fill = not done.exists()
+        if fill:  # a worker that failed to fill it left it incomplete: start again
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+        yield folder, fill
+        if fill:
+            done.touch()
 
 
 # Tests of 20 s and more on 2 cores run first: started last, one of them would leave the other
@@ -47,13 +58,7 @@ SLOW_FIRST = {
 }
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        names = getattr(item, "fixturenames", ())
-        group = next((g for f, g in XDIST_GROUPS.items() if f in names), None)
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
     items.sort(key=lambda item: getattr(item, "originalname", item.name) not in SLOW_FIRST)
 
 
@@ -138,32 +143,35 @@ def digits_export(digits_run, tmp_path_factory) -> Path:
 def pte_export(digits_run, tmp_path_factory):
     """(EXPORT_DIR with model.onnx, model.pte and golden/, export's output): lowering to XNNPACK
     takes ~20 s, so test_executorch.py and the C++ tests share this one."""
-    out = tmp_path_factory.mktemp("pte") / "export"
-    res = run("export", digits_run, "--onnx", "--executorch", "--out", out)
-    assert res.exit_code == 0, res.output
-    return out, res.output
+    with made_once(tmp_path_factory, "pte") as (folder, fill):
+        out = folder / "export"
+        if fill:
+            res = run("export", digits_run, "--onnx", "--executorch", "--out", out)
+            assert res.exit_code == 0, res.output
+            (folder / "output.txt").write_text(res.output)
+        return out, (folder / "output.txt").read_text()
 
 
 @pytest.fixture(scope="session")
 def perturbed_export(pte_export, tmp_path_factory):
     """A copy of the export whose model.pte comes from the model with one weight changed, and
     batches 1..4 (so a batch of 5 runs in pieces)."""
-    import shutil
-
     import torch
 
     from edgetransfer.pte import export_pte
     from edgetransfer.runs import load_run
 
     out, _ = pte_export
-    broken = tmp_path_factory.mktemp("pte_broken") / "export"
-    shutil.copytree(out, broken)
-    model, manifest = load_run(broken)
-    with torch.no_grad():
-        weight = next(p for n, p in model.named_parameters() if n.endswith("weight"))
-        weight.view(-1)[0] += 0.5
-    assert export_pte(model, manifest, broken / "model.pte", 4, [])["batch"] == [1, 4]
-    return broken
+    with made_once(tmp_path_factory, "pte_broken") as (folder, fill):
+        broken = folder / "export"
+        if fill:
+            shutil.copytree(out, broken)
+            model, manifest = load_run(broken)
+            with torch.no_grad():
+                weight = next(p for n, p in model.named_parameters() if n.endswith("weight"))
+                weight.view(-1)[0] += 0.5
+            assert export_pte(model, manifest, broken / "model.pte", 4, [])["batch"] == [1, 4]
+        return broken
 
 
 def digits_config(out, **kw):

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -18,18 +19,22 @@ from edgetransfer.manifest import ARTIFACTS, read_manifest
 from edgetransfer.parity import MAX_TOP1_DROP, PROBS_ATOL
 from edgetransfer.verify import verify
 
-from .conftest import DIGITS, make_images
+from .conftest import DIGITS, made_once, make_images
 
 BUNDLE_RUN = ("head", "bundle")  # only in folders of runs adapted on a bundle (test_bundle.py)
 
 
 @pytest.fixture(scope="session")
 def full_export(digits_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("full") / "export"
-    res = export(
-        ExportConfig(run_dir=digits_run, out=out, pt2=True, int8=True, fp16=True, optimize=True)
-    )
-    return out, res
+    """(EXPORT_DIR with every artifact but .pte, the result's report and notes as export.json
+    has them): made once per run, whichever worker comes first."""
+    with made_once(tmp_path_factory, "full_export") as (folder, fill):
+        out = folder / "export"
+        if fill:
+            cfg = dict(pt2=True, int8=True, fp16=True, optimize=True)
+            export(ExportConfig(run_dir=digits_run, out=out, **cfg))
+        report = json.loads((out / "export.json").read_text())
+        return out, SimpleNamespace(report=report, notes=report["notes"])
 
 
 def test_every_artifact_is_written_and_carries_the_manifest(full_export):

@@ -13,7 +13,7 @@ from edgetransfer.export import ExportConfig, export
 from edgetransfer.parity import allowed_drop
 from edgetransfer.quantize import keep_in_float
 
-from .conftest import DIGITS, run
+from .conftest import DIGITS, made_once, run
 
 
 def _int8_export(run_dir, out, **kw):
@@ -24,13 +24,18 @@ def _int8_export(run_dir, out, **kw):
     )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def strict_int8(digits_run, tmp_path_factory):
     """--max-drop 0: full int8 loses images on the digits model, so a layer must go float."""
-    out = tmp_path_factory.mktemp("int8") / "export"
-    res = run("export", digits_run, "--int8", "--max-drop", "0", "--golden", "0", "--out", out)
-    assert res.exit_code == 0, res.output
-    return out, json.loads((out / "export.json").read_text()), res.output
+    with made_once(tmp_path_factory, "strict_int8") as (folder, fill):
+        out = folder / "export"
+        if fill:
+            args = ("--int8", "--max-drop", "0", "--golden", "0", "--out", out)
+            res = run("export", digits_run, *args)
+            assert res.exit_code == 0, res.output
+            (folder / "output.txt").write_text(res.output)
+        output = (folder / "output.txt").read_text()
+        return out, json.loads((out / "export.json").read_text()), output
 
 
 def test_allowed_drop_is_one_point_or_one_image():
@@ -119,7 +124,7 @@ def test_keep_in_float_is_bounded_and_keeps_the_best(monkeypatch):
 # --- model.int8.pte: PT2E with the XNNPACK quantizer ------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pte_int8(digits_run, digits_export, tmp_path_factory):
     """A copy of the digits export with model.int8.pte written at --max-drop 0 (PT2E int8
     loses an image on this model, so the fallback must act)."""
@@ -132,18 +137,22 @@ def pte_int8(digits_run, digits_export, tmp_path_factory):
     from edgetransfer.pte import export_pte_int8
     from edgetransfer.runs import load_run
 
-    out = tmp_path_factory.mktemp("pte_int8") / "export"
-    shutil.copytree(digits_export, out)
     model, manifest = load_run(digits_run)
-    ds = run_split(DIGITS, manifest)
-    calib = _spread([s for s in ds.samples if s.split == "train"], 64)
-    xc, _ = quantize.load_inputs(calib, manifest)
-    xv, kept = quantize.load_inputs(ds.split("val"), manifest)
-    truth = np.array([manifest.labels.index(ds.classes[s.label]) for s in kept])
-    notes: list[str] = []
-    report = export_pte_int8(model, manifest, out / "model.int8.pte", xc, xv, truth, 0.0, 4, notes)
-    assert notes == []
-    return out, report, manifest
+    with made_once(tmp_path_factory, "pte_int8") as (folder, fill):  # once per run
+        out = folder / "export"
+        if fill:
+            shutil.copytree(digits_export, out)
+            ds = run_split(DIGITS, manifest)
+            calib = _spread([s for s in ds.samples if s.split == "train"], 64)
+            xc, _ = quantize.load_inputs(calib, manifest)
+            xv, kept = quantize.load_inputs(ds.split("val"), manifest)
+            truth = np.array([manifest.labels.index(ds.classes[s.label]) for s in kept])
+            notes: list[str] = []
+            pte = out / "model.int8.pte"
+            report = export_pte_int8(model, manifest, pte, xc, xv, truth, 0.0, 4, notes)
+            assert notes == []
+            (folder / "report.json").write_text(json.dumps(report))
+        return out, json.loads((folder / "report.json").read_text()), manifest
 
 
 def test_pte_int8_keeps_the_costliest_module_in_float(pte_int8):
