@@ -44,24 +44,6 @@ def made_once(tmp_path_factory, name: str):
             done.touch()
 
 
-# Tests of 20 s and more on 2 cores run first: started last, one of them would leave the other
-# worker idle at the end (the wall time is bounded by the last test to finish).
-SLOW_FIRST = {
-    "test_head_on_real_weights_exports_and_verifies",
-    "test_every_architecture_exports_and_verifies",
-    "test_every_strategy_runs_through_export_and_verify",
-    "test_lwf_protects_the_source_task",
-    "test_sigint_then_resume_matches_uninterrupted",
-    "test_startup_benchmark_writes_its_rows",
-    "test_installed_console_script_runs_demo",
-    "test_top1_unchanged_with_draft_on_enlarged_sample_digits",
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: getattr(item, "originalname", item.name) not in SLOW_FIRST)
-
-
 def run(*args, **kw):
     """The CLI in process: paths and numbers become strings, bytes (odd file names) stay bytes."""
     return CliRunner().invoke(cli, [a if isinstance(a, bytes) else str(a) for a in args], **kw)
