@@ -481,7 +481,9 @@ def adapt(
     backbone with small batches (BatchNorm stays frozen unless --train-bn).
     Ctrl-C stops after the current step and saves a checkpoint: rerun with --resume.
     With --backbone FILE.onnx (a bundle from `edgetransfer backbone`) the features come from
-    onnxruntime and the head is fitted in numpy: PyTorch is not imported.
+    onnxruntime and the head is fitted in numpy: PyTorch is not imported. A head run keeps its
+    backbone as such a bundle in the cache, and later head runs of the same --arch, --weights
+    and --image-size use it the same way (--backend torch or --no-cache: not).
 
     \b
     Example:
