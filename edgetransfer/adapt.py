@@ -29,6 +29,7 @@ from edgetransfer.backbones import (
     split,
     truncate,
 )
+from edgetransfer.bundler import cache_bundle
 from edgetransfer.data import (
     Dataset,
     Sample,
@@ -38,7 +39,7 @@ from edgetransfer.data import (
     scan,
     train_val,
 )
-from edgetransfer.errors import DataError, EdgeTransferError
+from edgetransfer.errors import DataError, EdgeTransferError, first_line
 from edgetransfer.features import extract
 from edgetransfer.fileio import atomic_write_text, check_can_write, output_dir
 from edgetransfer.headfit import HEAD_L2, balanced_class_weights
@@ -154,7 +155,8 @@ class AdaptResult:
             ``images`` (every image decoded once; for ``head`` that is the feature extraction),
             ``train`` (training, with any augmented views' features) and within it ``fit`` (the
             optimizer alone), ``baseline`` (the scratch run of --baseline), ``write`` (RUN_DIR)
-            and within it ``report`` (report.html).
+            and within it ``report`` (report.html), ``bundle`` (the backbone kept in the cache
+            as a bundle, see keeps_bundle; a lookup when it is there already).
     """
 
     run_dir: Path
@@ -290,6 +292,10 @@ def _adapt(cfg: AdaptConfig) -> AdaptResult:
     with phase("write"):
         notes = _write_run(cfg, built.model, manifest, result, bad=bad, memory=memory, phase=phase)
     remove_checkpoint(checkpoint_path(cfg.out))
+    if keeps_bundle(cfg):
+        with phase("bundle"):
+            note = _keep_bundle(cfg)
+        notes += [note] if note else []
     return AdaptResult(
         run_dir=Path(cfg.out),
         manifest=manifest,
@@ -297,6 +303,33 @@ def _adapt(cfg: AdaptConfig) -> AdaptResult:
         memory=memory,
         notes=notes,
         timings=dict(phase.seconds),
+    )
+
+
+def keeps_bundle(cfg: AdaptConfig) -> bool:
+    """Whether this run keeps its frozen backbone in the cache as a bundle, for later runs to
+    adapt on without PyTorch: a head run of the source weights (a file or imagenet) whose
+    backend may be onnxruntime and which may use the cache."""
+    return (
+        cfg.strategy == "head"
+        and cfg.weights != "none"
+        and not cfg.truncate
+        and cfg.backend == "auto"
+        and cfg.use_cache
+    )
+
+
+def _keep_bundle(cfg: AdaptConfig) -> str | None:
+    """bundler.cache_bundle; a failure is a note, not an error: the run itself is complete."""
+    try:
+        res = cache_bundle(cfg.arch, cfg.weights, image_size=cfg.image_size, data_dir=cfg.data_dir)
+    except (EdgeTransferError, OSError) as e:
+        return f"backbone not kept in the cache as a bundle: {first_line(e)}"
+    if res is None:
+        return None
+    return (
+        f"kept the backbone in the cache as a bundle ({res.path.name}): the next --strategy "
+        f"head run of {cfg.arch} with these weights adapts without loading PyTorch"
     )
 
 

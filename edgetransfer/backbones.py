@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 from collections import OrderedDict
@@ -357,6 +358,9 @@ class SourceModel:
     labels: list[str] | None
     provenance: dict[str, Any]
     preprocessing: Preprocessing | None = None  # from the weights file, when it carries one
+    # the file the weights were read from on this machine (None: random init); kept out of
+    # the provenance, which travels inside artifacts
+    weights_file: Path | None = None
 
 
 def load_source(arch: str, weights: str) -> SourceModel:
@@ -367,6 +371,42 @@ def load_source(arch: str, weights: str) -> SourceModel:
     if weights == "imagenet":
         return _load_imagenet(spec)
     return _load_file(spec, Path(weights))
+
+
+class SourceBackbone(nn.Module):
+    """image -> (features, source logits): the frozen source model a backbone bundle holds."""
+
+    def __init__(self, features: nn.Module, source_head: nn.Linear) -> None:
+        super().__init__()
+        self.features, self.source_head = features, source_head
+
+    def forward(self, x: torch.Tensor):
+        f = self.features(x)
+        return f, self.source_head(f)
+
+
+def source_backbone(arch: str, weights: str) -> tuple[SourceModel, SourceBackbone, dict]:
+    """(SourceModel, its SourceBackbone in eval mode, the weights' provenance with a sha256):
+    what a backbone bundle is made from and what a run adapted on one rebuilds its eager model
+    from. Random weights (--weights none) are seeded, so the same call gives the same module,
+    and their sha256 is the module's own (module_sha256)."""
+    torch.manual_seed(0)
+    source = load_source(arch, weights)
+    features, source_head = split(source.spec, source.model)
+    module = SourceBackbone(features, source_head).eval()
+    provenance = dict(source.provenance)
+    provenance.setdefault("sha256", module_sha256(module))
+    return source, module, provenance
+
+
+def module_sha256(module: nn.Module) -> str:
+    """sha256 of a module's structure (its repr) and every tensor of its state dict."""
+    h = hashlib.sha256(repr(module).encode())
+    for k, v in module.state_dict().items():
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def _load_imagenet(spec: ArchSpec) -> SourceModel:
@@ -392,9 +432,10 @@ def _load_imagenet(spec: ArchSpec) -> SourceModel:
     model.load_state_dict(state)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)
     prov = {"weights": "imagenet", "name": spec.imagenet_weights, "url": w.url}
-    if cached.is_file():
-        prov["sha256"] = sha256_file(cached)
-    return SourceModel(spec, model, list(w.meta["categories"]), prov)
+    if not cached.is_file():
+        return SourceModel(spec, model, list(w.meta["categories"]), prov)
+    prov["sha256"] = sha256_file(cached)
+    return SourceModel(spec, model, list(w.meta["categories"]), prov, weights_file=cached)
 
 
 def imagenet_categories() -> list[str]:
@@ -428,7 +469,7 @@ def _load_lite0(spec: ArchSpec) -> SourceModel:
         "file": path.name,
         "sha256": sha256_file(path),
     }
-    return SourceModel(spec, model, imagenet_categories(), prov)
+    return SourceModel(spec, model, imagenet_categories(), prov, weights_file=path)
 
 
 def efficientnet_pytorch_to_timm(
@@ -526,7 +567,7 @@ def _load_file(spec: ArchSpec, path: Path) -> SourceModel:
     if labels is not None and len(labels) != head_w.shape[0]:
         labels = None
     prov = {"weights": "file", "file": path.name, "sha256": sha256_file(path)}
-    return SourceModel(spec, model, labels, prov, preprocessing)
+    return SourceModel(spec, model, labels, prov, preprocessing, path.absolute())
 
 
 def load_strict(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:

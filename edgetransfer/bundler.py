@@ -15,22 +15,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgetransfer import onnxio
-from edgetransfer.backbones import feature_dim, get_arch, load_source, split
+from edgetransfer import bundlecache, onnxio
+from edgetransfer.backbones import feature_dim, get_arch, source_backbone
 from edgetransfer.bundle import FEATURES, SOURCE_OUTPUT, bundle_manifest, is_bundle
 from edgetransfer.data import load_image, preprocess, scan
-from edgetransfer.device import load_head
-from edgetransfer.errors import (
-    DataError,
-    EdgeTransferError,
-    ExportError,
-    OutputExistsError,
-    WeightsError,
-)
-from edgetransfer.features import module_sha256
+from edgetransfer.errors import DataError, EdgeTransferError, ExportError, OutputExistsError
 from edgetransfer.fileio import sha256_file
-from edgetransfer.manifest import ARTIFACTS, Manifest, read_manifest, versions
+from edgetransfer.manifest import Manifest, read_manifest, versions
 from edgetransfer.parity import CHECK_BATCHES, require_close
+from edgetransfer.runs import load_run
 
 CHECK_IMAGES = 16  # real images the bundle must match eager on, spread over the classes
 
@@ -42,18 +35,7 @@ class BundleResult:
     sha256: str
     exporter: str
     checked_images: int
-
-
-class _Backbone(nn.Module):
-    """image -> (features, source logits): what a bundle answers."""
-
-    def __init__(self, features: nn.Module, source_head: nn.Linear) -> None:
-        super().__init__()
-        self.features, self.source_head = features, source_head
-
-    def forward(self, x: torch.Tensor):
-        f = self.features(x)
-        return f, self.source_head(f)
+    weights_file: Path | None  # the file the weights came from (None: random init)
 
 
 def check_bundle_out(out: Path, force: bool, inputs: list) -> None:
@@ -79,20 +61,29 @@ def check_bundle_out(out: Path, force: bool, inputs: list) -> None:
 
 
 def write_bundle(
-    arch: str, weights: str, out: str | os.PathLike, *, data_dir: Path, force: bool = False
+    arch: str,
+    weights: str,
+    out: str | os.PathLike,
+    *,
+    data_dir: Path,
+    force: bool = False,
+    image_size: int | None = None,
 ) -> BundleResult:
     """Build `arch` with `weights`, split off its head and write the bundle to `out`.
 
     The ONNX file is checked against eager at batch 1, 2 and 8 on random inputs and on up to
-    CHECK_IMAGES real images of `data_dir` before it replaces `out` (atomically).
+    CHECK_IMAGES real images of `data_dir` before it replaces `out` (atomically). With
+    `image_size`, the input is that square size (adapt --image-size), else the architecture's.
     """
     out = Path(out)
     get_arch(arch)  # an unknown name fails before any work
     weights_file = weights if weights not in ("imagenet", "none") else None
     check_bundle_out(out, force, [weights_file, data_dir])
     images = _real_images(data_dir)
-    source, module, provenance = _source_backbone(arch, weights)
+    source, module, provenance = source_backbone(arch, weights)
     pre = source.preprocessing or source.spec.preprocessing
+    if image_size:
+        pre = pre.with_size(image_size)
     dim = feature_dim(module.features, pre)
     source_head = module.source_head
     labels = source.labels or [f"source_{i}" for i in range(source_head.out_features)]
@@ -122,38 +113,43 @@ def write_bundle(
             errors.append(f"{exporter}: {e}")
     else:
         raise ExportError(f"the {arch} backbone does not export to ONNX: " + "; ".join(errors))
-    return BundleResult(out, manifest, sha256_file(out), exporter, len(images))
+    sha = sha256_file(out)
+    return BundleResult(out, manifest, sha, exporter, len(images), source.weights_file)
 
 
-def _source_backbone(arch: str, weights: str):
-    """(SourceModel, the bundle's eager module, the weights' provenance with their sha256)."""
-    torch.manual_seed(0)  # --weights none: the same command gives the same bundle
-    source = load_source(arch, weights)
-    features, source_head = split(source.spec, source.model)
-    module = _Backbone(features, source_head).eval()
-    provenance = dict(source.provenance)
-    provenance.setdefault("sha256", module_sha256(module))  # random init: its own weights
-    return source, module, provenance
+def cache_bundle(
+    arch: str, weights: str, *, image_size: int | None, data_dir: Path
+) -> BundleResult | None:
+    """Keep `arch` with `weights` (at `image_size`) as a bundle in the cache, where later adapt
+    runs find it without torch (bundlecache.lookup). None when the weights are random or a
+    valid entry is there already."""
+    paths = bundlecache.entry_paths(arch, weights, image_size)
+    if paths is None or bundlecache.lookup(arch, weights, image_size, warn=False):
+        return None
+    index, path = paths
+    path.parent.mkdir(parents=True, exist_ok=True)
+    index.unlink(missing_ok=True)  # the entry goes first: it never names a half-made bundle
+    path.unlink(missing_ok=True)
+    res = write_bundle(arch, weights, path, data_dir=data_dir, image_size=image_size)
+    if res.weights_file is None:  # e.g. ImageNet weights not from a file: nothing to bind to
+        path.unlink(missing_ok=True)
+        return None
+    bundlecache.record(
+        arch,
+        weights,
+        image_size,
+        bundle_sha256=res.sha256,
+        weights_file=res.weights_file,
+        weights_sha256=res.manifest.source["sha256"],
+    )
+    return res
 
 
 def eager_of_export(export_dir: str | os.PathLike, weights: str):
-    """For an EXPORT_DIR of a run adapted on a bundle: that model in eager PyTorch (the
-    bundle's architecture with `weights`, which must be those the bundle was made from, and
-    the run's head), as float32 NCHW -> logits. What `verify --eager-weights` compares the
-    torch-free reference with."""
-    manifest = read_manifest(export_dir)
-    weight, bias = load_head(Path(export_dir) / ARTIFACTS["head"], manifest)
-    _, module, provenance = _source_backbone(manifest.arch, weights)
-    if provenance["sha256"] != manifest.source.get("sha256"):
-        raise WeightsError(
-            f"--eager-weights {weights} are not the weights the bundle was made from (their "
-            "sha256 differs from the manifest's source.sha256)"
-        )
-    head = nn.Linear(weight.shape[1], weight.shape[0])
-    with torch.no_grad():
-        head.weight.copy_(torch.from_numpy(np.asarray(weight, np.float32)))
-        head.bias.copy_(torch.from_numpy(np.asarray(bias, np.float32)))
-    model = nn.Sequential(module.features, head).eval()
+    """For an EXPORT_DIR of a run adapted on a bundle: that model in eager PyTorch (runs.load_run
+    with `weights`, which must be those the bundle was made from), as float32 NCHW -> logits.
+    What `verify --eager-weights` compares the torch-free reference with."""
+    model, _ = load_run(export_dir, weights)
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

@@ -151,6 +151,18 @@ _provider_option = click.option(
     show_default=True,
     help="onnxruntime execution provider for ONNX models.",
 )
+
+
+def _eager_weights_option(use: str) -> Callable:
+    return click.option(
+        "--eager-weights",
+        default=None,
+        metavar="imagenet|none|PATH",
+        help="For a run adapted on a backbone bundle: the weights the bundle was made from, to "
+        + use,
+    )
+
+
 _trust_torchscript_option = click.option(
     "--trust-torchscript",
     is_flag=True,
@@ -469,7 +481,9 @@ def adapt(
     backbone with small batches (BatchNorm stays frozen unless --train-bn).
     Ctrl-C stops after the current step and saves a checkpoint: rerun with --resume.
     With --backbone FILE.onnx (a bundle from `edgetransfer backbone`) the features come from
-    onnxruntime and the head is fitted in numpy: PyTorch is not imported.
+    onnxruntime and the head is fitted in numpy: PyTorch is not imported. A head run keeps its
+    backbone as such a bundle in the cache, and later head runs of the same --arch, --weights
+    and --image-size use it the same way (--backend torch or --no-cache: not).
 
     \b
     Example:
@@ -481,24 +495,41 @@ def adapt(
     if budget is not None and strategy != config.AUTO:
         raise click.UsageError(f"--budget is for --strategy {config.AUTO}")
     out = out or Path("runs") / (Path(data_dir).resolve().name or "run")
+    ctx = click.get_current_context()
+    bundle_options = dict(
+        data_dir=data_dir,
+        out=out,
+        epochs=epochs,
+        patience=patience,
+        balance=balance,
+        val_fraction=val_fraction,
+        seed=seed,
+        max_bad=max_bad,
+        max_pixels=max_pixels,
+        workers=workers,
+        force=force,
+        use_cache=not no_cache,
+        progress=_progress(quiet or as_json),
+    )
     if backbone_bundle is not None:
+        _refuse_with_bundle(ctx)
+        _adapt_on_bundle(backbone_bundle, bundle_options, as_json=as_json)
+        return
+    cached = _cached_bundle(ctx)
+    if cached is not None:  # a bundle an earlier run of these weights kept: no torch import
+        from edgetransfer.bundlecache import weights_spec
+
+        click.echo(
+            f"backbone from the cached bundle {cached.path} (kept by an earlier run; "
+            "--backend torch runs PyTorch instead)",
+            err=as_json,
+        )
         _adapt_on_bundle(
-            click.get_current_context(),
-            data_dir=data_dir,
-            out=out,
-            backbone=backbone_bundle,
-            epochs=epochs,
-            patience=patience,
-            balance=balance,
-            val_fraction=val_fraction,
-            seed=seed,
-            max_bad=max_bad,
-            max_pixels=max_pixels,
-            workers=workers,
-            force=force,
-            use_cache=not no_cache,
-            progress=_progress(quiet or as_json),
+            cached.path,
+            bundle_options,
             as_json=as_json,
+            weights=weights_spec(weights),
+            report=not no_report,
         )
         return
     from edgetransfer.adapt import AdaptConfig
@@ -617,39 +648,95 @@ _NOT_WITH_BUNDLE = (
     "batch_size",
     "lr",
     "no_report",
+    "baseline",
 )
+# ... of which a run on the cached bundle takes these: they choose the bundle (arch, weights,
+# image size), or the backend that may be onnxruntime (auto), or report.html (written from the
+# head's validation logits)
+_CHOOSE_CACHED_BUNDLE = ("arch", "weights", "image_size", "backend", "no_report")
 
 
-def _adapt_on_bundle(ctx: click.Context, *, as_json: bool, **options) -> None:
-    """adapt --backbone: refuse what needs PyTorch, then the device path (no torch import)."""
+def _given(ctx: click.Context, names) -> list[str]:
+    """Those of `names` given on the command line (or by the environment), in order."""
     from click.core import ParameterSource
 
+    return [
+        name
+        for name in names
+        if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+    ]
+
+
+def _refuse_with_bundle(ctx: click.Context) -> None:
+    """adapt --backbone: refuse what needs PyTorch, in one line."""
     if ctx.params["strategy"] != config.STRATEGY:
         raise click.UsageError(
             f"--strategy {ctx.params['strategy']} trains the backbone, which needs PyTorch; "
             "with --backbone FILE.onnx only --strategy head runs"
         )
-    given = [
-        name
-        for name in _NOT_WITH_BUNDLE
-        if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
-    ]
+    given = _given(ctx, _NOT_WITH_BUNDLE)
     if given:
         flag = next(p.opts[0] for p in ctx.command.params if p.name == given[0])
         raise click.UsageError(
             f"{flag} does not apply with --backbone FILE.onnx (the bundle fixes the "
             "architecture, weights and preprocessing; the head is fitted with full-batch L-BFGS)"
         )
+
+
+def _cached_bundle(ctx: click.Context):
+    """The bundle an earlier head run of these --arch, --weights and --image-size kept in the
+    cache (bundlecache.lookup), when this run is one the bundle path does the same: --strategy
+    head, --backend auto, the cache on, and none of the options only PyTorch takes. Else None
+    (and the PyTorch path runs, as without a cache)."""
+    p = ctx.params
+    if (
+        p["strategy"] != config.STRATEGY
+        or p["backend"] != config.BACKEND
+        or p["no_cache"]
+        or p["baseline"]
+        or _given(ctx, [n for n in _NOT_WITH_BUNDLE if n not in _CHOOSE_CACHED_BUNDLE])
+    ):
+        return None
+    from edgetransfer.bundlecache import lookup
+
+    return lookup(p["arch"], p["weights"], p["image_size"])
+
+
+def _adapt_on_bundle(
+    backbone: Path,
+    options: dict,
+    *,
+    as_json: bool,
+    weights: str | None = None,
+    report: bool = False,
+) -> None:
+    """The device path (no torch import): a head on the bundle's features. `weights` (those the
+    bundle was made from) go into run.json; with `report`, report.html is written from the
+    head's validation logits."""
     from edgetransfer.device import BundleAdaptConfig, adapt_bundle
 
-    res = adapt_bundle(BundleAdaptConfig(**options))
+    res = adapt_bundle(BundleAdaptConfig(backbone=backbone, weights=weights, **options))
+    notes = []
+    if report:
+        from edgetransfer.report import ReportUnavailable, write_run_report
+
+        try:
+            write_run_report(
+                res.run_dir,
+                data_dir=options["data_dir"],
+                progress=options["progress"],
+                val_logits=res.val_logits,
+                bad=res.bad_files,
+            )
+        except ReportUnavailable as e:
+            notes.append(f"no report.html: {e}")
     m = res.manifest
     if as_json:
         _emit_json(m.to_dict())
         return
+    where = "the cached bundle" if weights is not None else f"the bundle {backbone.name}"
     click.echo(
-        f"adapted {m.arch} (head on the bundle {options['backbone'].name}) "
-        f"to {len(m.labels)} classes ({', '.join(m.labels)})"
+        f"adapted {m.arch} (head on {where}) to {len(m.labels)} classes ({', '.join(m.labels)})"
     )
     click.echo(
         f"train {m.data['train']} / val {m.data['val']} images, best epoch "
@@ -662,6 +749,8 @@ def _adapt_on_bundle(ctx: click.Context, *, as_json: bool, **options) -> None:
             f"{res.run_dir / 'bad_files.txt'}",
             err=True,
         )
+    for note in notes:
+        click.echo(note, err=True)
     click.echo(f"wrote {res.run_dir}")
 
 
@@ -743,6 +832,10 @@ def _echo_auto(auto: dict) -> None:
 @_threads_option("onnxruntime threads for the latency guard [default: all cores].")
 @_force_option("EXPORT_DIR")
 @_json_option("Print the files written and the export report as JSON.")
+@_eager_weights_option(
+    "build its PyTorch model for --torchscript, --pt2, --executorch, --int8, --fp16 and "
+    "--optimize [default: the weights run.json records, or imagenet]."
+)
 def export(
     run_dir: Path,
     want_onnx: bool,
@@ -764,6 +857,7 @@ def export(
     threads: int | None,
     force: bool,
     as_json: bool,
+    eager_weights: str | None,
 ) -> None:
     """Export RUN_DIR for deployment; every file carries labels and preprocessing.
 
@@ -781,21 +875,14 @@ def export(
     from edgetransfer.device import is_bundle_run
 
     out = out or Path(run_dir) / "export"
-    if is_bundle_run(run_dir):
-        torch_only = {
-            "--torchscript": want_ts,
-            "--pt2": want_pt2,
-            "--int8": want_int8,
-            "--fp16": want_fp16,
-            "--optimize": optimize,
-            "--executorch": executorch,
-        }
-        asked = [flag for flag, on in torch_only.items() if on]
-        if asked:
-            raise click.UsageError(
-                f"{asked[0]} is not available for a run adapted on a backbone bundle: "
-                "export writes model.onnx and model.raw.onnx (--onnx, --raw)"
-            )
+    torch_only = want_ts or want_pt2 or want_int8 or want_fp16 or optimize or executorch
+    bundle_run = is_bundle_run(run_dir)
+    if eager_weights is not None and not bundle_run:
+        raise click.UsageError(
+            "--eager-weights is for a run adapted on a backbone bundle; other runs keep their "
+            "whole PyTorch model"
+        )
+    if bundle_run and not torch_only:  # no torch: the bundle and the head composed
         from edgetransfer.device import export_bundle
 
         both = not (want_onnx or want_raw)
@@ -812,16 +899,7 @@ def export(
         from edgetransfer.export import ExportConfig
         from edgetransfer.export import export as run_export
 
-        default = not (
-            want_onnx
-            or want_ts
-            or want_raw
-            or want_pt2
-            or want_int8
-            or want_fp16
-            or optimize
-            or executorch
-        )
+        default = not (want_onnx or want_raw or torch_only)
         res = run_export(
             ExportConfig(
                 run_dir=run_dir,
@@ -843,6 +921,7 @@ def export(
                 calib_size=calib_size,
                 max_drop=max_drop / 100,
                 threads=threads,
+                source_weights=eager_weights,
             )
         )
     _print_export(res, as_json)
@@ -904,12 +983,8 @@ def _print_export(res, as_json: bool) -> None:
 @_threads_option("onnxruntime and ExecuTorch threads [default: all cores].")
 @_json_option("Print parity.json to stdout.")
 @_trust_torchscript_option
-@click.option(
-    "--eager-weights",
-    default=None,
-    metavar="imagenet|none|PATH",
-    help="For a run adapted on a backbone bundle: also compare with eager PyTorch, the "
-    "bundle's architecture with these weights (those it was made from) and the run's head.",
+@_eager_weights_option(
+    "also compare with eager PyTorch (that architecture with these weights and the run's head)."
 )
 def verify(
     export_dir: Path,

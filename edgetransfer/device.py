@@ -81,11 +81,14 @@ def bundle_of(manifest: Manifest) -> dict | None:
 
 
 def is_bundle_run(path: str | os.PathLike) -> bool:
-    """Whether `path` (a RUN_DIR or EXPORT_DIR) holds a model adapted on a backbone bundle."""
+    """Whether `path` (a RUN_DIR or EXPORT_DIR) holds a model adapted on a backbone bundle as
+    the bundle and a head, without PyTorch weights: what this module exports and verifies. (An
+    EXPORT_DIR the PyTorch path made from such a run has model.safetensors: it is not.)"""
     try:
-        return bundle_of(read_manifest(path)) is not None
+        manifest = read_manifest(path)
     except EdgeTransferError:
         return False
+    return bundle_of(manifest) is not None and not (Path(path) / ARTIFACTS["weights"]).exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,6 +114,9 @@ class BundleAdaptConfig:
     force: bool = False
     use_cache: bool = True
     progress: bool = False
+    # the --weights the bundle was made from, when known (a bundle from the cache): recorded in
+    # run.json so the run's eager model can be rebuilt (runs.load_run)
+    weights: str | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,7 @@ class BundleAdaptResult:
     bad_files: list[tuple[Path, str]]
     timings: dict[str, float] = field(default_factory=dict)
     features_cached: bool = False
+    val_logits: np.ndarray | None = None  # the kept head's, row i for validation sample i
 
 
 def adapt_bundle(cfg: BundleAdaptConfig) -> BundleAdaptResult:
@@ -174,6 +181,8 @@ def adapt_bundle(cfg: BundleAdaptConfig) -> BundleAdaptResult:
             "backbone": str(Path(cfg.backbone).absolute()),
             "stopped_early": fit.stopped_early,
         }
+        if cfg.weights is not None:
+            run_info["weights"] = cfg.weights
         atomic_write_text(tmp / RUN_INFO, json.dumps(run_info, indent=2) + "\n")
         if feats.bad:
             atomic_write_text(
@@ -181,7 +190,9 @@ def adapt_bundle(cfg: BundleAdaptConfig) -> BundleAdaptResult:
                 "".join(f"{os.fsdecode(p)!r}\t{r}\n" for p, r in feats.bad),
             )
     timings["write"] = time.perf_counter() - start
-    return BundleAdaptResult(Path(cfg.out), manifest, feats.bad, timings, feats.cached)
+    return BundleAdaptResult(
+        Path(cfg.out), manifest, feats.bad, timings, feats.cached, fit.val_logits
+    )
 
 
 def _run_manifest(cfg, bundle: Bundle, dataset, fit, n_train: int, n_val: int, n_bad: int):

@@ -30,7 +30,7 @@ from edgetransfer.fileio import (
 from edgetransfer.golden import GOLDEN_DIR, write_golden
 from edgetransfer.manifest import ARTIFACTS, EXPORT_REPORT, MANIFEST_NAME, Manifest, raw_manifest
 from edgetransfer.parity import ATOL, CHECK_BATCHES, RTOL, require_close
-from edgetransfer.runs import load_run
+from edgetransfer.runs import load_run, save_model
 from edgetransfer.runtime import OnnxClassifier
 
 EXPORTERS = config.EXPORTERS
@@ -49,6 +49,8 @@ class ExportConfig:
         max_drop: largest top-1 drop (fraction) a quantised model may have to be recommended.
         executorch: also write model.pte (ExecuTorch, XNNPACK-delegated).
         pte_max_batch: the largest batch model.pte accepts (its memory is planned for it).
+        source_weights: for a run adapted on a backbone bundle, the weights the bundle was made
+            from (runs.load_run); EXPORT_DIR then holds the whole model.safetensors.
     """
 
     run_dir: Path
@@ -70,6 +72,7 @@ class ExportConfig:
     threads: int | None = None
     executorch: bool = False
     pte_max_batch: int = config.PTE_MAX_BATCH
+    source_weights: str | None = None
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ def export(cfg: ExportConfig) -> ExportResult:
             raise ExportError(f"--pte-max-batch must be at least 1 (got {cfg.pte_max_batch})")
     inputs = [cfg.run_dir, cfg.data_dir or run_data_dir(cfg.run_dir)]
     check_can_write(cfg.out, cfg.force, inputs)
-    model, manifest = load_run(cfg.run_dir)
+    model, manifest = load_run(cfg.run_dir, cfg.source_weights)
     dataset, notes = _dataset(cfg, manifest)
     if (cfg.int8 or cfg.fp16) and dataset is None:
         raise ExportError(
@@ -191,7 +194,10 @@ def export(cfg: ExportConfig) -> ExportResult:
                 notes += guard.pop("notes")
                 report["guard"] = guard
         weights = ARTIFACTS["weights"]
-        shutil.copyfile(Path(cfg.run_dir) / weights, tmp / weights)
+        if (Path(cfg.run_dir) / weights).is_file():
+            shutil.copyfile(Path(cfg.run_dir) / weights, tmp / weights)
+        else:  # a run adapted on a bundle: its eager model as a PyTorch run would keep it
+            save_model(model, manifest, tmp / weights)
         atomic_write_text(tmp / "labels.txt", "".join(f"{label}\n" for label in manifest.labels))
         atomic_write_text(tmp / MANIFEST_NAME, manifest.to_json())
         if dataset is not None and cfg.golden > 0:

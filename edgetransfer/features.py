@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from edgetransfer import config, onnxio
+from edgetransfer.backbones import module_sha256
 from edgetransfer.data import (
     Sample,
     current_max_pixels,
@@ -228,16 +229,6 @@ _MAX_REASON = 1000
 
 class _Untrusted(Exception):
     """A cache entry or cached export failed a check; the message says which (one line)."""
-
-
-def module_sha256(module: nn.Module) -> str:
-    """sha256 of a module's structure (its repr) and every tensor of its state dict."""
-    h = hashlib.sha256(repr(module).encode())
-    for k, v in module.state_dict().items():
-        t = v.detach().cpu().contiguous()
-        h.update(f"{k}{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
 
 
 def _vectors_sha256(vectors: torch.Tensor) -> str:

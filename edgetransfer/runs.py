@@ -1,18 +1,24 @@
 """RUN_DIR's eager model: the weights with the manifest inside, and the checkpoint beside them.
 (The data folder a run was adapted on and its split live in data.py: they need no torch.)
 
+Two kinds of run (docs/artifacts.md): a PyTorch run keeps its whole model (model.safetensors);
+a run adapted on a backbone bundle keeps only its head (head.safetensors), and its eager model
+is the bundle's architecture with the weights the bundle was made from (sha256-checked) and
+that head.
+
 Floor 2: the eager model needs torch; it is imported by load_run and save_model alone.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
-from edgetransfer.device import bundle_of
-from edgetransfer.errors import ManifestError
+from edgetransfer.device import bundle_of, load_head
+from edgetransfer.errors import ManifestError, WeightsError
 from edgetransfer.fileio import atomic_write_bytes
-from edgetransfer.manifest import ARTIFACTS, METADATA_KEY, Manifest, read_manifest
+from edgetransfer.manifest import ARTIFACTS, METADATA_KEY, RUN_INFO, Manifest, read_manifest
 
 
 def checkpoint_path(out: Path) -> Path:
@@ -29,18 +35,21 @@ def save_model(model, manifest: Manifest, path: Path) -> None:
     atomic_write_bytes(path, save(state, metadata={METADATA_KEY: manifest.to_json()}))
 
 
-def load_run(run_dir: str | os.PathLike):
-    """The eager Classifier and its manifest from a RUN_DIR (or an EXPORT_DIR with weights)."""
+def load_run(run_dir: str | os.PathLike, source_weights: str | None = None):
+    """The eager Classifier and its manifest from a RUN_DIR (or an EXPORT_DIR with weights).
+
+    Args:
+        source_weights: for a run adapted on a backbone bundle without model.safetensors: the
+            weights the bundle was made from (imagenet or a file) [default: those run.json
+            records, or imagenet when the bundle was made from them].
+    """
     from edgetransfer.backbones import build_classifier, load_strict, read_state_dict
 
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
-    if bundle_of(manifest) is not None:
-        raise ManifestError(
-            f"{run_dir} was adapted on a backbone bundle and has no PyTorch model; export it "
-            "(`edgetransfer export`) and use its model.onnx"
-        )
     weights = run_dir / ARTIFACTS["weights"]
+    if not weights.is_file() and bundle_of(manifest) is not None:
+        return _bundle_run_model(run_dir, manifest, source_weights), manifest
     if not weights.is_file():
         raise ManifestError(f"{run_dir} has no model.safetensors; is it a RUN_DIR from adapt?")
     source_classes = (
@@ -56,3 +65,44 @@ def load_run(run_dir: str | os.PathLike):
     state, _ = read_state_dict(weights)
     load_strict(model, state, weights.name)
     return model.eval(), manifest
+
+
+def _bundle_run_model(run_dir: Path, manifest: Manifest, source_weights: str | None):
+    """A bundle run's eager Classifier: its architecture with the source weights (their sha256
+    must be the manifest's) and the head of head.safetensors."""
+    import torch
+
+    from edgetransfer.backbones import Classifier, source_backbone
+
+    weight, bias = load_head(run_dir / ARTIFACTS["head"], manifest)
+    source = manifest.source
+    chosen = source_weights or _recorded_weights(run_dir)
+    if chosen is None and source.get("weights") == "imagenet":
+        chosen = "imagenet"
+    if chosen is None:
+        raise WeightsError(
+            f"{run_dir} was adapted on a backbone bundle: its PyTorch model needs the weights "
+            f"the bundle was made from ({source.get('file') or source.get('weights')}, sha256 "
+            f"{str(source.get('sha256'))[:12]}...): pass them with export's or verify's "
+            "--eager-weights PATH, or use the exported model.onnx"
+        )
+    _, module, provenance = source_backbone(manifest.arch, chosen)
+    if provenance["sha256"] != source.get("sha256"):
+        raise WeightsError(
+            f"{chosen} are not the weights the bundle was made from (their sha256 differs from "
+            "the manifest's source.sha256); pass those with --eager-weights PATH"
+        )
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(weight.astype("float32")))
+        head.bias.copy_(torch.from_numpy(bias.astype("float32")))
+    return Classifier(module.features, head).eval()
+
+
+def _recorded_weights(run_dir: Path) -> str | None:
+    """The --weights a run adapted on a cached bundle was given (run.json), if any."""
+    try:
+        weights = json.loads((run_dir / RUN_INFO).read_text()).get("weights")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return weights if isinstance(weights, str) and weights != "none" else None

@@ -130,9 +130,7 @@ def test_verify_fails_on_a_changed_head(device_run, tmp_path):
     assert "parity failed: onnxruntime:" in res.output
 
 
-def test_export_refuses_a_changed_bundle_and_torch_formats(device_run, digits_bundle, tmp_path):
-    res = run("export", device_run, "--torchscript", "--out", tmp_path / "e1")
-    assert res.exit_code == 2 and "--torchscript is not available" in res.output
+def test_export_refuses_a_changed_bundle(device_run, digits_bundle, tmp_path):
     info = json.loads((device_run / "run.json").read_text())
     assert Path(info["backbone"]) == digits_bundle.absolute()
     moved = tmp_path / "run"
@@ -199,6 +197,29 @@ def test_features_cache_is_used_and_checked(digits_bundle, tmp_path, monkeypatch
         third = extract(bundle, samples)
     assert not third.cached
     np.testing.assert_array_equal(first.vectors, third.vectors)
+
+
+def test_torch_formats_of_a_device_run_where_torch_is(device_run, tmp_path):
+    """The eager model of a run adapted on a bundle: the bundle's weights (sha256-checked) and
+    the head; from it the PyTorch path writes what only it can (TorchScript here), and verify
+    compares every file with eager PyTorch."""
+    res = run("export", device_run, "--torchscript", "--out", tmp_path / "e1")
+    assert (
+        res.exit_code == 1 and "pass them with export's or verify's --eager-weights" in res.output
+    )
+    res = run(
+        "export", device_run, "--torchscript", "--eager-weights", "none", "--out", tmp_path / "e0"
+    )
+    assert res.exit_code == 1 and "not the weights the bundle was made from" in res.output
+    out = tmp_path / "e2"
+    res = run("export", device_run, "--torchscript", "--eager-weights", SOURCE, "--out", out)
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.glob("model.*")) == ["model.pt", "model.safetensors"]
+    res = run("verify", out, "--data", DIGITS, "--trust-torchscript")
+    assert res.exit_code == 0, res.output
+    assert "reference: eager PyTorch" in res.output and "\ntorchscript " in res.output
+    res = run("export", DIGITS, "--eager-weights", SOURCE)  # not a bundle run
+    assert res.exit_code == 2
 
 
 def test_verify_also_against_eager_where_torch_is(device_run):

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "edgetransfer"
 
 FLOORS = {
     0: {"__init__", "errors", "fileio", "manifest", "config", "ptefile"},
-    1: {"data", "parity", "onnxio", "headfit", "golden", "bundle", "device"},
+    1: {"data", "parity", "onnxio", "headfit", "golden", "bundle", "bundlecache", "device"},
     2: {"backbones", "strategies", "loaders", "train", "runs"},
     3: {"features", "runtime", "evaluate", "quantize", "pte"},
     4: {"adapt", "auto", "export", "verify", "bench", "info", "report", "bundler"},
