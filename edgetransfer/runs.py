@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from edgetransfer import config
 from edgetransfer.device import bundle_of
 from edgetransfer.errors import ManifestError
 from edgetransfer.fileio import atomic_write_bytes
@@ -52,6 +53,8 @@ def load_run(run_dir: str | os.PathLike):
         manifest.adapt.get("truncate"),
         manifest.preprocessing,
         source_classes,
+        manifest.adapt.get("features") or config.FEATURE,
+        tuple(manifest.adapt.get("taps") or ()),
     )
     state, _ = read_state_dict(weights)
     load_strict(model, state, weights.name)
