@@ -474,7 +474,10 @@ def curve_tables(results) -> None:
     lite0_heads = [r for r in rows if r.startswith("lite0 head")]
     for name, a, bs in (
         *((f"{r} − scratch", r, ["scratch"]) for r in lite0_heads),
-        ("lite0 head − best small CNN", "lite0 head", ["cnn head", "cnn last-n", "cnn full"]),
+        *(
+            (f"{r} − best small CNN", r, ["cnn head", "cnn last-n", "cnn full"])
+            for r in lite0_heads
+        ),
         (
             "cnn auto − best of cnn head/last-n/full",
             "cnn auto",
