@@ -455,7 +455,7 @@ def build_classifier(
     """
     spec = get_arch(arch)
     features, head = split(spec, spec.build(num_classes))
-    if truncated or features_kind != "penultimate":
+    if truncated or features_kind != config.FEATURE:
         if truncated:
             features = truncate(spec, features, truncated)
         features = tap(spec, features, features_kind, tuple(taps))

@@ -41,8 +41,9 @@ FEATURES = ("penultimate", "stages", "concat")
 # the penultimate vector: what the source head was trained on, and the smallest model
 FEATURE = "penultimate"
 # stages tapped by "stages"/"concat", counted back from the last (ArchSpec.stages). Three: on
-# the MNIST-sample digits, Lite0's last three stages beat its last two or four and its
-# penultimate vector by 8-24 points at 1-10 images per class (tools/feature_probe.py)
+# the MNIST-sample digits, Lite0's last three stages beat its penultimate vector by 9-24 points
+# at 1-10 images per class, and two or four stages came within 3 points of them
+# (tools/feature_probe.py)
 FEATURE_STAGES = 3
 
 # --- adapt: how it trains (train.py, loaders.py) ---
