@@ -23,10 +23,12 @@ from edgetransfer.backbones import (
     block_modules,
     check_truncate,
     feature_dim,
+    feature_taps,
     get_arch,
     load_source,
     outputs,
     split,
+    tap,
     truncate,
 )
 from edgetransfer.bundler import cache_bundle
@@ -77,6 +79,8 @@ class AdaptConfig:
         strategy: head | last-n | bias | full | distill (see strategies.py).
         teacher: a RUN_DIR whose model's soft labels guide training (knowledge transfer).
         truncate: cut the backbone after this block (structure transfer).
+        features: what the frozen head sees (backbones.FEATURES): the penultimate vector, the
+            pooled outputs of the last stages, or both concatenated; ``head`` only.
         keep_source_head: the exported model also answers the source task (source_logits).
         source_data: a folder of the source task's classes; source top-1 is measured before
             and after adaptation (the source task should not get worse).
@@ -119,6 +123,7 @@ class AdaptConfig:
     kd_alpha: float = config.KD_ALPHA
     kd_temperature: float = config.KD_TEMPERATURE
     truncate: str | None = None
+    features: str = config.FEATURE
     keep_source_head: bool = False
     source_data: Path | None = None
     lwf: float = config.LWF
@@ -309,11 +314,13 @@ def _adapt(cfg: AdaptConfig) -> AdaptResult:
 def keeps_bundle(cfg: AdaptConfig) -> bool:
     """Whether this run keeps its frozen backbone in the cache as a bundle, for later runs to
     adapt on without PyTorch: a head run of the source weights (a file or imagenet) whose
-    backend may be onnxruntime and which may use the cache."""
+    backend may be onnxruntime and which may use the cache; its head sees the penultimate
+    features (a bundle outputs those)."""
     return (
         cfg.strategy == "head"
         and cfg.weights != "none"
         and not cfg.truncate
+        and cfg.features == config.FEATURE
         and cfg.backend == "auto"
         and cfg.use_cache
     )
@@ -339,6 +346,17 @@ def _check_options(cfg: AdaptConfig) -> tuple[strategies.StrategyConfig, str]:
     spec = get_arch(cfg.arch)  # fail on a bad name before any work
     if cfg.truncate:
         check_truncate(spec, cfg.truncate)
+    feature_taps(spec, cfg.features)  # an unknown kind, or one the architecture does not offer
+    if cfg.features != config.FEATURE and cfg.strategy != "head":
+        raise EdgeTransferError(
+            f"--features {cfg.features} is for --strategy head (a frozen backbone); "
+            f"--strategy {cfg.strategy} trains the penultimate features"
+        )
+    if cfg.features != config.FEATURE and cfg.truncate:
+        raise EdgeTransferError(
+            f"--features {cfg.features} cannot be combined with --truncate: it chooses its own "
+            "stages of the whole backbone"
+        )
     scfg = strategies.StrategyConfig(
         cfg.strategy,
         cfg.unfreeze,
@@ -402,12 +420,16 @@ def _build(cfg: AdaptConfig, scfg: strategies.StrategyConfig, classes: int) -> _
     features.eval()
     source_head.requires_grad_(False)  # the source task's classifier is kept as it is
     blocks = block_modules(spec, features, cfg.truncate)
+    taps = feature_taps(spec, cfg.features)
+    features = tap(spec, features, cfg.features, taps)
     plan = strategies.apply(scfg, features, blocks)
     head = torch.nn.Linear(feature_dim(features, pre), classes)
     model = Classifier(features, head, source_head if cfg.keep_source_head else None)
     # a file's sha256, or a hash of the random init
     weights_id = source.provenance.get("sha256") or _state_hash(features)
     backbone_id = "|".join([cfg.arch, weights_id, cfg.truncate or ""])
+    if taps:  # what the backbone outputs is part of the feature cache key
+        backbone_id += f"|{cfg.features}:{','.join(taps)}"
     return _Built(
         source=source,
         pre=pre,
@@ -449,6 +471,9 @@ def _adapt_info(cfg: AdaptConfig, built: _Built, run: _Training, result) -> dict
         "l2sp": cfg.l2sp,
         "balance": "class-weighted loss" if cfg.balance else None,
         "truncate": cfg.truncate,
+        # what the head sees, and the trunk modules pooled for it (runs.load_run rebuilds them)
+        "features": cfg.features if cfg.features != config.FEATURE else None,
+        "taps": list(feature_taps(get_arch(cfg.arch), cfg.features)) or None,
         "keep_source_head": True if cfg.keep_source_head else None,
         "lwf": cfg.lwf,
     }
@@ -521,6 +546,11 @@ def _check_source_options(cfg: AdaptConfig, source) -> None:
         raise EdgeTransferError(
             f"{wanted[0]} cannot be combined with --truncate: the source "
             "head needs the whole backbone"
+        )
+    if cfg.features != config.FEATURE:
+        raise EdgeTransferError(
+            f"{wanted[0]} cannot be combined with --features {cfg.features}: the source head "
+            "sits on the penultimate features"
         )
     if cfg.lwf and cfg.strategy == "head":
         raise EdgeTransferError(
@@ -880,6 +910,7 @@ def scratch_config(cfg: AdaptConfig) -> AdaptConfig:
         baseline=False,
         resume=False,
         on_step=None,
+        features=config.FEATURE,  # the whole network trains: no frozen features to choose
     )
 
 

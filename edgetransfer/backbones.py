@@ -102,6 +102,13 @@ class ArchSpec:
             back from (trunk names, or layers after pooling).
         imagenet_loader: ``spec -> SourceModel`` for ImageNet weights that do not come from
             torchvision; None: torchvision's `imagenet_weights`.
+        stages: the trunk modules that end a stage (a run of blocks at one width), in forward
+            order, before the final feature convolution: ``--features stages`` pools the last
+            config.FEATURE_STAGES of them. Empty: the architecture offers only its
+            penultimate features.
+        after_pool: the modules between the trunk's global pooling and the head, in order: they
+            make the penultimate vector out of the pooled trunk (``--features concat``). None:
+            the head does not sit on a pooled trunk.
     """
 
     name: str
@@ -113,6 +120,8 @@ class ArchSpec:
     trunk: tuple[str, ...] = ()
     blocks: tuple[str, ...] = ()
     imagenet_loader: Callable[[ArchSpec], SourceModel] | None = None
+    stages: tuple[str, ...] = ()
+    after_pool: tuple[str, ...] | None = ()
 
 
 def _tv(name: str) -> Callable[[int], nn.Module]:
@@ -164,6 +173,9 @@ for _spec in (
         "2.5M params, the edge default",
         trunk=_seq("features", 13),
         blocks=(*_seq("features", 13), "classifier.0"),
+        # widths 16, 24, 40, 48, 96 (features.12 is the final 1x1 convolution)
+        stages=("features.1", "features.3", "features.6", "features.8", "features.11"),
+        after_pool=("classifier.0", "classifier.1", "classifier.2"),
     ),
     ArchSpec(
         "mobilenet_v3_large",
@@ -174,6 +186,16 @@ for _spec in (
         "5.5M params",
         trunk=_seq("features", 17),
         blocks=(*_seq("features", 17), "classifier.0"),
+        # widths 16, 24, 40, 80, 112, 160
+        stages=(
+            "features.1",
+            "features.3",
+            "features.6",
+            "features.10",
+            "features.12",
+            "features.15",
+        ),
+        after_pool=("classifier.0", "classifier.1", "classifier.2"),
     ),
     ArchSpec(
         "resnet18",
@@ -184,6 +206,7 @@ for _spec in (
         "11.7M params, a strong teacher",
         trunk=_RESNET_TRUNK,
         blocks=("conv1", "layer1", "layer2", "layer3", "layer4"),
+        stages=("layer1", "layer2", "layer3", "layer4"),
     ),
     ArchSpec(
         "efficientnet_b0",
@@ -194,6 +217,8 @@ for _spec in (
         "5.3M params",
         trunk=_seq("features", 9),
         blocks=_seq("features", 9),
+        stages=_seq("features", 8)[1:],  # the paper's 7 stages; features.8 is the head conv
+        after_pool=("classifier.0",),
     ),
     ArchSpec(
         "efficientnet_lite0",
@@ -207,6 +232,7 @@ for _spec in (
         # --train-bn
         blocks=("conv_stem", *_seq("blocks", 7), "conv_head"),
         imagenet_loader=lambda spec: _load_lite0(spec),
+        stages=_seq("blocks", 7),  # the paper's 7 stages; conv_head + bn2 make the 1280
     ),
     ArchSpec(
         "simple_cnn",
@@ -217,6 +243,8 @@ for _spec in (
         "the seed's 2-conv CNN for 32x32 inputs (the shipped digits source model)",
         trunk=_seq("features", 6),
         blocks=("features.0", "features.3", "classifier.1"),
+        stages=("features.2", "features.5"),  # after each max-pool
+        after_pool=None,  # its head flattens an 8x8 map: there is no global pooling
     ),
     ArchSpec(
         "tiny_test",
@@ -227,6 +255,8 @@ for _spec in (
         "a few thousand parameters, for tests",
         trunk=_seq("features", 3),
         blocks=("features.0", "features.5"),
+        stages=("features.0", "features.2"),
+        after_pool=("features.5", "features.6"),
     ),
 ):
     register(_spec)
@@ -300,6 +330,87 @@ def truncate(spec: ArchSpec, model: nn.Module, block: str) -> nn.Module:
     return nn.Sequential(OrderedDict(layers))
 
 
+FEATURES = config.FEATURES  # each one is a branch of tap() (tested)
+
+
+class Taps(nn.Module):
+    """Hypercolumn-style features: the trunk runs in sequence, and the globally average-pooled
+    outputs of its tapped modules are concatenated in forward order, followed (with `neck`) by
+    the penultimate vector the neck makes of the trunk's last output.
+
+    One explicit module, no hooks: TorchScript, torch.export and ONNX see plain ops, so every
+    exported artifact computes the same features.
+    """
+
+    def __init__(self, trunk: nn.Sequential, taps: tuple[str, ...], neck: nn.Module | None) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.taps = taps  # names of trunk children
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.neck = neck
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = []
+        for name, layer in self.trunk.named_children():
+            x = layer(x)
+            if name in self.taps:
+                out.append(torch.flatten(self.pool(x), 1))
+        if self.neck is not None:
+            out.append(self.neck(x))
+        return torch.cat(out, 1)
+
+
+def feature_taps(spec: ArchSpec, kind: str) -> tuple[str, ...]:
+    """The trunk modules `--features kind` pools: none for penultimate, else the last
+    config.FEATURE_STAGES of the architecture's stages (an ArchError when it offers none)."""
+    if kind not in FEATURES:
+        raise ArchError(f"unknown --features {kind!r}; choose one of: {', '.join(FEATURES)}")
+    if kind == "penultimate":
+        return ()
+    if not spec.stages:
+        raise ArchError(f"{spec.name} does not name its stages: --features {kind} is not available")
+    if kind == "concat" and spec.after_pool is None:
+        raise ArchError(
+            f"{spec.name}'s head does not sit on a pooled trunk: --features concat is not "
+            "available (stages is)"
+        )
+    return spec.stages[-config.FEATURE_STAGES :]
+
+
+def tap(spec: ArchSpec, features: nn.Module, kind: str, taps: tuple[str, ...]) -> nn.Module:
+    """The backbone whose output is what `--features kind` chooses, reusing `features`' modules.
+
+    Args:
+        features: the source model with its head replaced (see split).
+        kind: penultimate (`features` itself), stages (the pooled `taps`, the trunk run only as
+            far as the last of them) or concat (the pooled `taps`, then the penultimate vector).
+        taps: trunk module names, as recorded in the manifest (see feature_taps).
+    """
+    if kind not in FEATURES:
+        raise ArchError(f"unknown --features {kind!r}; choose one of: {', '.join(FEATURES)}")
+    if kind == "penultimate":
+        return features
+    unknown = [t for t in taps if t not in spec.trunk]
+    if not taps or unknown:
+        raise ArchError(
+            f"cannot tap {spec.name} at {', '.join(unknown) or 'no module'}; choose from: "
+            f"{', '.join(spec.trunk)}"
+        )
+    end = len(spec.trunk) if kind == "concat" else max(spec.trunk.index(t) for t in taps) + 1
+    trunk = nn.Sequential(
+        OrderedDict((n.replace(".", "_"), features.get_submodule(n)) for n in spec.trunk[:end])
+    )
+    neck = None
+    if kind == "concat":
+        if spec.after_pool is None:
+            feature_taps(spec, kind)  # its error
+        after = [(n.replace(".", "_"), features.get_submodule(n)) for n in spec.after_pool]
+        neck = nn.Sequential(
+            OrderedDict([("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()), *after])
+        )
+    return Taps(trunk, tuple(t.replace(".", "_") for t in taps), neck)
+
+
 def block_modules(spec: ArchSpec, features: nn.Module, truncated: str | None) -> list[nn.Module]:
     """The backbone's trainable blocks in forward order (those left after a truncation)."""
     if truncated:
@@ -334,16 +445,21 @@ def build_classifier(
     truncated: str | None = None,
     p: Preprocessing | None = None,
     source_classes: int | None = None,
+    features_kind: str = config.FEATURE,
+    taps: tuple[str, ...] = (),
 ) -> Classifier:
     """A randomly initialised Classifier of `arch` with `num_classes` outputs.
 
     With `truncated`, the backbone is cut after that block (as adapt --truncate did); with
-    `source_classes`, a source head of that size sits beside the new one.
+    `features_kind` other than penultimate, it outputs the pooled `taps` (as adapt --features
+    did); with `source_classes`, a source head of that size sits beside the new one.
     """
     spec = get_arch(arch)
     features, head = split(spec, spec.build(num_classes))
-    if truncated:
-        features = truncate(spec, features, truncated)
+    if truncated or features_kind != config.FEATURE:
+        if truncated:
+            features = truncate(spec, features, truncated)
+        features = tap(spec, features, features_kind, tuple(taps))
         head = nn.Linear(feature_dim(features, p or spec.preprocessing), num_classes)
     source_head = nn.Linear(head.in_features, source_classes) if source_classes else None
     return Classifier(features, head, source_head)

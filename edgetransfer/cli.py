@@ -327,6 +327,14 @@ def cli(ctx: click.Context, max_pixels: int | None) -> None:
     help="Cut the backbone after BLOCK (e.g. features.8) for a smaller model.",
 )
 @click.option(
+    "--features",
+    type=click.Choice(config.FEATURES),
+    default=config.FEATURE,
+    show_default=True,
+    help="What the frozen head sees: the penultimate vector, the pooled outputs of the last "
+    "stages, or both (concat). Strategy head only.",
+)
+@click.option(
     "--keep-source-head",
     is_flag=True,
     help="Keep the source head: the model also outputs source_logits.",
@@ -452,6 +460,7 @@ def adapt(
     kd_alpha: float,
     kd_temperature: float,
     truncate: str | None,
+    features: str,
     keep_source_head: bool,
     source_data: Path | None,
     lwf: float,
@@ -558,6 +567,7 @@ def adapt(
             kd_alpha=kd_alpha,
             kd_temperature=kd_temperature,
             truncate=truncate,
+            features=features,
             keep_source_head=keep_source_head,
             source_data=source_data,
             lwf=lwf,
@@ -635,6 +645,7 @@ _NOT_WITH_BUNDLE = (
     "kd_alpha",
     "kd_temperature",
     "truncate",
+    "features",
     "keep_source_head",
     "source_data",
     "lwf",

@@ -35,6 +35,17 @@ LWF = 0.0  # off: only worth its cost when the source task must keep working
 KD_ALPHA = 0.5  # teacher's soft labels and the true labels count equally
 KD_TEMPERATURE = 4.0  # softens the teacher enough to show which wrong classes are close
 
+# what the frozen head sees (backbones.FEATURES): the backbone's penultimate vector; the
+# globally pooled outputs of its last stages, concatenated (hypercolumn-style); or both
+FEATURES = ("penultimate", "stages", "concat")
+# the penultimate vector: what the source head was trained on, and the smallest model
+FEATURE = "penultimate"
+# stages tapped by "stages"/"concat", counted back from the last (ArchSpec.stages). Three: on
+# the MNIST-sample digits, Lite0's last three stages beat its penultimate vector by 9-24 points
+# at 1-10 images per class, and two or four stages came within 3 points of them
+# (tools/feature_probe.py)
+FEATURE_STAGES = 3
+
 # --- adapt: how it trains (train.py, loaders.py) ---
 SOLVERS = ("lbfgs", "adamw")  # for the head on cached features; the default first
 # full-batch L-BFGS reaches the linear-probe optimum; mini-batch AdamW on a few hundred cached

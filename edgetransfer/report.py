@@ -460,6 +460,11 @@ def write_run_report(
     rows: list[tuple[str, object]] = [
         ("model", f"{manifest.arch}, {len(manifest.labels)} classes"),
         ("strategy", manifest.adapt.get("strategy", "?")),
+        *(
+            [("features", f"{manifest.adapt['features']}: {', '.join(manifest.adapt['taps'])}")]
+            if manifest.adapt.get("features")
+            else []
+        ),
         (
             "images",
             f"{manifest.data.get('train', '?')} train / {manifest.data.get('val', '?')} validation",

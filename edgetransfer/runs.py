@@ -15,6 +15,7 @@ import json
 import os
 from pathlib import Path
 
+from edgetransfer import config
 from edgetransfer.device import bundle_of, load_head
 from edgetransfer.errors import ManifestError, WeightsError
 from edgetransfer.fileio import atomic_write_bytes
@@ -61,6 +62,8 @@ def load_run(run_dir: str | os.PathLike, source_weights: str | None = None):
         manifest.adapt.get("truncate"),
         manifest.preprocessing,
         source_classes,
+        manifest.adapt.get("features") or config.FEATURE,
+        tuple(manifest.adapt.get("taps") or ()),
     )
     state, _ = read_state_dict(weights)
     load_strict(model, state, weights.name)

@@ -85,6 +85,7 @@ def _library_choices() -> dict[tuple[str, str], tuple]:
     """(command, option) -> the tuple the library checks that option's value against."""
     from edgetransfer import (
         auto,
+        backbones,
         demo,
         evaluate,
         export,
@@ -101,6 +102,7 @@ def _library_choices() -> dict[tuple[str, str], tuple]:
         ("adapt", "head_solver"): train.SOLVERS,
         ("adapt", "augment"): loaders.AUGMENT,
         ("adapt", "backend"): features.BACKENDS,
+        ("adapt", "features"): backbones.FEATURES,
         ("export", "exporter"): ("auto", *export.EXPORTERS),
         ("evaluate", "split"): evaluate.SPLITS,
         ("predict", "provider"): providers,
@@ -132,6 +134,7 @@ def test_config_tuples_are_the_registries():
     assert set(config.AUTO_CANDIDATES) <= set(config.STRATEGIES)
     assert config.HEAD_SOLVER in config.SOLVERS
     assert config.BACKEND in config.BACKENDS
+    assert config.FEATURE in config.FEATURES
     assert config.EXPORTER in config.EXPORTER_CHOICES
     assert config.SPLIT in config.SPLITS
 

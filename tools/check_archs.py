@@ -8,7 +8,7 @@ Weights: the ones that load offline. efficientnet_lite0 uses its real ImageNet w
 start from random weights here (their ImageNet weights are a download) — the head is still
 trained, so outputs differ from image to image and a wrong export cannot hide.
 
-    python tools/check_archs.py [--archs a,b] [--jobs 2] [--out DIR]
+    python tools/check_archs.py [--archs a,b] [--jobs 2] [--out DIR] [--features stages]
 
 Prints one row per architecture and exits 1 if any step of any architecture failed.
 """
@@ -48,8 +48,9 @@ def _cli(*args: str) -> tuple[int, str, float]:
     return res.returncode, last[0], time.perf_counter() - start
 
 
-def check(arch: str, data: Path, out: Path) -> dict:
-    """adapt -> export -> verify for one architecture; the row printed for it."""
+def check(arch: str, data: Path, out: Path, features: str = "penultimate") -> dict:
+    """adapt -> export -> verify for one architecture (the head on `features`, adapt
+    --features); the row printed for it."""
     from edgetransfer.demo import sample_data
 
     data = data or sample_data()
@@ -59,7 +60,7 @@ def check(arch: str, data: Path, out: Path) -> dict:
         (
             "adapt",
             ["adapt", str(data), "--arch", arch, "--weights", row["weights"], "--epochs", "10"]
-            + ["--out", str(run), "--no-report", "--quiet", "--force"],
+            + ["--features", features, "--out", str(run), "--no-report", "--quiet", "--force"],
         ),
         ("export", ["export", str(run), *FORMATS, "--out", str(export), "--force"]),
         ("verify", ["verify", str(export), "--data", str(data)]),
@@ -67,6 +68,9 @@ def check(arch: str, data: Path, out: Path) -> dict:
     for name, args in commands:
         code, last, seconds = _cli(*args)
         row[f"{name}_s"] = round(seconds, 1)
+        if code and name == "adapt" and "is not available" in last:
+            row.update(ok=True, skipped=last.removeprefix("Error: "))  # the arch does not offer it
+            return row
         if code:
             row["failed"] = f"{name} (exit {code}): {last}"
             return row
@@ -86,6 +90,11 @@ def main() -> int:
     ap.add_argument("--data", type=Path, default=None, help="DATA_DIR (default: the sample data)")
     ap.add_argument("--jobs", type=int, default=2, help="architectures checked at once")
     ap.add_argument("--out", type=Path, default=None, help="keep the runs and exports here")
+    ap.add_argument(
+        "--features",
+        default="penultimate",
+        help="adapt --features of every run (default: %(default)s)",
+    )
     args = ap.parse_args()
     archs = [a for a in args.archs.split(",") if a]
     unknown = sorted(set(archs) - set(ARCHS))
@@ -94,14 +103,20 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="check_archs.") as tmp:
         out = args.out or Path(tmp)
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-            rows = list(pool.map(lambda a: check(a, args.data, out), archs))
+            rows = list(pool.map(lambda a: check(a, args.data, out, args.features), archs))
     print(
         f"{'arch':20} {'weights':10} {'adapt':>6} {'export':>7} {'verify':>7} {'pte':>12}  result"
     )
     for r in rows:
         weights = r["weights"] if len(r["weights"]) <= 10 else "file"
         times = [f"{r.get(k, float('nan')):.0f}s" for k in ("adapt_s", "export_s", "verify_s")]
-        result = "ok" if r["ok"] else f"FAILED {r['failed']}"
+        result = (
+            f"FAILED {r['failed']}"
+            if not r["ok"]
+            else f"n/a: {r['skipped']}"
+            if "skipped" in r
+            else "ok"
+        )
         pte = f"{r['delegated']:.0%} XNNPACK" if r.get("delegated") is not None else "-"
         print(
             f"{r['arch']:20} {weights:10} {times[0]:>6} {times[1]:>7} {times[2]:>7} {pte:>12}  "

@@ -267,6 +267,10 @@ def shots_curve(tmp: Path, epochs: int, dataset: str, shots: list[int]) -> list[
 CURVE_TEST_PER_CLASS = 100  # 500 test images: Lite0 at 224 px runs them once, then cached
 CURVE_ROWS = (
     "lite0 head",
+    # the head on the pooled outputs of Lite0's last three stages (--features stages), at its
+    # own 224 px and at 112 px (--image-size): tools/feature_probe.py chose both
+    "lite0 head stages",
+    "lite0 head stages 112px",
     "lite0 auto",
     "cnn head",
     "cnn last-n",
@@ -328,11 +332,13 @@ def curve_top1(run_dir: Path, test: Path) -> float:
     model, manifest = load_run(run_dir)
     ds = scan(test, val_fraction=0.0)
     frozen = manifest.adapt["strategy"] == "head"  # the source backbone as it came
+    # what the backbone outputs (--features) is part of the key; the input size is already
+    taps = ",".join(manifest.adapt.get("taps") or [])
     feats = extract(
         model.features,
         ds.samples,
         manifest.preprocessing,
-        backbone_id=f"curve-test|{manifest.arch}|{manifest.source.get('sha256')}",
+        backbone_id=f"curve-test|{manifest.arch}|{manifest.source.get('sha256')}|{taps}",
         use_cache=frozen,
     ).vectors
     truth = torch.tensor([manifest.labels.index(ds.classes[s.label]) for s in ds.samples])
@@ -342,9 +348,12 @@ def curve_top1(run_dir: Path, test: Path) -> float:
 
 
 def curve_config(row: str, data: Path, out: Path, source: str, epochs: int):
+    """A row's AdaptConfig. Its name: backbone (lite0 | cnn | scratch), strategy, then
+    optional --features and --image-size ("lite0 head stages 112px")."""
     from edgetransfer.adapt import AdaptConfig
 
-    lite0 = row.startswith("lite0")
+    words = row.split()
+    lite0 = words[0] == "lite0"
     kw = dict(
         data_dir=data,
         out=out,
@@ -356,8 +365,13 @@ def curve_config(row: str, data: Path, out: Path, source: str, epochs: int):
     )
     if row == "scratch":
         kw.update(strategy="full", weights="none", lr=3e-3)
-    elif not row.endswith("auto"):
-        kw["strategy"] = row.split()[1]
+    elif words[1] != "auto":
+        kw["strategy"] = words[1]
+    for word in words[2:]:
+        if word.endswith("px"):
+            kw["image_size"] = int(word[:-2])
+        else:
+            kw["features"] = word
     return AdaptConfig(**kw)
 
 
@@ -457,9 +471,13 @@ def curve_tables(results) -> None:
 
     print("\n| comparison (points, mean [min–max]) | " + " | ".join(map(str, shots)) + " |")
     print("|---|" + "---:|" * len(shots))
+    lite0_heads = [r for r in rows if r.startswith("lite0 head")]
     for name, a, bs in (
-        ("lite0 head − scratch", "lite0 head", ["scratch"]),
-        ("lite0 head − best small CNN", "lite0 head", ["cnn head", "cnn last-n", "cnn full"]),
+        *((f"{r} − scratch", r, ["scratch"]) for r in lite0_heads),
+        *(
+            (f"{r} − best small CNN", r, ["cnn head", "cnn last-n", "cnn full"])
+            for r in lite0_heads
+        ),
         (
             "cnn auto − best of cnn head/last-n/full",
             "cnn auto",
