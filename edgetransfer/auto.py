@@ -76,6 +76,11 @@ def adapt_auto(cfg: AdaptConfig, auto: AutoConfig | None = None) -> AdaptResult:
     check_can_write(cfg.out, cfg.force, inputs(cfg))  # before minutes of comparison
     start = auto.clock()
     dataset = scan(cfg.data_dir, cfg.val_fraction, cfg.seed)  # adapt's split; for estimates
+    if not dataset.split("val"):
+        raise DataError(
+            f"--strategy auto compares the candidates on validation images and {cfg.data_dir} "
+            "leaves none; raise --val-fraction or add a val/ folder"
+        )
     steps = _Steps.of(cfg, len(dataset.split("train")), len(dataset.split("val")))
     rows: list[dict] = []
     scores: dict[str, Scores] = {}

@@ -10,7 +10,7 @@ import pytest
 
 from edgetransfer import auto
 from edgetransfer.auto import AutoConfig, Scores, _OverBudget, _Steps, _verdict, _Watch, adapt_auto
-from edgetransfer.errors import EdgeTransferError
+from edgetransfer.errors import DataError, EdgeTransferError
 from edgetransfer.manifest import read_manifest
 
 from .conftest import DIGITS, SOURCE, digits_config, make_images, run
@@ -42,11 +42,14 @@ def test_auto_end_to_end_manifest_report_and_export(tmp_path):
     assert a["budget_s"] is None and a["short_epochs"] == 5
     # CLI: one line per candidate and the pick with its uncertainty
     assert res.output.count("  auto: ") == 4
+    assert res.output.count(", mean true-class probability ") == 4
     assert f"auto picked {a['pick']}\n" in res.output
     assert "standard error" in a["pick"] and a["runner_up"] != a["winner"]
     page = (out / "report.html").read_text()
     assert "Strategy chosen by --strategy auto" in page
     assert a["pick"].split(":")[0] in page and "no time budget" in page
+    assert "mean true-class probability</th>" in page
+    assert f'<td class="num">{rows[0]["val_true_prob"]:.3f}</td>' in page
     # an auto run exports and verifies as a run of its winner's strategy
     exp = run("export", out, "--onnx", "--out", tmp_path / "exp")
     assert exp.exit_code == 0, exp.output
@@ -186,6 +189,8 @@ def test_a_candidate_that_would_overrun_stops_after_two_steps():
 def test_auto_refuses_bad_settings_in_one_line(tmp_path):
     with pytest.raises(EdgeTransferError, match="compares some of: head, bias, last-n, full"):
         adapt_auto(digits_config(tmp_path / "r"), AutoConfig(candidates=("head", "lora")))
+    with pytest.raises(DataError, match="compares the candidates on validation images"):
+        adapt_auto(digits_config(tmp_path / "r", val_fraction=0.0))
     res = run("adapt", DIGITS, "--budget", "5", "--out", tmp_path / "r")
     assert res.exit_code == 2 and "--budget is for --strategy auto" in res.output
     assert not (tmp_path / "r").exists()
