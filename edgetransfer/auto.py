@@ -325,7 +325,8 @@ def _verdict(rows: list[dict], scores: dict[str, Scores], auto: AutoConfig, seco
     if not tried:
         why = "; ".join(f"{r['strategy']}: {r['skipped']}" for r in rows)
         raise EdgeTransferError(f"--strategy auto has no candidate left ({why})")
-    winner = pick([(r["strategy"], scores[r["strategy"]]) for r in tried])
+    short = frozenset(r["strategy"] for r in tried if r["schedule"] == "short")
+    winner = pick([(r["strategy"], scores[r["strategy"]]) for r in tried], short)
     info = {
         "winner": winner,
         "candidates": rows,
@@ -354,7 +355,13 @@ def _verdict(rows: list[dict], scores: dict[str, Scores], auto: AutoConfig, seco
         f"mean probability of the true class {a.mean_prob:.3f} vs {b.mean_prob:.3f} "
         f"(paired standard error {d['prob_se']:.3f})"
     )
-    if d["margin_images"] == 0:
+    if d["margin_images"] == 0 and winner in short and second not in short:
+        info["pick"] = (
+            f"{winner}: level with {second} at {right} of {n} validation images after its short "
+            f"schedule ({auto.short_epochs} epochs), and that can only rise with the full one; "
+            f"{second}'s is final"
+        )
+    elif d["margin_images"] == 0:
         ahead = d["prob_margin"] > CLEAR_SE * d["prob_se"]
         info["pick"] = (
             f"{winner}: level with {second} at {right} of {n} validation images, ahead in {prob}"
@@ -379,16 +386,22 @@ def _verdict(rows: list[dict], scores: dict[str, Scores], auto: AutoConfig, seco
     return info
 
 
-def pick(candidates: list[tuple[str, Scores]]) -> str:
-    """The winner of `candidates` (cheapest first, scored on the same validation images).
+def pick(candidates: list[tuple[str, Scores]], short: frozenset[str] = frozenset()) -> str:
+    """The winner of `candidates` (cheapest first, scored on the same validation images);
+    `short` names those scored after the short schedule, the others are final.
 
     Top-1 on a few images moves in whole images, so candidates often tie; the true-class
     probability of every image is the finer measure. Among those with the most images right,
     the cheapest whose mean true-class probability is not clearly (CLEAR_SE paired standard
-    errors) below the highest wins: a genuine tie goes to the cheaper.
+    errors) below the highest wins: a genuine tie goes to the cheaper. A tie between a short
+    schedule and a final score is not genuine: the learning rate is constant and training
+    keeps its best epoch by validation top-1, so the full schedule repeats the short one and
+    can only add images right — the short-schedule candidate is ahead.
     """
     most = max(s.correct_count for _, s in candidates)
     level = [(name, s) for name, s in candidates if s.correct_count == most]
+    if any(name in short for name, _ in level):
+        level = [(name, s) for name, s in level if name in short]
     top = max(level, key=lambda c: c[1].mean_prob)[1]  # the first of equals: the cheaper
     for name, s in level:
         d = paired(top, s)

@@ -107,6 +107,11 @@ def test_pick_ties_go_to_the_cheaper_and_a_clearly_finer_score_breaks_them():
     # the cheapest of those not clearly below the surest: bias is, last-n is not
     below = _scores(same.correct, same.prob - 0.1)
     assert auto.pick(_cands(bias=below, last_n=noisy, full=surer)) == "last-n"
+    # level with the head's final score, a short-schedule score can only rise: it wins
+    head = _scores(same.correct, same.prob + 0.05)
+    assert auto.pick(_cands(head=head, last_n=same), frozenset({"last-n"})) == "last-n"
+    assert auto.pick(_cands(head=head, last_n=same)) == "head"  # both final: a genuine tie
+    assert auto.pick(_cands(head=_level(19), last_n=same), frozenset({"last-n"})) == "head"
     # images right come first: one more image beats any probability
     assert auto.pick(_cands(head=_level(19, prob=0.3), full=_level(18, prob=0.99))) == "head"
 
@@ -126,7 +131,13 @@ def test_paired_standard_errors():
 
 
 def _row(name, s):
-    return {"strategy": name, "val_correct": s.correct_count, "val_images": s.n}
+    schedule = "full" if name == "head" else "short"
+    return {
+        "strategy": name,
+        "val_correct": s.correct_count,
+        "val_images": s.n,
+        "schedule": schedule,
+    }
 
 
 def test_the_pick_says_how_sure_it_is():
@@ -156,6 +167,12 @@ def test_the_pick_says_how_sure_it_is():
     assert close["margin_images"] == 1 and "uncertain" in close["pick"]
     clear = verdict(head=_level(8, 100), last_n=_level(90, 100))
     assert clear["winner"] == "last-n" and "beyond 2 standard errors" in clear["pick"]
+    level = verdict(head=_level(18, prob=0.9), last_n=same)
+    assert level["winner"] == "last-n" and level["runner_up"] == "head"
+    assert level["pick"] == (
+        "last-n: level with head at 18 of 20 validation images after its short schedule "
+        "(5 epochs), and that can only rise with the full one; head's is final"
+    )
     # skipped candidates (the budget, a backbone without biases) are not compared
     rows = [_row("head", same), {"strategy": "bias", "skipped": "not tried", "seconds": 0.0}]
     only = _verdict(rows, {"head": same}, cfg, 1)
