@@ -16,6 +16,11 @@ time budget; the small CNN from the MNIST 0-4 source with head, last-n, full and
 the small CNN from scratch. Runs share one process (the curve is about accuracy, not memory)
 and append to a JSON-lines file, so `--table FILE` prints the tables of a partial run.
 
+Part "auto-check" (not in "all"): from the small-CNN head, last-n and full runs that "curve"
+left in --workdir, every validation and test image one by one: how often 25 validation images
+tell last-n and full apart, how many test images they disagree on, how many validation images
+a 1-point gap would need, and what auto's pick rule would choose among the fully trained runs.
+
 Part "memory": peak RSS growth while training mobilenet_v3_small (224 px, batch 8, random
 weights, synthetic photos) with bias, last-n and full, against the estimate adapt prints.
 
