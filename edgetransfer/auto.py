@@ -1,7 +1,8 @@
 """`adapt --strategy auto`: the head first (cheap), then, within a time budget, the strategies
 that train more on a short schedule; the best by validation top-1 trains fully into RUN_DIR,
 with the comparison in the manifest's ``adapt.auto``. Candidates level on top-1 are told apart
-by their mean probability of the true class, image by image; a genuine tie goes to the cheaper.
+by their mean probability of the true class, image by image; a genuine tie goes to the cheaper,
+but a short-schedule score level with the head's final one is ahead (it can only rise).
 
 Every candidate is an ordinary adapt run with the same DATA_DIR, --val-fraction and --seed, so
 all are judged on the same validation images (the split runs.run_split rebuilds; the data
@@ -25,7 +26,7 @@ from edgetransfer import config
 from edgetransfer.adapt import AdaptConfig, AdaptResult, adapt, inputs
 from edgetransfer.data import scan
 from edgetransfer.errors import DataError, EdgeTransferError
-from edgetransfer.evaluate import evaluate
+from edgetransfer.evaluate import EvalResult, evaluate
 from edgetransfer.fileio import check_can_write
 from edgetransfer.train import Interrupted
 
@@ -204,8 +205,8 @@ class Scores:
     prob: np.ndarray  # [N] its probability of the true class
 
     @classmethod
-    def of(cls, result) -> Scores:
-        """From an evaluate.EvalResult."""
+    def of(cls, result: EvalResult) -> Scores:
+        """From the candidate's evaluation on the validation split."""
         rows = np.arange(len(result.truth))
         return cls(result.probs.argmax(1) == result.truth, result.probs[rows, result.truth])
 
