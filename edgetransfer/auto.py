@@ -1,6 +1,8 @@
 """`adapt --strategy auto`: the head first (cheap), then, within a time budget, the strategies
-that train more on a short schedule; the best by validation top-1 (ties to the cheaper) trains
-fully into RUN_DIR, with the comparison in the manifest's ``adapt.auto``.
+that train more on a short schedule; the best by validation top-1 trains fully into RUN_DIR,
+with the comparison in the manifest's ``adapt.auto``. Candidates level on top-1 are told apart
+by their mean probability of the true class, image by image; a genuine tie goes to the cheaper,
+but a short-schedule score level with the head's final one is ahead (it can only rise).
 
 Every candidate is an ordinary adapt run with the same DATA_DIR, --val-fraction and --seed, so
 all are judged on the same validation images (the split runs.run_split rebuilds; the data
@@ -18,10 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from edgetransfer import config
 from edgetransfer.adapt import AdaptConfig, AdaptResult, adapt, inputs
 from edgetransfer.data import scan
 from edgetransfer.errors import DataError, EdgeTransferError
+from edgetransfer.evaluate import EvalResult, evaluate
 from edgetransfer.fileio import check_can_write
 from edgetransfer.train import Interrupted
 
@@ -31,7 +36,9 @@ CANDIDATES = config.AUTO_CANDIDATES
 # that): a candidate's epoch is estimated from the head's feature extraction, one forward pass
 # per image, until a measured epoch replaces the estimate.
 BACKWARD_FACTOR = 3
-# A margin within this many binomial standard errors is called uncertain.
+# A paired difference within this many standard errors is noise: in images right, an
+# uncertain pick; in mean true-class probability between candidates level on images right, a
+# genuine tie (the cheaper is kept).
 CLEAR_SE = 2
 
 
@@ -70,8 +77,14 @@ def adapt_auto(cfg: AdaptConfig, auto: AutoConfig | None = None) -> AdaptResult:
     check_can_write(cfg.out, cfg.force, inputs(cfg))  # before minutes of comparison
     start = auto.clock()
     dataset = scan(cfg.data_dir, cfg.val_fraction, cfg.seed)  # adapt's split; for estimates
+    if not dataset.split("val"):
+        raise DataError(
+            f"--strategy auto compares the candidates on validation images and {cfg.data_dir} "
+            "leaves none; raise --val-fraction or add a val/ folder"
+        )
     steps = _Steps.of(cfg, len(dataset.split("train")), len(dataset.split("val")))
     rows: list[dict] = []
+    scores: dict[str, Scores] = {}
     fingerprints = set()
     with tempfile.TemporaryDirectory(prefix="edgetransfer-auto-") as tmp:
         for name in auto.candidates:
@@ -87,15 +100,17 @@ def adapt_auto(cfg: AdaptConfig, auto: AutoConfig | None = None) -> AdaptResult:
                     }
                 )
                 continue
-            row, fingerprint = _try(
+            row, fingerprint, score = _try(
                 cfg, auto, name, Path(tmp) / name, left if rows else None, steps
             )
             rows.append(row)
             if fingerprint:
                 fingerprints.add(fingerprint)
+            if score is not None:
+                scores[name] = score
     if len(fingerprints) > 1:
         raise DataError(f"{cfg.data_dir} changed while --strategy auto compared; run it again")
-    info = _verdict(rows, auto, auto.clock() - start)
+    info = _verdict(rows, scores, auto, auto.clock() - start)
     final = dataclasses.replace(
         _candidate_config(cfg, info["winner"], cfg.epochs), auto=info, out=cfg.out
     )
@@ -125,12 +140,12 @@ def _candidate_config(cfg: AdaptConfig, name: str, epochs: int) -> AdaptConfig:
 
 def _try(
     cfg: AdaptConfig, auto: AutoConfig, name: str, out: Path, left: float | None, steps: _Steps
-) -> tuple[dict, str | None]:
-    """Run one candidate into `out`: its comparison row and its data fingerprint (None when it
-    was not run to the end)."""
+) -> tuple[dict, str | None, Scores | None]:
+    """Run one candidate into `out`: its comparison row, its data fingerprint and its scores
+    on the validation images (None when it was not run to the end)."""
     if name == "head" and cfg.lwf:
         reason = "not tried: --lwf protects a backbone that trains"
-        return {"strategy": name, "skipped": reason, "seconds": 0.0}, None
+        return {"strategy": name, "skipped": reason, "seconds": 0.0}, None, None
     epochs = cfg.epochs if name == "head" else min(auto.short_epochs, cfg.epochs)
     watch = _Watch(auto.clock, left if name != "head" else None, steps, epochs)
     run_cfg = dataclasses.replace(
@@ -155,20 +170,22 @@ def _try(
             raise  # nothing to compare with: the error is the run's
         # e.g. bias on a backbone without biases (efficientnet_lite0), or a diverging loss
         row = {"strategy": name, "skipped": f"not usable: {e}"}
-        return {**row, "seconds": _round(watch.seconds())}, None
+        return {**row, "seconds": _round(watch.seconds())}, None, None
     except _OverBudget as e:
         row = {"strategy": name, "skipped": str(e), "seconds": _round(watch.seconds())}
-        return {**row, "step_seconds": _round(watch.step_seconds)}, None
+        return {**row, "step_seconds": _round(watch.step_seconds)}, None, None
     m = res.manifest
-    val = int(m.data["val"])
+    # the saved (best-epoch) model image by image: what the pick compares, paired
+    score = Scores.of(evaluate(res.run_dir, cfg.data_dir, split="val"))
     row = {
         "strategy": name,
         "schedule": "full" if epochs == cfg.epochs else "short",
         "epochs": epochs,
         "epochs_run": m.adapt["epochs_run"],
-        "val_top1": m.metrics["val_top1"],
-        "val_correct": round(m.metrics["val_top1"] * val),
-        "val_images": val,
+        "val_top1": round(score.top1, 6),
+        "val_correct": score.correct_count,
+        "val_images": score.n,
+        "val_true_prob": round(score.mean_prob, 4),
         "seconds": _round(watch.seconds()),
     }
     if watch.step_seconds is not None and name != "head":  # an L-BFGS step tells nothing
@@ -176,7 +193,38 @@ def _try(
     if name == "head":  # one forward pass per image: the first estimate of the others' time
         row["extract_seconds"] = _round(res.timings.get("images", 0.0))
         row["train_images"] = int(m.data["train"])
-    return row, m.data["fingerprint"]
+    return row, m.data["fingerprint"], score
+
+
+@dataclass(frozen=True)
+class Scores:
+    """A candidate on the validation images, image by image in split order (every candidate
+    sees the same images, so two are compared pair by pair)."""
+
+    correct: np.ndarray  # [N] bool: its top-1 is the true class
+    prob: np.ndarray  # [N] its probability of the true class
+
+    @classmethod
+    def of(cls, result: EvalResult) -> Scores:
+        """From the candidate's evaluation on the validation split."""
+        rows = np.arange(len(result.truth))
+        return cls(result.probs.argmax(1) == result.truth, result.probs[rows, result.truth])
+
+    @property
+    def n(self) -> int:
+        return len(self.correct)
+
+    @property
+    def correct_count(self) -> int:
+        return int(self.correct.sum())
+
+    @property
+    def top1(self) -> float:
+        return self.correct_count / max(self.n, 1)
+
+    @property
+    def mean_prob(self) -> float:
+        return float(self.prob.mean()) if self.n else 0.0
 
 
 @dataclass(frozen=True)
@@ -272,49 +320,113 @@ def _estimate(rows: list[dict], auto: AutoConfig, steps: _Steps) -> tuple[float,
     return steps.seconds(per_step, auto.short_epochs), "from the head's feature extraction"
 
 
-def _verdict(rows: list[dict], auto: AutoConfig, seconds: float) -> dict:
+def _verdict(rows: list[dict], scores: dict[str, Scores], auto: AutoConfig, seconds: float) -> dict:
     """The manifest's ``adapt.auto``: the rows, the winner and how sure the pick is."""
-    tried = [r for r in rows if "val_correct" in r]
+    tried = [r for r in rows if r["strategy"] in scores]
     if not tried:
         why = "; ".join(f"{r['strategy']}: {r['skipped']}" for r in rows)
         raise EdgeTransferError(f"--strategy auto has no candidate left ({why})")
-    # a stable sort keeps equals in row order, cheapest first: ties go to the cheaper
-    ranked = sorted(tried, key=lambda r: -r["val_correct"])
-    best = ranked[0]
+    short = frozenset(r["strategy"] for r in tried if r["schedule"] == "short")
+    winner = pick([(r["strategy"], scores[r["strategy"]]) for r in tried], short)
     info = {
-        "winner": best["strategy"],
+        "winner": winner,
         "candidates": rows,
         "short_epochs": auto.short_epochs,
         "budget_s": auto.budget,
         "seconds": _round(seconds),
     }
-    n = best["val_images"]
-    if len(ranked) == 1:
-        info["pick"] = f"{best['strategy']}: the only candidate tried, nothing to compare it with"
+    if len(tried) == 1:
+        info["pick"] = f"{winner}: the only candidate tried, nothing to compare it with"
         return info
-    second = ranked[1]
-    margin = best["val_correct"] - second["val_correct"]
-    p = (best["val_correct"] + second["val_correct"]) / (2 * n)
-    se = math.sqrt(n * p * (1 - p))
-    info.update(margin_images=margin, se_images=round(se, 2))
-    a, b = best["strategy"], second["strategy"]
-    if margin == 0:
+    # the runner-up: the best of the rest, by images right, then mean true-class probability
+    rest = [(name, scores[name]) for name in scores if name != winner]
+    second = max(rest, key=lambda c: (c[1].correct_count, c[1].mean_prob))[0]
+    a, b = scores[winner], scores[second]
+    d = paired(a, b)
+    info.update(
+        runner_up=second,
+        margin_images=d["margin_images"],
+        se_images=d["se_images"],
+        disagree_images=d["disagree_images"],
+        prob_margin=d["prob_margin"],
+        prob_se=d["prob_se"],
+    )
+    n, right = a.n, a.correct_count
+    prob = (
+        f"mean probability of the true class {a.mean_prob:.3f} vs {b.mean_prob:.3f} "
+        f"(paired standard error {d['prob_se']:.3f})"
+    )
+    if d["margin_images"] == 0 and winner in short and second not in short:
         info["pick"] = (
-            f"{a}: ties with {b} at {best['val_correct']} of {n} validation images; "
-            "the cheaper is kept"
+            f"{winner}: level with {second} at {right} of {n} validation images after its short "
+            f"schedule ({auto.short_epochs} epochs), and that can only rise with the full one; "
+            f"{second}'s is final"
         )
-    elif margin <= CLEAR_SE * se:
+    elif d["margin_images"] == 0:
+        ahead = d["prob_margin"] > CLEAR_SE * d["prob_se"]
         info["pick"] = (
-            f"{a}: {margin} of {n} validation images more than {b}, within "
-            f"{CLEAR_SE} binomial standard errors ({se:.1f} images each): uncertain; more "
-            "validation images would tell them apart"
+            f"{winner}: level with {second} at {right} of {n} validation images, ahead in {prob}"
+            f", beyond {CLEAR_SE} standard errors"
+            if ahead
+            else f"{winner}: ties with {second} at {right} of {n} validation images and, within "
+            f"{CLEAR_SE} standard errors, in {prob}; the cheaper is kept"
         )
     else:
+        clear = d["margin_images"] > CLEAR_SE * d["se_images"]
         info["pick"] = (
-            f"{a}: {margin} of {n} validation images more than {b}, beyond {CLEAR_SE} "
-            f"binomial standard errors ({se:.1f} images each)"
+            f"{winner}: {d['margin_images']} of {n} validation images more than {second} (they "
+            f"disagree on {d['disagree_images']}: a paired standard error of "
+            f"{d['se_images']:.1f} images), "
+            + (
+                f"beyond {CLEAR_SE} standard errors"
+                if clear
+                else f"within {CLEAR_SE} standard errors: uncertain; more validation images "
+                "would tell them apart"
+            )
         )
     return info
+
+
+def pick(candidates: list[tuple[str, Scores]], short: frozenset[str] = frozenset()) -> str:
+    """The winner of `candidates` (cheapest first, scored on the same validation images);
+    `short` names those scored after the short schedule, the others are final.
+
+    Top-1 on a few images moves in whole images, so candidates often tie; the true-class
+    probability of every image is the finer measure. Among those with the most images right,
+    the cheapest whose mean true-class probability is not clearly (CLEAR_SE paired standard
+    errors) below the highest wins: a genuine tie goes to the cheaper. A tie between a short
+    schedule and a final score is not genuine: the learning rate is constant and training
+    keeps its best epoch by validation top-1, so the full schedule repeats the short one and
+    can only add images right — the short-schedule candidate is ahead.
+    """
+    most = max(s.correct_count for _, s in candidates)
+    level = [(name, s) for name, s in candidates if s.correct_count == most]
+    if any(name in short for name, _ in level):
+        level = [(name, s) for name, s in level if name in short]
+    top = max(level, key=lambda c: c[1].mean_prob)[1]  # the first of equals: the cheaper
+    for name, s in level:
+        d = paired(top, s)
+        if d["prob_margin"] <= CLEAR_SE * d["prob_se"]:
+            return name
+    raise AssertionError("unreachable: the top candidate is not below itself")
+
+
+def paired(a: Scores, b: Scores) -> dict:
+    """`a` against `b` on the same images: the difference in images right with its standard
+    error (McNemar's: the square root of the images where exactly one is right), and the
+    difference in mean true-class probability with the standard error of a paired mean."""
+    if a.n != b.n:
+        raise ValueError(f"candidates scored on {a.n} and {b.n} validation images")
+    disagree = int((a.correct != b.correct).sum())
+    diff = a.prob.astype(np.float64) - b.prob.astype(np.float64)
+    se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+    return {
+        "margin_images": a.correct_count - b.correct_count,
+        "se_images": round(math.sqrt(disagree), 2),
+        "disagree_images": disagree,
+        "prob_margin": round(float(diff.mean()) if len(diff) else 0.0, 4),
+        "prob_se": round(se, 4),
+    }
 
 
 def _round(seconds: float) -> float:

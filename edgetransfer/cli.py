@@ -773,7 +773,8 @@ def _echo_auto(auto: dict) -> None:
         else:
             click.echo(
                 f"  auto: {r['strategy']:<7} val top-1 {r['val_top1']:.1%} "
-                f"({r['val_correct']}/{r['val_images']}), {r['schedule']} schedule "
+                f"({r['val_correct']}/{r['val_images']}, mean true-class probability "
+                f"{r['val_true_prob']:.3f}), {r['schedule']} schedule "
                 f"({r['epochs']} epochs), {r['seconds']:.1f} s"
             )
     click.echo(f"auto picked {auto['pick']}")

@@ -336,11 +336,16 @@ def _short(path: str) -> str:
     return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
 
 
+def _prob(p: float | None) -> str:
+    """A probability to 3 places; a dash in a manifest from before it was recorded."""
+    return "–" if p is None else f"{p:.3f}"
+
+
 def _auto_section(auto: dict) -> list[str]:
     """The comparison `--strategy auto` recorded in the manifest (adapt.auto)."""
     head = (
         "<tr><th>strategy</th><th>validation top-1</th><th>images right</th>"
-        "<th>schedule</th><th>seconds</th></tr>"
+        "<th>mean true-class probability</th><th>schedule</th><th>seconds</th></tr>"
     )
     rows = []
     for r in auto.get("candidates", []):
@@ -348,11 +353,12 @@ def _auto_section(auto: dict) -> list[str]:
         if r.get("strategy") == auto.get("winner"):
             name = f"<b>{name}</b>"
         if "skipped" in r:
-            rows.append(f'<tr><td>{name}</td><td colspan="4">{_e(r["skipped"])}</td></tr>')
+            rows.append(f'<tr><td>{name}</td><td colspan="5">{_e(r["skipped"])}</td></tr>')
             continue
         rows.append(
             f'<tr><td>{name}</td><td class="num">{r["val_top1"]:.1%}</td>'
             f'<td class="num">{r["val_correct"]} of {r["val_images"]}</td>'
+            f'<td class="num">{_prob(r.get("val_true_prob"))}</td>'
             f"<td>{_e(r['schedule'])} ({r['epochs']} epochs)</td>"
             f'<td class="num">{r["seconds"]:.1f}</td></tr>'
         )

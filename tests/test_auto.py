@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from edgetransfer import auto
-from edgetransfer.auto import AutoConfig, _OverBudget, _Steps, _verdict, _Watch, adapt_auto
-from edgetransfer.errors import EdgeTransferError
+from edgetransfer.auto import AutoConfig, Scores, _OverBudget, _Steps, _verdict, _Watch, adapt_auto
+from edgetransfer.errors import DataError, EdgeTransferError
 from edgetransfer.manifest import read_manifest
 
 from .conftest import DIGITS, SOURCE, digits_config, make_images, run
@@ -33,18 +34,22 @@ def test_auto_end_to_end_manifest_report_and_export(tmp_path):
         assert r["val_correct"] == round(r["val_top1"] * r["val_images"])
     assert [r["schedule"] for r in rows] == ["full", "short", "short", "short"]
     assert [r["epochs"] for r in rows] == [6, 5, 5, 5]
-    # the winner is the first (cheapest) of those with the most right, and it trained fully
+    # the winner has the most right (level ones: the finer score or the cheaper); it trained fully
     best = max(r["val_correct"] for r in rows)
-    assert a["winner"] == next(r["strategy"] for r in rows if r["val_correct"] == best)
+    assert next(r for r in rows if r["strategy"] == a["winner"])["val_correct"] == best
+    assert all(0 <= r["val_true_prob"] <= 1 for r in rows)
     assert m.adapt["strategy"] == a["winner"] and m.adapt["epochs"] == 6
     assert a["budget_s"] is None and a["short_epochs"] == 5
     # CLI: one line per candidate and the pick with its uncertainty
     assert res.output.count("  auto: ") == 4
+    assert res.output.count(", mean true-class probability ") == 4
     assert f"auto picked {a['pick']}\n" in res.output
-    assert "binomial standard error" in a["pick"] or "ties with" in a["pick"]
+    assert "standard error" in a["pick"] and a["runner_up"] != a["winner"]
     page = (out / "report.html").read_text()
     assert "Strategy chosen by --strategy auto" in page
     assert a["pick"].split(":")[0] in page and "no time budget" in page
+    assert "mean true-class probability</th>" in page
+    assert f'<td class="num">{rows[0]["val_true_prob"]:.3f}</td>' in page
     # an auto run exports and verifies as a run of its winner's strategy
     exp = run("export", out, "--onnx", "--out", tmp_path / "exp")
     assert exp.exit_code == 0, exp.output
@@ -71,25 +76,108 @@ def test_the_budget_skips_candidates_and_says_so(tmp_path):
     assert "the only candidate tried" in a["pick"]
 
 
-def _row(name, correct, n=20):
-    return {"strategy": name, "val_correct": correct, "val_images": n, "val_top1": correct / n}
+def _scores(right, probs):
+    """Synthetic validation scores: which images are right, and the true-class probabilities."""
+    return Scores(np.asarray(right, bool), np.asarray(probs, np.float64))
 
 
-def test_ties_go_to_the_cheaper_and_the_pick_says_how_sure_it_is():
+def _cands(**scores):
+    return [(name.replace("_", "-"), s) for name, s in scores.items()]
+
+
+def _level(n_right, n=20, prob=0.8, jitter=0.0, seed=0):
+    """`n_right` of `n` right (the first ones), true-class probabilities about `prob`."""
+    rng = np.random.default_rng(seed)
+    right = np.arange(n) < n_right
+    return _scores(right, np.clip(prob + jitter * rng.standard_normal(n), 0, 1))
+
+
+def test_pick_ties_go_to_the_cheaper_and_a_clearly_finer_score_breaks_them():
+    same = _level(18, prob=0.8, jitter=0.05)
+    # level on images right and the same probabilities: a genuine tie, the cheaper wins
+    assert auto.pick(_cands(bias=same, last_n=same, full=same)) == "bias"
+    # a more expensive one level on images right but clearly surer of the true class wins
+    surer = _scores(same.correct, same.prob + 0.05)
+    assert auto.pick(_cands(last_n=same, full=surer)) == "full"
+    # ... but not by a difference within the paired noise
+    noisy = _scores(same.correct, same.prob + np.resize([0.2, -0.19], 20))
+    d = auto.paired(noisy, same)
+    assert 0 < d["prob_margin"] <= 2 * d["prob_se"]
+    assert auto.pick(_cands(last_n=same, full=noisy)) == "last-n"
+    # the cheapest of those not clearly below the surest: bias is, last-n is not
+    below = _scores(same.correct, same.prob - 0.1)
+    assert auto.pick(_cands(bias=below, last_n=noisy, full=surer)) == "last-n"
+    # level with the head's final score, a short-schedule score can only rise: it wins
+    head = _scores(same.correct, same.prob + 0.05)
+    assert auto.pick(_cands(head=head, last_n=same), frozenset({"last-n"})) == "last-n"
+    assert auto.pick(_cands(head=head, last_n=same)) == "head"  # both final: a genuine tie
+    assert auto.pick(_cands(head=_level(19), last_n=same), frozenset({"last-n"})) == "head"
+    # images right come first: one more image beats any probability
+    assert auto.pick(_cands(head=_level(19, prob=0.3), full=_level(18, prob=0.99))) == "head"
+
+
+def test_paired_standard_errors():
+    a = _scores([1, 1, 1, 0, 0, 1], [0.9, 0.8, 0.7, 0.2, 0.1, 0.6])
+    b = _scores([1, 0, 0, 1, 0, 1], [0.8, 0.4, 0.3, 0.6, 0.2, 0.6])
+    d = auto.paired(a, b)
+    # they disagree on images 2, 3 (a right) and 4 (b right): margin 1, McNemar SE sqrt(3)
+    assert d["margin_images"] == 1 and d["disagree_images"] == 3
+    assert d["se_images"] == pytest.approx(3**0.5, abs=0.01)
+    diff = np.array([0.1, 0.4, 0.4, -0.4, -0.1, 0.0])
+    assert d["prob_margin"] == pytest.approx(diff.mean(), abs=1e-4)
+    assert d["prob_se"] == pytest.approx(diff.std(ddof=1) / 6**0.5, abs=1e-4)
+    with pytest.raises(ValueError, match="6 and 5 validation images"):
+        auto.paired(a, _scores([1] * 5, [0.5] * 5))
+
+
+def _row(name, s):
+    schedule = "full" if name == "head" else "short"
+    return {
+        "strategy": name,
+        "val_correct": s.correct_count,
+        "val_images": s.n,
+        "schedule": schedule,
+    }
+
+
+def test_the_pick_says_how_sure_it_is():
     cfg = AutoConfig()
-    tie = _verdict(
-        [_row("head", 15), _row("bias", 18), _row("last-n", 18), _row("full", 18)], cfg, 1
-    )
+
+    def verdict(**scores):
+        rows = [_row(name, s) for name, s in _cands(**scores)]
+        return _verdict(rows, dict(_cands(**scores)), cfg, 1)
+
+    same = _level(18, jitter=0.05)
+    tie = verdict(head=_level(15), bias=same, last_n=same, full=same)
     assert tie["winner"] == "bias" and tie["margin_images"] == 0
-    assert (
-        tie["pick"] == "bias: ties with last-n at 18 of 20 validation images; the cheaper is kept"
-    )
-    close = _verdict([_row("head", 16), _row("full", 17)], cfg, 1)
+    assert tie["pick"].startswith("bias: ties with last-n at 18 of 20 validation images and")
+    assert tie["pick"].endswith("; the cheaper is kept")
+    surer = verdict(last_n=same, full=_scores(same.correct, same.prob + 0.05))
+    assert surer["winner"] == "full" and surer["runner_up"] == "last-n"
+    assert "level with last-n at 18 of 20" in surer["pick"] and "beyond 2" in surer["pick"]
+    # one image more, the two disagreeing on that one: within 2 standard errors (1 image)
+    close = verdict(head=_level(16), full=_scores(np.arange(20) < 17, np.full(20, 0.8)))
     assert close["winner"] == "full" and close["margin_images"] == 1
-    assert close["se_images"] == pytest.approx((20 * 0.825 * 0.175) ** 0.5, abs=0.01)
+    assert close["disagree_images"] == 1 and close["se_images"] == 1.0
     assert "uncertain" in close["pick"]
-    clear = _verdict([_row("head", 8, 100), _row("last-n", 90, 100)], cfg, 1)
-    assert clear["winner"] == "last-n" and "beyond 2 binomial standard errors" in clear["pick"]
+    shifted = _scores(np.roll(np.arange(20) < 17, 3), np.full(20, 0.8))
+    close = verdict(head=_level(16), full=shifted)
+    # the same counts, disagreeing on 3 + 4 images: a wider standard error (sqrt 7)
+    assert close["disagree_images"] == 7 and close["se_images"] == pytest.approx(7**0.5, 0.01)
+    assert close["margin_images"] == 1 and "uncertain" in close["pick"]
+    clear = verdict(head=_level(8, 100), last_n=_level(90, 100))
+    assert clear["winner"] == "last-n" and "beyond 2 standard errors" in clear["pick"]
+    level = verdict(head=_level(18, prob=0.9), last_n=same)
+    assert level["winner"] == "last-n" and level["runner_up"] == "head"
+    assert level["pick"] == (
+        "last-n: level with head at 18 of 20 validation images after its short schedule "
+        "(5 epochs), and that can only rise with the full one; head's is final"
+    )
+    # skipped candidates (the budget, a backbone without biases) are not compared
+    rows = [_row("head", same), {"strategy": "bias", "skipped": "not tried", "seconds": 0.0}]
+    only = _verdict(rows, {"head": same}, cfg, 1)
+    assert only["winner"] == "head" and "the only candidate tried" in only["pick"]
+    assert "margin_images" not in only
 
 
 def test_a_candidate_that_would_overrun_stops_after_two_steps():
@@ -118,6 +206,8 @@ def test_a_candidate_that_would_overrun_stops_after_two_steps():
 def test_auto_refuses_bad_settings_in_one_line(tmp_path):
     with pytest.raises(EdgeTransferError, match="compares some of: head, bias, last-n, full"):
         adapt_auto(digits_config(tmp_path / "r"), AutoConfig(candidates=("head", "lora")))
+    with pytest.raises(DataError, match="compares the candidates on validation images"):
+        adapt_auto(digits_config(tmp_path / "r", val_fraction=0.0))
     res = run("adapt", DIGITS, "--budget", "5", "--out", tmp_path / "r")
     assert res.exit_code == 2 and "--budget is for --strategy auto" in res.output
     assert not (tmp_path / "r").exists()

@@ -16,6 +16,11 @@ time budget; the small CNN from the MNIST 0-4 source with head, last-n, full and
 the small CNN from scratch. Runs share one process (the curve is about accuracy, not memory)
 and append to a JSON-lines file, so `--table FILE` prints the tables of a partial run.
 
+Part "auto-check" (not in "all"): from the small-CNN head, last-n and full runs that "curve"
+left in --workdir, every validation and test image one by one: how often 25 validation images
+tell last-n and full apart, how many test images they disagree on, how many validation images
+a 1-point gap would need, and what auto's pick rule would choose among the fully trained runs.
+
 Part "memory": peak RSS growth while training mobilenet_v3_small (224 px, batch 8, random
 weights, synthetic photos) with bias, last-n and full, against the estimate adapt prints.
 
@@ -504,6 +509,108 @@ def curve_tables(results) -> None:
         print(f"- {row}: {sum(secs) / len(secs):.0f} s per run{extra}")
 
 
+def auto_check(tmp: Path, shots: list[int], seeds: list[int], results) -> None:
+    """How far validation can pick for `auto`: for every (seed, shots) whose small-CNN head,
+    last-n and full runs are in `tmp`/runs (from --part curve --workdir), each run's
+    validation images one by one (right or not, the probability of the true class) and its
+    test images one by one; appended to `results` as JSON lines, then summarised
+    (`auto_check_table`)."""
+    import json
+
+    import torch
+
+    from edgetransfer.data import scan
+    from edgetransfer.evaluate import evaluate
+    from edgetransfer.features import extract
+    from edgetransfer.runs import load_run
+
+    torch.set_num_threads(THREADS)
+    dirs, test = curve_splits(tmp / "curve", shots, seeds)
+    ds = scan(test, val_fraction=0.0)
+    for seed in seeds:
+        for k in shots:
+            rec = {"seed": seed, "shots": k, "runs": {}}
+            for row in ("cnn head", "cnn last-n", "cnn full"):
+                out = tmp / "runs" / f"{row.replace(' ', '_')}_s{seed}_k{k}"
+                if not (out / "edgetransfer.json").exists():
+                    break
+                val = evaluate(out, dirs[seed, k], split="val")
+                model, m = load_run(out)
+                feats = extract(
+                    model.features, ds.samples, m.preprocessing, backbone_id="x", use_cache=False
+                ).vectors
+                truth = torch.tensor([m.labels.index(ds.classes[x.label]) for x in ds.samples])
+                with torch.no_grad():
+                    right = (model.head(feats).argmax(1) == truth).tolist()
+                idx = range(len(val.truth))
+                rec["runs"][row.split()[1]] = {
+                    "val_right": [int(val.probs[i].argmax() == val.truth[i]) for i in idx],
+                    "val_prob": [round(float(val.probs[i, val.truth[i]]), 5) for i in idx],
+                    "test_right": [int(x) for x in right],
+                }
+            else:
+                with open(results, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                print(f"  seed {seed} k {k}: checked", file=sys.stderr)
+    auto_check_table(results)
+
+
+def auto_check_table(results) -> None:
+    """From auto_check's lines: last-n against full at the full schedule — how often 25
+    validation images tell them apart and whether they side with the test, how many test images
+    the two disagree on, and how many validation images a pick within 1 point would need."""
+    import json
+    import math
+
+    import numpy as np
+
+    from edgetransfer.auto import Scores, pick
+
+    recs = [json.loads(line) for line in Path(results).read_text().splitlines() if line]
+    print("\nlast-n vs full, full schedule, per seed (points: full - last-n):\n")
+    print(
+        "| shots | seed | val right (last-n/full) | val true-class prob (last-n/full) | "
+        "test gap | test images they disagree on | val images for 2 SE at that gap | "
+        "auto's rule on the full runs: pick, points below the best |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---|")
+    qs, agree, level, below = [], 0, 0, []
+    for r in sorted(recs, key=lambda r: (r["shots"], r["seed"])):
+        runs = r["runs"]
+        # what auto's pick rule would choose if every candidate trained fully (cost order)
+        won = pick(
+            [
+                (n, Scores(np.array(x["val_right"], bool), np.array(x["val_prob"])))
+                for n, x in runs.items()
+            ]
+        )
+        tests = {n: 100 * np.mean(x["test_right"]) for n, x in runs.items()}
+        below.append(max(tests.values()) - tests[won])
+        a, b = runs["last-n"], runs["full"]
+        ta, tb = np.array(a["test_right"]), np.array(b["test_right"])
+        gap = tb.mean() - ta.mean()
+        q = float((ta != tb).mean())
+        qs.append(q)
+        va, vb = sum(a["val_right"]), sum(b["val_right"])
+        pa, pb = np.mean(a["val_prob"]), np.mean(b["val_prob"])
+        level += va == vb
+        agree += va != vb and (vb > va) == (gap > 0)
+        # a paired difference of 0/1 outcomes has variance q - gap^2 per image
+        need = 4 * (q - gap**2) / gap**2 if gap else math.inf
+        print(
+            f"| {r['shots']} | {r['seed']} | {va}/{vb} | {pa:.3f}/{pb:.3f} | "
+            f"{100 * gap:+.1f} | {100 * q:.1f}% | {need:.0f} | {won}, {below[-1]:.1f} |"
+        )
+    q = float(np.mean(qs))
+    print(
+        f"\nlevel on validation images right: {level} of {len(recs)}; where not, the test "
+        f"agreed {agree} of {len(recs) - level} times. Mean disagreement on the test images "
+        f"{100 * q:.1f}%: telling a 1-point gap at 2 standard errors needs about "
+        f"{4 * (q - 1e-4) / 1e-4:.0f} validation images. auto's rule on the fully trained "
+        f"runs: {np.mean(below):.1f} points below the best on average, at worst {max(below):.1f}."
+    )
+
+
 def memory(tmp: Path, size: int) -> list[dict]:
     import numpy as np
     from PIL import Image
@@ -554,7 +661,11 @@ def memory(tmp: Path, size: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--part", choices=["accuracy", "shots", "curve", "memory", "all"], default="all"
+        "--part",
+        choices=["accuracy", "shots", "curve", "auto-check", "memory", "all"],
+        default="all",
+        help="auto-check: what validation can tell auto, from the small-CNN runs that "
+        "--part curve left in --workdir (not part of all)",
     )
     ap.add_argument("--seeds", default="0,1,2", help="curve: seeds (comma-separated)")
     ap.add_argument("--rows", default=",".join(CURVE_ROWS), help="curve: rows (comma-separated)")
@@ -567,6 +678,9 @@ def main() -> None:
         help="curve: JSON-lines file the runs are appended to",
     )
     ap.add_argument("--table", metavar="FILE", help="print the curve tables of FILE and exit")
+    ap.add_argument(
+        "--check-table", metavar="FILE", help="print the auto-check table of FILE and exit"
+    )
     ap.add_argument(
         "--workdir",
         help="keep the source model, the splits and the runs here (reused by a rerun) "
@@ -590,6 +704,9 @@ def main() -> None:
     if args.table:
         curve_tables(args.table)
         return
+    if args.check_table:
+        auto_check_table(args.check_table)
+        return
     with contextlib.ExitStack() as stack:
         tmp = args.workdir or stack.enter_context(tempfile.TemporaryDirectory())
         if args.part in ("accuracy", "all"):
@@ -607,6 +724,12 @@ def main() -> None:
             seeds = [int(s) for s in args.seeds.split(",")]
             shots = [int(k) for k in args.shots.split(",")]
             curve(Path(tmp), args.epochs, shots, seeds, rows, args.budget, args.results)
+        if args.part == "auto-check":
+            if not args.workdir:
+                raise SystemExit("--part auto-check reads the runs of --part curve --workdir W")
+            seeds = [int(x) for x in args.seeds.split(",")]
+            shots = [int(k) for k in args.shots.split(",")]
+            auto_check(Path(tmp), shots, seeds, args.results)
         if args.part in ("memory", "all"):
             memory(Path(tmp) / "mem", args.size)
 
