@@ -77,9 +77,10 @@ def test_cli_error_is_one_line(tmp_path):
     )
 
 
-def test_stages_run_records_rebuilds_caches_apart_and_exports(tmp_path):
+def test_stages_run_records_rebuilds_caches_apart_and_exports(tmp_path, monkeypatch):
     """The manifest names the taps, load_run rebuilds the same model, the feature cache keeps
     the two choices apart, and every exported artifact answers like eager PyTorch."""
+    monkeypatch.setenv("EDGETRANSFER_CACHE", str(tmp_path / "cache"))  # not another test's
     entries = cache_dir() / "features"
     before = set(entries.glob("*.safetensors")) if entries.is_dir() else set()
     pen = adapt(digits_config(tmp_path / "pen", use_cache=True))
