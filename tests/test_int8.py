@@ -53,7 +53,7 @@ def test_a_bound_of_zero_keeps_the_costliest_layers_in_float(strict_int8):
     kept = rec["kept_float"]
     assert kept and last["float"] == [k["layer"] for k in kept]
     # one layer more per step, costliest first, each named with its cost and the drop before it
-    for step, nxt, k in zip(rec["steps"], rec["steps"][1:], kept):
+    for step, nxt, k in zip(rec["steps"], rec["steps"][1:], kept, strict=False):
         assert step["next"]["layer"] == k["layer"] and k["cost"] > 0
         assert k["drop_before"] == step["top1_drop"] and nxt["float"][-1] == k["layer"]
     assert [k["cost"] for k in kept] == sorted((k["cost"] for k in kept), reverse=True)
