@@ -280,6 +280,8 @@ def test_cli_interrupt_exit_code(tmp_path, monkeypatch):
         return real(**kw, on_step=_interrupt_at((1, 1)))
 
     monkeypatch.setattr(adapt_mod, "AdaptConfig", config)
+    # a cache of its own: a bundle another test kept would take the path without PyTorch
+    monkeypatch.setenv("EDGETRANSFER_CACHE", str(tmp_path / "cache"))
     res = CliRunner().invoke(
         cli,
         [
