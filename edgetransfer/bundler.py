@@ -20,7 +20,7 @@ from edgetransfer.backbones import feature_dim, get_arch, source_backbone
 from edgetransfer.bundle import FEATURES, SOURCE_OUTPUT, bundle_manifest, is_bundle
 from edgetransfer.data import load_image, preprocess, scan
 from edgetransfer.errors import DataError, EdgeTransferError, ExportError, OutputExistsError
-from edgetransfer.fileio import sha256_file
+from edgetransfer.fileio import TMP_PREFIX, sha256_file
 from edgetransfer.manifest import Manifest, read_manifest, versions
 from edgetransfer.parity import CHECK_BATCHES, require_close
 from edgetransfer.runs import load_run
@@ -97,8 +97,10 @@ def write_bundle(
     )
     manifest.adapt["checked"] = {"batches": list(CHECK_BATCHES), "images": len(images)}
     x_real = np.stack([preprocess(img, pre) for img in images])
-    tmp = out.with_name(out.name + ".export.tmp")
-    done = out.with_name(out.name + ".tmp")
+    # temp names of this process (fileio's prefix and pid): two runs writing the same bundle
+    # (two adapt runs keeping one cache entry) never share a temp file
+    tmp = out.with_name(f"{TMP_PREFIX}{os.getpid()}-{out.name}.export")
+    done = out.with_name(f"{TMP_PREFIX}{os.getpid()}-{out.name}")
     errors = []
     for exporter in ("torchscript", "dynamo"):  # as features.py: torchscript is quicker here
         try:

@@ -4,6 +4,9 @@ taken in the same run on the same machine.
 
     .venv/bin/python tools/perf.py [--quick] [--only BENCH,...]  (BENCHES below)
 
+`--only install` makes two venvs (about 6 GB for the full one) with pip: not in the default
+run.
+
 Every benchmark generates its own data in a temp folder (smooth photos whose colour and texture
 depend on the class, 12-megapixel JPEGs for decoding) and prints a table: target, measured,
 pass/fail. Times are medians of interleaved repeats (the machine is shared and noisy). No
@@ -35,7 +38,7 @@ from PIL import Image  # noqa: E402
 
 BENCHES = (
     "adapt", "backend", "decode", "headfit", "inference", "memory", "startup", "device", "cached",
-    "learn",
+    "learn", "install",
 )  # fmt: skip
 COLOURS = [(230, 60, 60), (60, 190, 70), (60, 70, 230), (220, 200, 40), (190, 60, 210)]
 RESULTS: list[dict] = []  # every target row, for the summary and --json
@@ -1136,11 +1139,55 @@ def bench_learn(tmp: Path, quick: bool) -> None:
     print_table("learn", "learning a head in C++ (et_learn) vs Python")
 
 
+def bench_install(tmp: Path, quick: bool) -> None:
+    """The core install (`pip install edgetransfer`: onnxruntime, numpy, Pillow, no PyTorch)
+    against the full one (`pip install 'edgetransfer[torch]'`), each into a fresh venv from
+    this checkout, one after the other with the same pip cache: time and size on disk."""
+
+    def install(name: str, spec: str) -> tuple[float, int]:
+        venv = tmp / name
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
+               "--disable-pip-version-check", spec]  # fmt: skip
+        t, _ = timed(lambda: subprocess.run(pip, check=True, cwd=tmp))
+        size = sum(f.lstat().st_size for f in venv.rglob("*") if f.is_file())
+        torch_in = subprocess.run(
+            [str(venv / "bin" / "python"), "-c", "import importlib.util as u; "
+             "print(u.find_spec('torch') is not None)"],
+            check=True, capture_output=True, text=True,
+        ).stdout.strip() == "True"  # fmt: skip
+        assert torch_in == (name == "full"), f"{name} install: torch present = {torch_in}"
+        return t, size
+
+    core_t, core_b = install("core", str(ROOT))
+    full_t, full_b = install("full", f"{ROOT}[torch]")
+    mb = 1 << 20
+    row(
+        "install",
+        "venv size: core / full install",
+        "< 1/20",
+        f"1/{full_b / core_b:.0f} ({core_b / mb:.0f} MiB / {full_b / mb:.0f} MiB)",
+        core_b * 20 < full_b,
+        "torch absent from the core venv, present in the full one",
+    )
+    row(
+        "install",
+        "pip install time: core / full",
+        "-",
+        f"1/{full_t / core_t:.1f} ({core_t:.1f} s / {full_t:.1f} s)",
+        None,
+        "same pip cache for both (warm after earlier installs on this machine)",
+    )
+    print_table("install", "the core install without PyTorch vs the full one")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller data, fewer repeats")
     ap.add_argument(
-        "--only", default=",".join(BENCHES), help=f"comma-separated subset of: {', '.join(BENCHES)}"
+        "--only",
+        default=",".join(b for b in BENCHES if b != "install"),
+        help=f"comma-separated subset of: {', '.join(BENCHES)} (install only when named)",
     )
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = ap.parse_args()
