@@ -133,6 +133,16 @@ def _force_option(what: str) -> Callable:
     return click.option("--force", is_flag=True, help=f"Replace an existing {what}.")
 
 
+def _image_size_option() -> Callable:
+    """--image-size: adapt's input size, and the bundle's that a head run at that size keeps."""
+    return click.option(
+        "--image-size",
+        type=click.IntRange(min=8),
+        default=None,
+        help="Input size in pixels (default: the architecture's own).",
+    )
+
+
 def _batch_size_option(default: int, help: str | None = None) -> Callable:
     return click.option(
         "--batch-size", type=click.IntRange(min=1), default=default, show_default=True, help=help
@@ -222,12 +232,7 @@ def cli(ctx: click.Context, max_pixels: int | None) -> None:
     show_default=True,
     help="Learning rate of the new head.",
 )
-@click.option(
-    "--image-size",
-    type=click.IntRange(min=8),
-    default=None,
-    help="Input size in pixels (default: the architecture's own).",
-)
+@_image_size_option()
 @click.option(
     "--val-fraction",
     type=click.FloatRange(0, 0.9),
@@ -1380,10 +1385,17 @@ def info(path: Path, as_json: bool) -> None:
     help="Real images (class folders) the bundle is checked on against eager PyTorch "
     "[default: the shipped sample digits].",
 )
+@_image_size_option()
 @_force_option("bundle")
 @_json_option("Print the bundle's manifest as JSON.")
 def backbone(
-    arch: str, weights: str, out: Path | None, data_dir: Path | None, force: bool, as_json: bool
+    arch: str,
+    weights: str,
+    out: Path | None,
+    data_dir: Path | None,
+    image_size: int | None,
+    force: bool,
+    as_json: bool,
 ) -> None:
     """Write ARCH's frozen feature extractor as a backbone bundle (ONNX, manifest inside).
 
@@ -1395,6 +1407,7 @@ def backbone(
     \b
     Example:
       edgetransfer backbone mobilenet_v3_small --out mnv3s.backbone.onnx
+      edgetransfer backbone efficientnet_lite0 --image-size 112 --out lite0-112.onnx
     """
     from edgetransfer.bundler import write_bundle
     from edgetransfer.demo import sample_data
@@ -1404,6 +1417,7 @@ def backbone(
         weights,
         out or Path(f"{arch}.backbone.onnx"),
         data_dir=data_dir or sample_data(),
+        image_size=image_size,
         force=force,
     )
     if as_json:

@@ -173,6 +173,18 @@ def test_backbone_force_rules(digits_bundle, tmp_path):
     assert notes.read_text() == "mine"
 
 
+def test_backbone_image_size(tmp_path):
+    """--image-size fixes the bundle's input size (its manifest and its ONNX input), and no
+    temp file of the writer is left beside it."""
+    out = tmp_path / "b.onnx"
+    res = run("backbone", "tiny_test", "--weights", "none", "--image-size", "40", "--out", out)
+    assert res.exit_code == 0, res.output
+    assert list(read_manifest(out).preprocessing.input_size) == [40, 40]
+    dims = onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims[2:]] == [40, 40]
+    assert [p.name for p in tmp_path.iterdir()] == ["b.onnx"]
+
+
 def test_features_cache_is_used_and_checked(digits_bundle, tmp_path, monkeypatch):
     from edgetransfer.bundle import extract, open_bundle
     from edgetransfer.data import scan
