@@ -1,8 +1,10 @@
-"""`adapt --strategy auto`: the head first (cheap), then, within a time budget, the strategies
-that train more on a short schedule; the best by validation top-1 trains fully into RUN_DIR,
-with the comparison in the manifest's ``adapt.auto``. Candidates level on top-1 are told apart
-by their mean probability of the true class, image by image; a genuine tie goes to the cheaper,
-but a short-schedule score level with the head's final one is ahead (it can only rise).
+"""`adapt --strategy auto`: the head first (cheap), on each feature choice the architecture
+offers (config.AUTO_FEATURES, unless --features names one), then, within a time budget, the
+strategies that train more on a short schedule; the best by validation top-1 trains fully into
+RUN_DIR, with the comparison in the manifest's ``adapt.auto``. Candidates level on top-1 are
+told apart by their mean probability of the true class, image by image; a genuine tie goes to
+the cheaper (the penultimate head before the stages one), but a short-schedule score level with
+a head's final one is ahead (it can only rise).
 
 Every candidate is an ordinary adapt run with the same DATA_DIR, --val-fraction and --seed, so
 all are judged on the same validation images (the split runs.run_split rebuilds; the data
@@ -24,8 +26,9 @@ import numpy as np
 
 from edgetransfer import config
 from edgetransfer.adapt import AdaptConfig, AdaptResult, adapt, inputs
+from edgetransfer.backbones import ArchSpec, feature_taps, get_arch
 from edgetransfer.data import scan
-from edgetransfer.errors import DataError, EdgeTransferError
+from edgetransfer.errors import ArchError, DataError, EdgeTransferError
 from edgetransfer.evaluate import EvalResult, evaluate
 from edgetransfer.fileio import check_can_write
 from edgetransfer.train import Interrupted
@@ -53,13 +56,62 @@ class AutoConfig:
             always fitted.
         short_epochs: epochs of the candidates that train the backbone (at most --epochs).
         candidates: strategies compared, cheapest first (ties go to the earlier one).
+        head_features: what the head is compared on, one candidate each (in this order, right after
+            one another), those the architecture offers; a run whose --features is not the
+            default compares its head on that one only (the CLI passes the one given).
         clock: seconds, monotonic (tests pass a fake one).
     """
 
     budget: float | None = config.AUTO_BUDGET
     short_epochs: int = config.AUTO_EPOCHS
     candidates: tuple[str, ...] = CANDIDATES
+    head_features: tuple[str, ...] = config.AUTO_FEATURES
     clock: Callable[[], float] = time.perf_counter
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One run auto compares: a strategy, and what the head sees (`--features`)."""
+
+    strategy: str
+    features: str = config.FEATURE
+
+    @property
+    def name(self) -> str:
+        """How rows, the pick and the manifest's winner name it: the strategy, and for a head
+        on other than the penultimate features, its --features."""
+        if self.strategy == "head" and self.features != config.FEATURE:
+            return f"head --features {self.features}"
+        return self.strategy
+
+    @property
+    def is_head(self) -> bool:
+        return self.strategy == "head"
+
+
+def candidates(cfg: AdaptConfig, auto: AutoConfig) -> list[Candidate]:
+    """What `auto` compares for `cfg`, cheapest first: the head on each of auto.head_features the
+    architecture offers (only cfg.features when that is not the default), then the others.
+    The strategies that train take cfg.features (adapt refuses all but the default)."""
+    spec = get_arch(cfg.arch)
+    kinds = auto.head_features if cfg.features == config.FEATURE else (cfg.features,)
+    out = []
+    for strategy in auto.candidates:
+        if strategy != "head":
+            out.append(Candidate(strategy, cfg.features))
+            continue
+        # the one asked for stays a candidate (adapt's error is then the run's)
+        offered = [k for k in kinds if k == cfg.features or _offers(spec, k)]
+        out += [Candidate("head", k) for k in offered]
+    return out
+
+
+def _offers(spec: ArchSpec, kind: str) -> bool:
+    try:
+        feature_taps(spec, kind)
+    except ArchError:
+        return False
+    return True
 
 
 class _OverBudget(Exception):
@@ -83,38 +135,45 @@ def adapt_auto(cfg: AdaptConfig, auto: AutoConfig | None = None) -> AdaptResult:
             "leaves none; raise --val-fraction or add a val/ folder"
         )
     steps = _Steps.of(cfg, len(dataset.split("train")), len(dataset.split("val")))
+    cands = candidates(cfg, auto)
     rows: list[dict] = []
     scores: dict[str, Scores] = {}
     fingerprints = set()
     with tempfile.TemporaryDirectory(prefix="edgetransfer-auto-") as tmp:
-        for name in auto.candidates:
+        for i, cand in enumerate(cands):
             left = None if auto.budget is None else auto.budget - (auto.clock() - start)
             estimate = _estimate(rows, auto, steps)
-            if rows and left is not None and estimate is not None and estimate[0] > left:
+            # a head is always fitted: one backbone pass (or the cache) and L-BFGS
+            if not cand.is_head and rows and left is not None and estimate and estimate[0] > left:
                 rows.append(
                     {
-                        "strategy": name,
+                        **_names(cand),
                         "skipped": f"not tried: about {estimate[0]:.0f} s on the short "
                         f"schedule ({estimate[1]}), {max(left, 0):.0f} s of the budget left",
                         "seconds": 0.0,
                     }
                 )
                 continue
+            out = Path(tmp) / f"{i}-{cand.strategy}-{cand.features}"
             row, fingerprint, score = _try(
-                cfg, auto, name, Path(tmp) / name, left if rows else None, steps
+                cfg, auto, cand, i == 0, out, left if rows else None, steps
             )
             rows.append(row)
             if fingerprint:
                 fingerprints.add(fingerprint)
             if score is not None:
-                scores[name] = score
+                scores[cand.name] = score
     if len(fingerprints) > 1:
         raise DataError(f"{cfg.data_dir} changed while --strategy auto compared; run it again")
     info = _verdict(rows, scores, auto, auto.clock() - start)
-    final = dataclasses.replace(
-        _candidate_config(cfg, info["winner"], cfg.epochs), auto=info, out=cfg.out
-    )
+    winner = next(c for c in cands if c.name == info["winner"])
+    final = dataclasses.replace(_candidate_config(cfg, winner, cfg.epochs), auto=info, out=cfg.out)
     return adapt(final)
+
+
+def _names(cand: Candidate) -> dict:
+    """A comparison row's first fields: the candidate's name, strategy and features."""
+    return {"candidate": cand.name, "strategy": cand.strategy, "features": cand.features}
 
 
 def _check(auto: AutoConfig) -> None:
@@ -125,31 +184,52 @@ def _check(auto: AutoConfig) -> None:
             f"--strategy auto compares some of: {', '.join(CANDIDATES)} (got "
             f"{', '.join(auto.candidates) or 'none'})"
         )
+    unknown = [f for f in auto.head_features if f not in config.FEATURES]
+    if unknown or not auto.head_features:
+        raise EdgeTransferError(
+            f"--strategy auto compares the head on some of: {', '.join(config.FEATURES)} (got "
+            f"{', '.join(auto.head_features) or 'none'})"
+        )
     if auto.budget is not None and auto.budget <= 0:
         raise EdgeTransferError(f"--budget must be a positive number of seconds, not {auto.budget}")
     if auto.short_epochs < 1:
         raise EdgeTransferError("the short schedule of --strategy auto needs at least 1 epoch")
 
 
-def _candidate_config(cfg: AdaptConfig, name: str, epochs: int) -> AdaptConfig:
-    """`cfg` for one candidate: its strategy and epochs; the head without --views keeps no
-    augmentation (a preset needs cached views)."""
-    augment = cfg.augment if name != "head" or cfg.views > 1 else None
-    return dataclasses.replace(cfg, strategy=name, epochs=epochs, augment=augment, auto=None)
+def _candidate_config(cfg: AdaptConfig, cand: Candidate, epochs: int) -> AdaptConfig:
+    """`cfg` for one candidate: its strategy, features and epochs; the head without --views
+    keeps no augmentation (a preset needs cached views)."""
+    augment = cfg.augment if not cand.is_head or cfg.views > 1 else None
+    return dataclasses.replace(
+        cfg,
+        strategy=cand.strategy,
+        features=cand.features,
+        epochs=epochs,
+        augment=augment,
+        auto=None,
+    )
 
 
 def _try(
-    cfg: AdaptConfig, auto: AutoConfig, name: str, out: Path, left: float | None, steps: _Steps
+    cfg: AdaptConfig,
+    auto: AutoConfig,
+    cand: Candidate,
+    first: bool,
+    out: Path,
+    left: float | None,
+    steps: _Steps,
 ) -> tuple[dict, str | None, Scores | None]:
     """Run one candidate into `out`: its comparison row, its data fingerprint and its scores
-    on the validation images (None when it was not run to the end)."""
-    if name == "head" and cfg.lwf:
+    on the validation images (None when it was not run to the end). `first`: nothing was
+    tried before it, so its error is the run's."""
+    names = _names(cand)
+    if cand.is_head and cfg.lwf:
         reason = "not tried: --lwf protects a backbone that trains"
-        return {"strategy": name, "skipped": reason, "seconds": 0.0}, None, None
-    epochs = cfg.epochs if name == "head" else min(auto.short_epochs, cfg.epochs)
-    watch = _Watch(auto.clock, left if name != "head" else None, steps, epochs)
+        return {**names, "skipped": reason, "seconds": 0.0}, None, None
+    epochs = cfg.epochs if cand.is_head else min(auto.short_epochs, cfg.epochs)
+    watch = _Watch(auto.clock, left if not cand.is_head else None, steps, epochs)
     run_cfg = dataclasses.replace(
-        _candidate_config(cfg, name, epochs),
+        _candidate_config(cfg, cand, epochs),
         out=out,
         force=True,
         resume=False,
@@ -166,19 +246,19 @@ def _try(
             e.exit_code - 128,
         ) from None
     except EdgeTransferError as e:
-        if name == auto.candidates[0]:
+        if first:
             raise  # nothing to compare with: the error is the run's
         # e.g. bias on a backbone without biases (efficientnet_lite0), or a diverging loss
-        row = {"strategy": name, "skipped": f"not usable: {e}"}
+        row = {**names, "skipped": f"not usable: {e}"}
         return {**row, "seconds": _round(watch.seconds())}, None, None
     except _OverBudget as e:
-        row = {"strategy": name, "skipped": str(e), "seconds": _round(watch.seconds())}
+        row = {**names, "skipped": str(e), "seconds": _round(watch.seconds())}
         return {**row, "step_seconds": _round(watch.step_seconds)}, None, None
     m = res.manifest
     # the saved (best-epoch) model image by image: what the pick compares, paired
     score = Scores.of(evaluate(res.run_dir, cfg.data_dir, split="val"))
     row = {
-        "strategy": name,
+        **names,
         "schedule": "full" if epochs == cfg.epochs else "short",
         "epochs": epochs,
         "epochs_run": m.adapt["epochs_run"],
@@ -188,9 +268,9 @@ def _try(
         "val_true_prob": round(score.mean_prob, 4),
         "seconds": _round(watch.seconds()),
     }
-    if watch.step_seconds is not None and name != "head":  # an L-BFGS step tells nothing
+    if watch.step_seconds is not None and not cand.is_head:  # an L-BFGS step tells nothing
         row["step_seconds"] = _round(watch.step_seconds)
-    if name == "head":  # one forward pass per image: the first estimate of the others' time
+    if cand.is_head:  # one forward pass per image: the first estimate of the others' time
         row["extract_seconds"] = _round(res.timings.get("images", 0.0))
         row["train_images"] = int(m.data["train"])
     return row, m.data["fingerprint"], score
@@ -306,11 +386,12 @@ def _estimate(rows: list[dict], auto: AutoConfig, steps: _Steps) -> tuple[float,
     """Seconds the next backbone-training candidate should take on the short schedule, and
     what the estimate comes from: the step time of the last one measured, else the head's
     feature extraction (one forward pass per image; near zero when the cache had them, and
-    then the candidate's own first steps decide)."""
+    then the candidate's own first steps decide). The first head's: on the penultimate
+    features, the whole backbone, as the strategies that train run it."""
     measured = [r for r in rows if r.get("step_seconds")]
     if measured:
         r = measured[-1]
-        return steps.seconds(r["step_seconds"], auto.short_epochs), f"as {r['strategy']}'s steps"
+        return steps.seconds(r["step_seconds"], auto.short_epochs), f"as {r['candidate']}'s steps"
     head = next((r for r in rows if "extract_seconds" in r), None)
     if head is None:
         return None
@@ -322,12 +403,12 @@ def _estimate(rows: list[dict], auto: AutoConfig, steps: _Steps) -> tuple[float,
 
 def _verdict(rows: list[dict], scores: dict[str, Scores], auto: AutoConfig, seconds: float) -> dict:
     """The manifest's ``adapt.auto``: the rows, the winner and how sure the pick is."""
-    tried = [r for r in rows if r["strategy"] in scores]
+    tried = [r for r in rows if r["candidate"] in scores]
     if not tried:
-        why = "; ".join(f"{r['strategy']}: {r['skipped']}" for r in rows)
+        why = "; ".join(f"{r['candidate']}: {r['skipped']}" for r in rows)
         raise EdgeTransferError(f"--strategy auto has no candidate left ({why})")
-    short = frozenset(r["strategy"] for r in tried if r["schedule"] == "short")
-    winner = pick([(r["strategy"], scores[r["strategy"]]) for r in tried], short)
+    short = frozenset(r["candidate"] for r in tried if r["schedule"] == "short")
+    winner = pick([(r["candidate"], scores[r["candidate"]]) for r in tried], short)
     info = {
         "winner": winner,
         "candidates": rows,

@@ -552,7 +552,10 @@ def adapt(
     if strategy == config.AUTO:
         from edgetransfer.auto import AutoConfig, adapt_auto
 
-        run_adapt = functools.partial(adapt_auto, auto=AutoConfig(budget=budget))
+        # the head is compared on each feature choice, unless --features names one
+        kinds = (features,) if _given(ctx, ["features"]) else config.AUTO_FEATURES
+        auto = AutoConfig(budget=budget, head_features=kinds)
+        run_adapt = functools.partial(adapt_auto, auto=auto)
     res = run_adapt(
         AdaptConfig(
             data_dir=data_dir,
@@ -772,12 +775,15 @@ def _adapt_on_bundle(
 
 def _echo_auto(auto: dict) -> None:
     """The comparison --strategy auto made: one line per candidate, then how sure the pick is."""
-    for r in auto["candidates"]:
+    # "candidate" names a head's --features; manifests from before it name the strategy only
+    names = [r.get("candidate", r["strategy"]) for r in auto["candidates"]]
+    width = max(7, *map(len, names))
+    for name, r in zip(names, auto["candidates"], strict=True):
         if "skipped" in r:
-            click.echo(f"  auto: {r['strategy']:<7} {r['skipped']}")
+            click.echo(f"  auto: {name:<{width}} {r['skipped']}")
         else:
             click.echo(
-                f"  auto: {r['strategy']:<7} val top-1 {r['val_top1']:.1%} "
+                f"  auto: {name:<{width}} val top-1 {r['val_top1']:.1%} "
                 f"({r['val_correct']}/{r['val_images']}, mean true-class probability "
                 f"{r['val_true_prob']:.3f}), {r['schedule']} schedule "
                 f"({r['epochs']} epochs), {r['seconds']:.1f} s"

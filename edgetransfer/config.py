@@ -26,6 +26,13 @@ STRATEGY_CHOICES = (*STRATEGIES, AUTO)  # what `adapt --strategy` accepts
 # trains with the full --epochs); the winner then trains with the full --epochs
 AUTO_EPOCHS = 5
 AUTO_BUDGET = None  # seconds for the comparison; None: every candidate is tried
+# without --features, auto's head is a candidate on each of these the architecture offers, in
+# this order (ties go to the earlier): a head costs one more backbone pass per choice, and on
+# Lite0 to MNIST digits 5-9 the stages head beat the penultimate one by 9-19 points at 1-10
+# images per class (docs/strategies.md). concat is left out: adding the penultimate vector to
+# the stages cost 3-15 points there (tools/feature_probe.py), and each extra candidate is one
+# more chance for validation noise to win
+AUTO_FEATURES = ("penultimate", "stages")
 # the last blocks hold the most task-specific features; two adapt them, the rest stays as is
 UNFREEZE = 2
 # pretrained weights take smaller steps than the new head, so they adapt without being erased

@@ -344,13 +344,15 @@ def _prob(p: float | None) -> str:
 def _auto_section(auto: dict) -> list[str]:
     """The comparison `--strategy auto` recorded in the manifest (adapt.auto)."""
     head = (
-        "<tr><th>strategy</th><th>validation top-1</th><th>images right</th>"
+        "<tr><th>candidate</th><th>validation top-1</th><th>images right</th>"
         "<th>mean true-class probability</th><th>schedule</th><th>seconds</th></tr>"
     )
     rows = []
     for r in auto.get("candidates", []):
-        name = _e(r.get("strategy", "?"))
-        if r.get("strategy") == auto.get("winner"):
+        # "candidate" names a head's --features; manifests from before it name the strategy only
+        candidate = r.get("candidate", r.get("strategy"))
+        name = _e(candidate or "?")
+        if candidate == auto.get("winner"):
             name = f"<b>{name}</b>"
         if "skipped" in r:
             rows.append(f'<tr><td>{name}</td><td colspan="5">{_e(r["skipped"])}</td></tr>')

@@ -1,5 +1,6 @@
-"""adapt --strategy auto: the comparison in the manifest and report, ties to the cheaper
-strategy, the budget skipping candidates, and an auto run exporting like its winner."""
+"""adapt --strategy auto: the comparison in the manifest and report, the head on each feature
+choice, ties to the cheaper strategy, the budget skipping candidates, and an auto run exporting
+like its winner."""
 
 from __future__ import annotations
 
@@ -8,9 +9,21 @@ import dataclasses
 import numpy as np
 import pytest
 
-from edgetransfer import auto
-from edgetransfer.auto import AutoConfig, Scores, _OverBudget, _Steps, _verdict, _Watch, adapt_auto
+from edgetransfer import auto, config
+from edgetransfer.auto import (
+    AutoConfig,
+    Candidate,
+    Scores,
+    _OverBudget,
+    _Steps,
+    _verdict,
+    _Watch,
+    adapt_auto,
+    candidates,
+)
+from edgetransfer.backbones import get_arch
 from edgetransfer.errors import DataError, EdgeTransferError
+from edgetransfer.evaluate import evaluate
 from edgetransfer.manifest import read_manifest
 
 from .conftest import DIGITS, SOURCE, digits_config, make_images, run
@@ -27,47 +40,56 @@ def test_auto_end_to_end_manifest_report_and_export(tmp_path):
     m = read_manifest(out)
     a = m.adapt["auto"]
     rows = a["candidates"]
-    assert [r["strategy"] for r in rows] == list(auto.CANDIDATES)
+    # tiny_test names its stages: the head on them is a candidate right after the head
+    assert [r["strategy"] for r in rows] == ["head", "head", "bias", "last-n", "full"]
+    assert [r["features"] for r in rows] == ["penultimate", "stages", *["penultimate"] * 3]
+    assert [r["candidate"] for r in rows][:3] == ["head", "head --features stages", "bias"]
     for r in rows:
         assert set(r) >= {"val_top1", "val_correct", "val_images", "seconds", "schedule"}, r
         assert r["val_images"] == m.data["val"]
         assert r["val_correct"] == round(r["val_top1"] * r["val_images"])
-    assert [r["schedule"] for r in rows] == ["full", "short", "short", "short"]
-    assert [r["epochs"] for r in rows] == [6, 5, 5, 5]
+    assert [r["schedule"] for r in rows] == ["full", "full", "short", "short", "short"]
+    assert [r["epochs"] for r in rows] == [6, 6, 5, 5, 5]
     # the winner has the most right (level ones: the finer score or the cheaper); it trained fully
     best = max(r["val_correct"] for r in rows)
-    assert next(r for r in rows if r["strategy"] == a["winner"])["val_correct"] == best
+    won = next(r for r in rows if r["candidate"] == a["winner"])
+    assert won["val_correct"] == best
     assert all(0 <= r["val_true_prob"] <= 1 for r in rows)
-    assert m.adapt["strategy"] == a["winner"] and m.adapt["epochs"] == 6
+    assert m.adapt["strategy"] == won["strategy"] and m.adapt["epochs"] == 6
+    assert m.adapt.get("features", "penultimate") == won["features"]
     assert a["budget_s"] is None and a["short_epochs"] == 5
-    # CLI: one line per candidate and the pick with its uncertainty
-    assert res.output.count("  auto: ") == 4
-    assert res.output.count(", mean true-class probability ") == 4
+    # CLI: one line per candidate, named with a head's features, and the pick with its uncertainty
+    assert res.output.count("  auto: ") == 5
+    assert "  auto: head --features stages val top-1 " in res.output
+    assert res.output.count(", mean true-class probability ") == 5
     assert f"auto picked {a['pick']}\n" in res.output
     assert "standard error" in a["pick"] and a["runner_up"] != a["winner"]
     page = (out / "report.html").read_text()
     assert "Strategy chosen by --strategy auto" in page
     assert a["pick"].split(":")[0] in page and "no time budget" in page
-    assert "mean true-class probability</th>" in page
+    assert "mean true-class probability</th>" in page and ">head --features stages<" in page
     assert f'<td class="num">{rows[0]["val_true_prob"]:.3f}</td>' in page
     # an auto run exports and verifies as a run of its winner's strategy
     exp = run("export", out, "--onnx", "--out", tmp_path / "exp")
     assert exp.exit_code == 0, exp.output
-    assert read_manifest(tmp_path / "exp").adapt["auto"]["winner"] == m.adapt["strategy"]
+    assert read_manifest(tmp_path / "exp").adapt["auto"]["winner"] == won["candidate"]
     ver = run("verify", tmp_path / "exp", "--data", data)
     assert ver.exit_code == 0, ver.output
 
 
 def test_the_budget_skips_candidates_and_says_so(tmp_path):
-    """A budget smaller than the head's own time: every candidate after it is not tried."""
+    """A budget smaller than the head's own time: every candidate after it is not tried. An
+    explicit --features penultimate is the only head candidate."""
     out = tmp_path / "run"
     res = run(
         "adapt", DIGITS, "--arch", "simple_cnn", "--weights", SOURCE, "--strategy", "auto",
         "--budget", "0.000001", "--epochs", "3", "--out", out, "--no-report", "--no-cache",
+        "--features", "penultimate",
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     a = read_manifest(out).adapt["auto"]
     assert a["winner"] == "head" and a["budget_s"] == 1e-6
+    assert [r["candidate"] for r in a["candidates"]] == ["head", "bias", "last-n", "full"]
     skipped = [r for r in a["candidates"] if "skipped" in r]
     assert [r["strategy"] for r in skipped] == ["bias", "last-n", "full"]
     assert all(r["skipped"].startswith("not tried: about ") for r in skipped)
@@ -131,9 +153,10 @@ def test_paired_standard_errors():
 
 
 def _row(name, s):
-    schedule = "full" if name == "head" else "short"
+    schedule = "full" if name.startswith("head") else "short"
     return {
-        "strategy": name,
+        "candidate": name,
+        "strategy": name.split()[0],
         "val_correct": s.correct_count,
         "val_images": s.n,
         "schedule": schedule,
@@ -173,8 +196,21 @@ def test_the_pick_says_how_sure_it_is():
         "last-n: level with head at 18 of 20 validation images after its short schedule "
         "(5 epochs), and that can only rise with the full one; head's is final"
     )
+    # a genuine tie between heads goes to the penultimate one (listed first), one image more
+    # to the stages head
+    heads = dict(head=_level(18, prob=0.8), stages=_level(18, prob=0.8))
+    rows = [_row(n, s) for n, s in (("head", heads["head"]), ("head --features stages", same))]
+    both = {"head": heads["head"], "head --features stages": heads["stages"]}
+    assert _verdict(rows, both, cfg, 1)["winner"] == "head"
+    both["head --features stages"] = _level(19, prob=0.8)
+    ahead = _verdict(rows, both, cfg, 1)
+    assert ahead["winner"] == "head --features stages" and ahead["runner_up"] == "head"
+    assert ahead["pick"].startswith("head --features stages: 1 of 20 validation images more")
     # skipped candidates (the budget, a backbone without biases) are not compared
-    rows = [_row("head", same), {"strategy": "bias", "skipped": "not tried", "seconds": 0.0}]
+    rows = [
+        _row("head", same),
+        {"candidate": "bias", "strategy": "bias", "skipped": "not tried", "seconds": 0.0},
+    ]
     only = _verdict(rows, {"head": same}, cfg, 1)
     assert only["winner"] == "head" and "the only candidate tried" in only["pick"]
     assert "margin_images" not in only
@@ -206,6 +242,8 @@ def test_a_candidate_that_would_overrun_stops_after_two_steps():
 def test_auto_refuses_bad_settings_in_one_line(tmp_path):
     with pytest.raises(EdgeTransferError, match="compares some of: head, bias, last-n, full"):
         adapt_auto(digits_config(tmp_path / "r"), AutoConfig(candidates=("head", "lora")))
+    with pytest.raises(EdgeTransferError, match="compares the head on some of: penultimate, st"):
+        adapt_auto(digits_config(tmp_path / "r"), AutoConfig(head_features=("pixels",)))
     with pytest.raises(DataError, match="compares the candidates on validation images"):
         adapt_auto(digits_config(tmp_path / "r", val_fraction=0.0))
     res = run("adapt", DIGITS, "--budget", "5", "--out", tmp_path / "r")
@@ -225,7 +263,7 @@ def test_a_candidate_the_backbone_cannot_take_is_skipped_with_its_reason(tmp_pat
 
     monkeypatch.setattr(auto, "adapt", adapt)
     cfg = digits_config(tmp_path / "run", epochs=2)
-    res = adapt_auto(cfg, AutoConfig(candidates=("head", "bias")))
+    res = adapt_auto(cfg, AutoConfig(candidates=("head", "bias"), head_features=("penultimate",)))
     a = res.manifest.adapt["auto"]
     assert a["winner"] == "head"
     assert a["candidates"][1]["skipped"] == (
@@ -252,3 +290,47 @@ def test_with_few_steps_an_epoch_the_first_epoch_is_timed():
     now[0] = 8.0  # + validation: the first epoch took 8 s; 5 epochs would take about 40 s
     with pytest.raises(_OverBudget, match=r"stopped after its first epoch: about 4\d s"):
         watch.on_step(2, 3)
+
+
+def test_the_head_is_a_candidate_on_each_feature_choice_the_architecture_offers(monkeypatch):
+    names = [c.name for c in candidates(digits_config("x"), AutoConfig())]
+    assert names == ["head", "head --features stages", "bias", "last-n", "full"]
+    # --features given: the head on that one only; the strategies that train take it (and
+    # adapt refuses them, as without auto)
+    got = candidates(digits_config("x", features="stages"), AutoConfig())
+    assert got == [
+        Candidate("head", "stages"),
+        *(Candidate(s, "stages") for s in auto.CANDIDATES[1:]),
+    ]
+    one = candidates(digits_config("x"), AutoConfig(head_features=("penultimate",)))
+    assert [c.name for c in one] == list(auto.CANDIDATES)
+    # concat needs a pooled trunk: simple_cnn has none, tiny_test has
+    wide = AutoConfig(candidates=("head",), head_features=("penultimate", "stages", "concat"))
+    assert [c.features for c in candidates(digits_config("x"), wide)] == ["penultimate", "stages"]
+    tiny = candidates(digits_config("x", arch="tiny_test"), wide)
+    assert [c.name for c in tiny][-1] == "head --features concat"
+    # an architecture that names no stages: no stages head
+    bare = dataclasses.replace(get_arch("simple_cnn"), stages=())
+    monkeypatch.setattr(auto, "get_arch", lambda name: bare)
+    assert [c.name for c in candidates(digits_config("x"), AutoConfig())] == list(auto.CANDIDATES)
+
+
+def test_a_stages_head_that_wins_trains_and_rebuilds_with_its_features(tmp_path, monkeypatch):
+    """The winner's run is a normal --features stages run: adapt.features and adapt.taps in
+    the manifest, and load_run (here through evaluate) rebuilds the tapped backbone."""
+    monkeypatch.setattr(auto, "pick", lambda cands, short=frozenset(): cands[-1][0])
+    cfg = digits_config(tmp_path / "run", epochs=2)
+    res = adapt_auto(cfg, AutoConfig(candidates=("head",)))
+    m = res.manifest
+    a = m.adapt["auto"]
+    assert a["winner"] == "head --features stages" and a["runner_up"] == "head"
+    assert [(r["candidate"], r["features"]) for r in a["candidates"]] == [
+        ("head", "penultimate"),
+        ("head --features stages", "stages"),
+    ]
+    assert m.adapt["strategy"] == "head" and m.adapt["features"] == "stages"
+    assert m.adapt["taps"] == list(get_arch("simple_cnn").stages[-config.FEATURE_STAGES :])
+    stages = next(r for r in a["candidates"] if r["features"] == "stages")
+    again = evaluate(res.run_dir, DIGITS, split="val").metrics.top1
+    assert again == pytest.approx(m.metrics["val_top1"])
+    assert m.metrics["val_top1"] == pytest.approx(stages["val_top1"])

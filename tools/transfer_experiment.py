@@ -422,6 +422,8 @@ def curve(tmp: Path, epochs: int, shots: list[int], seeds: list[int], rows, budg
                     "test_top1": curve_top1(out, test),
                     "val_top1": res.manifest.metrics["val_top1"],
                     "strategy": res.manifest.adapt["strategy"],
+                    # a head's --features (a stages head is what auto may pick on Lite0)
+                    "features": res.manifest.adapt.get("features") or "penultimate",
                     "seconds": round(seconds, 1),
                     "auto": res.manifest.adapt.get("auto"),
                     "epochs": epochs,
@@ -489,6 +491,11 @@ def curve_tables(results) -> None:
             ["cnn head", "cnn last-n", "cnn full"],
         ),
         ("lite0 auto − lite0 head", "lite0 auto", ["lite0 head"]),
+        (
+            "lite0 auto − best of lite0 head/head stages",
+            "lite0 auto",
+            ["lite0 head", "lite0 head stages"],
+        ),
     ):
         g = gaps(a, bs)
         cells = []
@@ -496,11 +503,16 @@ def curve_tables(results) -> None:
             v = g.get(k, [])
             cells.append(f"{sum(v) / len(v):+.1f} [{min(v):+.1f}–{max(v):+.1f}]" if v else "–")
         print(f"| {name} | " + " | ".join(cells) + " |")
+
+    def picked(r):  # the strategy, and a head's features when not the penultimate vector
+        f = r.get("features", "penultimate")
+        return r["strategy"] + ("" if f == "penultimate" else f" {f}")
+
     print("\nauto's picks (shots: strategy per seed) and seconds per run (mean):")
     for row in rows:
         picks = {
             k: ",".join(
-                by[row, k, s]["strategy"] for s in sorted({x[2] for x in by}) if (row, k, s) in by
+                picked(by[row, k, s]) for s in sorted({x[2] for x in by}) if (row, k, s) in by
             )
             for k in shots
         }
