@@ -55,7 +55,7 @@ from edgetransfer.manifest import (
     versions,
 )
 from edgetransfer.report import ReportUnavailable, write_run_report
-from edgetransfer.runs import checkpoint_path, load_run, save_model
+from edgetransfer.runs import checkpoint_path, load_run, save_model, weights_id
 from edgetransfer.train import (
     Checkpoint,
     Interrupted,
@@ -673,10 +673,7 @@ def _teacher_logits(cfg: AdaptConfig, dataset, train_s):
             f"teacher {cfg.teacher} knows {', '.join(tm.labels)}, but the data has "
             f"{', '.join(dataset.classes)}; adapt the teacher on the same classes first"
         )
-    tid = (
-        "teacher:"
-        + hashlib.sha256((Path(cfg.teacher) / "model.safetensors").read_bytes()).hexdigest()
-    )
+    tid = "teacher:" + weights_id(cfg.teacher)
 
     class Logits(torch.nn.Module):  # a teacher that kept its source head answers two tasks
         def forward(self, x):
@@ -731,9 +728,7 @@ def _run_fingerprint(cfg: AdaptConfig, dataset, backbone_id: str = "") -> str:
     fields["data"] = dataset.fingerprint()
     fields["backbone"] = backbone_id  # contents, not paths: a replaced weights file is another run
     if cfg.teacher:
-        fields["teacher"] = hashlib.sha256(
-            (Path(cfg.teacher) / "model.safetensors").read_bytes()
-        ).hexdigest()
+        fields["teacher"] = weights_id(cfg.teacher)
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 

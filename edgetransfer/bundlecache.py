@@ -68,11 +68,13 @@ def lookup(
     """The cached bundle for `arch` with `weights` at `image_size`, or None. An entry that
     exists but fails a check is a miss, with one EdgeTransferWarning saying why (`warn`)."""
     paths = entry_paths(arch, weights, image_size)
-    if paths is None or not paths[0].is_file():
+    if paths is None:
         return None
     try:
+        if not paths[0].is_file():
+            return None
         return _checked(arch, weights, image_size, *paths)
-    except (OSError, ValueError, KeyError, TypeError, EdgeTransferError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, EdgeTransferError) as e:
         if warn:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             warnings.warn(
@@ -85,6 +87,8 @@ def lookup(
 
 def _checked(arch, weights, image_size, index: Path, path: Path) -> CachedBundle:
     entry = json.loads(index.read_text())
+    if not isinstance(entry, dict):
+        raise ValueError("its index entry is not a JSON object")
     want = {"format": FORMAT, "arch": arch, "weights": weights_spec(weights)}
     if any(entry.get(k) != v for k, v in want.items()) or entry.get("image_size") != image_size:
         raise ValueError("its index entry is for something else")

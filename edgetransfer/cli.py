@@ -896,6 +896,7 @@ def export(
       edgetransfer export run --onnx --executorch
     """
     from edgetransfer.device import is_bundle_run
+    from edgetransfer.runs import eager_here
 
     out = out or Path(run_dir) / "export"
     torch_only = want_ts or want_pt2 or want_int8 or want_fp16 or optimize or executorch
@@ -905,7 +906,12 @@ def export(
             "--eager-weights is for a run adapted on a backbone bundle; other runs keep their "
             "whole PyTorch model"
         )
-    if bundle_run and not torch_only:  # no torch: the bundle and the head composed
+    # A run on a bundle exports without torch, unless it is asked for a PyTorch format, for
+    # eager parity (--eager-weights), or it ran on the cached bundle where PyTorch is installed:
+    # then its eager model (runs.load_run: the recorded weights and the head) exports what a
+    # PyTorch run would, model.pt included.
+    with_torch = torch_only or eager_weights is not None or eager_here(run_dir)
+    if bundle_run and not with_torch:  # no torch: the bundle and the head composed
         from edgetransfer.device import export_bundle
 
         both = not (want_onnx or want_raw)

@@ -182,6 +182,15 @@ def adapt_bundle(cfg: BundleAdaptConfig) -> BundleAdaptResult:
             "stopped_early": fit.stopped_early,
         }
         if cfg.weights is not None:
+            # a bundle from the cache, which a later run may replace and a user may delete:
+            # the run keeps its own copy, named relative to the RUN_DIR
+            shutil.copyfile(cfg.backbone, tmp / ARTIFACTS["bundle"])
+            if sha256_file(tmp / ARTIFACTS["bundle"]) != bundle.sha256:
+                raise ManifestError(
+                    f"{cfg.backbone} changed while this run used it (another run replaced the "
+                    "cached bundle); run the command again"
+                )
+            run_info["backbone"] = ARTIFACTS["bundle"]
             run_info["weights"] = cfg.weights
         atomic_write_text(tmp / RUN_INFO, json.dumps(run_info, indent=2) + "\n")
         if feats.bad:
@@ -271,7 +280,8 @@ def _run_bundle(run_dir: Path, manifest: Manifest) -> Bundle:
     """The bundle a RUN_DIR was adapted on: where run.json says, with the recorded sha256."""
     info = bundle_of(manifest)
     try:
-        path = Path(json.loads((run_dir / RUN_INFO).read_text())["backbone"])
+        # absolute: the user's bundle (--backbone); relative: the run's own copy (a cached one)
+        path = run_dir / json.loads((run_dir / RUN_INFO).read_text())["backbone"]
     except (OSError, ValueError, KeyError, TypeError):
         raise ManifestError(f"{run_dir} does not say where its backbone bundle is") from None
     if not path.is_file():

@@ -11,6 +11,7 @@ Floor 2: the eager model needs torch; it is imported by load_run and save_model 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 from edgetransfer import config
 from edgetransfer.device import bundle_of, load_head
 from edgetransfer.errors import ManifestError, WeightsError
-from edgetransfer.fileio import atomic_write_bytes
+from edgetransfer.fileio import atomic_write_bytes, sha256_file
 from edgetransfer.manifest import ARTIFACTS, METADATA_KEY, RUN_INFO, Manifest, read_manifest
 
 
@@ -70,6 +71,23 @@ def load_run(run_dir: str | os.PathLike, source_weights: str | None = None):
     return model.eval(), manifest
 
 
+def weights_id(run_dir: str | os.PathLike) -> str:
+    """sha256 identifying a RUN_DIR's trained model by content: its model.safetensors, or for a
+    run adapted on a backbone bundle, its head with the sha256 of the bundle and of the source
+    weights the manifest records."""
+    run_dir = Path(run_dir)
+    weights = run_dir / ARTIFACTS["weights"]
+    if weights.is_file():
+        return sha256_file(weights)
+    manifest = read_manifest(run_dir)
+    bundle = bundle_of(manifest)
+    if bundle is None:
+        raise ManifestError(f"{run_dir} has no model.safetensors; is it a RUN_DIR from adapt?")
+    parts = [sha256_file(run_dir / ARTIFACTS["head"]), bundle["sha256"]]
+    parts.append(str(manifest.source.get("sha256")))
+    return hashlib.sha256(":".join(parts).encode()).hexdigest()
+
+
 def _bundle_run_model(run_dir: Path, manifest: Manifest, source_weights: str | None):
     """A bundle run's eager Classifier: its architecture with the source weights (their sha256
     must be the manifest's) and the head of head.safetensors."""
@@ -79,7 +97,7 @@ def _bundle_run_model(run_dir: Path, manifest: Manifest, source_weights: str | N
 
     weight, bias = load_head(run_dir / ARTIFACTS["head"], manifest)
     source = manifest.source
-    chosen = source_weights or _recorded_weights(run_dir)
+    chosen = source_weights or recorded_weights(run_dir)
     if chosen is None and source.get("weights") == "imagenet":
         chosen = "imagenet"
     if chosen is None:
@@ -102,7 +120,17 @@ def _bundle_run_model(run_dir: Path, manifest: Manifest, source_weights: str | N
     return Classifier(module.features, head).eval()
 
 
-def _recorded_weights(run_dir: Path) -> str | None:
+def eager_here(run_dir: str | os.PathLike) -> bool:
+    """Whether a run adapted on the cached bundle (run.json records the weights it was made
+    from) has its eager model here: PyTorch is installed, so load_run rebuilds it. Such a run
+    then exports, predicts and teaches as a PyTorch run does."""
+    import importlib.util
+
+    has_torch = importlib.util.find_spec("torch") is not None
+    return has_torch and recorded_weights(Path(run_dir)) is not None
+
+
+def recorded_weights(run_dir: Path) -> str | None:
     """The --weights a run adapted on a cached bundle was given (run.json), if any."""
     try:
         weights = json.loads((run_dir / RUN_INFO).read_text()).get("weights")

@@ -442,7 +442,8 @@ def load_predictor(
 ) -> Predictor:
     """The right backend for MODEL: .onnx -> onnxruntime, .pte -> ExecuTorch, .pt -> TorchScript,
     .pt2 -> torch.export, an EXPORT_DIR -> its model.onnx, a RUN_DIR -> the eager model from
-    model.safetensors.
+    model.safetensors (or, for a run adapted on a backbone bundle, from the source weights the
+    bundle was made from and its head: runs.load_run).
 
     Only the onnxruntime path avoids importing torch.
     """
@@ -452,12 +453,15 @@ def load_predictor(
     if path.is_dir():
         if (path / ARTIFACTS["onnx"]).is_file():
             return OnnxClassifier(path / ARTIFACTS["onnx"], threads, provider=provider)
-        if (path / ARTIFACTS["head"]).is_file():
+        bundle_run = (path / ARTIFACTS["head"]).is_file()
+        from edgetransfer.runs import eager_here  # runs imports torch only in load_run
+
+        if bundle_run and not eager_here(path):
             raise ManifestError(
-                f"{path} was adapted on a backbone bundle and has no PyTorch model; export it "
-                "(`edgetransfer export`) and use its model.onnx"
+                f"{path} was adapted on a backbone bundle and has no PyTorch model here; export "
+                "it (`edgetransfer export`) and use its model.onnx"
             )
-        if not (path / ARTIFACTS["weights"]).is_file():
+        if not bundle_run and not (path / ARTIFACTS["weights"]).is_file():
             # Never model.pt/.pt2 implicitly: loading them can run code (name the file instead).
             code = [f for f in CODE_FILES if (path / f).is_file()]
             hint = (

@@ -15,6 +15,7 @@ import pytest
 
 from edgetransfer import bundlecache, config
 from edgetransfer.manifest import read_manifest
+from edgetransfer.runs import weights_id
 from tests.conftest import DIGITS, SOURCE, run
 from tests.test_bundle import DEVICE
 
@@ -79,6 +80,36 @@ def test_a_second_run_adapts_on_the_cached_bundle_without_torch(first, tmp_path)
     res = run("verify", tmp_path / "ts", "--data", DIGITS, "--trust-torchscript")
     assert res.exit_code == 0, res.output
     assert "reference: eager PyTorch" in res.output and "\ntorchscript " in res.output
+    # ... and by default, as a PyTorch run: model.pt too; predict runs on the RUN_DIR; its
+    # weights have an identity (--teacher, --resume) distinct from the first run's
+    res = run("export", r2, "--out", tmp_path / "all")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "all" / "model.pt").is_file()
+    res = run("predict", r2, DIGITS / "six" / "031.png")
+    assert res.exit_code == 0 and ": six " in res.output, res.output
+    assert len(weights_id(r2)) == 64 and weights_id(r2) != weights_id(r1)
+
+    # the run keeps its own copy of the bundle: replacing or deleting the cache entry later
+    # does not break it (here without torch)
+    assert json.loads((r2 / "run.json").read_text())["backbone"] == "backbone.onnx"
+    cached = _lookup(weights).path
+    assert (r2 / "backbone.onnx").read_bytes() == cached.read_bytes()
+    aside = cached.with_name("aside")
+    cached.rename(aside)
+    try:
+        commands = [["export", str(r2), "--out", str(tmp_path / "e3")],
+                    ["verify", str(tmp_path / "e3"), "--data", str(DIGITS)]]  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", DEVICE, json.dumps(commands), json.dumps(config.TORCH_MODULES)],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent.parent,
+            env={**os.environ, "EDGETRANSFER_CACHE": str(cache)},
+        )
+    finally:
+        aside.rename(cached)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "parity: PASS" in out.stdout
 
 
 def test_a_changed_bundle_index_or_weights_is_a_miss(first, tmp_path, monkeypatch):
@@ -101,6 +132,9 @@ def test_a_changed_bundle_index_or_weights_is_a_miss(first, tmp_path, monkeypatc
             assert _lookup(weights) is None
         index.write_text("{not json")
         with pytest.warns(UserWarning, match="not used"):
+            assert _lookup(weights) is None
+        index.write_text("[]")
+        with pytest.warns(UserWarning, match="not a JSON object"):
             assert _lookup(weights) is None
         index.write_bytes(saved[index])
 
