@@ -166,3 +166,20 @@ def test_backend_torch_opts_out(first, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert "cached bundle" not in res.output
     assert (tmp_path / "r" / "model.safetensors").is_file()
+
+
+def test_every_adapt_option_says_whether_a_bundle_run_takes_it():
+    """A new adapt option must be one the bundle path takes (BundleAdaptConfig) or one that
+    needs PyTorch (cli._NOT_WITH_BUNDLE, which sends a run past the cached bundle): otherwise a
+    run on the cached bundle would silently ignore it."""
+    import dataclasses
+
+    from edgetransfer.cli import _NOT_WITH_BUNDLE, cli
+    from edgetransfer.device import BundleAdaptConfig
+
+    names = {p.name for p in cli.commands["adapt"].params}
+    takes = {f.name for f in dataclasses.fields(BundleAdaptConfig)}
+    # these choose the path (strategy/budget: not head; no_cache; --backbone) or the output
+    chooses = {"strategy", "budget", "no_cache", "backbone_bundle", "as_json", "quiet"}
+    assert names - set(_NOT_WITH_BUNDLE) - takes - chooses == set()
+    assert set(_NOT_WITH_BUNDLE) <= names  # no stale entries
