@@ -226,12 +226,17 @@ def test_head_on_real_weights_exports_and_verifies(tmp_path):
     ONNX: a second dynamo export of the same graph behind a normalisation wrapper, covered for
     the other architectures by test_export.py.
     """
-    from edgetransfer.adapt import AdaptConfig, adapt
+    from edgetransfer.adapt import AdaptConfig, adapt, keeps_bundle
     from edgetransfer.export import ExportConfig, export
     from edgetransfer.verify import verify
 
     data = make_images(tmp_path / "d", per_class=3, size=(70, 60))
-    adapt(AdaptConfig(data_dir=data, out=tmp_path / "run", arch="efficientnet_lite0", epochs=5))
+    # use_cache=False: no backbone bundle kept in the cache (a third export of Lite0, ~10 s)
+    cfg = AdaptConfig(
+        data_dir=data, out=tmp_path / "run", arch="efficientnet_lite0", epochs=5, use_cache=False
+    )
+    assert not keeps_bundle(cfg)
+    adapt(cfg)
     manifest = json.loads((tmp_path / "run" / "edgetransfer.json").read_text())
     assert manifest["source"]["sha256"].startswith("57934424")
     assert manifest["preprocessing"]["interpolation"] == "bicubic"
