@@ -44,6 +44,18 @@ def _adapt(weights, out, *extra):
             "--no-report", *extra]  # fmt: skip
 
 
+def _without_torch(commands: list[list[str]], cache: Path) -> subprocess.CompletedProcess:
+    """CLI commands in one process where PyTorch cannot be imported (tests/test_bundle.py's
+    DEVICE); its last stdout line lists the torch modules that got imported anyway."""
+    return subprocess.run(
+        [sys.executable, "-c", DEVICE, json.dumps(commands), json.dumps(config.TORCH_MODULES)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "EDGETRANSFER_CACHE": str(cache)},
+    )
+
+
 def _lookup(weights):
     return bundlecache.lookup("simple_cnn", str(weights), None)
 
@@ -56,13 +68,7 @@ def test_a_second_run_adapts_on_the_cached_bundle_without_torch(first, tmp_path)
         ["export", str(r2)],
         ["verify", str(r2 / "export"), "--data", str(DIGITS)],
     ]
-    out = subprocess.run(
-        [sys.executable, "-c", DEVICE, json.dumps(commands), json.dumps(config.TORCH_MODULES)],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).resolve().parent.parent,
-        env={**os.environ, "EDGETRANSFER_CACHE": str(cache)},
-    )
+    out = _without_torch(commands, cache)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]", "torch was imported"
     assert "backbone from the cached bundle" in out.stdout and "parity: PASS" in out.stdout
@@ -99,17 +105,11 @@ def test_a_second_run_adapts_on_the_cached_bundle_without_torch(first, tmp_path)
     try:
         commands = [["export", str(r2), "--out", str(tmp_path / "e3")],
                     ["verify", str(tmp_path / "e3"), "--data", str(DIGITS)]]  # fmt: skip
-        out = subprocess.run(
-            [sys.executable, "-c", DEVICE, json.dumps(commands), json.dumps(config.TORCH_MODULES)],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).resolve().parent.parent,
-            env={**os.environ, "EDGETRANSFER_CACHE": str(cache)},
-        )
+        out = _without_torch(commands, cache)
     finally:
         aside.rename(cached)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "parity: PASS" in out.stdout
+    assert "parity: PASS" in out.stdout and out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_a_changed_bundle_index_or_weights_is_a_miss(first, tmp_path, monkeypatch):
