@@ -426,8 +426,8 @@ def _build(cfg: AdaptConfig, scfg: strategies.StrategyConfig, classes: int) -> _
     head = torch.nn.Linear(feature_dim(features, pre), classes)
     model = Classifier(features, head, source_head if cfg.keep_source_head else None)
     # a file's sha256, or a hash of the random init
-    weights_id = source.provenance.get("sha256") or _state_hash(features)
-    backbone_id = "|".join([cfg.arch, weights_id, cfg.truncate or ""])
+    source_id = source.provenance.get("sha256") or _state_hash(features)
+    backbone_id = "|".join([cfg.arch, source_id, cfg.truncate or ""])
     if taps:  # what the backbone outputs is part of the feature cache key
         backbone_id += f"|{cfg.features}:{','.join(taps)}"
     return _Built(

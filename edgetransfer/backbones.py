@@ -360,11 +360,15 @@ class Taps(nn.Module):
         return torch.cat(out, 1)
 
 
+def _check_kind(kind: str) -> None:
+    if kind not in FEATURES:
+        raise ArchError(f"unknown --features {kind!r}; choose one of: {', '.join(FEATURES)}")
+
+
 def feature_taps(spec: ArchSpec, kind: str) -> tuple[str, ...]:
     """The trunk modules `--features kind` pools: none for penultimate, else the last
     config.FEATURE_STAGES of the architecture's stages (an ArchError when it offers none)."""
-    if kind not in FEATURES:
-        raise ArchError(f"unknown --features {kind!r}; choose one of: {', '.join(FEATURES)}")
+    _check_kind(kind)
     if kind == "penultimate":
         return ()
     if not spec.stages:
@@ -386,8 +390,7 @@ def tap(spec: ArchSpec, features: nn.Module, kind: str, taps: tuple[str, ...]) -
             far as the last of them) or concat (the pooled `taps`, then the penultimate vector).
         taps: trunk module names, as recorded in the manifest (see feature_taps).
     """
-    if kind not in FEATURES:
-        raise ArchError(f"unknown --features {kind!r}; choose one of: {', '.join(FEATURES)}")
+    _check_kind(kind)
     if kind == "penultimate":
         return features
     unknown = [t for t in taps if t not in spec.trunk]

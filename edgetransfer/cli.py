@@ -712,7 +712,6 @@ def _cached_bundle(ctx: click.Context):
         p["strategy"] != config.STRATEGY
         or p["backend"] != config.BACKEND
         or p["no_cache"]
-        or p["baseline"]
         or _given(ctx, [n for n in _NOT_WITH_BUNDLE if n not in _CHOOSE_CACHED_BUNDLE])
     ):
         return None
@@ -910,8 +909,8 @@ def export(
     # eager parity (--eager-weights), or it ran on the cached bundle where PyTorch is installed:
     # then its eager model (runs.load_run: the recorded weights and the head) exports what a
     # PyTorch run would, model.pt included.
-    with_torch = torch_only or eager_weights is not None or eager_here(run_dir)
-    if bundle_run and not with_torch:  # no torch: the bundle and the head composed
+    with_torch = torch_only or eager_weights is not None
+    if bundle_run and not (with_torch or eager_here(run_dir)):  # the bundle and head composed
         from edgetransfer.device import export_bundle
 
         both = not (want_onnx or want_raw)

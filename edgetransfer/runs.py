@@ -53,7 +53,7 @@ def load_run(run_dir: str | os.PathLike, source_weights: str | None = None):
     if not weights.is_file() and bundle_of(manifest) is not None:
         return _bundle_run_model(run_dir, manifest, source_weights), manifest
     if not weights.is_file():
-        raise ManifestError(f"{run_dir} has no model.safetensors; is it a RUN_DIR from adapt?")
+        raise _no_model(run_dir)
     source_classes = (
         len(manifest.source.get("labels") or []) if "source_output" in manifest.io else None
     )
@@ -71,6 +71,10 @@ def load_run(run_dir: str | os.PathLike, source_weights: str | None = None):
     return model.eval(), manifest
 
 
+def _no_model(run_dir: Path) -> ManifestError:
+    return ManifestError(f"{run_dir} has no model.safetensors; is it a RUN_DIR from adapt?")
+
+
 def weights_id(run_dir: str | os.PathLike) -> str:
     """sha256 identifying a RUN_DIR's trained model by content: its model.safetensors, or for a
     run adapted on a backbone bundle, its head with the sha256 of the bundle and of the source
@@ -82,7 +86,7 @@ def weights_id(run_dir: str | os.PathLike) -> str:
     manifest = read_manifest(run_dir)
     bundle = bundle_of(manifest)
     if bundle is None:
-        raise ManifestError(f"{run_dir} has no model.safetensors; is it a RUN_DIR from adapt?")
+        raise _no_model(run_dir)
     parts = [sha256_file(run_dir / ARTIFACTS["head"]), bundle["sha256"]]
     parts.append(str(manifest.source.get("sha256")))
     return hashlib.sha256(":".join(parts).encode()).hexdigest()
