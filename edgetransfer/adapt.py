@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from edgetransfer import config, strategies
@@ -44,7 +45,7 @@ from edgetransfer.data import (
 from edgetransfer.errors import DataError, EdgeTransferError, first_line
 from edgetransfer.features import extract
 from edgetransfer.fileio import atomic_write_text, check_can_write, output_dir
-from edgetransfer.headfit import HEAD_L2, balanced_class_weights
+from edgetransfer.headfit import HEAD_L2, HeadData, balanced_class_weights
 from edgetransfer.loaders import ImageBatches, train_transform
 from edgetransfer.manifest import (
     MANIFEST_NAME,
@@ -162,6 +163,8 @@ class AdaptResult:
             optimizer alone), ``baseline`` (the scratch run of --baseline), ``write`` (RUN_DIR)
             and within it ``report`` (report.html), ``bundle`` (the backbone kept in the cache
             as a bundle, see keeps_bundle; a lookup when it is there already).
+        head_data: for ``head``, the clean features the head was fitted and validated on
+            (None for the strategies that train the backbone).
     """
 
     run_dir: Path
@@ -170,6 +173,7 @@ class AdaptResult:
     memory: dict[str, float]
     notes: list[str]
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    head_data: HeadData | None = None
 
 
 class Phases:
@@ -308,6 +312,24 @@ def _adapt(cfg: AdaptConfig) -> AdaptResult:
         memory=memory,
         notes=notes,
         timings=dict(phase.seconds),
+        head_data=_head_data(run, len(dataset.classes)),
+    )
+
+
+def _head_data(run: _Training, classes: int) -> HeadData | None:
+    """A head run's clean training and validation features (None for the other strategies)."""
+    if run.clean is None:
+        return None
+
+    def rows(samples: list[Sample]) -> np.ndarray:
+        return torch.stack([run.clean[s.path] for s in samples]).numpy()
+
+    return HeadData(
+        x_train=rows(run.train_s),
+        y_train=_labels(run.train_s).numpy(),
+        x_val=rows(run.val_s),
+        y_val=_labels(run.val_s).numpy(),
+        classes=classes,
     )
 
 

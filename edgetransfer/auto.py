@@ -4,7 +4,10 @@ strategies that train more on a short schedule; the best by validation top-1 tra
 RUN_DIR, with the comparison in the manifest's ``adapt.auto``. Candidates level on top-1 are
 told apart by their mean probability of the true class, image by image; a genuine tie goes to
 the cheaper (the penultimate head before the stages one), but a short-schedule score level with
-a head's final one is ahead (it can only rise).
+a head's final one is ahead (it can only rise). The heads on different features are told
+apart first, on re-splits of the training and validation images (their features are cached, so
+a head is refitted in milliseconds): one small validation split often favours the worse
+features; the head they choose then meets the other strategies on the validation images.
 
 Every candidate is an ordinary adapt run with the same DATA_DIR, --val-fraction and --seed, so
 all are judged on the same validation images (the split runs.run_split rebuilds; the data
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import signal
 import tempfile
 import time
@@ -31,10 +35,12 @@ from edgetransfer.data import scan
 from edgetransfer.errors import ArchError, DataError, EdgeTransferError
 from edgetransfer.evaluate import EvalResult, evaluate
 from edgetransfer.fileio import check_can_write
+from edgetransfer.headfit import HeadData, balanced_class_weights, fit_head
 from edgetransfer.train import Interrupted
 
 AUTO = config.AUTO
 CANDIDATES = config.AUTO_CANDIDATES
+RESPLITS = config.AUTO_RESPLITS
 # A training step costs about three forward passes (forward, then backward at about twice
 # that): a candidate's epoch is estimated from the head's feature extraction, one forward pass
 # per image, until a measured epoch replaces the estimate.
@@ -138,6 +144,7 @@ def adapt_auto(cfg: AdaptConfig, auto: AutoConfig | None = None) -> AdaptResult:
     cands = candidates(cfg, auto)
     rows: list[dict] = []
     scores: dict[str, Scores] = {}
+    head_data: dict[str, HeadData] = {}
     fingerprints = set()
     with tempfile.TemporaryDirectory(prefix="edgetransfer-auto-") as tmp:
         for i, cand in enumerate(cands):
@@ -155,7 +162,7 @@ def adapt_auto(cfg: AdaptConfig, auto: AutoConfig | None = None) -> AdaptResult:
                 )
                 continue
             out = Path(tmp) / f"{i}-{cand.strategy}-{cand.features}"
-            row, fingerprint, score = _try(
+            row, fingerprint, score, data = _try(
                 cfg, auto, cand, i == 0, out, left if rows else None, steps
             )
             rows.append(row)
@@ -163,9 +170,12 @@ def adapt_auto(cfg: AdaptConfig, auto: AutoConfig | None = None) -> AdaptResult:
                 fingerprints.add(fingerprint)
             if score is not None:
                 scores[cand.name] = score
+            if data is not None:
+                head_data[cand.name] = data
     if len(fingerprints) > 1:
         raise DataError(f"{cfg.data_dir} changed while --strategy auto compared; run it again")
-    info = _verdict(rows, scores, auto, auto.clock() - start)
+    heads = _heads(rows, head_data, cfg) if len(head_data) > 1 else None
+    info = _verdict(rows, scores, heads, auto, auto.clock() - start)
     winner = next(c for c in cands if c.name == info["winner"])
     final = dataclasses.replace(_candidate_config(cfg, winner, cfg.epochs), auto=info, out=cfg.out)
     return adapt(final)
@@ -218,14 +228,14 @@ def _try(
     out: Path,
     left: float | None,
     steps: _Steps,
-) -> tuple[dict, str | None, Scores | None]:
-    """Run one candidate into `out`: its comparison row, its data fingerprint and its scores
-    on the validation images (None when it was not run to the end). `first`: nothing was
-    tried before it, so its error is the run's."""
+) -> tuple[dict, str | None, Scores | None, HeadData | None]:
+    """Run one candidate into `out`: its comparison row, its data fingerprint, its scores
+    on the validation images and a head's features (None when it was not run to the end).
+    `first`: nothing was tried before it, so its error is the run's."""
     names = _names(cand)
     if cand.is_head and cfg.lwf:
         reason = "not tried: --lwf protects a backbone that trains"
-        return {**names, "skipped": reason, "seconds": 0.0}, None, None
+        return {**names, "skipped": reason, "seconds": 0.0}, None, None, None
     epochs = cfg.epochs if cand.is_head else min(auto.short_epochs, cfg.epochs)
     watch = _Watch(auto.clock, left if not cand.is_head else None, steps, epochs)
     run_cfg = dataclasses.replace(
@@ -250,10 +260,10 @@ def _try(
             raise  # nothing to compare with: the error is the run's
         # e.g. bias on a backbone without biases (efficientnet_lite0), or a diverging loss
         row = {**names, "skipped": f"not usable: {e}"}
-        return {**row, "seconds": _round(watch.seconds())}, None, None
+        return {**row, "seconds": _round(watch.seconds())}, None, None, None
     except _OverBudget as e:
         row = {**names, "skipped": str(e), "seconds": _round(watch.seconds())}
-        return {**row, "step_seconds": _round(watch.step_seconds)}, None, None
+        return {**row, "step_seconds": _round(watch.step_seconds)}, None, None, None
     m = res.manifest
     # the saved (best-epoch) model image by image: what the pick compares, paired
     score = Scores.of(evaluate(res.run_dir, cfg.data_dir, split="val"))
@@ -273,7 +283,7 @@ def _try(
     if cand.is_head:  # one forward pass per image: the first estimate of the others' time
         row["extract_seconds"] = _round(res.timings.get("images", 0.0))
         row["train_images"] = int(m.data["train"])
-    return row, m.data["fingerprint"], score
+    return row, m.data["fingerprint"], score, res.head_data
 
 
 @dataclass(frozen=True)
@@ -401,12 +411,104 @@ def _estimate(rows: list[dict], auto: AutoConfig, steps: _Steps) -> tuple[float,
     return steps.seconds(per_step, auto.short_epochs), "from the head's feature extraction"
 
 
-def _verdict(rows: list[dict], scores: dict[str, Scores], auto: AutoConfig, seconds: float) -> dict:
-    """The manifest's ``adapt.auto``: the rows, the winner and how sure the pick is."""
+def resplit(data: HeadData, cfg: AdaptConfig, splits: int = RESPLITS) -> Scores:
+    """A head on `data` judged on `splits` random re-splits of its training and validation
+    images: each fits a head on as many images of each class as the run trains on, drawn from
+    that class's training and validation images, and scores it on the rest. The scores are
+    every held-out prediction, split after split; the splits depend on the labels and --seed
+    alone, so heads on other features of the same images are scored pair by pair.
+
+    Each fit keeps its best epoch by its held-out images, as the run's head does by its
+    validation images, with the run's --epochs, --patience and --balance; the head is the
+    numpy L-BFGS fit (headfit.py, the torch path's optimum) on the clean features only (no
+    --views)."""
+    x = np.concatenate([data.x_train, data.x_val])
+    y = np.concatenate([data.y_train, data.y_val])
+    by_class = [np.flatnonzero(y == c).tolist() for c in range(data.classes)]
+    fit_counts = np.bincount(data.y_train, minlength=data.classes).tolist()
+    weights = balanced_class_weights(data.y_train, data.classes) if cfg.balance else None
+    correct, prob = [], []
+    for split in range(splits):
+        rng = random.Random(f"auto-resplit/{cfg.seed}/{split}")
+        fit_rows = sorted(
+            i for rows, n in zip(by_class, fit_counts, strict=True) for i in rng.sample(rows, n)
+        )
+        held = np.setdiff1d(np.arange(len(y)), fit_rows)
+        head = fit_head(
+            x[fit_rows],
+            y[fit_rows],
+            x[held],
+            y[held],
+            classes=data.classes,
+            class_weights=weights,
+            epochs=cfg.epochs,
+            patience=cfg.patience,
+        )
+        logits = head.logits(x[held]).astype(np.float64)
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        correct.append(p.argmax(1) == y[held])
+        prob.append(p[np.arange(len(held)), y[held]])
+    return Scores(np.concatenate(correct), np.concatenate(prob))
+
+
+def _heads(rows: list[dict], head_data: dict[str, HeadData], cfg: AdaptConfig) -> dict:
+    """The manifest's ``adapt.auto.heads``: which of the heads (on other features) goes on to
+    meet the strategies that train, chosen as `pick` chooses, on re-splits (`resplit`) rather
+    than the one validation split. Their rows gain resplit_top1 and resplit_true_prob."""
+    names = list(head_data)  # in the order they ran: cheapest first
+    scores = {name: resplit(head_data[name], cfg) for name in names}
+    for r in rows:
+        if r["candidate"] in scores:
+            r["resplit_top1"] = round(scores[r["candidate"]].top1, 6)
+            r["resplit_true_prob"] = round(scores[r["candidate"]].mean_prob, 4)
+    winner = pick([(name, scores[name]) for name in names])
+    second = max(
+        ((n, s) for n, s in scores.items() if n != winner),
+        key=lambda c: (c[1].correct_count, c[1].mean_prob),
+    )[0]
+    a, b = scores[winner], scores[second]
+    per_split = [s.correct.reshape(RESPLITS, -1).mean(1) for s in (a, b)]
+    ahead = int((per_split[0] > per_split[1]).sum())
+    behind = int((per_split[0] < per_split[1]).sum())
+    data = head_data[winner]
+    images, fit = len(data.y_train) + len(data.y_val), len(data.y_train)
+    level = (a.correct_count, a.mean_prob) <= (b.correct_count, b.mean_prob)
+    return {
+        "winner": winner,
+        "runner_up": second,
+        "splits": RESPLITS,
+        "images": images,
+        "fit_images": fit,
+        "ahead_splits": ahead,
+        "behind_splits": behind,
+        "pick": (
+            f"{winner} {'ties with' if level else 'over'} {second} on re-splits: "
+            f"{a.top1:.1%} vs {b.top1:.1%} of held-out images right (mean true-class "
+            f"probability {a.mean_prob:.3f} vs {b.mean_prob:.3f}) over {RESPLITS} random "
+            f"re-splits of the {images} training and validation images, each fitting the head on "
+            f"{fit} of them as this run does; ahead in {ahead}, behind in {behind} of the "
+            f"{RESPLITS}" + ("; the cheaper is kept" if level else "")
+        ),
+    }
+
+
+def _verdict(
+    rows: list[dict],
+    scores: dict[str, Scores],
+    heads: dict | None,
+    auto: AutoConfig,
+    seconds: float,
+) -> dict:
+    """The manifest's ``adapt.auto``: the rows, the winner and how sure the pick is. With
+    `heads` (the heads told apart on re-splits, `_heads`), only the head they chose meets
+    the other strategies on the validation images."""
     tried = [r for r in rows if r["candidate"] in scores]
     if not tried:
         why = "; ".join(f"{r['candidate']}: {r['skipped']}" for r in rows)
         raise EdgeTransferError(f"--strategy auto has no candidate left ({why})")
+    if heads:
+        tried = [r for r in tried if r["strategy"] != "head" or r["candidate"] == heads["winner"]]
     short = frozenset(r["candidate"] for r in tried if r["schedule"] == "short")
     winner = pick([(r["candidate"], scores[r["candidate"]]) for r in tried], short)
     info = {
@@ -416,11 +518,17 @@ def _verdict(rows: list[dict], scores: dict[str, Scores], auto: AutoConfig, seco
         "budget_s": auto.budget,
         "seconds": _round(seconds),
     }
+    if heads:
+        info["heads"] = heads
     if len(tried) == 1:
-        info["pick"] = f"{winner}: the only candidate tried, nothing to compare it with"
+        info["pick"] = (
+            heads["pick"]
+            if heads
+            else f"{winner}: the only candidate tried, nothing to compare it with"
+        )
         return info
     # the runner-up: the best of the rest, by images right, then mean true-class probability
-    rest = [(name, scores[name]) for name in scores if name != winner]
+    rest = [(r["candidate"], scores[r["candidate"]]) for r in tried if r["candidate"] != winner]
     second = max(rest, key=lambda c: (c[1].correct_count, c[1].mean_prob))[0]
     a, b = scores[winner], scores[second]
     d = paired(a, b)

@@ -786,7 +786,10 @@ def _echo_auto(auto: dict) -> None:
                 f"({r['val_correct']}/{r['val_images']}, mean true-class probability "
                 f"{r['val_true_prob']:.3f}), {r['schedule']} schedule "
                 f"({r['epochs']} epochs), {r['seconds']:.1f} s"
+                + (f", re-splits {r['resplit_top1']:.1%}" if "resplit_top1" in r else "")
             )
+    if "heads" in auto:
+        click.echo(f"  auto: the head's features: {auto['heads']['pick']}")
     click.echo(f"auto picked {auto['pick']}")
 
 

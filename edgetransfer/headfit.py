@@ -44,6 +44,27 @@ Objective = Callable[[np.ndarray], tuple[float, np.ndarray]]
 
 
 @dataclass(frozen=True)
+class HeadData:
+    """The clean features a head was fitted and validated on, one row per image in split order
+    (adapt's ``head`` runs hand them out, so `--strategy auto` can re-fit heads without the
+    backbone).
+
+    Attributes:
+        x_train: (N, D) float32 training features (the clean images; no augmented views).
+        y_train: (N,) class indices.
+        x_val: (M, D) float32 validation features.
+        y_val: (M,) class indices.
+        classes: number of classes C.
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    classes: int
+
+
+@dataclass(frozen=True)
 class Standardization:
     """(x - mean) / std with the training features' statistics (train.Standardize's rule)."""
 

@@ -24,6 +24,7 @@ from edgetransfer.auto import (
 from edgetransfer.backbones import get_arch
 from edgetransfer.errors import DataError, EdgeTransferError
 from edgetransfer.evaluate import evaluate
+from edgetransfer.headfit import HeadData
 from edgetransfer.manifest import read_manifest
 
 from .conftest import DIGITS, SOURCE, digits_config, make_images, run
@@ -50,8 +51,16 @@ def test_auto_end_to_end_manifest_report_and_export(tmp_path):
         assert r["val_correct"] == round(r["val_top1"] * r["val_images"])
     assert [r["schedule"] for r in rows] == ["full", "full", "short", "short", "short"]
     assert [r["epochs"] for r in rows] == [6, 6, 5, 5, 5]
+    # the two heads were told apart on re-splits of train+val; only the chosen one went on
+    heads = a["heads"]
+    assert {heads["winner"], heads["runner_up"]} == {"head", "head --features stages"}
+    assert heads["splits"] == auto.RESPLITS and heads["images"] == m.data["train"] + m.data["val"]
+    assert heads["fit_images"] == m.data["train"]
+    assert heads["ahead_splits"] + heads["behind_splits"] <= auto.RESPLITS
+    assert all(0 <= r["resplit_top1"] <= 1 for r in rows[:2]) and "resplit_top1" not in rows[2]
+    contenders = [r for r in rows if r["strategy"] != "head" or r["candidate"] == heads["winner"]]
     # the winner has the most right (level ones: the finer score or the cheaper); it trained fully
-    best = max(r["val_correct"] for r in rows)
+    best = max(r["val_correct"] for r in contenders)
     won = next(r for r in rows if r["candidate"] == a["winner"])
     assert won["val_correct"] == best
     assert all(0 <= r["val_true_prob"] <= 1 for r in rows)
@@ -59,7 +68,9 @@ def test_auto_end_to_end_manifest_report_and_export(tmp_path):
     assert m.adapt.get("features", "penultimate") == won["features"]
     assert a["budget_s"] is None and a["short_epochs"] == 5
     # CLI: one line per candidate, named with a head's features, and the pick with its uncertainty
-    assert res.output.count("  auto: ") == 5
+    assert res.output.count("  auto: ") == 6
+    assert f"  auto: the head's features: {heads['pick']}\n" in res.output
+    assert res.output.count(", re-splits ") == 2
     assert "  auto: head --features stages val top-1 " in res.output
     assert res.output.count(", mean true-class probability ") == 5
     assert f"auto picked {a['pick']}\n" in res.output
@@ -69,6 +80,7 @@ def test_auto_end_to_end_manifest_report_and_export(tmp_path):
     assert a["pick"].split(":")[0] in page and "no time budget" in page
     assert "mean true-class probability</th>" in page and ">head --features stages<" in page
     assert f'<td class="num">{rows[0]["val_true_prob"]:.3f}</td>' in page
+    assert f"<p>The head's features: {heads['winner']} " in page
     # an auto run exports and verifies as a run of its winner's strategy
     exp = run("export", out, "--onnx", "--out", tmp_path / "exp")
     assert exp.exit_code == 0, exp.output
@@ -168,7 +180,7 @@ def test_the_pick_says_how_sure_it_is():
 
     def verdict(**scores):
         rows = [_row(name, s) for name, s in _cands(**scores)]
-        return _verdict(rows, dict(_cands(**scores)), cfg, 1)
+        return _verdict(rows, dict(_cands(**scores)), None, cfg, 1)
 
     same = _level(18, jitter=0.05)
     tie = verdict(head=_level(15), bias=same, last_n=same, full=same)
@@ -201,9 +213,9 @@ def test_the_pick_says_how_sure_it_is():
     heads = dict(head=_level(18, prob=0.8), stages=_level(18, prob=0.8))
     rows = [_row(n, s) for n, s in (("head", heads["head"]), ("head --features stages", same))]
     both = {"head": heads["head"], "head --features stages": heads["stages"]}
-    assert _verdict(rows, both, cfg, 1)["winner"] == "head"
+    assert _verdict(rows, both, None, cfg, 1)["winner"] == "head"
     both["head --features stages"] = _level(19, prob=0.8)
-    ahead = _verdict(rows, both, cfg, 1)
+    ahead = _verdict(rows, both, None, cfg, 1)
     assert ahead["winner"] == "head --features stages" and ahead["runner_up"] == "head"
     assert ahead["pick"].startswith("head --features stages: 1 of 20 validation images more")
     # skipped candidates (the budget, a backbone without biases) are not compared
@@ -211,7 +223,7 @@ def test_the_pick_says_how_sure_it_is():
         _row("head", same),
         {"candidate": "bias", "strategy": "bias", "skipped": "not tried", "seconds": 0.0},
     ]
-    only = _verdict(rows, {"head": same}, cfg, 1)
+    only = _verdict(rows, {"head": same}, None, cfg, 1)
     assert only["winner"] == "head" and "the only candidate tried" in only["pick"]
     assert "margin_images" not in only
 
@@ -323,7 +335,9 @@ def test_a_stages_head_that_wins_trains_and_rebuilds_with_its_features(tmp_path,
     res = adapt_auto(cfg, AutoConfig(candidates=("head",)))
     m = res.manifest
     a = m.adapt["auto"]
-    assert a["winner"] == "head --features stages" and a["runner_up"] == "head"
+    # the heads alone: the re-splits' pick is the run's
+    assert a["winner"] == "head --features stages" and a["heads"]["runner_up"] == "head"
+    assert a["pick"] == a["heads"]["pick"]
     assert [(r["candidate"], r["features"]) for r in a["candidates"]] == [
         ("head", "penultimate"),
         ("head --features stages", "stages"),
@@ -334,3 +348,70 @@ def test_a_stages_head_that_wins_trains_and_rebuilds_with_its_features(tmp_path,
     again = evaluate(res.run_dir, DIGITS, split="val").metrics.top1
     assert again == pytest.approx(m.metrics["val_top1"])
     assert m.metrics["val_top1"] == pytest.approx(stages["val_top1"])
+
+
+def _head_data(informative: float, seed: int = 0, train=2, val=6, classes=3, dim=8):
+    """Features of `classes` classes (`train` + `val` images each): class means on the first
+    axes scaled by `informative`, unit noise elsewhere; the same labels for every call."""
+    rng = np.random.default_rng(seed)
+
+    def part(n):
+        y = np.repeat(np.arange(classes), n)
+        x = rng.standard_normal((len(y), dim))
+        x[np.arange(len(y)), y] += informative
+        return x.astype(np.float32), y
+
+    (xt, yt), (xv, yv) = part(train), part(val)
+    return HeadData(x_train=xt, y_train=yt, x_val=xv, y_val=yv, classes=classes)
+
+
+def test_resplit_fits_on_the_runs_count_per_class_and_pairs_candidates():
+    cfg = digits_config("x", seed=3)
+    good, noise = _head_data(4.0), _head_data(0.0, seed=1)
+    a, b = auto.resplit(good, cfg), auto.resplit(noise, cfg)
+    # every split holds out all but 2 of each class's 8 images: 3 x 6 predictions per split
+    assert a.n == b.n == auto.RESPLITS * 18
+    assert a.top1 > 0.75 and b.top1 < 0.6
+    # the splits depend on the labels and the seed alone: the same scores again, other ones for
+    # another seed
+    assert np.array_equal(auto.resplit(good, cfg).prob, a.prob)
+    other = auto.resplit(good, digits_config("x", seed=4))
+    assert not np.array_equal(other.prob, a.prob)
+    # uneven classes: each split fits on as many of each class as the run trains on
+    seen = []
+    real = auto.fit_head
+
+    def spy(x, y, *args, **kw):
+        seen.append(np.bincount(y, minlength=3).tolist())
+        return real(x, y, *args, **kw)
+
+    uneven = HeadData(good.x_train[1:], good.y_train[1:], good.x_val, good.y_val, 3)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(auto, "fit_head", spy)
+        assert auto.resplit(uneven, cfg).n == auto.RESPLITS * 18
+    assert seen == [[1, 2, 2]] * auto.RESPLITS
+
+
+def test_re_splits_overrule_one_validation_split_that_favours_the_worse_features():
+    """The seed-0 miss on Lite0 at 1 image per class: the validation images favoured the
+    penultimate head while the stages one is far better; the re-splits choose stages, and only
+    that head meets the strategies that train."""
+    cfg = digits_config("x")
+    data = {"head": _head_data(0.7, seed=5), "head --features stages": _head_data(3.0, seed=6)}
+    val = {"head": _level(15, prob=0.6), "head --features stages": _level(14, prob=0.5)}
+    val["last-n"] = _level(13, prob=0.5)
+    rows = [_row(name, s) for name, s in val.items()]
+    heads = auto._heads(rows, data, cfg)
+    assert heads["winner"] == "head --features stages" and heads["runner_up"] == "head"
+    assert heads["ahead_splits"] > heads["behind_splits"]
+    assert heads["pick"].startswith("head --features stages over head on re-splits: ")
+    assert rows[1]["resplit_top1"] > rows[0]["resplit_top1"]
+    v = _verdict(rows, val, heads, AutoConfig(), 1)
+    # the penultimate head had more images right on validation, but it no longer competes
+    assert v["winner"] == "head --features stages" and v["runner_up"] == "last-n"
+    assert v["heads"] is heads
+    # with only the heads tried, the pick is the re-splits'
+    only = _verdict(rows[:2], {k: val[k] for k in data}, heads, AutoConfig(), 1)
+    assert only["winner"] == "head --features stages" and only["pick"] == heads["pick"]
+    # without re-splits (one head), validation alone decides as before
+    assert _verdict(rows, val, None, AutoConfig(), 1)["winner"] == "head"
