@@ -31,7 +31,7 @@ import numpy as np
 from edgetransfer import config
 from edgetransfer.adapt import AdaptConfig, AdaptResult, adapt, inputs
 from edgetransfer.backbones import ArchSpec, feature_taps, get_arch
-from edgetransfer.data import scan
+from edgetransfer.data import scan, softmax
 from edgetransfer.errors import ArchError, DataError, EdgeTransferError
 from edgetransfer.evaluate import EvalResult, evaluate
 from edgetransfer.fileio import check_can_write
@@ -444,9 +444,7 @@ def resplit(data: HeadData, cfg: AdaptConfig, splits: int = RESPLITS) -> Scores:
             epochs=cfg.epochs,
             patience=cfg.patience,
         )
-        logits = head.logits(x[held]).astype(np.float64)
-        p = np.exp(logits - logits.max(1, keepdims=True))
-        p /= p.sum(1, keepdims=True)
+        p = softmax(head.logits(x[held]).astype(np.float64))
         correct.append(p.argmax(1) == y[held])
         prob.append(p[np.arange(len(held)), y[held]])
     return Scores(np.concatenate(correct), np.concatenate(prob))
