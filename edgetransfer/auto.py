@@ -1,13 +1,14 @@
 """`adapt --strategy auto`: the head first (cheap), on each feature choice the architecture
 offers (config.AUTO_FEATURES, unless --features names one), then, within a time budget, the
 strategies that train more on a short schedule; the best by validation top-1 trains fully into
-RUN_DIR, with the comparison in the manifest's ``adapt.auto``. Candidates level on top-1 are
-told apart by their mean probability of the true class, image by image; a genuine tie goes to
-the cheaper (the penultimate head before the stages one), but a short-schedule score level with
-a head's final one is ahead (it can only rise). The heads on different features are told
-apart first, on re-splits of the training and validation images (their features are cached, so
-a head is refitted in milliseconds): one small validation split often favours the worse
-features; the head they choose then meets the other strategies on the validation images.
+RUN_DIR, with the comparison in the manifest's ``adapt.auto``.
+
+The heads are scored on re-splits of the training and validation images (their features are
+cached, so a head is refitted in milliseconds): one small validation split often favours the
+worse features. The strategies that train are compared on the validation images, image by
+image. Candidates level on images right are told apart by their mean probability of the true
+class; a genuine tie goes to the cheaper (the penultimate head before the stages one). The best
+head and the best trainer then meet on their estimates of top-1 on new images.
 
 Every candidate is an ordinary adapt run with the same DATA_DIR, --val-fraction and --seed, so
 all are judged on the same validation images (the split runs.run_split rebuilds; the data
@@ -49,6 +50,7 @@ BACKWARD_FACTOR = 3
 # uncertain pick; in mean true-class probability between candidates level on images right, a
 # genuine tie (the cheaper is kept).
 CLEAR_SE = 2
+UNCERTAIN = "uncertain; more validation images would tell them apart"
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,7 @@ def adapt_auto(cfg: AdaptConfig, auto: AutoConfig | None = None) -> AdaptResult:
                 head_data[cand.name] = data
     if len(fingerprints) > 1:
         raise DataError(f"{cfg.data_dir} changed while --strategy auto compared; run it again")
-    heads = _heads(rows, head_data, cfg) if len(head_data) > 1 else None
+    heads = _heads(rows, head_data, cfg) if head_data else None
     info = _verdict(rows, scores, heads, auto, auto.clock() - start)
     winner = next(c for c in cands if c.name == info["winner"])
     final = dataclasses.replace(_candidate_config(cfg, winner, cfg.epochs), auto=info, out=cfg.out)
@@ -451,9 +453,11 @@ def resplit(data: HeadData, cfg: AdaptConfig, splits: int = RESPLITS) -> Scores:
 
 
 def _heads(rows: list[dict], head_data: dict[str, HeadData], cfg: AdaptConfig) -> dict:
-    """The manifest's ``adapt.auto.heads``: which of the heads (on other features) goes on to
-    meet the strategies that train, chosen as `pick` chooses, on re-splits (`resplit`) rather
-    than the one validation split. Their rows gain resplit_top1 and resplit_true_prob."""
+    """The manifest's ``adapt.auto.heads``: every head tried, scored on re-splits of the
+    training and validation images (`resplit`) rather than on the one validation split, and the
+    best of them, chosen as `pick` chooses. Their rows gain resplit_top1 and resplit_true_prob;
+    the winner's re-split top-1 is what it brings to the comparison with the strategies that
+    train (`_verdict`)."""
     names = list(head_data)  # in the order they ran: cheapest first
     scores = {name: resplit(head_data[name], cfg) for name in names}
     for r in rows:
@@ -461,34 +465,43 @@ def _heads(rows: list[dict], head_data: dict[str, HeadData], cfg: AdaptConfig) -
             r["resplit_top1"] = round(scores[r["candidate"]].top1, 6)
             r["resplit_true_prob"] = round(scores[r["candidate"]].mean_prob, 4)
     winner = pick([(name, scores[name]) for name in names])
+    a, data = scores[winner], head_data[winner]
+    images, fit = len(data.y_train) + len(data.y_val), len(data.y_train)
+    how = (
+        f"over {RESPLITS} random re-splits of the {images} training and validation images, each "
+        f"fitting the head on {fit} of them as this run does"
+    )
+    info = {
+        "winner": winner,
+        "top1": round(a.top1, 6),
+        "splits": RESPLITS,
+        "images": images,
+        "fit_images": fit,
+    }
+    if len(names) == 1:
+        info["pick"] = f"{winner}: the only head, {a.top1:.1%} of held-out images right {how}"
+        return info
     second = max(
         ((n, s) for n, s in scores.items() if n != winner),
         key=lambda c: (c[1].correct_count, c[1].mean_prob),
     )[0]
-    a, b = scores[winner], scores[second]
+    b = scores[second]
     per_split = [s.correct.reshape(RESPLITS, -1).mean(1) for s in (a, b)]
     ahead = int((per_split[0] > per_split[1]).sum())
     behind = int((per_split[0] < per_split[1]).sum())
-    data = head_data[winner]
-    images, fit = len(data.y_train) + len(data.y_val), len(data.y_train)
     level = (a.correct_count, a.mean_prob) <= (b.correct_count, b.mean_prob)
-    return {
-        "winner": winner,
-        "runner_up": second,
-        "splits": RESPLITS,
-        "images": images,
-        "fit_images": fit,
-        "ahead_splits": ahead,
-        "behind_splits": behind,
-        "pick": (
-            f"{winner} {'ties with' if level else 'over'} {second} on re-splits: "
-            f"{a.top1:.1%} vs {b.top1:.1%} of held-out images right (mean true-class "
-            f"probability {a.mean_prob:.3f} vs {b.mean_prob:.3f}) over {RESPLITS} random "
-            f"re-splits of the {images} training and validation images, each fitting the head on "
-            f"{fit} of them as this run does; ahead in {ahead}, behind in {behind} of the "
-            f"{RESPLITS}" + ("; the cheaper is kept" if level else "")
+    info.update(
+        runner_up=second,
+        ahead_splits=ahead,
+        behind_splits=behind,
+        pick=(
+            f"{winner} {'ties with' if level else 'over'} {second}: {a.top1:.1%} vs {b.top1:.1%} "
+            f"of held-out images right (mean true-class probability {a.mean_prob:.3f} vs "
+            f"{b.mean_prob:.3f}) {how}; ahead in {ahead}, behind in {behind} of the {RESPLITS}"
+            + ("; the cheaper is kept" if level else "")
         ),
-    }
+    )
+    return info
 
 
 def _verdict(
@@ -498,58 +511,66 @@ def _verdict(
     auto: AutoConfig,
     seconds: float,
 ) -> dict:
-    """The manifest's ``adapt.auto``: the rows, the winner and how sure the pick is. With
-    `heads` (the heads told apart on re-splits, `_heads`), only the head they chose meets
-    the other strategies on the validation images."""
+    """The manifest's ``adapt.auto``: the rows, the winner and how sure the pick is.
+
+    The heads (`heads`, from `_heads`: scored on re-splits) and the strategies that train
+    (``trainers``: pair by pair on the validation images, `_trainers`) each put forward their
+    best; the final pick is between those two, by their estimate of top-1 on new images: the
+    head's over the re-splits, the trainer's on the validation images (the only one it has: its
+    full schedule is too dear to repeat). A tie goes to the head, the cheaper.
+    """
     tried = [r for r in rows if r["candidate"] in scores]
     if not tried:
         why = "; ".join(f"{r['candidate']}: {r['skipped']}" for r in rows)
         raise EdgeTransferError(f"--strategy auto has no candidate left ({why})")
-    if heads:
-        tried = [r for r in tried if r["strategy"] != "head" or r["candidate"] == heads["winner"]]
-    short = frozenset(r["candidate"] for r in tried if r["schedule"] == "short")
-    winner = pick([(r["candidate"], scores[r["candidate"]]) for r in tried], short)
-    info = {
-        "winner": winner,
+    trainers = [r["candidate"] for r in tried if r["strategy"] != "head"]
+    info: dict = {
         "candidates": rows,
         "short_epochs": auto.short_epochs,
         "budget_s": auto.budget,
         "seconds": _round(seconds),
     }
+    if trainers:
+        info["trainers"] = _trainers([(name, scores[name]) for name in trainers])
     if heads:
         info["heads"] = heads
-    if len(tried) == 1:
-        info["pick"] = (
-            heads["pick"]
-            if heads
-            else f"{winner}: the only candidate tried, nothing to compare it with"
-        )
-        return info
+    if heads and trainers:
+        trainer = info["trainers"]["winner"]
+        schedule = next(r["schedule"] for r in tried if r["candidate"] == trainer)
+        info.update(_head_or_trainer(heads, trainer, schedule, scores))
+    else:
+        best = heads or info["trainers"]
+        info.update(winner=best["winner"], pick=best["pick"])
+    return info
+
+
+def _trainers(cands: list[tuple[str, Scores]]) -> dict:
+    """The manifest's ``adapt.auto.trainers``: the strategies that train compared on the same
+    validation images, pair by pair (`pick`), and how sure that pick is against the runner-up."""
+    winner = pick(cands)
+    scores = dict(cands)
+    if len(cands) == 1:
+        return {"winner": winner, "pick": f"{winner}: the only one that trains, tried"}
     # the runner-up: the best of the rest, by images right, then mean true-class probability
-    rest = [(r["candidate"], scores[r["candidate"]]) for r in tried if r["candidate"] != winner]
+    rest = [(name, s) for name, s in cands if name != winner]
     second = max(rest, key=lambda c: (c[1].correct_count, c[1].mean_prob))[0]
     a, b = scores[winner], scores[second]
     d = paired(a, b)
-    info.update(
-        runner_up=second,
-        margin_images=d["margin_images"],
-        se_images=d["se_images"],
-        disagree_images=d["disagree_images"],
-        prob_margin=d["prob_margin"],
-        prob_se=d["prob_se"],
-    )
+    info = {
+        "winner": winner,
+        "runner_up": second,
+        "margin_images": d["margin_images"],
+        "se_images": d["se_images"],
+        "disagree_images": d["disagree_images"],
+        "prob_margin": d["prob_margin"],
+        "prob_se": d["prob_se"],
+    }
     n, right = a.n, a.correct_count
     prob = (
         f"mean probability of the true class {a.mean_prob:.3f} vs {b.mean_prob:.3f} "
         f"(paired standard error {d['prob_se']:.3f})"
     )
-    if d["margin_images"] == 0 and winner in short and second not in short:
-        info["pick"] = (
-            f"{winner}: level with {second} at {right} of {n} validation images after its short "
-            f"schedule ({auto.short_epochs} epochs), and that can only rise with the full one; "
-            f"{second}'s is final"
-        )
-    elif d["margin_images"] == 0:
+    if d["margin_images"] == 0:
         ahead = d["prob_margin"] > CLEAR_SE * d["prob_se"]
         info["pick"] = (
             f"{winner}: level with {second} at {right} of {n} validation images, ahead in {prob}"
@@ -567,29 +588,51 @@ def _verdict(
             + (
                 f"beyond {CLEAR_SE} standard errors"
                 if clear
-                else f"within {CLEAR_SE} standard errors: uncertain; more validation images "
-                "would tell them apart"
+                else f"within {CLEAR_SE} standard errors: {UNCERTAIN}"
             )
         )
     return info
 
 
-def pick(candidates: list[tuple[str, Scores]], short: frozenset[str] = frozenset()) -> str:
-    """The winner of `candidates` (cheapest first, scored on the same validation images);
-    `short` names those scored after the short schedule, the others are final.
+def _head_or_trainer(heads: dict, trainer: str, schedule: str, scores: dict[str, Scores]) -> dict:
+    """The final pick: the best head (its re-split top-1) against the best trainer (its
+    validation top-1), with the standard error of the difference of two independent
+    proportions (the head's counted on its distinct images, not its repeated predictions)."""
+    head, h = heads["winner"], heads["top1"]
+    t = scores[trainer]
+    se = math.sqrt(t.top1 * (1 - t.top1) / t.n + h * (1 - h) / heads["images"])
+    margin = t.top1 - h  # the trainer's lead
+    winner, second = (trainer, head) if margin > 0 else (head, trainer)
+    clear = abs(margin) > CLEAR_SE * se
+    sure = f"beyond {CLEAR_SE} standard errors" if clear else f"within {CLEAR_SE}: {UNCERTAIN}"
+    scores_text = (
+        f"{trainer} {t.top1:.1%} of {t.n} validation images right ({schedule} schedule), "
+        f"{head} {h:.1%} over re-splits"
+    )
+    what = "above" if winner == trainer else "not below"
+    return {
+        "winner": winner,
+        "runner_up": second,
+        "top1_margin": round(abs(margin), 6),
+        "top1_se": round(se, 6),
+        "pick": (
+            f"{winner}: estimated top-1 on new images {what} {second}'s ({scores_text}: a "
+            f"difference of {100 * abs(margin):.1f} points, standard error {100 * se:.1f}, "
+            f"{sure})"
+        ),
+    }
+
+
+def pick(candidates: list[tuple[str, Scores]]) -> str:
+    """The winner of `candidates` (cheapest first, scored on the same images).
 
     Top-1 on a few images moves in whole images, so candidates often tie; the true-class
     probability of every image is the finer measure. Among those with the most images right,
     the cheapest whose mean true-class probability is not clearly (CLEAR_SE paired standard
-    errors) below the highest wins: a genuine tie goes to the cheaper. A tie between a short
-    schedule and a final score is not genuine: the learning rate is constant and training
-    keeps its best epoch by validation top-1, so the full schedule repeats the short one and
-    can only add images right — the short-schedule candidate is ahead.
+    errors) below the highest wins: a genuine tie goes to the cheaper.
     """
     most = max(s.correct_count for _, s in candidates)
     level = [(name, s) for name, s in candidates if s.correct_count == most]
-    if any(name in short for name, _ in level):
-        level = [(name, s) for name, s in level if name in short]
     top = max(level, key=lambda c: c[1].mean_prob)[1]  # the first of equals: the cheaper
     for name, s in level:
         d = paired(top, s)

@@ -788,8 +788,9 @@ def _echo_auto(auto: dict) -> None:
                 f"({r['epochs']} epochs), {r['seconds']:.1f} s"
                 + (f", re-splits {r['resplit_top1']:.1%}" if "resplit_top1" in r else "")
             )
-    if "heads" in auto:
-        click.echo(f"  auto: the head's features: {auto['heads']['pick']}")
+    for part, what in (("heads", "the heads"), ("trainers", "the strategies that train")):
+        if part in auto:  # manifests from before the re-splits have neither
+            click.echo(f"  auto: {what}: {auto[part]['pick']}")
     click.echo(f"auto picked {auto['pick']}")
 
 

@@ -366,11 +366,16 @@ def _auto_section(auto: dict) -> list[str]:
         )
     budget = auto.get("budget_s")
     limit = f"a budget of {budget:g} s" if budget is not None else "no time budget"
-    heads = auto.get("heads")
+    # manifests from before the re-splits have neither part
+    parts = [
+        f"<p>Of {what}: {_e(auto[part]['pick'])}.</p>"
+        for part, what in (("heads", "the heads"), ("trainers", "the strategies that train"))
+        if part in auto
+    ]
     return [
         "<h2>Strategy chosen by --strategy auto</h2>",
         f"<p>Picked {_e(auto.get('pick', '?'))}.</p>",
-        *([f"<p>The head's features: {_e(heads['pick'])}.</p>"] if heads else []),
+        *parts,
         f'<table class="metrics">{head}{"".join(rows)}</table>',
         f'<p class="note">Compared in {auto.get("seconds", 0):.0f} s with {limit}, on the '
         "same validation images; the winner then trained with the full schedule (the "

@@ -58,18 +58,26 @@ def test_auto_end_to_end_manifest_report_and_export(tmp_path):
     assert heads["fit_images"] == m.data["train"]
     assert heads["ahead_splits"] + heads["behind_splits"] <= auto.RESPLITS
     assert all(0 <= r["resplit_top1"] <= 1 for r in rows[:2]) and "resplit_top1" not in rows[2]
-    contenders = [r for r in rows if r["strategy"] != "head" or r["candidate"] == heads["winner"]]
-    # the winner has the most right (level ones: the finer score or the cheaper); it trained fully
-    best = max(r["val_correct"] for r in contenders)
+    assert (
+        heads["top1"] == next(r for r in rows if r["candidate"] == heads["winner"])["resplit_top1"]
+    )
+    # the trainers' winner has the most right of them (level ones: the finer score or the
+    # cheaper); it meets the best head on estimated top-1, and the winner trained fully
+    trainer = a["trainers"]["winner"]
+    best = max(r["val_correct"] for r in rows[2:])
+    assert next(r for r in rows if r["candidate"] == trainer)["val_correct"] == best
+    trainer_top1 = next(r for r in rows if r["candidate"] == trainer)["val_top1"]
+    assert a["winner"] == (trainer if trainer_top1 > heads["top1"] else heads["winner"])
+    assert {a["winner"], a["runner_up"]} == {trainer, heads["winner"]}
     won = next(r for r in rows if r["candidate"] == a["winner"])
-    assert won["val_correct"] == best
     assert all(0 <= r["val_true_prob"] <= 1 for r in rows)
     assert m.adapt["strategy"] == won["strategy"] and m.adapt["epochs"] == 6
     assert m.adapt.get("features", "penultimate") == won["features"]
     assert a["budget_s"] is None and a["short_epochs"] == 5
     # CLI: one line per candidate, named with a head's features, and the pick with its uncertainty
-    assert res.output.count("  auto: ") == 6
-    assert f"  auto: the head's features: {heads['pick']}\n" in res.output
+    assert res.output.count("  auto: ") == 7
+    assert f"  auto: the heads: {heads['pick']}\n" in res.output
+    assert f"  auto: the strategies that train: {a['trainers']['pick']}\n" in res.output
     assert res.output.count(", re-splits ") == 2
     assert "  auto: head --features stages val top-1 " in res.output
     assert res.output.count(", mean true-class probability ") == 5
@@ -80,7 +88,8 @@ def test_auto_end_to_end_manifest_report_and_export(tmp_path):
     assert a["pick"].split(":")[0] in page and "no time budget" in page
     assert "mean true-class probability</th>" in page and ">head --features stages<" in page
     assert f'<td class="num">{rows[0]["val_true_prob"]:.3f}</td>' in page
-    assert f"<p>The head's features: {heads['winner']} " in page
+    assert f"<p>Of the heads: {heads['winner']} " in page
+    assert "<p>Of the strategies that train: " in page
     # an auto run exports and verifies as a run of its winner's strategy
     exp = run("export", out, "--onnx", "--out", tmp_path / "exp")
     assert exp.exit_code == 0, exp.output
@@ -107,7 +116,7 @@ def test_the_budget_skips_candidates_and_says_so(tmp_path):
     assert all(r["skipped"].startswith("not tried: about ") for r in skipped)
     assert "from the head's feature extraction" in skipped[0]["skipped"]
     assert "auto: bias    not tried: about" in res.output
-    assert "the only candidate tried" in a["pick"]
+    assert a["pick"].startswith("head: the only head, ") and "re-splits" in a["pick"]
 
 
 def _scores(right, probs):
@@ -141,11 +150,6 @@ def test_pick_ties_go_to_the_cheaper_and_a_clearly_finer_score_breaks_them():
     # the cheapest of those not clearly below the surest: bias is, last-n is not
     below = _scores(same.correct, same.prob - 0.1)
     assert auto.pick(_cands(bias=below, last_n=noisy, full=surer)) == "last-n"
-    # level with the head's final score, a short-schedule score can only rise: it wins
-    head = _scores(same.correct, same.prob + 0.05)
-    assert auto.pick(_cands(head=head, last_n=same), frozenset({"last-n"})) == "last-n"
-    assert auto.pick(_cands(head=head, last_n=same)) == "head"  # both final: a genuine tie
-    assert auto.pick(_cands(head=_level(19), last_n=same), frozenset({"last-n"})) == "head"
     # images right come first: one more image beats any probability
     assert auto.pick(_cands(head=_level(19, prob=0.3), full=_level(18, prob=0.99))) == "head"
 
@@ -175,57 +179,80 @@ def _row(name, s):
     }
 
 
-def test_the_pick_says_how_sure_it_is():
-    cfg = AutoConfig()
-
-    def verdict(**scores):
-        rows = [_row(name, s) for name, s in _cands(**scores)]
-        return _verdict(rows, dict(_cands(**scores)), None, cfg, 1)
+def test_the_trainers_pick_says_how_sure_it_is():
+    def trainers(**scores):
+        return auto._trainers(_cands(**scores))
 
     same = _level(18, jitter=0.05)
-    tie = verdict(head=_level(15), bias=same, last_n=same, full=same)
+    tie = trainers(bias=same, last_n=same, full=same)
     assert tie["winner"] == "bias" and tie["margin_images"] == 0
     assert tie["pick"].startswith("bias: ties with last-n at 18 of 20 validation images and")
     assert tie["pick"].endswith("; the cheaper is kept")
-    surer = verdict(last_n=same, full=_scores(same.correct, same.prob + 0.05))
+    surer = trainers(last_n=same, full=_scores(same.correct, same.prob + 0.05))
     assert surer["winner"] == "full" and surer["runner_up"] == "last-n"
     assert "level with last-n at 18 of 20" in surer["pick"] and "beyond 2" in surer["pick"]
     # one image more, the two disagreeing on that one: within 2 standard errors (1 image)
-    close = verdict(head=_level(16), full=_scores(np.arange(20) < 17, np.full(20, 0.8)))
+    close = trainers(bias=_level(16), full=_scores(np.arange(20) < 17, np.full(20, 0.8)))
     assert close["winner"] == "full" and close["margin_images"] == 1
     assert close["disagree_images"] == 1 and close["se_images"] == 1.0
     assert "uncertain" in close["pick"]
     shifted = _scores(np.roll(np.arange(20) < 17, 3), np.full(20, 0.8))
-    close = verdict(head=_level(16), full=shifted)
+    close = trainers(bias=_level(16), full=shifted)
     # the same counts, disagreeing on 3 + 4 images: a wider standard error (sqrt 7)
     assert close["disagree_images"] == 7 and close["se_images"] == pytest.approx(7**0.5, 0.01)
     assert close["margin_images"] == 1 and "uncertain" in close["pick"]
-    clear = verdict(head=_level(8, 100), last_n=_level(90, 100))
+    clear = trainers(bias=_level(8, 100), last_n=_level(90, 100))
     assert clear["winner"] == "last-n" and "beyond 2 standard errors" in clear["pick"]
-    level = verdict(head=_level(18, prob=0.9), last_n=same)
-    assert level["winner"] == "last-n" and level["runner_up"] == "head"
-    assert level["pick"] == (
-        "last-n: level with head at 18 of 20 validation images after its short schedule "
-        "(5 epochs), and that can only rise with the full one; head's is final"
-    )
-    # a genuine tie between heads goes to the penultimate one (listed first), one image more
-    # to the stages head
-    heads = dict(head=_level(18, prob=0.8), stages=_level(18, prob=0.8))
-    rows = [_row(n, s) for n, s in (("head", heads["head"]), ("head --features stages", same))]
-    both = {"head": heads["head"], "head --features stages": heads["stages"]}
-    assert _verdict(rows, both, None, cfg, 1)["winner"] == "head"
-    both["head --features stages"] = _level(19, prob=0.8)
-    ahead = _verdict(rows, both, None, cfg, 1)
-    assert ahead["winner"] == "head --features stages" and ahead["runner_up"] == "head"
-    assert ahead["pick"].startswith("head --features stages: 1 of 20 validation images more")
-    # skipped candidates (the budget, a backbone without biases) are not compared
+    only = trainers(full=same)
+    assert only == {"winner": "full", "pick": "full: the only one that trains, tried"}
+
+
+def _heads_info(name="head --features stages", top1=0.652, images=30):
+    return {"winner": name, "top1": top1, "splits": 10, "images": images, "pick": f"{name}: ..."}
+
+
+def test_the_best_head_meets_the_best_trainer_on_estimated_top1():
+    """The head brings its re-split top-1, the trainer its validation top-1; a level score goes
+    to the head (cheaper); skipped candidates are not compared."""
+    cfg = AutoConfig()
+    last_n = _level(15, n=25)  # 60.0%
     rows = [
-        _row("head", same),
-        {"candidate": "bias", "strategy": "bias", "skipped": "not tried", "seconds": 0.0},
+        _row("head --features stages", _level(15, n=25)),
+        _row("last-n", last_n),
+        {"candidate": "full", "strategy": "full", "skipped": "not tried", "seconds": 0.0},
     ]
-    only = _verdict(rows, {"head": same}, None, cfg, 1)
-    assert only["winner"] == "head" and "the only candidate tried" in only["pick"]
-    assert "margin_images" not in only
+    scores = {"head --features stages": _level(15, n=25), "last-n": last_n}
+    # level on the 25 validation images, but the head's re-splits say 65.2%: the head
+    v = _verdict(rows, scores, _heads_info(), cfg, 1)
+    assert v["winner"] == "head --features stages" and v["runner_up"] == "last-n"
+    assert v["trainers"]["winner"] == "last-n" and v["heads"]["winner"] == v["winner"]
+    assert v["top1_margin"] == pytest.approx(0.052)
+    se = (0.6 * 0.4 / 25 + 0.652 * 0.348 / 30) ** 0.5
+    assert v["top1_se"] == pytest.approx(se, abs=1e-6)
+    assert v["pick"] == (
+        "head --features stages: estimated top-1 on new images not below last-n's (last-n "
+        "60.0% of 25 validation images right (short schedule), head --features stages 65.2% "
+        f"over re-splits: a difference of 5.2 points, standard error {100 * se:.1f}, within 2: "
+        "uncertain; more validation images would tell them apart)"
+    )
+    # a trainer above the head's re-split estimate wins; exactly level, the head
+    assert _verdict(rows, scores, _heads_info(top1=0.55), cfg, 1)["winner"] == "last-n"
+    assert _verdict(rows, scores, _heads_info(top1=0.6), cfg, 1)["winner"] == v["winner"]
+    clear = _verdict(rows, scores, _heads_info(top1=0.2, images=400), cfg, 1)
+    assert clear["winner"] == "last-n" and "beyond 2 standard errors" in clear["pick"]
+    # heads only (the budget left no trainer): the heads' pick is the run's
+    alone = _verdict(rows[:1], scores, _heads_info(), cfg, 1)
+    assert (
+        alone["winner"] == "head --features stages"
+        and alone["pick"] == "head --features stages: ..."
+    )
+    assert "trainers" not in alone and "runner_up" not in alone
+    # no head (--lwf): the trainers' pick is the run's
+    lwf = [{"candidate": "head", "strategy": "head", "skipped": "not tried", "seconds": 0.0}]
+    v = _verdict(lwf + rows[1:], {"last-n": last_n}, None, cfg, 1)
+    assert v["winner"] == "last-n" and v["pick"] == "last-n: the only one that trains, tried"
+    with pytest.raises(EdgeTransferError, match="no candidate left"):
+        _verdict(lwf, {}, None, cfg, 1)
 
 
 def test_a_candidate_that_would_overrun_stops_after_two_steps():
@@ -404,7 +431,7 @@ def test_re_splits_overrule_one_validation_split_that_favours_the_worse_features
     heads = auto._heads(rows, data, cfg)
     assert heads["winner"] == "head --features stages" and heads["runner_up"] == "head"
     assert heads["ahead_splits"] > heads["behind_splits"]
-    assert heads["pick"].startswith("head --features stages over head on re-splits: ")
+    assert heads["pick"].startswith("head --features stages over head: ")
     assert rows[1]["resplit_top1"] > rows[0]["resplit_top1"]
     v = _verdict(rows, val, heads, AutoConfig(), 1)
     # the penultimate head had more images right on validation, but it no longer competes
@@ -413,5 +440,7 @@ def test_re_splits_overrule_one_validation_split_that_favours_the_worse_features
     # with only the heads tried, the pick is the re-splits'
     only = _verdict(rows[:2], {k: val[k] for k in data}, heads, AutoConfig(), 1)
     assert only["winner"] == "head --features stages" and only["pick"] == heads["pick"]
-    # without re-splits (one head), validation alone decides as before
-    assert _verdict(rows, val, None, AutoConfig(), 1)["winner"] == "head"
+    # one head is scored on re-splits too: its estimate is what meets the trainers
+    one = auto._heads(rows[:1], {"head": data["head"]}, cfg)
+    assert one["winner"] == "head" and "runner_up" not in one
+    assert one["top1"] == rows[0]["resplit_top1"] and one["pick"].startswith("head: the only head")
