@@ -58,6 +58,10 @@ AUTO_MIN_IMAGES = 64
 # 0.25 is ~14 grey levels at ImageNet's std), measured on textured 12 MP photos as 0.07 max,
 # 0.007 mean: the DCT downscale is a box filter where the plain path is bilinear+antialias.
 DRAFT_MAX_DIFF = 0.25
+# So draft decoding may change the top-1 only where the plain path scores a near tie: its top
+# two logits within DRAFT_TIE. Measured: the shipped digits model's 0-4 head on the 200 sample
+# digits 5-9 enlarged to 1024 or 2048 px JPEGs changes one answer, a tie 0.001 apart.
+DRAFT_TIE = 0.01
 # Augmentation presets whose first step resizes the shorter side to Preprocessing.resize, so a
 # JPEG can be decoded at any scale that keeps that side (see data.load_image's `draft`).
 _DRAFT_SAFE = ("none", "light")

@@ -74,13 +74,12 @@ def taps_features(model, paths: list[Path], p) -> dict:
 def confirm_images(root: Path, per_class: int) -> list[Path]:
     """`per_class` more images of each class, after the curve's test images (never seen by
     the curve): the tap set and size chosen on the test images are checked again here."""
-    from make_digits import TARGET_LABELS
+    from make_digits import TARGET_LABELS, mnist_images
     from transfer_experiment import (
         CURVE_TEST_PER_CLASS,
         TRAIN_PER_CLASS,
         VAL_PER_CLASS,
         _save_once,
-        mnist_images,
     )
 
     first = TRAIN_PER_CLASS + VAL_PER_CLASS + CURVE_TEST_PER_CLASS

