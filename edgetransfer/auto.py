@@ -597,10 +597,20 @@ def _trainers(cands: list[tuple[str, Scores]]) -> dict:
 def _head_or_trainer(heads: dict, trainer: str, schedule: str, scores: dict[str, Scores]) -> dict:
     """The final pick: the best head (its re-split top-1) against the best trainer (its
     validation top-1), with the standard error of the difference of two independent
-    proportions (the head's counted on its distinct images, not its repeated predictions)."""
+    proportions, Agresti and Caffo's (one image right and one wrong added to each, so 40 of 40
+    is not taken for certain); the head's counted on its distinct images, not its repeated
+    predictions."""
     head, h = heads["winner"], heads["top1"]
     t = scores[trainer]
-    se = math.sqrt(t.top1 * (1 - t.top1) / t.n + h * (1 - h) / heads["images"])
+    se = math.sqrt(
+        sum(
+            p * (1 - p) / (n + 2)
+            for p, n in (
+                ((t.correct_count + 1) / (t.n + 2), t.n),
+                ((h * heads["images"] + 1) / (heads["images"] + 2), heads["images"]),
+            )
+        )
+    )
     margin = t.top1 - h  # the trainer's lead
     winner, second = (trainer, head) if margin > 0 else (head, trainer)
     clear = abs(margin) > CLEAR_SE * se

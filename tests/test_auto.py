@@ -227,7 +227,9 @@ def test_the_best_head_meets_the_best_trainer_on_estimated_top1():
     assert v["winner"] == "head --features stages" and v["runner_up"] == "last-n"
     assert v["trainers"]["winner"] == "last-n" and v["heads"]["winner"] == v["winner"]
     assert v["top1_margin"] == pytest.approx(0.052)
-    se = (0.6 * 0.4 / 25 + 0.652 * 0.348 / 30) ** 0.5
+    # Agresti-Caffo: one right and one wrong added to each side
+    t, h = 16 / 27, (0.652 * 30 + 1) / 32
+    se = (t * (1 - t) / 27 + h * (1 - h) / 32) ** 0.5
     assert v["top1_se"] == pytest.approx(se, abs=1e-6)
     assert v["pick"] == (
         "head --features stages: estimated top-1 on new images not below last-n's (last-n "
@@ -238,6 +240,10 @@ def test_the_best_head_meets_the_best_trainer_on_estimated_top1():
     # a trainer above the head's re-split estimate wins; exactly level, the head
     assert _verdict(rows, scores, _heads_info(top1=0.55), cfg, 1)["winner"] == "last-n"
     assert _verdict(rows, scores, _heads_info(top1=0.6), cfg, 1)["winner"] == v["winner"]
+    # all 25 validation images right is not certainty: within 2 standard errors of a 95% head
+    perfect = {**scores, "last-n": _level(25, n=25)}
+    sure = _verdict(rows, perfect, _heads_info(top1=0.95, images=200), cfg, 1)
+    assert sure["winner"] == "last-n" and "within 2: uncertain" in sure["pick"]
     clear = _verdict(rows, scores, _heads_info(top1=0.2, images=400), cfg, 1)
     assert clear["winner"] == "last-n" and "beyond 2 standard errors" in clear["pick"]
     # heads only (the budget left no trainer): the heads' pick is the run's
