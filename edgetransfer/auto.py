@@ -1,7 +1,7 @@
 """`adapt --strategy auto`: the head first (cheap), on each feature choice the architecture
 offers (config.AUTO_FEATURES, unless --features names one), then, within a time budget, the
-strategies that train more on a short schedule; the best by validation top-1 trains fully into
-RUN_DIR, with the comparison in the manifest's ``adapt.auto``.
+strategies that train more on a short schedule; the winner trains fully into RUN_DIR, with the
+comparison in the manifest's ``adapt.auto``.
 
 The heads are scored on re-splits of the training and validation images (their features are
 cached, so a head is refitted in milliseconds): one small validation split often favours the
@@ -413,29 +413,31 @@ def _estimate(rows: list[dict], auto: AutoConfig, steps: _Steps) -> tuple[float,
     return steps.seconds(per_step, auto.short_epochs), "from the head's feature extraction"
 
 
-def resplit(data: HeadData, cfg: AdaptConfig, splits: int = RESPLITS) -> Scores:
+def resplit(data: HeadData, cfg: AdaptConfig, splits: int = RESPLITS) -> tuple[Scores, int]:
     """A head on `data` judged on `splits` random re-splits of its training and validation
     images: each fits a head on as many images of each class as the run trains on, drawn from
     that class's training and validation images, and scores it on the rest. The scores are
-    every held-out prediction, split after split; the splits depend on the labels and --seed
-    alone, so heads on other features of the same images are scored pair by pair.
+    every held-out prediction, split after split, and the number of distinct images held out
+    at least once; the splits depend on the labels and --seed alone, so heads on other features
+    of the same images are scored pair by pair.
 
     Each fit keeps its best epoch by its held-out images, as the run's head does by its
     validation images, with the run's --epochs, --patience and --balance; the head is the
     numpy L-BFGS fit (headfit.py, the torch path's optimum) on the clean features only (no
-    --views)."""
+    --views, no --teacher)."""
     x = np.concatenate([data.x_train, data.x_val])
     y = np.concatenate([data.y_train, data.y_val])
     by_class = [np.flatnonzero(y == c).tolist() for c in range(data.classes)]
     fit_counts = np.bincount(data.y_train, minlength=data.classes).tolist()
     weights = balanced_class_weights(data.y_train, data.classes) if cfg.balance else None
-    correct, prob = [], []
+    correct, prob, seen = [], [], set()
     for split in range(splits):
         rng = random.Random(f"auto-resplit/{cfg.seed}/{split}")
         fit_rows = sorted(
             i for rows, n in zip(by_class, fit_counts, strict=True) for i in rng.sample(rows, n)
         )
         held = np.setdiff1d(np.arange(len(y)), fit_rows)
+        seen.update(held.tolist())
         head = fit_head(
             x[fit_rows],
             y[fit_rows],
@@ -449,7 +451,7 @@ def resplit(data: HeadData, cfg: AdaptConfig, splits: int = RESPLITS) -> Scores:
         p = softmax(head.logits(x[held]).astype(np.float64))
         correct.append(p.argmax(1) == y[held])
         prob.append(p[np.arange(len(held)), y[held]])
-    return Scores(np.concatenate(correct), np.concatenate(prob))
+    return Scores(np.concatenate(correct), np.concatenate(prob)), len(seen)
 
 
 def _heads(rows: list[dict], head_data: dict[str, HeadData], cfg: AdaptConfig) -> dict:
@@ -459,11 +461,14 @@ def _heads(rows: list[dict], head_data: dict[str, HeadData], cfg: AdaptConfig) -
     the winner's re-split top-1 is what it brings to the comparison with the strategies that
     train (`_verdict`)."""
     names = list(head_data)  # in the order they ran: cheapest first
-    scores = {name: resplit(head_data[name], cfg) for name in names}
+    scored = {name: resplit(head_data[name], cfg) for name in names}
+    scores = {name: s for name, (s, _) in scored.items()}
     for r in rows:
         if r["candidate"] in scores:
             r["resplit_top1"] = round(scores[r["candidate"]].top1, 6)
             r["resplit_true_prob"] = round(scores[r["candidate"]].mean_prob, 4)
+    # the paired rule over every re-split prediction: an image recurs in several splits, so the
+    # paired standard error of the probabilities is on the small side (ties are rarer)
     winner = pick([(name, scores[name]) for name in names])
     a, data = scores[winner], head_data[winner]
     images, fit = len(data.y_train) + len(data.y_val), len(data.y_train)
@@ -474,6 +479,11 @@ def _heads(rows: list[dict], head_data: dict[str, HeadData], cfg: AdaptConfig) -
     info = {
         "winner": winner,
         "top1": round(a.top1, 6),
+        # exact, for the comparison with a trainer: the predictions right and made, and the
+        # distinct images held out at least once (what its standard error counts)
+        "right": a.correct_count,
+        "predictions": a.n,
+        "held_out_images": scored[winner][1],
         "splits": RESPLITS,
         "images": images,
         "fit_images": fit,
@@ -550,7 +560,7 @@ def _trainers(cands: list[tuple[str, Scores]]) -> dict:
     winner = pick(cands)
     scores = dict(cands)
     if len(cands) == 1:
-        return {"winner": winner, "pick": f"{winner}: the only one that trains, tried"}
+        return {"winner": winner, "pick": f"{winner}: the only strategy that trains that was tried"}
     # the runner-up: the best of the rest, by images right, then mean true-class probability
     rest = [(name, s) for name, s in cands if name != winner]
     second = max(rest, key=lambda c: (c[1].correct_count, c[1].mean_prob))[0]
@@ -598,21 +608,23 @@ def _head_or_trainer(heads: dict, trainer: str, schedule: str, scores: dict[str,
     """The final pick: the best head (its re-split top-1) against the best trainer (its
     validation top-1), with the standard error of the difference of two independent
     proportions, Agresti and Caffo's (one image right and one wrong added to each, so 40 of 40
-    is not taken for certain); the head's counted on its distinct images, not its repeated
-    predictions."""
-    head, h = heads["winner"], heads["top1"]
-    t = scores[trainer]
+    is not taken for certain); the head's counted on the distinct images its re-splits held
+    out, not its repeated predictions."""
+    head, h = heads["winner"], heads["right"] / heads["predictions"]
+    t, n_head = scores[trainer], heads["held_out_images"]
     se = math.sqrt(
         sum(
             p * (1 - p) / (n + 2)
             for p, n in (
                 ((t.correct_count + 1) / (t.n + 2), t.n),
-                ((h * heads["images"] + 1) / (heads["images"] + 2), heads["images"]),
+                ((h * n_head + 1) / (n_head + 2), n_head),
             )
         )
     )
     margin = t.top1 - h  # the trainer's lead
-    winner, second = (trainer, head) if margin > 0 else (head, trainer)
+    # in whole counts: a level score is level (rounding must not hand it to the trainer)
+    ahead = t.correct_count * heads["predictions"] > heads["right"] * t.n
+    winner, second = (trainer, head) if ahead else (head, trainer)
     clear = abs(margin) > CLEAR_SE * se
     sure = f"beyond {CLEAR_SE} standard errors" if clear else f"within {CLEAR_SE}: {UNCERTAIN}"
     scores_text = (

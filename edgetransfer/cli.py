@@ -788,9 +788,11 @@ def _echo_auto(auto: dict) -> None:
                 f"({r['epochs']} epochs), {r['seconds']:.1f} s"
                 + (f", re-splits {r['resplit_top1']:.1%}" if "resplit_top1" in r else "")
             )
-    for part, what in (("heads", "the heads"), ("trainers", "the strategies that train")):
-        if part in auto:  # manifests from before the re-splits have neither
-            click.echo(f"  auto: {what}: {auto[part]['pick']}")
+    # each part's own pick when the two met (alone, a part's pick is the run's, printed below);
+    # manifests from before the re-splits have neither
+    if "heads" in auto and "trainers" in auto:
+        click.echo(f"  auto: the heads: {auto['heads']['pick']}")
+        click.echo(f"  auto: the strategies that train: {auto['trainers']['pick']}")
     click.echo(f"auto picked {auto['pick']}")
 
 

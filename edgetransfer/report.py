@@ -341,11 +341,17 @@ def _prob(p: float | None) -> str:
     return "–" if p is None else f"{p:.3f}"
 
 
+def _share(p: float | None) -> str:
+    """A share as a percentage; a dash where there is none (a trainer's re-split score)."""
+    return "–" if p is None else f"{p:.1%}"
+
+
 def _auto_section(auto: dict) -> list[str]:
     """The comparison `--strategy auto` recorded in the manifest (adapt.auto)."""
     head = (
         "<tr><th>candidate</th><th>validation top-1</th><th>images right</th>"
-        "<th>mean true-class probability</th><th>schedule</th><th>seconds</th></tr>"
+        "<th>mean true-class probability</th><th>re-split top-1</th><th>schedule</th>"
+        "<th>seconds</th></tr>"
     )
     rows = []
     for r in auto.get("candidates", []):
@@ -355,31 +361,34 @@ def _auto_section(auto: dict) -> list[str]:
         if candidate == auto.get("winner"):
             name = f"<b>{name}</b>"
         if "skipped" in r:
-            rows.append(f'<tr><td>{name}</td><td colspan="5">{_e(r["skipped"])}</td></tr>')
+            rows.append(f'<tr><td>{name}</td><td colspan="6">{_e(r["skipped"])}</td></tr>')
             continue
         rows.append(
             f'<tr><td>{name}</td><td class="num">{r["val_top1"]:.1%}</td>'
             f'<td class="num">{r["val_correct"]} of {r["val_images"]}</td>'
             f'<td class="num">{_prob(r.get("val_true_prob"))}</td>'
+            f'<td class="num">{_share(r.get("resplit_top1"))}</td>'
             f"<td>{_e(r['schedule'])} ({r['epochs']} epochs)</td>"
             f'<td class="num">{r["seconds"]:.1f}</td></tr>'
         )
     budget = auto.get("budget_s")
     limit = f"a budget of {budget:g} s" if budget is not None else "no time budget"
-    # manifests from before the re-splits have neither part
+    # each part's own pick when the two met (alone, a part's pick is the run's); manifests
+    # from before the re-splits have neither part
     parts = [
         f"<p>Of {what}: {_e(auto[part]['pick'])}.</p>"
         for part, what in (("heads", "the heads"), ("trainers", "the strategies that train"))
-        if part in auto
+        if "heads" in auto and "trainers" in auto
     ]
     return [
         "<h2>Strategy chosen by --strategy auto</h2>",
         f"<p>Picked {_e(auto.get('pick', '?'))}.</p>",
         *parts,
         f'<table class="metrics">{head}{"".join(rows)}</table>',
-        f'<p class="note">Compared in {auto.get("seconds", 0):.0f} s with {limit}, on the '
-        "same validation images; the winner then trained with the full schedule (the "
-        "results above).</p>",
+        f'<p class="note">Compared in {auto.get("seconds", 0):.0f} s with {limit}: the heads '
+        "on re-splits of the training and validation images, the strategies that train on the "
+        "validation images; the winner then trained with the full schedule (the results "
+        "above).</p>",
     ]
 
 

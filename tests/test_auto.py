@@ -68,6 +68,9 @@ def test_auto_end_to_end_manifest_report_and_export(tmp_path):
     assert next(r for r in rows if r["candidate"] == trainer)["val_correct"] == best
     trainer_top1 = next(r for r in rows if r["candidate"] == trainer)["val_top1"]
     assert a["winner"] == (trainer if trainer_top1 > heads["top1"] else heads["winner"])
+    assert heads["right"] / heads["predictions"] == pytest.approx(heads["top1"], abs=1e-6)
+    # every image is held out in some of the 10 splits here (a fifth each time)
+    assert 0 < heads["held_out_images"] <= heads["images"]
     assert {a["winner"], a["runner_up"]} == {trainer, heads["winner"]}
     won = next(r for r in rows if r["candidate"] == a["winner"])
     assert all(0 <= r["val_true_prob"] <= 1 for r in rows)
@@ -204,11 +207,22 @@ def test_the_trainers_pick_says_how_sure_it_is():
     clear = trainers(bias=_level(8, 100), last_n=_level(90, 100))
     assert clear["winner"] == "last-n" and "beyond 2 standard errors" in clear["pick"]
     only = trainers(full=same)
-    assert only == {"winner": "full", "pick": "full: the only one that trains, tried"}
+    assert only == {"winner": "full", "pick": "full: the only strategy that trains that was tried"}
 
 
-def _heads_info(name="head --features stages", top1=0.652, images=30):
-    return {"winner": name, "top1": top1, "splits": 10, "images": images, "pick": f"{name}: ..."}
+def _heads_info(right=163, predictions=250, held=30, name="head --features stages"):
+    """`_heads`'s result for a winner with `right` of `predictions` re-split predictions right,
+    over `held` distinct held-out images."""
+    return {
+        "winner": name,
+        "top1": round(right / predictions, 6),
+        "right": right,
+        "predictions": predictions,
+        "held_out_images": held,
+        "splits": 10,
+        "images": held,
+        "pick": f"{name}: ...",
+    }
 
 
 def test_the_best_head_meets_the_best_trainer_on_estimated_top1():
@@ -228,7 +242,7 @@ def test_the_best_head_meets_the_best_trainer_on_estimated_top1():
     assert v["trainers"]["winner"] == "last-n" and v["heads"]["winner"] == v["winner"]
     assert v["top1_margin"] == pytest.approx(0.052)
     # Agresti-Caffo: one right and one wrong added to each side
-    t, h = 16 / 27, (0.652 * 30 + 1) / 32
+    t, h = 16 / 27, (163 / 250 * 30 + 1) / 32
     se = (t * (1 - t) / 27 + h * (1 - h) / 32) ** 0.5
     assert v["top1_se"] == pytest.approx(se, abs=1e-6)
     assert v["pick"] == (
@@ -238,13 +252,17 @@ def test_the_best_head_meets_the_best_trainer_on_estimated_top1():
         "uncertain; more validation images would tell them apart)"
     )
     # a trainer above the head's re-split estimate wins; exactly level, the head
-    assert _verdict(rows, scores, _heads_info(top1=0.55), cfg, 1)["winner"] == "last-n"
-    assert _verdict(rows, scores, _heads_info(top1=0.6), cfg, 1)["winner"] == v["winner"]
+    assert _verdict(rows, scores, _heads_info(right=140), cfg, 1)["winner"] == "last-n"
+    assert _verdict(rows, scores, _heads_info(right=150), cfg, 1)["winner"] == v["winner"]
+    # level in whole counts stays level, whatever rounding does: 14 of 17 against 140 of 170
+    odd = {**scores, "last-n": _level(14, n=17)}
+    tie = _verdict(rows, odd, _heads_info(right=140, predictions=170), cfg, 1)
+    assert tie["winner"] == "head --features stages"
     # all 25 validation images right is not certainty: within 2 standard errors of a 95% head
     perfect = {**scores, "last-n": _level(25, n=25)}
-    sure = _verdict(rows, perfect, _heads_info(top1=0.95, images=200), cfg, 1)
+    sure = _verdict(rows, perfect, _heads_info(right=190, predictions=200, held=200), cfg, 1)
     assert sure["winner"] == "last-n" and "within 2: uncertain" in sure["pick"]
-    clear = _verdict(rows, scores, _heads_info(top1=0.2, images=400), cfg, 1)
+    clear = _verdict(rows, scores, _heads_info(right=80, predictions=400, held=400), cfg, 1)
     assert clear["winner"] == "last-n" and "beyond 2 standard errors" in clear["pick"]
     # heads only (the budget left no trainer): the heads' pick is the run's
     alone = _verdict(rows[:1], scores, _heads_info(), cfg, 1)
@@ -256,7 +274,8 @@ def test_the_best_head_meets_the_best_trainer_on_estimated_top1():
     # no head (--lwf): the trainers' pick is the run's
     lwf = [{"candidate": "head", "strategy": "head", "skipped": "not tried", "seconds": 0.0}]
     v = _verdict(lwf + rows[1:], {"last-n": last_n}, None, cfg, 1)
-    assert v["winner"] == "last-n" and v["pick"] == "last-n: the only one that trains, tried"
+    assert v["winner"] == "last-n"
+    assert v["pick"] == "last-n: the only strategy that trains that was tried"
     with pytest.raises(EdgeTransferError, match="no candidate left"):
         _verdict(lwf, {}, None, cfg, 1)
 
@@ -363,7 +382,7 @@ def test_the_head_is_a_candidate_on_each_feature_choice_the_architecture_offers(
 def test_a_stages_head_that_wins_trains_and_rebuilds_with_its_features(tmp_path, monkeypatch):
     """The winner's run is a normal --features stages run: adapt.features and adapt.taps in
     the manifest, and load_run (here through evaluate) rebuilds the tapped backbone."""
-    monkeypatch.setattr(auto, "pick", lambda cands, short=frozenset(): cands[-1][0])
+    monkeypatch.setattr(auto, "pick", lambda cands: cands[-1][0])
     cfg = digits_config(tmp_path / "run", epochs=2)
     res = adapt_auto(cfg, AutoConfig(candidates=("head",)))
     m = res.manifest
@@ -401,14 +420,18 @@ def _head_data(informative: float, seed: int = 0, train=2, val=6, classes=3, dim
 def test_resplit_fits_on_the_runs_count_per_class_and_pairs_candidates():
     cfg = digits_config("x", seed=3)
     good, noise = _head_data(4.0), _head_data(0.0, seed=1)
-    a, b = auto.resplit(good, cfg), auto.resplit(noise, cfg)
-    # every split holds out all but 2 of each class's 8 images: 3 x 6 predictions per split
+    (a, held), (b, _) = auto.resplit(good, cfg), auto.resplit(noise, cfg)
+    # every split holds out all but 2 of each class's 8 images: 3 x 6 predictions per split;
+    # over 10 splits every one of the 24 images is held out at least once
     assert a.n == b.n == auto.RESPLITS * 18
+    assert held == 24
+    one_split, held_once = auto.resplit(good, cfg, splits=1)
+    assert one_split.n == held_once == 18
     assert a.top1 > 0.75 and b.top1 < 0.6
     # the splits depend on the labels and the seed alone: the same scores again, other ones for
     # another seed
-    assert np.array_equal(auto.resplit(good, cfg).prob, a.prob)
-    other = auto.resplit(good, digits_config("x", seed=4))
+    assert np.array_equal(auto.resplit(good, cfg)[0].prob, a.prob)
+    other = auto.resplit(good, digits_config("x", seed=4))[0]
     assert not np.array_equal(other.prob, a.prob)
     # uneven classes: each split fits on as many of each class as the run trains on
     seen = []
@@ -421,7 +444,7 @@ def test_resplit_fits_on_the_runs_count_per_class_and_pairs_candidates():
     uneven = HeadData(good.x_train[1:], good.y_train[1:], good.x_val, good.y_val, 3)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(auto, "fit_head", spy)
-        assert auto.resplit(uneven, cfg).n == auto.RESPLITS * 18
+        assert auto.resplit(uneven, cfg)[0].n == auto.RESPLITS * 18
     assert seen == [[1, 2, 2]] * auto.RESPLITS
 
 
