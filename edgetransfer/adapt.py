@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from edgetransfer import config, strategies
@@ -276,7 +275,7 @@ def _adapt(cfg: AdaptConfig) -> AdaptResult:
             lwf_logits=lwf_logits,
             clean=clean,
         )
-        result = _train(cfg, built, run, phase)
+        result, head_data = _train(cfg, built, run, phase)
     metrics = {"val_top1": round(result.val_top1, 6), "val_loss": round(result.val_loss, 6)}
     if source_before is not None:
         metrics["source_top1_before"] = round(source_before, 6)
@@ -312,24 +311,7 @@ def _adapt(cfg: AdaptConfig) -> AdaptResult:
         memory=memory,
         notes=notes,
         timings=dict(phase.seconds),
-        head_data=_head_data(run, len(dataset.classes)),
-    )
-
-
-def _head_data(run: _Training, classes: int) -> HeadData | None:
-    """A head run's clean training and validation features (None for the other strategies)."""
-    if run.clean is None:
-        return None
-
-    def rows(samples: list[Sample]) -> np.ndarray:
-        return torch.stack([run.clean[s.path] for s in samples]).numpy()
-
-    return HeadData(
-        x_train=rows(run.train_s),
-        y_train=_labels(run.train_s).numpy(),
-        x_val=rows(run.val_s),
-        y_val=_labels(run.val_s).numpy(),
-        classes=classes,
+        head_data=head_data,
     )
 
 
@@ -770,7 +752,9 @@ class _Training:
 
 
 def _train(cfg: AdaptConfig, built: _Built, run: _Training, phase: Phases):
-    """Train with the strategy's loss and batches; the optimizer runs in phase "fit"."""
+    """Train with the strategy's loss and batches; the optimizer runs in phase "fit". Returns
+    the training result and, for ``head``, the features it was fitted on (AdaptResult's
+    head_data)."""
     loss = _base_loss(cfg, run, classes=built.head.out_features)
     fit_options = dict(
         checkpoint=Checkpoint(checkpoint_path(cfg.out), run.fingerprint),
@@ -781,7 +765,7 @@ def _train(cfg: AdaptConfig, built: _Built, run: _Training, phase: Phases):
     )
     if cfg.strategy == "head":
         return _train_head(cfg, built, run, loss, fit_options, phase)
-    return _train_backbone(cfg, built, run, loss, fit_options, phase)
+    return _train_backbone(cfg, built, run, loss, fit_options, phase), None
 
 
 def _base_loss(cfg: AdaptConfig, run: _Training, classes: int):
@@ -839,7 +823,8 @@ def _train_head(cfg: AdaptConfig, built: _Built, run: _Training, loss, fit_optio
     std = Standardize(x_train[0] if cfg.views > 1 else x_train)
     y_train = _labels(run.train_s)
     train = TensorBatches(x_train, y_train, run.tcfg.batch_size, cfg.seed, views=cfg.views)
-    val = TensorBatches(x_val, _labels(run.val_s), 256, cfg.seed, shuffle=False)
+    val_labels = _labels(run.val_s)
+    val = TensorBatches(x_val, val_labels, 256, cfg.seed, shuffle=False)
     groups = [{"params": list(built.head.parameters()), "lr": cfg.lr}]
     # one thread: a head's tensors are too small to share out (see fit's `threads`)
     with phase("fit"):
@@ -853,7 +838,15 @@ def _train_head(cfg: AdaptConfig, built: _Built, run: _Training, loss, fit_optio
             **fit_options,
         )
     fold(std, built.head)
-    return result
+    clean = x_train[0] if cfg.views > 1 else x_train
+    data = HeadData(  # the tensors above, shared (numpy views): no copy
+        x_train=clean.numpy(),
+        y_train=y_train.numpy(),
+        x_val=x_val.numpy(),
+        y_val=val_labels.numpy(),
+        classes=built.head.out_features,
+    )
+    return result, data
 
 
 def _train_backbone(cfg: AdaptConfig, built: _Built, run: _Training, loss, fit_options, phase):
