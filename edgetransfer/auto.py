@@ -448,7 +448,7 @@ def resplit(data: HeadData, cfg: AdaptConfig, splits: int = RESPLITS) -> tuple[S
             epochs=cfg.epochs,
             patience=cfg.patience,
         )
-        p = softmax(head.logits(x[held]).astype(np.float64))
+        p = softmax(head.val_logits.astype(np.float64))  # its held-out images' logits
         correct.append(p.argmax(1) == y[held])
         prob.append(p[np.arange(len(held)), y[held]])
     return Scores(np.concatenate(correct), np.concatenate(prob)), len(seen)
