@@ -69,7 +69,7 @@ def _torch_head(monkeypatch, x, y, xv, yv, classes, *, balance=False, epochs=30,
     head = torch.nn.Linear(x.shape[-1], classes).to(dtype)
     init = tuple(p.detach().double().numpy().copy() for p in head.parameters())
     built = SimpleNamespace(head=head, features=None, pre=None, backbone_id="test")
-    result = adapt._train_head(
+    result, _ = adapt._train_head(  # (the training result, the features it fitted on)
         cfg,
         built,
         run,
